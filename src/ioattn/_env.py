@@ -1,0 +1,32 @@
+"""Every IOATTN_* environment flag, typed and documented, in one place.
+
+Flags are read at call time (not import time) so tests can flip them with monkeypatch.
+"""
+import os
+
+_BACKENDS = ("auto", "triton", "cpu")
+
+
+def backend() -> str:
+    """IOATTN_BACKEND: which implementation runs a call.
+
+    - ``auto`` (default): CUDA tensors run the Triton kernels, CPU tensors the CPU backend.
+    - ``triton``: force the Triton kernels; on CPU tensors this needs ``TRITON_INTERPRET=1``
+      set before triton is imported (this is how CI tests the GPU code without a GPU).
+    - ``cpu``: force the CPU backend (CPU tensors only).
+    """
+    value = os.environ.get("IOATTN_BACKEND", "auto").strip().lower()
+    if value not in _BACKENDS:
+        raise ValueError(f"IOATTN_BACKEND must be one of {_BACKENDS}, got {value!r}")
+    return value
+
+
+def poison() -> bool:
+    """IOATTN_POISON=1: outputs are allocated filled with NaN, so a tile a kernel forgot to
+    write shows up in a test instead of passing on whatever memory held. Tests turn it on."""
+    return os.environ.get("IOATTN_POISON", "0") == "1"
+
+
+def interpret() -> bool:
+    """TRITON_INTERPRET=1 (Triton's own flag): @triton.jit kernels run in numpy on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,20 @@
+"""Small helpers shared by every kernel family."""
+import torch
+
+from . import _env
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def empty(shape, *, dtype, device) -> torch.Tensor:
+    """torch.empty, or a NaN-filled tensor when IOATTN_POISON=1 (tests), so unwritten tiles fail."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _env.poison() and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out

@@ -1,0 +1,1 @@
+"""Training/prefill attention: the FlashAttention-2 family (Triton kernels and a CPU backend)."""

@@ -1,0 +1,65 @@
+"""Dense reference attention: the specification every backend is tested against.
+
+It materializes the full ``[B, H, Tq, Tk]`` score matrix, so it is for tests and checks only.
+"""
+import math
+
+import torch
+
+
+def visible_mask(Tq: int, Tk: int, *, causal: bool, diag_offset: int, device=None) -> torch.Tensor:
+    """``[Tq, Tk]`` bool: which keys each query sees.
+
+    With ``causal``, query i sees key j iff ``j <= i + diag_offset``. The flash-attn functions use
+    ``diag_offset = Tk - Tq`` (bottom-right alignment; Tq=2, Tk=5 gives rows ``11110`` and
+    ``11111``); torch's SDPA uses ``diag_offset = 0`` (top-left).
+    """
+    i = torch.arange(Tq, device=device)[:, None]
+    j = torch.arange(Tk, device=device)[None, :]
+    if not causal:
+        return torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    return j <= i + diag_offset
+
+
+def attention_ref(q, k, v, *, softmax_scale=None, causal=False, diag_offset=None, upcast=True):
+    """Reference attention with the ioattn contract.
+
+    Args:
+        q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0``.
+        softmax_scale: defaults to ``1/sqrt(D)``.
+        causal: mask keys after the (aligned) diagonal.
+        diag_offset: causal alignment (see :func:`visible_mask`); default ``Tk - Tq``.
+        upcast: compute in fp64 on CPU / fp32 on GPU (the reference) when True; in the inputs'
+            own dtype when False (the "plain PyTorch" baseline of the accuracy rule).
+
+    Returns:
+        ``(out, lse)``: out ``[B, Tq, H, D]`` in q's dtype (fp64/fp32 when upcast), lse fp32
+        ``[B, H, Tq]`` (natural log). Rows that see no key give out 0 and lse −inf.
+        Differentiable in q, k, v.
+    """
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(D)
+    if diag_offset is None:
+        diag_offset = Tk - Tq
+    if upcast:
+        dt = torch.float64 if q.device.type == "cpu" else torch.float32
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    group = H // Hkv
+    # [B, H, T, D]; each KV head serves `group` consecutive query heads
+    qh = q.transpose(1, 2)
+    kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = (qh @ kh.transpose(-1, -2)) * softmax_scale  # [B, H, Tq, Tk]
+    keep = visible_mask(Tq, Tk, causal=causal, diag_offset=diag_offset, device=q.device)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores.float(), dim=-1)  # [B, H, Tq]
+    # Rows with no visible key: every score is −inf and softmax would give NaN (in the output
+    # and in the gradients); the contract says 0, so give those rows finite scores, then zero them.
+    row_empty = ~keep.any(dim=-1)  # [Tq]
+    scores = scores.masked_fill(row_empty[:, None], 0.0)
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(row_empty[:, None], torch.zeros_like(probs), probs)
+    out = (probs @ vh).transpose(1, 2)  # [B, Tq, H, D]
+    return out, lse

@@ -1,0 +1,72 @@
+"""The accuracy rule and input factories shared by tests, `ioattn check` and benchmarks.
+
+The rule (from flash-attn's own tests): compare with a reference computed in high precision;
+the error of ioattn must be at most ``factor`` times the error of the same computation done by
+plain PyTorch in the input precision (2× for outputs, 3× for gradients), plus a tiny floor.
+"""
+from dataclasses import dataclass
+
+import torch
+
+# A tiny absolute floor so that cases where plain PyTorch is exact (T=1, a single visible key)
+# do not demand bit-exactness; far below one ulp of fp16/bf16 at the outputs' scale.
+_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max absolute error; NaN if x has any NaN (so NaN never passes)."""
+    diff = (x.double() - ref.double()).abs()
+    if diff.numel() == 0:
+        return 0.0
+    if torch.isnan(x).any():
+        return float("nan")
+    return diff.max().item()
+
+
+@dataclass
+class Check:
+    name: str
+    err: float
+    base_err: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.err == self.err and self.err <= self.bound
+
+
+def check_close(name, out, ref, base, *, factor=2.0, floor=None) -> Check:
+    """Compare ``out`` and the low-precision baseline ``base`` with the reference ``ref``."""
+    if floor is None:
+        floor = _FLOOR.get(out.dtype, 1e-5)
+    err, base_err = max_err(out, ref), max_err(base, ref)
+    return Check(name, err, base_err, factor * base_err + floor)
+
+
+def assert_close(name, out, ref, base, *, factor=2.0, floor=None) -> Check:
+    """Raise AssertionError (with the numbers) unless ``out`` passes the accuracy rule."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    c = check_close(name, out, ref, base, factor=factor, floor=floor)
+    assert c.ok, (
+        f"{name}: error {c.err:.3e} > bound {c.bound:.3e} "
+        f"({factor}x plain-PyTorch error {c.base_err:.3e} + floor)"
+    )
+    return c
+
+
+def make_qkv(B, Tq, Tk, H, Hkv, D, *, dtype=torch.float16, device="cpu", requires_grad=False,
+             generator=None, layout="bthd"):
+    """Fresh random q ``[B, Tq, H, D]``, k/v ``[B, Tk, Hkv, D]`` (never zeros).
+
+    ``layout="bhtd"`` allocates ``[B, H, T, D]`` storage and returns ``[B, T, H, D]`` views of
+    it, to exercise non-contiguous strides.
+    """
+    def one(T, Hx):
+        if layout == "bhtd":
+            x = torch.randn(B, Hx, T, D, generator=generator, device=device).to(dtype).transpose(1, 2)
+        else:
+            x = torch.randn(B, T, Hx, D, generator=generator, device=device).to(dtype)
+        # detach() makes a leaf that keeps the strides, so .grad lands on the strided tensor
+        return x.detach().requires_grad_(requires_grad)
+
+    return one(Tq, H), one(Tk, Hkv), one(Tk, Hkv)
