@@ -31,5 +31,7 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     # [B, H, T] -> [B, T, H, 1] to broadcast over the head dim
     w_a = w_a.transpose(1, 2).unsqueeze(-1)
     w_b = w_b.transpose(1, 2).unsqueeze(-1)
-    out = w_a * out_a.float() + w_b * out_b.float()
+    # Accumulate in fp32 at least (fp64 stays fp64).
+    acc = torch.promote_types(out_a.dtype, torch.float32)
+    out = w_a.to(acc) * out_a.to(acc) + w_b.to(acc) * out_b.to(acc)
     return out.to(out_a.dtype), lse

@@ -1,0 +1,143 @@
+"""Every benchmark case and suite, as data.
+
+A :class:`Case` is one timed call (forward, or forward + backward) of self-attention with
+Tq = Tk = T; a :class:`Suite` is a named list of cases plus the limits of the peers that cannot
+run everywhere. Adding a sweep means adding an entry to :data:`SUITES`, nothing else.
+"""
+from dataclasses import dataclass, replace
+
+import torch
+
+MODES = ("fwd", "fwdbwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    T: int
+    H: int
+    Hkv: int
+    D: int
+    causal: bool
+    dtype: str
+    mode: str
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"Case.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"Case.mode must be one of {MODES}, got {self.mode!r}")
+        if self.H % self.Hkv:
+            raise ValueError(f"Case.H ({self.H}) must be a multiple of Case.Hkv ({self.Hkv})")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def series(self) -> str:
+        """What stays fixed along a sweep of T: one line of a table section, one plot row."""
+        heads = f"H={self.H}" if self.H == self.Hkv else f"H={self.H}/{self.Hkv}"
+        return f"{self.dtype} D={self.D} {heads} {'causal' if self.causal else 'non-causal'} {self.mode}"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    doc: str
+    device: str
+    cases: tuple
+    # The naive peer materializes B·H·T² scores; past this T it measures the allocator, not attention.
+    naive_max_T: int
+
+
+def _pow2(lo: int, hi: int) -> tuple:
+    return tuple(1 << e for e in range(lo.bit_length() - 1, hi.bit_length()))
+
+
+def _sweep(*, seqlens, head_dims, dtype, tokens=None, B=None, hidden=None, H=None, group=1,
+           causal=(False, True)) -> tuple:
+    """Cases over head dim × causal × mode × T (T innermost, so a series is contiguous).
+
+    Either a fixed ``B`` or a token budget (``B = tokens // T``); either a fixed ``H`` or a
+    ``hidden`` size (``H = hidden // D``); ``group`` query heads share a KV head.
+    """
+    cases = []
+    for D in head_dims:
+        for c in causal:
+            for mode in MODES:
+                for T in seqlens:
+                    b = B if B is not None else max(1, tokens // T)
+                    h = H if H is not None else hidden // D
+                    cases.append(Case(B=b, T=T, H=h, Hkv=h // group, D=D, causal=c, dtype=dtype,
+                                      mode=mode))
+    return tuple(cases)
+
+
+SUITES = {
+    s.name: s
+    for s in (
+        Suite(
+            name="paper",
+            doc="FlashAttention-2 paper grid: bf16, 16k tokens (B = 16384 // T), hidden 2048 "
+                "(H = 2048 // D), D in {64, 128}, T = 512..16384, causal and not",
+            device="cuda",
+            cases=_sweep(seqlens=_pow2(512, 16384), head_dims=(64, 128), dtype="bf16",
+                         tokens=16384, hidden=2048),
+            naive_max_T=4096,
+        ),
+        Suite(
+            name="gqa",
+            doc="grouped-query attention as in Llama-3 8B: bf16, 32 query heads over 8 KV heads, "
+                "D=128, 16k tokens, T = 512..16384, causal",
+            device="cuda",
+            cases=_sweep(seqlens=_pow2(512, 16384), head_dims=(128,), dtype="bf16", tokens=16384,
+                         H=32, group=4, causal=(True,)),
+            naive_max_T=4096,
+        ),
+        Suite(
+            name="memory",
+            doc="the anchors' memory comparison: bf16, B=1, H=16, D=128, causal, T = 4096..16384 "
+                "(naive included at every T: that is the point)",
+            device="cuda",
+            cases=tuple(c for c in _sweep(seqlens=_pow2(4096, 16384), head_dims=(128,), dtype="bf16",
+                                          B=1, H=16, causal=(True,)) if c.mode == "fwdbwd"),
+            naive_max_T=16384,
+        ),
+        Suite(
+            name="cpu",
+            doc="CPU default, about a minute on 2 cores: fp32, B=1, H=8, D=64, T = 256..2048, "
+                "causal and not",
+            device="cpu",
+            cases=_sweep(seqlens=_pow2(256, 2048), head_dims=(64,), dtype="fp32", B=1, H=8),
+            naive_max_T=1024,
+        ),
+        Suite(
+            name="quick",
+            doc="smoke test of the runner (seconds on any device): fp32, B=1, H=2 over 1 KV head, "
+                "D=32, T in {64, 128}",
+            device="any",
+            cases=_sweep(seqlens=(64, 128), head_dims=(32,), dtype="fp32", B=1, H=2, group=2),
+            naive_max_T=128,
+        ),
+    )
+}
+
+
+def default_suite(device: str) -> str:
+    return "paper" if device == "cuda" else "cpu"
+
+
+def select(suite: Suite, *, dtype=None, causal=None, modes=None, seqlens=None) -> list:
+    """The suite's cases, filtered by the command-line options (None keeps everything)."""
+    cases = []
+    for c in suite.cases:
+        if causal is not None and c.causal != causal:
+            continue
+        if modes is not None and c.mode not in modes:
+            continue
+        if seqlens is not None and c.T not in seqlens:
+            continue
+        cases.append(replace(c, dtype=dtype) if dtype is not None else c)
+    return cases

@@ -1,0 +1,85 @@
+"""Argument checks shared by the public functions: every bad input is rejected here, before any
+launch, with an error that names the argument, what was expected and what was given."""
+import math
+import numbers
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
+FEATURES_ISSUE = "the training-features issue (#3)"
+
+
+def check_qkv(q, k, v, *, names=("q", "k", "v")):
+    """Validate ``q [B, Tq, H, D]``, ``k``/``v`` ``[B, Tk, Hkv, D]``; return them with a
+    contiguous last dim (copied only when it is not)."""
+    nq, nk, nv = names
+    for name, t in zip(names, (q, k, v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims [B, T, H, D], got shape {tuple(t.shape)}")
+        if t.dtype == torch.float64 and t.device.type != "cpu":
+            raise TypeError(f"{name}: float64 is supported on CPU only, got it on {t.device}")
+        if t.dtype not in _FLOAT_DTYPES and t.dtype != torch.float64:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{nq}, {nk}, {nv} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, _, H, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{nk} and {nv} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B:
+        raise ValueError(f"batch size of {nk}/{nv} ({k.shape[0]}) must match {nq} ({B})")
+    if k.shape[3] != D:
+        raise ValueError(f"head dim of {nk}/{nv} ({k.shape[3]}) must match {nq} ({D})")
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {D}")
+    Hkv = k.shape[2]
+    if H < 1 or Hkv < 1 or H % Hkv != 0:
+        raise ValueError(
+            f"number of heads of {nq} ({H}) must be a positive multiple of that of {nk}/{nv} ({Hkv})"
+        )
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+
+
+def check_scale(softmax_scale, D: int, *, name="softmax_scale") -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"{name} must be a float or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"{name} must be finite, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def check_dropout(dropout_p, *, name="dropout_p"):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0:
+        raise NotImplementedError(f"{name} > 0 is not supported yet; it arrives with {FEATURES_ISSUE}")
+
+
+def check_unsupported_features(window_size, softcap, alibi_slopes):
+    """Validate the flash-attn 2.x feature arguments; raise NotImplementedError for any that is on."""
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)
+    ):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    if any(w < -1 for w in window_size):
+        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {tuple(window_size)}")
+    if tuple(window_size) != (-1, -1):
+        raise NotImplementedError(f"window_size (sliding window) arrives with {FEATURES_ISSUE}")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0, got {softcap}")
+    if softcap > 0:
+        raise NotImplementedError(f"softcap arrives with {FEATURES_ISSUE}")
+    if alibi_slopes is not None:
+        raise NotImplementedError(f"alibi_slopes arrives with {FEATURES_ISSUE}")
