@@ -2,23 +2,35 @@
 
 torch ships a FlashAttention-2 style CPU kernel (``_scaled_dot_product_flash_attention_for_cpu``):
 Q is cut into row blocks, K/V into column blocks, the softmax runs online, and the backward
-recomputes P from the saved lse, so nothing of size Tq×Tk is ever allocated. Using it makes this
-backend exactly as fast as ``torch.nn.functional.scaled_dot_product_attention`` on CPU wherever
-SDPA covers the case. What it lacks is any causal alignment other than top-left; `_plan` reduces
-the contract's arbitrary ``diag_offset`` to at most two calls, merged by lse.
+recomputes P from the saved lse, so nothing of size Tq×Tk is ever allocated. It is the kernel
+behind ``torch.nn.functional.scaled_dot_product_attention`` on CPU, so this backend runs at SDPA's
+speed wherever SDPA covers the case (bf16/fp16 backward aside, see below). What it lacks is any
+causal alignment other than top-left; `_plan` reduces the contract's arbitrary ``diag_offset`` to
+at most two calls, merged by lse.
 
-GQA/MQA needs nothing here: the kernel maps query head h to KV head ``h // (H // Hkv)`` itself
-(checked against SDPA's ``enable_gqa``; forward and backward run as fast as with K/V expanded, and
-the profiler shows no expanded copy), which beats folding the groups into the sequence axis
-(a copy of q and of out) or looping over the groups (G calls).
+GQA/MQA: the kernel maps query head h to KV head ``h // (H // Hkv)`` itself (checked against
+SDPA's ``enable_gqa``). Its forward is as fast as with K/V expanded, with no copy, so it beats
+folding the groups into the sequence axis (a copy of q and of out) or looping over them (G
+calls). Its backward, though, runs one task per (batch, KV head): see `_expand_kv_bwd`.
+
+bf16/fp16: the kernel's forward accumulates in fp32 and is accurate; its backward accumulates
+dk/dv in the input dtype across query blocks and, from T ≈ 2048 on, breaks the accuracy rule
+(dv 3.6× the error of plain PyTorch in bf16, growing with T; the same errors on AVX2 and AMX
+hosts). So the backward always runs in fp32 on upcast copies (linear memory): on an AVX2 host
+that is also ~10× faster than the native bf16/fp16 backward, on an AMX host ~1.8× slower. The
+forward runs upcast only for fp16 on CPUs without native fp16 matmul (see `_upcast_fwd`).
 """
+import functools
+
 import torch
 
 from .. import _utils
 from ..merge import merge_partials
 
-# The .default overloads skip the overload resolution of the packet, a few µs per call.
-_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+# torch's generated Python binding of the forward costs ~3 µs less per call than torch.ops;
+# the backward has none, and its .default overload skips the overload resolution of the packet.
+_fwd = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu",
+               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default)
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
@@ -41,6 +53,34 @@ def _plan(Tq: int, Tk: int, causal: bool, diag_offset: int):
     return min(max(-diag_offset, 0), Tq), max(diag_offset, 0), True
 
 
+@functools.cache
+def _upcast_fwd(dtype: torch.dtype) -> bool:
+    """Whether the forward should run in fp32 for inputs of ``dtype``.
+
+    Only fp16 on CPUs without oneDNN fp16 support. Measured native vs upcast forward, H=8,
+    D=64..128, T=256..2048: on an AVX2 host fp16 runs 1.4-2.0× faster upcast, while bf16 runs
+    0.8-1.07× (so bf16 stays native, as in SDPA); on an AMX host (oneDNN fp16 and bf16) native
+    is up to 1.5× faster for fp16 and 2-4× for bf16.
+    """
+    if dtype != torch.float16:
+        return False
+    try:
+        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def _expand_kv_bwd(B: int, H: int, Hkv: int) -> bool:
+    """Whether the backward should run on K/V expanded to H heads (then sum dk/dv per group).
+
+    The kernel's GQA backward parallelizes over B·Hkv only (dk/dv of a KV head are written by
+    one task). Measured, fp32, D=64, T=1024: 16 threads, B=1, 8:2 heads, native 20.6 ms vs
+    expanded 6.4 ms; B=4, 32:8 heads (32 tasks), native 25.8 vs 32.0; 2 threads, B=1, 8:2 native
+    29.5 vs 33.7, MQA 8:1 native 33.5 vs 30.1. Expanding costs G× the K/V memory (linear in T).
+    """
+    return H != Hkv and B * Hkv < torch.get_num_threads()
+
+
 def flash_fwd_cpu(q, k, v, softmax_scale: float, causal: bool, diag_offset: int):
     """Attention forward on CPU tensors (inputs already validated by the caller).
 
@@ -53,25 +93,32 @@ def flash_fwd_cpu(q, k, v, softmax_scale: float, causal: bool, diag_offset: int)
         ``(out, lse)``: out ``[B, Tq, H, D]`` in q's dtype, lse fp32 ``[B, H, Tq]`` contiguous.
     """
     B, Tq, H, D = q.shape
-    Tk = k.shape[1]
-    r0, p, causal_a = _plan(Tq, Tk, causal, diag_offset)
+    dtype = q.dtype
+    r0, p, causal_a = _plan(Tq, k.shape[1], causal, diag_offset)
     if r0 == Tq:
-        out = _utils.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).zero_()
+        out = _utils.empty((B, Tq, H, D), dtype=dtype, device=q.device).zero_()
         lse = _utils.empty((B, H, Tq), dtype=torch.float32, device=q.device)
         return out, lse.fill_(float("-inf"))
+    if _upcast_fwd(dtype):
+        q, k, v = q.float(), k.float(), v.float()
     # The kernel takes [B, H, T, D]; transposed views of [B, T, H, D] are accepted as they are.
-    qt, kt, vt = q.transpose(1, 2)[:, :, r0:], k.transpose(1, 2), v.transpose(1, 2)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if r0 == 0 and p == 0:
+        # The common case, kept free of slicing: Python overhead shows at small shapes.
+        out, lse = _fwd(qt, kt, vt, 0.0, causal_a, scale=softmax_scale)
+        # The kernel's lse has [B, T, H] storage; callers index it per head.
+        return out.transpose(1, 2).to(dtype), lse.contiguous()
+    qt = qt[:, :, r0:]
     out, lse = _fwd(qt, kt[:, :, p:], vt[:, :, p:], 0.0, causal_a, scale=softmax_scale)
     out = out.transpose(1, 2)
     if p > 0:
         out_b, lse_b = _fwd(qt, kt[:, :, :p], vt[:, :, :p], 0.0, False, scale=softmax_scale)
         out, lse = merge_partials(out, lse, out_b.transpose(1, 2), lse_b)
-    # The kernel's lse has [B, T, H] storage; callers index it per head.
     lse = lse.contiguous()
     if r0 == 0:
-        return out, lse
+        return out.to(dtype), lse
     # Only now can r0 > 0 (then p == 0): pad the rows that see no key.
-    out_all = _utils.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
+    out_all = _utils.empty((B, Tq, H, D), dtype=dtype, device=q.device)
     lse_all = _utils.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     out_all[:, :r0].zero_()
     out_all[:, r0:] = out
@@ -92,24 +139,37 @@ def flash_bwd_cpu(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, d
     Returns:
         ``(dq, dk, dv)`` with the shapes and dtypes of q, k, v.
     """
-    Tq, Tk = q.shape[1], k.shape[1]
-    r0, p, causal_a = _plan(Tq, Tk, causal, diag_offset)
+    B, Tq, H, _ = q.shape
+    Hkv = k.shape[2]
+    dtype = q.dtype
+    r0, p, causal_a = _plan(Tq, k.shape[1], causal, diag_offset)
     if r0 == Tq:
-        return tuple(_utils.empty(x.shape, dtype=x.dtype, device=x.device).zero_() for x in (q, k, v))
-    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-    rows = (dout.transpose(1, 2)[:, :, r0:], q.transpose(1, 2)[:, :, r0:])
-    saved = (out.transpose(1, 2)[:, :, r0:], lse[:, :, r0:], 0.0)
-    dq, dk, dv = _bwd(*rows, kt[:, :, p:], vt[:, :, p:], *saved, causal_a, scale=softmax_scale)
+        return tuple(_utils.empty(x.shape, dtype=dtype, device=x.device).zero_() for x in (q, k, v))
+    if dtype != torch.float32:
+        dout, q, k, v, out = dout.float(), q.float(), k.float(), v.float(), out.float()
+    dot, qt, kt, vt, ot = (x.transpose(1, 2) for x in (dout, q, k, v, out))
+    expand = _expand_kv_bwd(B, H, Hkv)
+    if expand:
+        kt, vt = kt.repeat_interleave(H // Hkv, dim=1), vt.repeat_interleave(H // Hkv, dim=1)
+    if r0 > 0:
+        dot, qt, ot, lse = dot[:, :, r0:], qt[:, :, r0:], ot[:, :, r0:], lse[:, :, r0:]
+    if p > 0:
+        dq_b, dk_b, dv_b = _bwd(dot, qt, kt[:, :, :p], vt[:, :, :p], ot, lse, 0.0, False,
+                                scale=softmax_scale)
+        kt, vt = kt[:, :, p:], vt[:, :, p:]
+    dq, dk, dv = _bwd(dot, qt, kt, vt, ot, lse, 0.0, causal_a, scale=softmax_scale)
     dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
     if p > 0:
-        dq_b, dk_b, dv_b = _bwd(*rows, kt[:, :, :p], vt[:, :, :p], *saved, False, scale=softmax_scale)
         dq = dq + dq_b.transpose(1, 2)
         dk = torch.cat((dk_b.transpose(1, 2), dk), dim=1)
         dv = torch.cat((dv_b.transpose(1, 2), dv), dim=1)
+    if expand:
+        # [B, Tk, H, D] -> [B, Tk, Hkv, G, D]: the G query heads of a KV head are adjacent
+        dk, dv = dk.unflatten(2, (Hkv, H // Hkv)).sum(3), dv.unflatten(2, (Hkv, H // Hkv)).sum(3)
     if r0 == 0:
-        return dq, dk, dv
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype)
     # Only now can r0 > 0 (then p == 0): rows that see no key get dq = 0.
-    dq_all = _utils.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq_all = _utils.empty(q.shape, dtype=dtype, device=q.device)
     dq_all[:, :r0].zero_()
     dq_all[:, r0:] = dq
-    return dq_all, dk, dv
+    return dq_all, dk.to(dtype), dv.to(dtype)
