@@ -30,3 +30,9 @@ def poison() -> bool:
 def interpret() -> bool:
     """TRITON_INTERPRET=1 (Triton's own flag): @triton.jit kernels run in numpy on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def commit() -> str:
+    """IOATTN_COMMIT: the git commit recorded in benchmark headers when the source tree was copied
+    without its .git (e.g. to a remote GPU machine); empty means ask git."""
+    return os.environ.get("IOATTN_COMMIT", "").strip()

@@ -23,15 +23,12 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
         ``(out, lse)``: out ``[B, T, H, D]`` in out_a's dtype, lse ``[B, H, T]`` fp32.
     """
     lse = torch.logaddexp(lse_a, lse_b)
-    # Where both parts are empty lse is −inf and lse_x − lse would be NaN: use 0 weights.
-    finite = torch.isfinite(lse)
-    safe = torch.where(finite, lse, torch.zeros_like(lse))
-    w_a = torch.where(finite, torch.exp(lse_a - safe), torch.zeros_like(lse))
-    w_b = torch.where(finite, torch.exp(lse_b - safe), torch.zeros_like(lse))
-    # [B, H, T] -> [B, T, H, 1] to broadcast over the head dim
-    w_a = w_a.transpose(1, 2).unsqueeze(-1)
-    w_b = w_b.transpose(1, 2).unsqueeze(-1)
-    # Accumulate in fp32 at least (fp64 stays fp64).
+    # B's share exp(lse_b) / (exp(lse_a) + exp(lse_b)) is a sigmoid of the difference; it is
+    # 0 or 1 where one part is empty (lse −inf), and NaN only where both are, whose rows are 0
+    # in both parts anyway, so any weight will do there.
+    w_b = torch.sigmoid(lse_b - lse_a).nan_to_num_(0.0)
+    # Accumulate in fp32 at least (fp64 stays fp64); [B, H, T] -> [B, T, H, 1] over the head dim.
     acc = torch.promote_types(out_a.dtype, torch.float32)
-    out = w_a.to(acc) * out_a.to(acc) + w_b.to(acc) * out_b.to(acc)
+    w_b = w_b.transpose(1, 2).unsqueeze(-1).to(acc)
+    out = torch.lerp(out_a.to(acc), out_b.to(acc), w_b)
     return out.to(out_a.dtype), lse

@@ -111,7 +111,7 @@ SUITES = {
                 "causal and not",
             device="cpu",
             cases=_sweep(seqlens=_pow2(256, 2048), head_dims=(64,), dtype="fp32", B=1, H=8),
-            naive_max_T=1024,
+            naive_max_T=2048,
         ),
         Suite(
             name="quick",

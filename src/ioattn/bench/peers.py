@@ -9,29 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
-def ioattn_func():
-    """``ioattn.flash_attn_func``, the function under test."""
-    from ioattn import flash_attn_func
-    return flash_attn_func
-
-
-def backend_for(t: torch.Tensor) -> str:
-    """Which ioattn backend a call on ``t`` uses: "triton", "triton-interpreter" or "cpu"."""
-    try:
-        from ioattn.flash.api import backend_for as api_backend_for
-    except ImportError:
-        api_backend_for = None
-    if api_backend_for is not None:
-        return api_backend_for(t)
-    from ioattn import _env
-    # Mirrors the dispatch rule of DESIGN.md, for trees where the API module predates backend_for.
-    if t.device.type == "cuda":
-        return "triton"
-    return "triton-interpreter" if _env.backend() == "triton" and _env.interpret() else "cpu"
-
-
 def ioattn(q, k, v, causal):
-    return ioattn_func()(q, k, v, causal=causal)
+    from ioattn import flash_attn_func
+    return flash_attn_func(q, k, v, causal=causal)
 
 
 def naive(q, k, v, causal):
@@ -59,3 +39,31 @@ def sdpa(q, k, v, causal):
 
 
 PEERS = {"ioattn": ioattn, "sdpa": sdpa, "naive": naive}
+
+
+def make_inputs(case, device):
+    """Fresh random-normal q, k, v (and dout when the case runs the backward) for ``case``."""
+    from ioattn.testing import make_qkv
+
+    q, k, v = make_qkv(case.B, case.T, case.T, case.H, case.Hkv, case.D, dtype=case.torch_dtype,
+                       device=device, requires_grad=case.mode == "fwdbwd")
+    dout = torch.randn_like(q) if case.mode == "fwdbwd" else None
+    return q, k, v, dout
+
+
+def make_call(peer: str, case, inputs):
+    """A no-argument callable doing one timed unit of work: the forward, or forward + backward.
+
+    It returns what it computed (the output, and dq, dk, dv after a backward) so that the same
+    callable also serves the correctness check.
+    """
+    fn = PEERS[peer]
+    q, k, v, dout = inputs
+    if case.mode == "fwd":
+        return lambda: (fn(q, k, v, case.causal),)
+
+    def fwdbwd():
+        out = fn(q, k, v, case.causal)
+        # autograd.grad rather than backward(): nothing accumulates in .grad between repetitions
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+    return fwdbwd
