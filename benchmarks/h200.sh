@@ -10,7 +10,8 @@ TEST_S=${TEST_S:-240}
 BENCH_S=${BENCH_S:-200}
 SEQLENS=${SEQLENS:-1024,2048,4096,8192,16384}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-timeout "$TEST_S" python3 -m pytest -q -x -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout "$TEST_S" python3 -m pytest -q $XDIST -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest.log"
 timeout 60 python3 -m ioattn check > "$OUT/check.log" 2>&1
 echo "check rc=$?" >> "$OUT/check.log"

@@ -29,7 +29,7 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, diag_offset=None
         softmax_scale: defaults to ``1/sqrt(D)``.
         causal: mask keys after the (aligned) diagonal.
         diag_offset: causal alignment (see :func:`visible_mask`); default ``Tk - Tq``.
-        upcast: compute in fp64 on CPU / fp32 on GPU (the reference) when True; in the inputs'
+        upcast: compute in fp64 on CPU or for fp32 inputs, else fp32 (the reference) when True; in the inputs'
             own dtype when False (the "plain PyTorch" baseline of the accuracy rule).
 
     Returns:
@@ -44,7 +44,9 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, diag_offset=None
     if diag_offset is None:
         diag_offset = Tk - Tq
     if upcast:
-        dt = torch.float64 if q.device.type == "cpu" else torch.float32
+        # fp64 on CPU, and for fp32 inputs anywhere (an fp32 reference cannot judge fp32 inputs)
+        wide = q.device.type == "cpu" or q.dtype in (torch.float32, torch.float64)
+        dt = torch.float64 if wide else torch.float32
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     group = H // Hkv
     # [B, H, T, D]; each KV head serves `group` consecutive query heads

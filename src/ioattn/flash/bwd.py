@@ -1,0 +1,280 @@
+"""FlashAttention-2 backward: portable Triton kernels and their host launcher.
+
+Deterministic and without atomics, in three launches:
+
+1. ``delta = rowsum(dO ∘ O)`` (bwd_preprocess.py);
+2. the dK/dV kernel: a program holds BLOCK_N1 keys of one KV head and visits, for each of the
+   GROUP query heads sharing it, the query blocks that can see those keys;
+3. the dQ kernel: a program holds BLOCK_M2 query rows and visits the key blocks they see.
+
+Both recompute ``P = exp2(q·kᵀ · softmax_scale · log2(e) − lse · log2(e))`` from the forward's
+saved lse, then ``dV += Pᵀ dO``, ``dP = dO Vᵀ``, ``dS = P ∘ (dP − delta)``, ``dK += dSᵀ Q``,
+``dQ += dS K``; dK and dQ take the softmax_scale factor once, at the end.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .. import _env
+from .._utils import cdiv, empty
+from .bwd_preprocess import bwd_preprocess
+from .config import BwdConfig, get_bwd_config, padded_head_dim
+from .fwd import LOG2E, _key_range, device_guard, dot_precision
+
+
+@triton.jit
+def _load_lse2(p_lse, m_m):
+    """Load lse in the log2 domain. A row with lse -inf sees no key; +inf in its place makes
+    exp2(s - lse) exactly 0 for it (and for padded rows), where -inf would give inf or NaN."""
+    b_lse = tl.load(p_lse, mask=m_m, other=float("inf"))  # [BLOCK_M]
+    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
+    return b_lse * 1.4426950408889634
+
+
+@triton.jit
+def _query_range(start_n, T_q, T_k, diag_offset, IS_CAUSAL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query rows ``[m_lo, Tq)`` that keys ``[start_n, start_n + BLOCK_N)`` must visit, split at
+    ``m_full``: blocks from there on see every real key of the block, so need no causal mask."""
+    if IS_CAUSAL:
+        # Row i sees key j iff i >= j - diag_offset. Clamped first so // never sees a negative.
+        m_lo = tl.maximum(start_n - diag_offset, 0) // BLOCK_M * BLOCK_M
+        n_last = tl.minimum(start_n + BLOCK_N, T_k) - 1
+        m_full = (tl.maximum(n_last - diag_offset, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        # No block past the last one holding a row; then both loops are empty when no row sees
+        # the keys at all.
+        m_full = tl.minimum(m_full, (T_q + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+        m_lo = tl.minimum(m_lo, m_full)
+    else:
+        m_lo = 0
+        m_full = 0
+    return m_lo, m_full
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do,
+                    start_m, end_m, o_n, m_d, T_q, diag_offset, qk_scale, stride_qt, stride_dot,
+                    MASK: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate query blocks ``[start_m, end_m)`` of one head into dK/dV of the key block
+    ``o_n``. The ``*_base`` scalar pointers point at row ``start_m`` and are returned advanced
+    to ``end_m``; ``o_q``/``o_do`` are the tile's offsets from them. ``MASK`` applies the causal
+    mask. Rows past Tq load q = dO = 0 and lse = +inf: they add nothing."""
+    o_m0 = tl.arange(0, BLOCK_M)
+    for start in range(start_m, end_m, BLOCK_M):
+        o_m = start + o_m0
+        m_m = o_m < T_q
+        m_qd = m_m[:, None] & m_d[None, :]
+        b_q = tl.load(q_base + o_q, mask=m_qd, other=0.0)  # [BLOCK_M, HEAD_DIM]
+        b_do = tl.load(do_base + o_do, mask=m_qd, other=0.0)  # [BLOCK_M, HEAD_DIM]
+        b_lse2 = _load_lse2(lse_base + o_m0, m_m)  # [BLOCK_M]
+        b_delta = tl.load(delta_base + o_m0, mask=m_m, other=0.0)  # [BLOCK_M]
+        b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        b_pT = tl.exp2(b_sT - b_lse2[None, :])
+        if MASK:
+            b_pT = tl.where(o_n[:, None] <= o_m[None, :] + diag_offset, b_pT, 0.0)
+        dv = tl.dot(b_pT.to(b_do.dtype), b_do, dv, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM]
+        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        b_dsT = b_pT * (b_dpT - b_delta[None, :])
+        dk = tl.dot(b_dsT.to(b_q.dtype), b_q, dk, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM]
+        # Only scalar pointers are carried through the loop: a carried tensor of pointers costs
+        # two registers per element and made the forward spill on the H200.
+        q_base += BLOCK_M * stride_qt
+        do_base += BLOCK_M * stride_dot
+        lse_base += BLOCK_M
+        delta_base += BLOCK_M
+    return dk, dv, q_base, do_base, lse_base, delta_base
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                     stride_qb, stride_qt, stride_qh,
+                     stride_kb, stride_kt, stride_kh,
+                     stride_vb, stride_vt, stride_vh,
+                     stride_dob, stride_dot, stride_doh,
+                     stride_dkb, stride_dkt, stride_dkh,
+                     stride_dvb, stride_dvt, stride_dvh,
+                     T_q, T_k, H, H_kv, GROUP, softmax_scale, qk_scale, diag_offset,
+                     D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hkv = (i_bh // H_kv).to(tl.int64), (i_bh % H_kv).to(tl.int64)
+
+    start_n = i_n * BLOCK_N
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, HEAD_DIM)
+    m_d = o_d < D
+    m_kd = (o_n < T_k)[:, None] & m_d[None, :]
+    p_k = K + i_b * stride_kb + i_hkv * stride_kh + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+    p_v = V + i_b * stride_vb + i_hkv * stride_vh + o_n.to(tl.int64)[:, None] * stride_vt + o_d[None, :]
+    b_k = tl.load(p_k, mask=m_kd, other=0.0)  # [BLOCK_N, HEAD_DIM]
+    b_v = tl.load(p_v, mask=m_kd, other=0.0)  # [BLOCK_N, HEAD_DIM]
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    m_lo, m_full = _query_range(start_n, T_q, T_k, diag_offset, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    m_lo64 = tl.cast(m_lo, tl.int64)
+    o_m0 = tl.arange(0, BLOCK_M)
+    # Offsets inside one tile stay small (BLOCK_M rows), so int32 is enough for them.
+    o_q = o_m0[:, None] * stride_qt + o_d[None, :]
+    o_do = o_m0[:, None] * stride_dot + o_d[None, :]
+    # The GROUP query heads that read this KV head add into the same dK/dV: no atomics needed.
+    for g in range(GROUP):
+        i_h = i_hkv * GROUP + g
+        q_base = Q + i_b * stride_qb + i_h * stride_qh + m_lo64 * stride_qt
+        do_base = DO + i_b * stride_dob + i_h * stride_doh + m_lo64 * stride_dot
+        lse_base = LSE + (i_b * H + i_h) * T_q + m_lo64
+        delta_base = DELTA + (i_b * H + i_h) * T_q + m_lo64
+        # Blocks crossing the diagonal pay for the causal mask; the rows below it run without.
+        dk, dv, q_base, do_base, lse_base, delta_base = _bwd_dkdv_inner(
+            dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do, m_lo, m_full,
+            o_n, m_d, T_q, diag_offset, qk_scale, stride_qt, stride_dot, True, BLOCK_M, DOT_PRECISION)
+        dk, dv, q_base, do_base, lse_base, delta_base = _bwd_dkdv_inner(
+            dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do, m_full, T_q,
+            o_n, m_d, T_q, diag_offset, qk_scale, stride_qt, stride_dot, False, BLOCK_M, DOT_PRECISION)
+
+    p_dk = DK + i_b * stride_dkb + i_hkv * stride_dkh + o_n.to(tl.int64)[:, None] * stride_dkt + o_d[None, :]
+    p_dv = DV + i_b * stride_dvb + i_hkv * stride_dvh + o_n.to(tl.int64)[:, None] * stride_dvt + o_d[None, :]
+    tl.store(p_dk, (dk * softmax_scale).to(DK.dtype.element_ty), mask=m_kd)
+    tl.store(p_dv, dv.to(DV.dtype.element_ty), mask=m_kd)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, start_n, end_n,
+                  o_m, m_d, T_k, diag_offset, qk_scale, stride_kt, stride_vt,
+                  MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """Accumulate key blocks ``[start_n, end_n)`` into dQ of the query rows ``o_m``. The scalar
+    pointers ``k_base``/``v_base`` point at key ``start_n`` and are returned advanced to
+    ``end_n``. ``MASK`` masks keys past Tk and, when causal, past the diagonal (so a padded
+    key's P never reaches dQ, even as inf · 0)."""
+    o_n0 = tl.arange(0, BLOCK_N)
+    for start in range(start_n, end_n, BLOCK_N):
+        o_n = start + o_n0
+        if MASK:
+            m_kv = (o_n < T_k)[:, None] & m_d[None, :]
+        else:
+            m_kv = m_d[None, :]
+        b_k = tl.load(k_base + o_k, mask=m_kv, other=0.0)  # [BLOCK_N, HEAD_DIM]
+        b_v = tl.load(v_base + o_v, mask=m_kv, other=0.0)  # [BLOCK_N, HEAD_DIM]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        b_p = tl.exp2(b_s - b_lse2[:, None])
+        if MASK:
+            m_s = (o_n < T_k)[None, :]
+            if IS_CAUSAL:
+                m_s = m_s & (o_n[None, :] <= o_m[:, None] + diag_offset)
+            b_p = tl.where(m_s, b_p, 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        dq = tl.dot(b_ds.to(b_k.dtype), b_k, dq, input_precision=DOT_PRECISION)  # [BLOCK_M, HEAD_DIM]
+        k_base += BLOCK_N * stride_kt
+        v_base += BLOCK_N * stride_vt
+    return dq, k_base, v_base
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                   stride_qb, stride_qt, stride_qh,
+                   stride_kb, stride_kt, stride_kh,
+                   stride_vb, stride_vt, stride_vh,
+                   stride_dob, stride_dot, stride_doh,
+                   stride_dqb, stride_dqt, stride_dqh,
+                   T_q, T_k, H, GROUP, softmax_scale, qk_scale, diag_offset,
+                   D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hkv = i_h // GROUP
+    i_b, i_h, i_hkv = i_b.to(tl.int64), i_h.to(tl.int64), i_hkv.to(tl.int64)
+
+    start_m = i_m * BLOCK_M
+    o_m = start_m + tl.arange(0, BLOCK_M)
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, HEAD_DIM)
+    m_m = o_m < T_q
+    m_d = o_d < D
+    m_qd = m_m[:, None] & m_d[None, :]
+    p_q = Q + i_b * stride_qb + i_h * stride_qh + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :]
+    p_do = DO + i_b * stride_dob + i_h * stride_doh + o_m.to(tl.int64)[:, None] * stride_dot + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_qd, other=0.0)  # [BLOCK_M, HEAD_DIM]
+    b_do = tl.load(p_do, mask=m_qd, other=0.0)  # [BLOCK_M, HEAD_DIM]
+    b_lse2 = _load_lse2(LSE + (i_b * H + i_h) * T_q + o_m, m_m)  # [BLOCK_M]
+    b_delta = tl.load(DELTA + (i_b * H + i_h) * T_q + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    k_base = K + i_b * stride_kb + i_hkv * stride_kh
+    v_base = V + i_b * stride_vb + i_hkv * stride_vh
+    # Offsets inside one tile stay small (BLOCK_N rows), so int32 is enough for them.
+    o_k = o_n[:, None] * stride_kt + o_d[None, :]
+    o_v = o_n[:, None] * stride_vt + o_d[None, :]
+    n_full, n_end = _key_range(start_m, T_q, T_k, diag_offset, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    dq, k_base, v_base = _bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v,
+                                       0, n_full, o_m, m_d, T_k, diag_offset, qk_scale,
+                                       stride_kt, stride_vt, False, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
+    dq, k_base, v_base = _bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v,
+                                       n_full, n_end, o_m, m_d, T_k, diag_offset, qk_scale,
+                                       stride_kt, stride_vt, True, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
+
+    p_dq = DQ + i_b * stride_dqb + i_h * stride_dqh + o_m.to(tl.int64)[:, None] * stride_dqt + o_d[None, :]
+    tl.store(p_dq, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=m_qd)
+
+
+def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int,
+                     config: BwdConfig | None = None):
+    """Attention backward with the portable Triton kernels; inputs already validated by the caller.
+
+    Args:
+        dout: ``[B, Tq, H, D]`` gradient of out, any strides (made last-dim contiguous here).
+        q, k, v, softmax_scale, causal, diag_offset: as given to
+            :func:`ioattn.flash.fwd.flash_fwd_triton`.
+        out, lse: what that forward returned (out ``[B, Tq, H, D]``, lse fp32 ``[B, H, Tq]``).
+        config: tiles and launch settings; :func:`get_bwd_config` picks one when None.
+
+    fp16/bf16 use tensor-core dots with fp32 accumulation (P and dS are rounded to the inputs'
+    dtype before their dots); fp32 inputs use ``input_precision="ieee"``: exact fp32 math.
+
+    Returns:
+        ``(dq, dk, dv)``, contiguous, with the shapes and dtypes of q, k, v. A query row that sees
+        no key gets dq 0 and adds nothing to dk, dv.
+    """
+    B, T_q, H, D = q.shape
+    T_k, H_kv = k.shape[1], k.shape[2]
+    if config is None:
+        config = get_bwd_config(D, q.dtype, causal, interpret=_env.interpret())
+    if dout.dtype != q.dtype or dout.stride(-1) != 1:
+        dout = dout.to(q.dtype).contiguous()
+    lse = lse.contiguous()
+    # Beyond these bounds every key (or no key) is visible anyway; clamping keeps it in int32.
+    diag_offset = max(-T_q, min(diag_offset, T_k))
+    HEAD_DIM = padded_head_dim(D)
+    qk_scale = softmax_scale * LOG2E
+    meta = dict(D=D, HEAD_DIM=HEAD_DIM, IS_CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+    delta = empty((B, H, T_q), dtype=torch.float32, device=q.device)
+    dq = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
+    dk = empty((B, T_k, H_kv, D), dtype=k.dtype, device=k.device)
+    dv = empty((B, T_k, H_kv, D), dtype=v.dtype, device=v.device)
+    with device_guard(q):
+        bwd_preprocess(out, dout, delta, HEAD_DIM)
+        _bwd_dkdv_kernel[(cdiv(T_k, config.BLOCK_N1), B * H_kv)](
+            q, k, v, dout, lse, delta, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            T_q, T_k, H, H_kv, H // H_kv, softmax_scale, qk_scale, diag_offset,
+            BLOCK_M=config.BLOCK_M1, BLOCK_N=config.BLOCK_N1, **meta,
+        )
+        _bwd_dq_kernel[(cdiv(T_q, config.BLOCK_M2), B * H)](
+            q, k, v, dout, lse, delta, dq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            T_q, T_k, H, H // H_kv, softmax_scale, qk_scale, diag_offset,
+            BLOCK_M=config.BLOCK_M2, BLOCK_N=config.BLOCK_N2, **meta,
+        )
+    return dq, dk, dv

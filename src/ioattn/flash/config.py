@@ -1,0 +1,92 @@
+"""Tile sizes and launch settings of the FlashAttention-2 Triton kernels, chosen by heuristics.
+
+Configs are plain data: the launchers take one as an argument, so tests and benchmarks can force
+any of them. Each branch says what it rests on: a short sweep of these kernels on the H200
+(triton 3.6, do_bench median, hidden 2048 as in shared/anchors) or, where none was run, what its
+starting point is based on. Autotuning is left out on purpose: it cannot run under the
+interpreter, and one pinned config keeps results reproducible.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .._utils import next_pow2
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    """Forward kernel: a program holds BLOCK_M query rows and steps over BLOCK_N keys at a time."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """Backward kernels: 1 = the dK/dV kernel (holds BLOCK_N1 keys, steps over BLOCK_M1 queries),
+    2 = the dQ kernel (holds BLOCK_M2 queries, steps over BLOCK_N2 keys)."""
+
+    BLOCK_M1: int
+    BLOCK_N1: int
+    BLOCK_M2: int
+    BLOCK_N2: int
+    num_warps: int
+    num_stages: int
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim the kernels tile with: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, next_pow2(head_dim))
+
+
+def get_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool) -> FwdConfig:
+    """Pick the forward config for a head dim ``D`` (any integer 8..256) and input dtype."""
+    HEAD_DIM = padded_head_dim(head_dim)
+    if interpret:
+        # The interpreter runs each program in numpy: few, mid-sized tiles are fastest there.
+        return FwdConfig(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        # Starting point: ieee fp32 dots run on FMA units, whose operands live in registers;
+        # small tiles keep them from spilling. Exactness, not speed, is the point of fp32.
+        if HEAD_DIM <= 64:
+            return FwdConfig(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return FwdConfig(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if HEAD_DIM <= 64:
+        # H200, bf16, T=4096, B*H=64: 402 / 368 TFLOP/s (full / causal); 64 x 64 with 4 warps
+        # ran 389 / 371, 128 x 128 with 4 warps 382 / 298.
+        return FwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    if HEAD_DIM <= 128:
+        # H200, bf16, T=4096, B*H=64: 439 / 390 TFLOP/s (full / causal); 128 x 64 with 4 warps
+        # (shared/GPU.md's choice for a TMA kernel) spilled registers here and ran 140 / 135.
+        return FwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
+    # H200, bf16, T=4096, B*H=32: 499 / 448 TFLOP/s (full / causal); 64 x 64 with 4 warps ran
+    # 350 / 315. Q plus 2 stages of K and V take 192 KB of the 227 KB of Hopper shared memory.
+    return FwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
+def get_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool) -> BwdConfig:
+    """Pick the backward config for a head dim ``D`` (any integer 8..256) and input dtype."""
+    HEAD_DIM = padded_head_dim(head_dim)
+    if interpret:
+        # One small config, fast in numpy and valid for tl.dot (every side at least 16).
+        return BwdConfig(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        # Starting point: ieee fp32 dots run on FMA units with register operands; the dK/dV
+        # program keeps four [BLOCK_N1, HEAD_DIM] tiles live, so tiles stay small.
+        if HEAD_DIM <= 64:
+            return BwdConfig(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
+        return BwdConfig(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=4, num_stages=1)
+    if HEAD_DIM <= 64:
+        # H200, bf16, causal, T=4096, B*H=128: 291 TFLOP/s; the Triton tutorial's Hopper choice
+        # (the same tiles with 4 warps, 5 stages) ran 238, 64 x 64 tiles 272.
+        return BwdConfig(BLOCK_M1=32, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=32, num_warps=8, num_stages=3)
+    if HEAD_DIM <= 128:
+        # H200, bf16, causal, T=4096, B*H=64: 323 TFLOP/s; 32 x 128 / 128 x 32 tiles with
+        # 8 warps ran 242, with 4 warps 125 (register spills).
+        return BwdConfig(BLOCK_M1=64, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=64, num_warps=8, num_stages=2)
+    # H200, bf16, causal, T=4096, B*H=32: 143 TFLOP/s, the only tried config without register
+    # spills; 32 x 64 / 64 x 32 tiles with 8 warps ran 139, 64 x 64 with 8 warps 125. Weak:
+    # the 256-wide dK/dV accumulators leave little room; a later kernel should split HEAD_DIM.
+    return BwdConfig(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=2)
