@@ -7,28 +7,41 @@ import math
 import torch
 
 
-def visible_mask(Tq: int, Tk: int, *, causal: bool, diag_offset: int, device=None) -> torch.Tensor:
+def visible_mask(Tq: int, Tk: int, *, causal: bool, diag_offset: int, window=(-1, -1),
+                 device=None) -> torch.Tensor:
     """``[Tq, Tk]`` bool: which keys each query sees.
 
-    With ``causal``, query i sees key j iff ``j <= i + diag_offset``. The flash-attn functions use
-    ``diag_offset = Tk - Tq`` (bottom-right alignment; Tq=2, Tk=5 gives rows ``11110`` and
-    ``11111``); torch's SDPA uses ``diag_offset = 0`` (top-left).
+    Query i sees key j iff ``i + diag_offset - left <= j <= i + diag_offset + right`` where
+    ``(left, right) = window`` and −1 leaves that side unbounded; ``causal`` forces right = 0.
+    The flash-attn functions use ``diag_offset = Tk - Tq`` (bottom-right alignment; causal with
+    Tq=2, Tk=5 gives rows ``11110`` and ``11111``); torch's SDPA uses ``diag_offset = 0``
+    (top-left).
     """
+    left, right = window
+    if causal:
+        right = 0
     i = torch.arange(Tq, device=device)[:, None]
     j = torch.arange(Tk, device=device)[None, :]
-    if not causal:
-        return torch.ones(Tq, Tk, dtype=torch.bool, device=device)
-    return j <= i + diag_offset
+    keep = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    if right >= 0:
+        keep &= j <= i + diag_offset + right
+    if left >= 0:
+        keep &= j >= i + diag_offset - left
+    return keep
 
 
-def attention_ref(q, k, v, *, softmax_scale=None, causal=False, diag_offset=None, upcast=True):
+def attention_ref(q, k, v, *, softmax_scale=None, causal=False, diag_offset=None, window=(-1, -1),
+                  softcap=0.0, alibi_slopes=None, upcast=True):
     """Reference attention with the ioattn contract.
 
     Args:
         q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0``.
         softmax_scale: defaults to ``1/sqrt(D)``.
         causal: mask keys after the (aligned) diagonal.
-        diag_offset: causal alignment (see :func:`visible_mask`); default ``Tk - Tq``.
+        diag_offset: alignment of the diagonal (see :func:`visible_mask`); default ``Tk - Tq``.
+        window: ``(left, right)`` sliding window around the aligned diagonal, −1 = unbounded.
+        softcap: if > 0, scores become ``softcap · tanh(s / softcap)`` (before the ALiBi bias).
+        alibi_slopes: fp32 ``[H]`` or ``[B, H]``; adds ``−slope · |i + diag_offset − j|``.
         upcast: compute in fp64 on CPU or for fp32 inputs, else fp32 (the reference) when True; in the inputs'
             own dtype when False (the "plain PyTorch" baseline of the accuracy rule).
 
@@ -54,7 +67,15 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, diag_offset=None
     kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
     vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
     scores = (qh @ kh.transpose(-1, -2)) * softmax_scale  # [B, H, Tq, Tk]
-    keep = visible_mask(Tq, Tk, causal=causal, diag_offset=diag_offset, device=q.device)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        i = torch.arange(Tq, device=q.device)[:, None]
+        j = torch.arange(Tk, device=q.device)[None, :]
+        dist = (i + diag_offset - j).abs().to(scores.dtype)  # [Tq, Tk]
+        slopes = alibi_slopes.to(scores.dtype).expand(B, H)[:, :, None, None]
+        scores = scores - slopes * dist
+    keep = visible_mask(Tq, Tk, causal=causal, diag_offset=diag_offset, window=window, device=q.device)
     scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores.float(), dim=-1)  # [B, H, Tq]
     # Rows with no visible key: every score is −inf and softmax would give NaN (in the output
