@@ -3,7 +3,7 @@ import torch
 
 from .checks import check_dropout, check_qkv, check_scale, check_unsupported_features
 from .dispatch import backend_for
-from .ops import flash_fwd
+from .ops import attention
 
 __all__ = ["flash_attn_func", "scaled_dot_product_attention", "backend_for"]
 
@@ -60,7 +60,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     check_unsupported_features(window_size, softcap, alibi_slopes)
     scale = check_scale(softmax_scale, q.shape[-1])
     Tq, Tk = q.shape[1], k.shape[1]
-    out, lse = flash_fwd(q, k, v, scale, bool(causal), Tk - Tq)
+    out, lse = attention(q, k, v, scale, bool(causal), Tk - Tq)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -95,5 +95,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         )
     q, k, v = check_qkv(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), names=names)
     scale = check_scale(scale, q.shape[-1], name="scale")
-    out, _ = flash_fwd(q, k, v, scale, bool(is_causal), 0)
+    out, _ = attention(q, k, v, scale, bool(is_causal), 0)
     return out.transpose(1, 2)

@@ -63,23 +63,48 @@ def check_dropout(dropout_p, *, name="dropout_p"):
         raise NotImplementedError(f"{name} > 0 is not supported yet; it arrives with {FEATURES_ISSUE}")
 
 
-def check_unsupported_features(window_size, softcap, alibi_slopes):
-    """Validate the flash-attn 2.x feature arguments; raise NotImplementedError for any that is on."""
+def check_window(window_size, *, name="window_size") -> tuple:
+    """``(left, right)`` ints, each >= −1 (−1 = unbounded on that side)."""
     if (
         not isinstance(window_size, (tuple, list))
         or len(window_size) != 2
         or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)
     ):
-        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+        raise TypeError(f"{name} must be a pair of ints (left, right), got {window_size!r}")
     if any(w < -1 for w in window_size):
-        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {tuple(window_size)}")
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(f"window_size (sliding window) arrives with {FEATURES_ISSUE}")
+        raise ValueError(f"{name} entries must be >= -1 (-1 = unbounded), got {tuple(window_size)}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def check_softcap(softcap, *, name="softcap") -> float:
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0, got {softcap}")
-    if softcap > 0:
+        raise TypeError(f"{name} must be a float, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0 (0 = off), got {softcap}")
+    return float(softcap)
+
+
+def check_alibi(alibi_slopes, q, *, name="alibi_slopes"):
+    """None, or fp32 slopes ``[H]`` or ``[B, H]`` on q's device; returned contiguous."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    B, _, H, _ = q.shape
+    if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
+        raise ValueError(f"{name} must have shape [H]=({H},) or [B, H]=({B}, {H}), got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {alibi_slopes.device}")
+    return alibi_slopes.contiguous()
+
+
+def check_unsupported_features(window_size, softcap, alibi_slopes):
+    """Validate the flash-attn 2.x feature arguments; raise NotImplementedError for any that is on."""
+    if check_window(window_size) != (-1, -1):
+        raise NotImplementedError(f"window_size (sliding window) arrives with {FEATURES_ISSUE}")
+    if check_softcap(softcap) > 0:
         raise NotImplementedError(f"softcap arrives with {FEATURES_ISSUE}")
     if alibi_slopes is not None:
         raise NotImplementedError(f"alibi_slopes arrives with {FEATURES_ISSUE}")

@@ -1,6 +1,7 @@
 """torch.library custom ops for the flash family: forward and backward, with fake (meta)
 implementations so torch.compile traces through them without graph breaks, and autograd
-registered on the forward op.
+registered on the forward op. In eager mode the same implementations run behind a plain
+autograd.Function instead (see :func:`attention`).
 
 The ops take already-validated tensors (see checks.py) and pick a backend by device
 (dispatch.py). Empty problems (B, H or Tq = 0, or Tk = 0) are answered here, so the launchers
@@ -12,9 +13,7 @@ from torch import Tensor
 from .dispatch import kernels_for
 
 
-@torch.library.custom_op("ioattn::flash_fwd", mutates_args=(), device_types=("cpu", "cuda"))
-def flash_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool,
-              diag_offset: int) -> tuple[Tensor, Tensor]:
+def _fwd_impl(q, k, v, softmax_scale, causal, diag_offset):
     B, Tq, H, D = q.shape
     if q.numel() == 0 or k.shape[1] == 0:
         out = torch.zeros(B, Tq, H, D, dtype=q.dtype, device=q.device)
@@ -26,6 +25,22 @@ def flash_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: boo
     return out.contiguous(), lse.contiguous()
 
 
+def _bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset):
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    _, bwd = kernels_for(q.device)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@torch.library.custom_op("ioattn::flash_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def flash_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool,
+              diag_offset: int) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(q, k, v, softmax_scale, causal, diag_offset)
+
+
 @flash_fwd.register_fake
 def _(q, k, v, softmax_scale, causal, diag_offset):
     B, Tq, H, D = q.shape
@@ -35,13 +50,7 @@ def _(q, k, v, softmax_scale, causal, diag_offset):
 @torch.library.custom_op("ioattn::flash_bwd", mutates_args=(), device_types=("cpu", "cuda"))
 def flash_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               softmax_scale: float, causal: bool, diag_offset: int) -> tuple[Tensor, Tensor, Tensor]:
-    if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    _, bwd = kernels_for(q.device)
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return _bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset)
 
 
 @flash_bwd.register_fake
@@ -69,3 +78,34 @@ def _backward(ctx, dout, dlse):
 
 
 flash_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The custom ops' autograd, without their dispatch: same implementations, same results."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, softmax_scale, causal, diag_offset):
+        out, lse = _fwd_impl(q, k, v, softmax_scale, causal, diag_offset)
+        _setup_context(ctx, (q, k, v, softmax_scale, causal, diag_offset), (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _bwd_impl(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.diag_offset)
+        return dq, dk, dv, None, None, None
+
+
+def attention(q, k, v, softmax_scale: float, causal: bool, diag_offset: int):
+    """``(out, lse)`` of validated inputs, differentiable in q, k, v.
+
+    Under torch.compile this is the custom op, which the compiler can trace. In eager mode the
+    op's dispatch costs ~60 µs a call (measured on CPU, torch 2.13: 85 µs vs 25 µs for the
+    backend alone at T=16), seven times torch SDPA's whole call at small shapes, so eager calls
+    go through a plain autograd.Function over the same implementations.
+    """
+    if torch.compiler.is_compiling():
+        return flash_fwd(q, k, v, softmax_scale, causal, diag_offset)
+    return _EagerAttention.apply(q, k, v, softmax_scale, causal, diag_offset)
