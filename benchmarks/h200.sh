@@ -12,9 +12,9 @@ BENCH_S=${BENCH_S:-200}
 SEQLENS=${SEQLENS:-1024,2048,4096,8192,16384}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-# -rfE names every failure in the summary; the junit file keeps each test's outcome and time
-# even if the limit cuts the run short.
-timeout "$TEST_S" python3 -m pytest -q -rfE $XDIST -p no:cacheprovider -p no:benchmark \
+# -v logs each test's outcome as it ends, so a run cut short by the limit still names what failed;
+# -rfE repeats the failures in the summary.
+timeout "$TEST_S" python3 -m pytest -v -rfE $XDIST -p no:cacheprovider -p no:benchmark \
     --junitxml="$OUT/junit.xml" tests > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest.log"
 timeout "$CHECK_S" python3 -m ioattn check > "$OUT/check.log" 2>&1
