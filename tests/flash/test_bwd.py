@@ -39,23 +39,33 @@ def leaf(x, dtype):
     return x.detach().to(dtype).requires_grad_()
 
 
+def make_slopes(alibi, B, H):
+    """ALiBi slopes of shape ``[H]`` (alibi="H") or ``[B, H]`` ("BH"), or None."""
+    if alibi is None:
+        return None
+    shape = (H,) if alibi == "H" else (B, H)
+    # Positive, and spread over the range real models use (2^-8 .. 2^-1 for 8 heads).
+    return (torch.rand(shape, device=DEVICE) * 0.5 + 2**-8).float()
+
+
 def check_bwd(B, Tq, Tk, H, Hkv, D, causal, diag_offset, dtype, *, layout="bthd",
-              dout_strided=False, config=None):
+              dout_strided=False, config=None, window=(-1, -1), softcap=0.0, alibi=None):
     q, k, v = make_qkv(B, Tq, Tk, H, Hkv, D, dtype=dtype, device=DEVICE, layout=layout)
     scale = 1.0 / math.sqrt(D)
     offset = Tk - Tq if diag_offset is None else diag_offset
+    features = dict(window=window, softcap=softcap, alibi_slopes=make_slopes(alibi, B, H))
     if dout_strided:
         # [B, H, T, 2D] storage, every other D-block: neither [B, T, H, D] nor its transpose.
         dout = torch.randn(B, H, Tq, 2 * D, device=DEVICE).to(dtype)[..., :D].transpose(1, 2)
     else:
         dout = torch.randn(B, Tq, H, D, device=DEVICE).to(dtype)
 
-    out, lse = flash_fwd_triton(q, k, v, scale, causal, offset)
-    dq, dk, dv = flash_bwd_triton(dout, q, k, v, out, lse, scale, causal, offset, config=config)
+    out, lse = flash_fwd_triton(q, k, v, scale, causal, offset, **features)
+    dq, dk, dv = flash_bwd_triton(dout, q, k, v, out, lse, scale, causal, offset, config=config, **features)
     for g, x in zip((dq, dk, dv), (q, k, v)):
         assert g.shape == x.shape and g.dtype == x.dtype and g.is_contiguous()
 
-    kw = dict(softmax_scale=scale, causal=causal, diag_offset=offset)
+    kw = dict(softmax_scale=scale, causal=causal, diag_offset=offset, **features)
     rdt = reference_dtype(dtype, DEVICE)
     ref_in = [leaf(x, rdt) for x in (q, k, v)]
     base_in = [leaf(x, dtype) for x in (q, k, v)]
@@ -116,6 +126,67 @@ def test_bwd_nondefault_config(causal):
     check_bwd(1, 77, 50, 4, 2, 40, causal, 0, torch.float16, config=cfg)
 
 
+def feature_id(case):
+    *base, window, softcap, alibi = case
+    parts = [case_id(base)]
+    if tuple(window) != (-1, -1):
+        parts.append(f"win{window[0]}_{window[1]}")
+    if softcap:
+        parts.append(f"cap{softcap:g}")
+    if alibi:
+        parts.append(f"alibi{alibi}")
+    return "-".join(parts)
+
+
+# (B, Tq, Tk, H, Hkv, D, causal, diag_offset, window, softcap, alibi), as in test_fwd.py: each
+# side of the window alone and both, the (0, 0) diagonal, windows wider than T, windows with
+# causal, both alignments with Tq != Tk, rows that see no key above and below the band, softcap
+# alone and with causal, ALiBi [H] and [B, H] with causal and with a window, all three together.
+FEATURE_CASES = [
+    (1, 100, 100, 2, 1, 40, False, None, (20, -1), 0.0, None),
+    (1, 100, 100, 2, 2, 64, False, None, (-1, 10), 0.0, None),
+    (2, 70, 90, 4, 2, 40, False, None, (17, 5), 0.0, None),
+    (1, 65, 65, 1, 1, 16, False, 0, (0, 0), 0.0, None),
+    (1, 40, 50, 2, 1, 32, False, None, (100, 60), 0.0, None),
+    (1, 100, 100, 2, 1, 64, True, None, (30, -1), 0.0, None),
+    (1, 50, 90, 2, 1, 40, True, None, (9, 7), 0.0, None),
+    (1, 90, 50, 2, 1, 40, False, 0, (12, 3), 0.0, None),
+    (1, 120, 40, 2, 1, 40, True, None, (8, -1), 0.0, None),
+    (1, 130, 40, 2, 2, 24, False, -40, (6, 4), 0.0, None),
+    (1, 70, 90, 2, 1, 64, False, None, (-1, -1), 2.0, None),
+    (2, 70, 90, 2, 1, 40, True, 0, (-1, -1), 30.0, None),
+    (1, 80, 80, 4, 1, 40, True, None, (-1, -1), 0.0, "H"),
+    (2, 50, 90, 2, 2, 72, False, 10, (16, 24), 0.0, "BH"),
+    (2, 90, 70, 4, 2, 40, True, None, (25, -1), 5.0, "BH"),
+]
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=feature_id)
+def test_bwd_features(case, dtype):
+    *base, window, softcap, alibi = case
+    check_bwd(*base, DTYPES[dtype], window=window, softcap=softcap, alibi=alibi)
+
+
+def test_bwd_window_unseen_rows_and_keys():
+    # Row i sees keys [i - 46, i - 36]: rows 0..35 and 86..129 see none, so their dq is exactly 0.
+    dq, _, _ = check_bwd(1, 130, 40, 2, 1, 32, False, -40, torch.float16, window=(6, 4))
+    assert torch.all(dq[:, :36] == 0) and torch.all(dq[:, 86:] == 0)
+    # Row i sees keys [i + 80, i + 95]: no row sees keys 0..79 (whole key tiles the dK/dV kernel
+    # skips), so their dk and dv are exactly 0.
+    _, dk, dv = check_bwd(1, 40, 130, 2, 1, 32, False, None, torch.float16, window=(10, 5))
+    assert torch.all(dk[:, :80] == 0) and torch.all(dv[:, :80] == 0)
+
+
+@pytest.mark.parametrize("window", [(7, -1), (-1, 7), (20, 0)], ids=lambda w: f"win{w[0]}_{w[1]}")
+def test_bwd_window_nondefault_config(window):
+    # Unequal tiles in both kernels put the band's edges at every position inside a block.
+    cfg = BwdConfig(BLOCK_M1=16, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=16, num_warps=4, num_stages=1)
+    check_bwd(1, 77, 50, 2, 1, 40, False, None, torch.float16, window=window, config=cfg)
+    cfg = BwdConfig(BLOCK_M1=64, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=64, num_warps=4, num_stages=1)
+    check_bwd(1, 50, 77, 4, 2, 40, False, 0, torch.float16, window=window, config=cfg)
+
+
 BWD_BRANCHES = [(d, dt, c) for d in (8, 40, 64, 72, 128, 256) for dt in DTYPES for c in (False, True)]
 
 
@@ -172,6 +243,26 @@ def test_bwd_gpu_fp32(case):
 @pytest.mark.gpu
 def test_bwd_gpu_strided():
     check_bwd(2, 1000, 1200, 8, 2, 128, True, None, torch.bfloat16, layout="bhtd", dout_strided=True)
+
+
+GPU_FEATURE_CASES = [
+    (2, 1000, 1000, 8, 2, 128, True, None, (256, -1), 0.0, None),
+    (1, 2048, 2048, 4, 4, 64, False, None, (128, 128), 0.0, None),
+    (2, 700, 1500, 8, 1, 128, False, 0, (100, 50), 0.0, None),
+    (1, 1500, 700, 4, 2, 96, True, None, (300, -1), 0.0, None),
+    (2, 1024, 1024, 8, 2, 128, True, None, (-1, -1), 30.0, None),
+    (1, 1000, 1000, 4, 4, 256, False, None, (-1, -1), 5.0, None),
+    (2, 1000, 1200, 8, 8, 64, True, None, (-1, -1), 0.0, "H"),
+    (2, 1000, 1000, 8, 2, 128, False, None, (200, 200), 0.0, "BH"),
+    (2, 1024, 1024, 8, 2, 128, True, None, (512, -1), 50.0, "BH"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_FEATURE_CASES, ids=feature_id)
+def test_bwd_gpu_features(case):
+    *base, window, softcap, alibi = case
+    check_bwd(*base, torch.bfloat16, window=window, softcap=softcap, alibi=alibi)
 
 
 @pytest.mark.gpu

@@ -10,6 +10,10 @@ Deterministic and without atomics, in three launches:
 Both recompute ``P = exp2(q·kᵀ · softmax_scale · log2(e) − lse · log2(e))`` from the forward's
 saved lse, then ``dV += Pᵀ dO``, ``dP = dO Vᵀ``, ``dS = P ∘ (dP − delta)``, ``dK += dSᵀ Q``,
 ``dQ += dS K``; dK and dQ take the softmax_scale factor once, at the end.
+
+The features are the forward's (fwd.py): the same band of diagonals limits the blocks each program
+visits, the same ``_scores`` recomputes the scores. Softcap's chain rule multiplies dS by
+``1 − tanh²`` of the capped score; ALiBi's bias is a constant (no gradient to the slopes).
 """
 import torch
 import triton
@@ -19,7 +23,7 @@ from .. import _env
 from .._utils import cdiv, empty
 from .bwd_preprocess import bwd_preprocess
 from .config import BwdConfig, get_bwd_config, padded_head_dim
-from .fwd import LOG2E, _key_range, device_guard, dot_precision
+from .fwd import _key_range, _scores, device_guard, diag_band, dot_precision, score_args
 
 
 @triton.jit
@@ -32,33 +36,54 @@ def _load_lse2(p_lse, m_m):
 
 
 @triton.jit
-def _query_range(start_n, T_q, T_k, diag_offset, IS_CAUSAL: tl.constexpr,
+def _query_range(start_n, T_q, T_k, diag_lo, diag_hi, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Query rows ``[m_lo, Tq)`` that keys ``[start_n, start_n + BLOCK_N)`` must visit, split at
-    ``m_full``: blocks from there on see every real key of the block, so need no causal mask."""
-    if IS_CAUSAL:
-        # Row i sees key j iff i >= j - diag_offset. Clamped first so // never sees a negative.
-        m_lo = tl.maximum(start_n - diag_offset, 0) // BLOCK_M * BLOCK_M
-        n_last = tl.minimum(start_n + BLOCK_N, T_k) - 1
-        m_full = (tl.maximum(n_last - diag_offset, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        # No block past the last one holding a row; then both loops are empty when no row sees
-        # the keys at all.
-        m_full = tl.minimum(m_full, (T_q + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
-        m_lo = tl.minimum(m_lo, m_full)
+    """Query rows ``[m_lo, m_end)`` that keys ``[start_n, start_n + BLOCK_N)`` must visit, with
+    ``[m_full_lo, m_full_hi)`` the row blocks that see every real key of the block, so need no
+    band mask (rows past Tq are masked on load anyway, so that range may run to Tq). The mirror
+    of ``_key_range``: row i sees key j iff ``j - diag_hi <= i <= j - diag_lo``. Everything is
+    clamped at 0 before ``//``, which truncates toward zero."""
+    # The first key has the lowest bounds, the last real key the highest.
+    last_n = tl.minimum(start_n + BLOCK_N, T_k) - 1
+    if HAS_RIGHT:
+        m_first = tl.maximum(start_n - diag_hi, 0)
+        m_lo = m_first // BLOCK_M * BLOCK_M
+        m_full_lo = (tl.maximum(last_n - diag_hi, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     else:
         m_lo = 0
-        m_full = 0
-    return m_lo, m_full
+        m_full_lo = 0
+    if HAS_LEFT:
+        m_end = tl.maximum(tl.minimum(last_n - diag_lo + 1, T_q), 0)
+        m_full_hi = tl.maximum(tl.minimum(start_n - diag_lo + 1, T_q), 0) // BLOCK_M * BLOCK_M
+    else:
+        m_end = T_q
+        m_full_hi = T_q
+    # Without a right bound m_lo = m_full_lo = 0 stay constants (the compiler then drops the
+    # empty loop before them), and the order below holds already.
+    if HAS_RIGHT:
+        # Keys right of the band are seen by no row: m_first >= m_end. Flooring m_first to a
+        # block start would still reach back into the last block of Tq; end there instead.
+        m_end = tl.where(m_first < m_end, m_end, 0)
+        # No unmasked block past the end, none before the start; keys no row sees get three
+        # empty loops.
+        m_full_hi = tl.minimum(m_full_hi, m_end)
+        m_full_lo = tl.minimum(m_full_lo, m_end)
+        m_lo = tl.minimum(m_lo, m_full_lo)
+        m_full_hi = tl.maximum(m_full_hi, m_full_lo)
+    return m_lo, m_full_lo, m_full_hi, m_end
 
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do,
-                    start_m, end_m, o_n, m_d, T_q, diag_offset, qk_scale, stride_qt, stride_dot,
-                    MASK: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    start_m, end_m, o_n, o_nd, m_d, T_q, diag_lo, diag_hi, qk_scale, softcap2,
+                    b_slope2, stride_qt, stride_dot, MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
+                    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate query blocks ``[start_m, end_m)`` of one head into dK/dV of the key block
     ``o_n``. The ``*_base`` scalar pointers point at row ``start_m`` and are returned advanced
-    to ``end_m``; ``o_q``/``o_do`` are the tile's offsets from them. ``MASK`` applies the causal
-    mask. Rows past Tq load q = dO = 0 and lse = +inf: they add nothing."""
+    to ``end_m``; ``o_q``/``o_do`` are the tile's offsets from them; ``o_nd`` is ``o_n -
+    diag_offset`` for ALiBi. ``MASK`` applies the band mask. Rows past Tq load q = dO = 0 and
+    lse = +inf: they add nothing."""
     o_m0 = tl.arange(0, BLOCK_M)
     for start in range(start_m, end_m, BLOCK_M):
         o_m = start + o_m0
@@ -68,13 +93,22 @@ def _bwd_dkdv_inner(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q
         b_do = tl.load(do_base + o_do, mask=m_qd, other=0.0)  # [BLOCK_M, HEAD_DIM]
         b_lse2 = _load_lse2(lse_base + o_m0, m_m)  # [BLOCK_M]
         b_delta = tl.load(delta_base + o_m0, mask=m_m, other=0.0)  # [BLOCK_M]
-        b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        b_qkT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        b_sT, b_tT = _scores(b_qkT, o_m[None, :], o_nd[:, None], qk_scale, softcap2, b_slope2,
+                             HAS_SOFTCAP, HAS_ALIBI)
         b_pT = tl.exp2(b_sT - b_lse2[None, :])
         if MASK:
-            b_pT = tl.where(o_n[:, None] <= o_m[None, :] + diag_offset, b_pT, 0.0)
+            if HAS_RIGHT:
+                b_pT = tl.where(o_n[:, None] <= o_m[None, :] + diag_hi, b_pT, 0.0)
+            if HAS_LEFT:
+                b_pT = tl.where(o_n[:, None] >= o_m[None, :] + diag_lo, b_pT, 0.0)
         dv = tl.dot(b_pT.to(b_do.dtype), b_do, dv, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM]
         b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
         b_dsT = b_pT * (b_dpT - b_delta[None, :])
+        if HAS_SOFTCAP:
+            # s = softcap·tanh(softmax_scale·q·kᵀ / softcap) has ds/d(q·kᵀ) = softmax_scale·(1 - tanh²);
+            # softmax_scale comes at the end, as without softcap.
+            b_dsT = b_dsT * (1.0 - b_tT * b_tT)
         dk = tl.dot(b_dsT.to(b_q.dtype), b_q, dk, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM]
         # Only scalar pointers are carried through the loop: a carried tensor of pointers costs
         # two registers per element and made the forward spill on the H200.
@@ -93,8 +127,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      stride_dob, stride_dot, stride_doh,
                      stride_dkb, stride_dkt, stride_dkh,
                      stride_dvb, stride_dvt, stride_dvh,
-                     T_q, T_k, H, H_kv, GROUP, softmax_scale, qk_scale, diag_offset,
-                     D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                     T_q, T_k, H, H_kv, GROUP, softmax_scale, diag_lo, diag_hi, qk_scale, softcap2,
+                     ALIBI, stride_ab, diag_offset,
+                     D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr,
+                     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hkv = (i_bh // H_kv).to(tl.int64), (i_bh % H_kv).to(tl.int64)
@@ -111,7 +147,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
-    m_lo, m_full = _query_range(start_n, T_q, T_k, diag_offset, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    if HAS_ALIBI:
+        # ALiBi's distance |i + diag_offset - j| = |i - (j - diag_offset)|: shift the keys, once.
+        o_nd = o_n - diag_offset
+    else:
+        o_nd = o_n
+    m_lo, m_full_lo, m_full_hi, m_end = _query_range(start_n, T_q, T_k, diag_lo, diag_hi,
+                                                     HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     m_lo64 = tl.cast(m_lo, tl.int64)
     o_m0 = tl.arange(0, BLOCK_M)
     # Offsets inside one tile stay small (BLOCK_M rows), so int32 is enough for them.
@@ -124,13 +166,24 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         do_base = DO + i_b * stride_dob + i_h * stride_doh + m_lo64 * stride_dot
         lse_base = LSE + (i_b * H + i_h) * T_q + m_lo64
         delta_base = DELTA + (i_b * H + i_h) * T_q + m_lo64
-        # Blocks crossing the diagonal pay for the causal mask; the rows below it run without.
+        if HAS_ALIBI:
+            b_slope2 = tl.load(ALIBI + i_b * stride_ab + i_h) * 1.4426950408889634
+        else:
+            b_slope2 = 0.0
+        # Blocks crossing an edge of the band pay for its mask; the rows between run without.
         dk, dv, q_base, do_base, lse_base, delta_base = _bwd_dkdv_inner(
-            dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do, m_lo, m_full,
-            o_n, m_d, T_q, diag_offset, qk_scale, stride_qt, stride_dot, True, BLOCK_M, DOT_PRECISION)
+            dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do, m_lo, m_full_lo,
+            o_n, o_nd, m_d, T_q, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_qt,
+            stride_dot, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M, DOT_PRECISION)
         dk, dv, q_base, do_base, lse_base, delta_base = _bwd_dkdv_inner(
-            dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do, m_full, T_q,
-            o_n, m_d, T_q, diag_offset, qk_scale, stride_qt, stride_dot, False, BLOCK_M, DOT_PRECISION)
+            dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do, m_full_lo, m_full_hi,
+            o_n, o_nd, m_d, T_q, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_qt,
+            stride_dot, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M, DOT_PRECISION)
+        if HAS_LEFT:
+            dk, dv, q_base, do_base, lse_base, delta_base = _bwd_dkdv_inner(
+                dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do, m_full_hi, m_end,
+                o_n, o_nd, m_d, T_q, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_qt,
+                stride_dot, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M, DOT_PRECISION)
 
     p_dk = DK + i_b * stride_dkb + i_hkv * stride_dkh + o_n.to(tl.int64)[:, None] * stride_dkt + o_d[None, :]
     p_dv = DV + i_b * stride_dvb + i_hkv * stride_dvh + o_n.to(tl.int64)[:, None] * stride_dvt + o_d[None, :]
@@ -140,12 +193,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 @triton.jit
 def _bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, start_n, end_n,
-                  o_m, m_d, T_k, diag_offset, qk_scale, stride_kt, stride_vt,
-                  MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                  o_m, o_md, m_d, T_k, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt,
+                  stride_vt, MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
     """Accumulate key blocks ``[start_n, end_n)`` into dQ of the query rows ``o_m``. The scalar
     pointers ``k_base``/``v_base`` point at key ``start_n`` and are returned advanced to
-    ``end_n``. ``MASK`` masks keys past Tk and, when causal, past the diagonal (so a padded
+    ``end_n``. ``MASK`` masks keys past Tk and outside the band of diagonals (so a padded
     key's P never reaches dQ, even as inf · 0)."""
     o_n0 = tl.arange(0, BLOCK_N)
     for start in range(start_n, end_n, BLOCK_N):
@@ -156,15 +210,23 @@ def _bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, star
             m_kv = m_d[None, :]
         b_k = tl.load(k_base + o_k, mask=m_kv, other=0.0)  # [BLOCK_N, HEAD_DIM]
         b_v = tl.load(v_base + o_v, mask=m_kv, other=0.0)  # [BLOCK_N, HEAD_DIM]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        b_s, b_t = _scores(b_qk, o_md[:, None], o_n[None, :], qk_scale, softcap2, b_slope2,
+                           HAS_SOFTCAP, HAS_ALIBI)
         b_p = tl.exp2(b_s - b_lse2[:, None])
         if MASK:
             m_s = (o_n < T_k)[None, :]
-            if IS_CAUSAL:
-                m_s = m_s & (o_n[None, :] <= o_m[:, None] + diag_offset)
+            if HAS_RIGHT:
+                m_s = m_s & (o_n[None, :] <= o_m[:, None] + diag_hi)
+            if HAS_LEFT:
+                m_s = m_s & (o_n[None, :] >= o_m[:, None] + diag_lo)
             b_p = tl.where(m_s, b_p, 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         b_ds = b_p * (b_dp - b_delta[:, None])
+        if HAS_SOFTCAP:
+            # s = softcap·tanh(softmax_scale·q·kᵀ / softcap) has ds/d(q·kᵀ) = softmax_scale·(1 - tanh²);
+            # softmax_scale comes at the end, as without softcap.
+            b_ds = b_ds * (1.0 - b_t * b_t)
         dq = tl.dot(b_ds.to(b_k.dtype), b_k, dq, input_precision=DOT_PRECISION)  # [BLOCK_M, HEAD_DIM]
         k_base += BLOCK_N * stride_kt
         v_base += BLOCK_N * stride_vt
@@ -178,8 +240,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    stride_vb, stride_vt, stride_vh,
                    stride_dob, stride_dot, stride_doh,
                    stride_dqb, stride_dqt, stride_dqh,
-                   T_q, T_k, H, GROUP, softmax_scale, qk_scale, diag_offset,
-                   D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   T_q, T_k, H, GROUP, softmax_scale, diag_lo, diag_hi, qk_scale, softcap2,
+                   ALIBI, stride_ab, diag_offset,
+                   D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr,
+                   HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -200,31 +264,50 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     b_lse2 = _load_lse2(LSE + (i_b * H + i_h) * T_q + o_m, m_m)  # [BLOCK_M]
     b_delta = tl.load(DELTA + (i_b * H + i_h) * T_q + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if HAS_ALIBI:
+        # ALiBi's distance |i + diag_offset - j| is taken from the row's aligned diagonal.
+        o_md = o_m + diag_offset
+        b_slope2 = tl.load(ALIBI + i_b * stride_ab + i_h) * 1.4426950408889634
+    else:
+        o_md = o_m
+        b_slope2 = 0.0
 
     k_base = K + i_b * stride_kb + i_hkv * stride_kh
     v_base = V + i_b * stride_vb + i_hkv * stride_vh
     # Offsets inside one tile stay small (BLOCK_N rows), so int32 is enough for them.
     o_k = o_n[:, None] * stride_kt + o_d[None, :]
     o_v = o_n[:, None] * stride_vt + o_d[None, :]
-    n_full, n_end = _key_range(start_m, T_q, T_k, diag_offset, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    dq, k_base, v_base = _bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v,
-                                       0, n_full, o_m, m_d, T_k, diag_offset, qk_scale,
-                                       stride_kt, stride_vt, False, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
-    dq, k_base, v_base = _bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v,
-                                       n_full, n_end, o_m, m_d, T_k, diag_offset, qk_scale,
-                                       stride_kt, stride_vt, True, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
+    n_lo, n_full_lo, n_full_hi, n_end = _key_range(start_m, T_q, T_k, diag_lo, diag_hi,
+                                                   HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    # As in the forward: keys before n_lo are never loaded, only the band's edges are masked.
+    if HAS_LEFT:
+        k_base += tl.cast(n_lo, tl.int64) * stride_kt
+        v_base += tl.cast(n_lo, tl.int64) * stride_vt
+        dq, k_base, v_base = _bwd_dq_inner(
+            dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, n_lo, n_full_lo, o_m, o_md,
+            m_d, T_k, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
+            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+    dq, k_base, v_base = _bwd_dq_inner(
+        dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, n_full_lo, n_full_hi, o_m, o_md,
+        m_d, T_k, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
+        False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+    dq, k_base, v_base = _bwd_dq_inner(
+        dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, n_full_hi, n_end, o_m, o_md,
+        m_d, T_k, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
+        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
 
     p_dq = DQ + i_b * stride_dqb + i_h * stride_dqh + o_m.to(tl.int64)[:, None] * stride_dqt + o_d[None, :]
     tl.store(p_dq, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=m_qd)
 
 
-def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int,
+def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int, *,
+                     window=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
                      config: BwdConfig | None = None):
     """Attention backward with the portable Triton kernels; inputs already validated by the caller.
 
     Args:
         dout: ``[B, Tq, H, D]`` gradient of out, any strides (made last-dim contiguous here).
-        q, k, v, softmax_scale, causal, diag_offset: as given to
+        q, k, v, softmax_scale, causal, diag_offset, window, softcap, alibi_slopes: as given to
             :func:`ioattn.flash.fwd.flash_fwd_triton`.
         out, lse: what that forward returned (out ``[B, Tq, H, D]``, lse fp32 ``[B, H, Tq]``).
         config: tiles and launch settings; :func:`get_bwd_config` picks one when None.
@@ -234,7 +317,8 @@ def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool
 
     Returns:
         ``(dq, dk, dv)``, contiguous, with the shapes and dtypes of q, k, v. A query row that sees
-        no key gets dq 0 and adds nothing to dk, dv.
+        no key gets dq 0 and adds nothing to dk, dv. The ALiBi slopes get no gradient (as in
+        flash-attn).
     """
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
@@ -243,11 +327,10 @@ def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool
     if dout.dtype != q.dtype or dout.stride(-1) != 1:
         dout = dout.to(q.dtype).contiguous()
     lse = lse.contiguous()
-    # Beyond these bounds every key (or no key) is visible anyway; clamping keeps it in int32.
-    diag_offset = max(-T_q, min(diag_offset, T_k))
     HEAD_DIM = padded_head_dim(D)
-    qk_scale = softmax_scale * LOG2E
-    meta = dict(D=D, HEAD_DIM=HEAD_DIM, IS_CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
+    meta = dict(**diag_band(T_q, T_k, causal, diag_offset, window),
+                **score_args(softmax_scale, softcap, alibi_slopes, H, diag_offset),
+                D=D, HEAD_DIM=HEAD_DIM, DOT_PRECISION=dot_precision(q.dtype),
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
     delta = empty((B, H, T_q), dtype=torch.float32, device=q.device)
@@ -264,7 +347,7 @@ def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool
             dout.stride(0), dout.stride(1), dout.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            T_q, T_k, H, H_kv, H // H_kv, softmax_scale, qk_scale, diag_offset,
+            T_q, T_k, H, H_kv, H // H_kv, softmax_scale,
             BLOCK_M=config.BLOCK_M1, BLOCK_N=config.BLOCK_N1, **meta,
         )
         _bwd_dq_kernel[(cdiv(T_q, config.BLOCK_M2), B * H)](
@@ -274,7 +357,7 @@ def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool
             v.stride(0), v.stride(1), v.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            T_q, T_k, H, H // H_kv, softmax_scale, qk_scale, diag_offset,
+            T_q, T_k, H, H // H_kv, softmax_scale,
             BLOCK_M=config.BLOCK_M2, BLOCK_N=config.BLOCK_N2, **meta,
         )
     return dq, dk, dv

@@ -4,6 +4,14 @@ A program holds one tile of BLOCK_M query rows of one (batch, head) and streams 
 its KV head through on-chip memory, keeping the online softmax state ``m_i`` (running max),
 ``l_i`` (running sum) and ``acc`` (unnormalized output) in fp32. Scores live in the log2 domain:
 ``s = q·kᵀ · softmax_scale · log2(e)``, so that exp2 does the exponentials.
+
+The flash-attn 2.x features are constexpr flags that compile to nothing when off:
+
+- a band of visible diagonals (causal and the sliding window): query i sees key j iff
+  ``diag_lo <= j - i`` (``HAS_LEFT``) and ``j - i <= diag_hi`` (``HAS_RIGHT``). Only the key
+  blocks that meet the band are visited, and only those crossing one of its edges are masked;
+- ``HAS_SOFTCAP``: ``s = softcap · tanh(softmax_scale · q·kᵀ / softcap)``;
+- ``HAS_ALIBI``: ``s -= slope[b, h] · |i + diag_offset - j|``.
 """
 import contextlib
 import math
@@ -20,31 +28,93 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def _key_range(start_m, T_q, T_k, diag_offset, IS_CAUSAL: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys ``[0, n_end)`` that query rows ``[start_m, start_m + BLOCK_M)`` must visit, split at
-    ``n_full``: every key block before it is inside Tk and visible to every row, so needs no mask."""
-    if IS_CAUSAL:
-        # The tile's last real row sees keys up to row + diag_offset.
-        n_end = tl.minimum(tl.minimum(start_m + BLOCK_M, T_q) + diag_offset, T_k)
-        n_end = tl.maximum(n_end, 0)
-        # The tile's first row sees keys [0, start_m + diag_offset]: whole blocks inside that
-        # range are visible to all rows. Clamped first so that // never sees a negative number.
-        n_full = tl.maximum(start_m + diag_offset + 1, 0) // BLOCK_N * BLOCK_N
-        n_full = tl.minimum(n_full, T_k // BLOCK_N * BLOCK_N)
-    else:
-        n_end = T_k
-        n_full = T_k // BLOCK_N * BLOCK_N
-    return n_full, n_end
+def _tanh(x):
+    """tanh from one exp2, for any finite x: exp2 of -2|x|·log2(e) lies in (0, 1], so nothing
+    overflows and large |x| gives exactly ±1 (tl.math has no tanh in triton 3.6, and libdevice's
+    fails in the interpreter). Within 3 fp32 ulp of tanh, where torch's is within 1.4."""
+    a = tl.abs(x)
+    e = tl.exp2(-2.8853900817779268 * a)
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(x < 0, -t, t)
+    # Near 0, 1 - e cancels and would leave an absolute error of one fp32 ulp of 1, large against
+    # a small tanh; the Taylor series to x^9 is exact to below fp32 rounding for |x| < 1/4.
+    x2 = x * x
+    t_series = -0.05396825396825397 + x2 * 0.021869488536155203
+    t_series = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * t_series)))
+    return tl.where(a < 0.25, t_series, t)
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, start_n, end_n, o_m, m_d, T_k,
-               diag_offset, qk_scale, stride_kt, stride_vt, MASK: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _scores(b_qk, o_i, o_j, qk_scale, softcap2, b_slope2, HAS_SOFTCAP: tl.constexpr,
+            HAS_ALIBI: tl.constexpr):
+    """Scores in log2 units from the raw dot ``b_qk``. ``o_i``, ``o_j`` are query and key indices
+    that broadcast to its shape (in either orientation), one of them shifted so that
+    ``|o_i - o_j| = |i + diag_offset - j|``, ALiBi's distance. Returns ``(b_s, b_t)``, ``b_t``
+    the tanh the backward needs for the softcap's derivative (``b_qk`` without softcap).
+
+    Without softcap ``qk_scale = softmax_scale·log2(e)``; with it ``qk_scale = softmax_scale /
+    softcap`` and ``softcap2 = softcap·log2(e)``. ``b_slope2`` is the ALiBi slope · log2(e)."""
+    if HAS_SOFTCAP:
+        b_t = _tanh(b_qk * qk_scale)
+        b_s = b_t * softcap2
+    else:
+        b_t = b_qk
+        b_s = b_qk * qk_scale
+    if HAS_ALIBI:
+        b_s = b_s - b_slope2 * tl.abs(o_i - o_j).to(tl.float32)
+    return b_s, b_t
+
+
+@triton.jit
+def _key_range(start_m, T_q, T_k, diag_lo, diag_hi, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys ``[n_lo, n_end)`` that query rows ``[start_m, start_m + BLOCK_M)`` must visit, with
+    ``[n_full_lo, n_full_hi)`` the key blocks inside Tk and visible to every real row of the tile,
+    which need no mask. ``n_lo``, ``n_full_lo`` and ``n_full_hi`` are multiples of BLOCK_N (or
+    equal ``n_end``, and then the loops after them are empty), so that masked blocks
+    ``[n_lo, n_full_lo)``, unmasked ``[n_full_lo, n_full_hi)`` and masked ``[n_full_hi, n_end)``
+    follow each other. Everything is clamped at 0 before ``//``, which truncates toward zero."""
+    # The first row has the lowest bounds, the last real row the highest: the union of the rows'
+    # ranges runs from the first row's lower bound to the last row's upper bound, the
+    # intersection from the last row's lower bound to the first row's upper bound.
+    last_m = tl.minimum(start_m + BLOCK_M, T_q) - 1
+    if HAS_LEFT:
+        n_first = tl.maximum(start_m + diag_lo, 0)
+        n_lo = n_first // BLOCK_N * BLOCK_N
+        n_full_lo = (tl.maximum(last_m + diag_lo, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    else:
+        n_lo = 0
+        n_full_lo = 0
+    if HAS_RIGHT:
+        n_end = tl.maximum(tl.minimum(last_m + diag_hi + 1, T_k), 0)
+        n_full_hi = tl.maximum(tl.minimum(start_m + diag_hi + 1, T_k), 0) // BLOCK_N * BLOCK_N
+    else:
+        n_end = T_k
+        n_full_hi = T_k // BLOCK_N * BLOCK_N
+    # Without a left bound n_lo = n_full_lo = 0 stay constants (the compiler then drops the empty
+    # loop before them), and the order below holds already.
+    if HAS_LEFT:
+        # A tile below the band sees no key: n_first >= n_end. Flooring n_first to a block start
+        # would still reach back into the last block of Tk; end there instead.
+        n_end = tl.where(n_first < n_end, n_end, 0)
+        # No unmasked block past the end, none before the start; a tile that sees no key gets
+        # three empty loops.
+        n_full_hi = tl.minimum(n_full_hi, n_end)
+        n_full_lo = tl.minimum(n_full_lo, n_end)
+        n_lo = tl.minimum(n_lo, n_full_lo)
+        n_full_hi = tl.maximum(n_full_hi, n_full_lo)
+    return n_lo, n_full_lo, n_full_hi, n_end
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, start_n, end_n, o_m, o_md, m_d, T_k,
+               diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
+               MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
     """Fold key blocks ``[start_n, end_n)`` into the softmax state. ``k_base``/``v_base`` are
     scalar pointers to key ``start_n``, returned advanced to ``end_n``; ``o_k``/``o_v`` are the
-    tile's offsets from them. With ``MASK`` the keys past Tk and (when causal) past the diagonal
+    tile's offsets from them. With ``MASK`` the keys past Tk and outside the band of diagonals
     are masked out; without it none may be."""
     o_n0 = tl.arange(0, BLOCK_N)
     for start in range(start_n, end_n, BLOCK_N):
@@ -54,11 +124,15 @@ def _fwd_inner(acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, start_n, end_n, o_m
         else:
             m_kv = m_d[None, :]
         b_k = tl.load(k_base + o_k, mask=m_kv, other=0.0)  # [BLOCK_N, HEAD_DIM]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        b_s, b_t = _scores(b_qk, o_md[:, None], o_n[None, :], qk_scale, softcap2, b_slope2,
+                           HAS_SOFTCAP, HAS_ALIBI)
         if MASK:
             m_s = (o_n < T_k)[None, :]
-            if IS_CAUSAL:
-                m_s = m_s & (o_n[None, :] <= o_m[:, None] + diag_offset)
+            if HAS_RIGHT:
+                m_s = m_s & (o_n[None, :] <= o_m[:, None] + diag_hi)
+            if HAS_LEFT:
+                m_s = m_s & (o_n[None, :] >= o_m[:, None] + diag_lo)
             b_s = tl.where(m_s, b_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
         if MASK:
@@ -87,8 +161,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh,
                 stride_ob, stride_ot, stride_oh,
-                T_q, T_k, H, GROUP, qk_scale, diag_offset,
-                D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                T_q, T_k, H, GROUP, diag_lo, diag_hi, qk_scale, softcap2, ALIBI, stride_ab, diag_offset,
+                D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr,
+                HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -103,6 +178,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
     m_m = o_m < T_q
     # HEAD_DIM pads D to a power of two; the tail columns load as 0 and are never stored.
     m_d = o_d < D
+    if HAS_ALIBI:
+        # ALiBi's distance |i + diag_offset - j| is taken from the row's aligned diagonal.
+        o_md = o_m + diag_offset
+        b_slope2 = tl.load(ALIBI + i_b * stride_ab + i_h) * 1.4426950408889634
+    else:
+        o_md = o_m
+        b_slope2 = 0.0
 
     p_q = Q + i_b * stride_qb + i_h * stride_qh + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, HEAD_DIM]
@@ -116,14 +198,25 @@ def _fwd_kernel(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    n_full, n_end = _key_range(start_m, T_q, T_k, diag_offset, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    # Blocks every row sees whole run without masks; only the diagonal and the Tk tail pay for them.
-    acc, l_i, m_i, k_base, v_base = _fwd_inner(acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, 0, n_full,
-                                               o_m, m_d, T_k, diag_offset, qk_scale, stride_kt, stride_vt,
-                                               False, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i, k_base, v_base = _fwd_inner(acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, n_full, n_end,
-                                               o_m, m_d, T_k, diag_offset, qk_scale, stride_kt, stride_vt,
-                                               True, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
+    n_lo, n_full_lo, n_full_hi, n_end = _key_range(start_m, T_q, T_k, diag_lo, diag_hi,
+                                                   HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    # Blocks every row sees whole run without masks; only the band's edges and the Tk tail pay for
+    # them. Keys before n_lo are outside the window of every row: never loaded.
+    if HAS_LEFT:
+        k_base += tl.cast(n_lo, tl.int64) * stride_kt
+        v_base += tl.cast(n_lo, tl.int64) * stride_vt
+        acc, l_i, m_i, k_base, v_base = _fwd_inner(
+            acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, n_lo, n_full_lo, o_m, o_md, m_d, T_k,
+            diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
+            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i, k_base, v_base = _fwd_inner(
+        acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, n_full_lo, n_full_hi, o_m, o_md, m_d, T_k,
+        diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
+        False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i, k_base, v_base = _fwd_inner(
+        acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, n_full_hi, n_end, o_m, o_md, m_d, T_k,
+        diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
+        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
 
     # Rows that saw no key have l_i = 0 (and acc = 0): output 0 and lse -inf, not NaN.
     empty_row = l_i == 0.0
@@ -147,7 +240,42 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def flash_fwd_triton(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
+def diag_band(T_q: int, T_k: int, causal: bool, diag_offset: int, window) -> dict:
+    """The kernels' band of visible diagonals: query i sees key j iff ``diag_lo <= j - i``
+    (when ``HAS_LEFT``) and ``j - i <= diag_hi`` (when ``HAS_RIGHT``).
+
+    ``(left, right) = window``, −1 unbounded; causal forces right = 0. A bound that no row
+    reaches is dropped (a window wider than the sequence costs nothing), and a kept one is
+    clamped where it already hides every key, which keeps it in int32 whatever diag_offset is.
+    """
+    left, right = window
+    if causal:
+        right = 0
+    # The last row, T_q - 1, has the highest lower bound; row 0 the lowest upper bound.
+    has_left = left >= 0 and (T_q - 1) + diag_offset - left > 0
+    has_right = right >= 0 and diag_offset + right < T_k - 1
+    return dict(diag_lo=min(diag_offset - left, T_k) if has_left else 0,
+                diag_hi=max(diag_offset + right, -T_q) if has_right else 0,
+                HAS_LEFT=has_left, HAS_RIGHT=has_right)
+
+
+def score_args(softmax_scale: float, softcap: float, alibi_slopes, H: int, diag_offset: int) -> dict:
+    """Kernel arguments of the score modifications (see ``_scores``); slopes ``[H]`` get a batch
+    stride of 0, ``[B, H]`` one of H."""
+    if softcap > 0:
+        scale = dict(qk_scale=softmax_scale / softcap, softcap2=softcap * LOG2E, HAS_SOFTCAP=True)
+    else:
+        scale = dict(qk_scale=softmax_scale * LOG2E, softcap2=0.0, HAS_SOFTCAP=False)
+    if alibi_slopes is None:
+        # Only ALiBi reads diag_offset; 0 otherwise, so that its value never picks a specialization.
+        return dict(scale, ALIBI=None, stride_ab=0, diag_offset=0, HAS_ALIBI=False)
+    slopes = alibi_slopes.contiguous()
+    return dict(scale, ALIBI=slopes, stride_ab=0 if slopes.dim() == 1 else H, diag_offset=diag_offset,
+                HAS_ALIBI=True)
+
+
+def flash_fwd_triton(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
+                     window=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
                      config: FwdConfig | None = None):
     """Attention forward with the portable Triton kernel; inputs already validated by the caller.
 
@@ -157,6 +285,11 @@ def flash_fwd_triton(q, k, v, softmax_scale: float, causal: bool, diag_offset: i
         softmax_scale: multiplies q·kᵀ before the softmax.
         causal: query i sees key j iff ``j <= i + diag_offset`` (``Tk - Tq``: bottom-right, as in
             flash-attn; 0: top-left, as in torch SDPA). Ignored when False.
+        window: ``(left, right)``: query i sees keys ``i + diag_offset - left <= j <= i +
+            diag_offset + right``, −1 leaving a side unbounded; causal forces right = 0.
+        softcap: when > 0, scores become ``softcap · tanh(s / softcap)``.
+        alibi_slopes: None or fp32 ``[H]`` or ``[B, H]``: scores get ``−slope · |i + diag_offset − j|``
+            (after the softcap).
         config: tiles and launch settings; :func:`get_fwd_config` picks one when None.
 
     fp16/bf16 use tensor-core dots with fp32 accumulation (P is rounded to v's dtype before P·V);
@@ -170,8 +303,8 @@ def flash_fwd_triton(q, k, v, softmax_scale: float, causal: bool, diag_offset: i
     T_k, H_kv = k.shape[1], k.shape[2]
     if config is None:
         config = get_fwd_config(D, q.dtype, causal, interpret=_env.interpret())
-    # Beyond these bounds every key (or no key) is visible anyway; clamping keeps it in int32.
-    diag_offset = max(-T_q, min(diag_offset, T_k))
+    band = diag_band(T_q, T_k, causal, diag_offset, window)
+    mods = score_args(softmax_scale, softcap, alibi_slopes, H, diag_offset)
 
     out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
@@ -183,8 +316,8 @@ def flash_fwd_triton(q, k, v, softmax_scale: float, causal: bool, diag_offset: i
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            T_q, T_k, H, H // H_kv, softmax_scale * LOG2E, diag_offset,
-            D=D, HEAD_DIM=padded_head_dim(D), IS_CAUSAL=causal,
+            T_q, T_k, H, H // H_kv, **band, **mods,
+            D=D, HEAD_DIM=padded_head_dim(D),
             BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )

@@ -72,9 +72,12 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, diag_offset=None
     if alibi_slopes is not None:
         i = torch.arange(Tq, device=q.device)[:, None]
         j = torch.arange(Tk, device=q.device)[None, :]
-        dist = (i + diag_offset - j).abs().to(scores.dtype)  # [Tq, Tk]
-        slopes = alibi_slopes.to(scores.dtype).expand(B, H)[:, :, None, None]
-        scores = scores - slopes * dist
+        # The bias in fp32 at least (as flash-attn adds it): in bf16, distances past 256 would
+        # round to steps of 4 or more and make the low-precision baseline meaninglessly loose.
+        bias_dtype = torch.promote_types(scores.dtype, torch.float32)
+        dist = (i + diag_offset - j).abs().to(bias_dtype)  # [Tq, Tk]
+        slopes = alibi_slopes.to(bias_dtype).expand(B, H)[:, :, None, None]
+        scores = (scores.to(bias_dtype) - slopes * dist).to(scores.dtype)
     keep = visible_mask(Tq, Tk, causal=causal, diag_offset=diag_offset, window=window, device=q.device)
     scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores.float(), dim=-1)  # [B, H, Tq]
