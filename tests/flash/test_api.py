@@ -49,6 +49,44 @@ def test_flash_attn_func_matches_reference(B, Tq, Tk, H, Hkv, D, causal):
     _check_against_ref(q, k, v, causal=causal)
 
 
+@pytest.mark.parametrize(
+    "window,softcap,alibi,causal",
+    [((8, 4), 0.0, False, False), ((5, -1), 0.0, False, True), ((-1, -1), 3.0, False, True),
+     ((-1, -1), 0.0, True, False), ((6, 0), 2.0, True, True)],
+    ids=["window", "window-causal", "softcap-causal", "alibi", "all-causal"],
+)
+def test_features_match_reference(window, softcap, alibi, causal):
+    _check_features(window, softcap, alibi, causal, torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+
+
+@pytest.mark.parametrize("window,softcap,alibi,causal", [((8, 4), 0.0, False, False), ((6, 0), 2.0, True, True)],
+                         ids=["window", "all-causal"])
+def test_features_triton_interpreter(monkeypatch, window, softcap, alibi, causal):
+    """Feature options reach the Triton kernels through the public path (interpreter on CPU)."""
+    if DEVICE == "cpu":
+        monkeypatch.setenv("IOATTN_BACKEND", "triton")
+    _check_features(window, softcap, alibi, causal, torch.float16)
+
+
+def _check_features(window, softcap, alibi, causal, dtype):
+    B, Tq, Tk, H, Hkv, D = 2, 37, 50, 4, 2, 40
+    q, k, v = make_qkv(B, Tq, Tk, H, Hkv, D, dtype=dtype, device=DEVICE, requires_grad=True)
+    slopes = torch.rand(B, H, device=DEVICE) if alibi else None
+    kw = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=slopes)
+    dout = torch.randn_like(q)
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                                  alibi_slopes=slopes, return_attn_probs=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref, ref_lse = attention_ref(q, k, v, **kw)
+    base, base_lse = attention_ref(q, k, v, upcast=False, **kw)
+    assert_close("out", out, ref, base)
+    assert_close("lse", lse, ref_lse, base_lse)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
+    grads_base = torch.autograd.grad(base, (q, k, v), dout)
+    for name, g, gr, gb in zip(("dq", "dk", "dv"), grads, grads_ref, grads_base):
+        assert_close(name, g, gr, gb, factor=3.0)
+
+
 def test_flash_attn_func_triton_interpreter(monkeypatch):
     """The public path (custom op + autograd) on the Triton kernels, in the interpreter on CPU."""
     if DEVICE == "cpu":
@@ -125,16 +163,16 @@ def test_bad_options_are_rejected():
         flash_attn_func(q, k, v, dropout_p=1.5)
     with pytest.raises(NotImplementedError, match="dropout_p"):
         flash_attn_func(q, k, v, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="window_size"):
-        flash_attn_func(q, k, v, window_size=(4, 0))
     with pytest.raises(ValueError, match="window_size"):
         flash_attn_func(q, k, v, window_size=(-2, 0))
-    with pytest.raises(NotImplementedError, match="softcap"):
-        flash_attn_func(q, k, v, softcap=30.0)
+    with pytest.raises(TypeError, match="window_size"):
+        flash_attn_func(q, k, v, window_size=(4.0, 0))
     with pytest.raises(ValueError, match="softcap"):
         flash_attn_func(q, k, v, softcap=-1.0)
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        flash_attn_func(q, k, v, alibi_slopes=torch.ones(4))
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        flash_attn_func(q, k, v, alibi_slopes=torch.ones(3, device=q.device))
+    with pytest.raises(TypeError, match="alibi_slopes"):
+        flash_attn_func(q, k, v, alibi_slopes=torch.ones(4, dtype=torch.float64, device=q.device))
     with pytest.raises(ValueError, match="softmax_scale"):
         flash_attn_func(q, k, v, softmax_scale=float("nan"))
 
@@ -194,3 +232,15 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(loss, loss_eager)
     for g, ge in zip(grads, grads_eager):
         torch.testing.assert_close(g, ge)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(causal=True), dict(window_size=(2, 1)), dict(softcap=1.5, causal=True),
+     dict(alibi_slopes=torch.tensor([0.3, 0.1]))],
+    ids=["causal", "window", "softcap", "alibi"],
+)
+def test_gradcheck_fp64_cpu(kw):
+    """Finite differences in fp64 on the CPU backend: the backward is the derivative of the forward."""
+    q, k, v = make_qkv(1, 5, 7, 2, 1, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: flash_attn_func(q, k, v, **kw), (q, k, v))

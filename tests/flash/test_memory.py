@@ -16,11 +16,13 @@ from ioattn.testing import make_qkv
 # Run in a fresh interpreter so that nothing else this test session allocated (or the allocator
 # cached) blurs the high-water mark. Prints the peak extra RSS in KiB of one fwd+bwd.
 _CPU_SCRIPT = r"""
-import resource, sys, torch
+import ast, resource, sys, torch
 from ioattn.flash.cpu import flash_bwd_cpu, flash_fwd_cpu
 from ioattn.testing import make_qkv
 
 T, causal = int(sys.argv[1]), sys.argv[2] == "1"
+# Optional flash-attn features (window, softcap) as a dict literal
+features = ast.literal_eval(sys.argv[3]) if len(sys.argv) > 3 else {}
 B, H, D, scale = 1, 4, 64, 0.125
 
 def reset_peak():
@@ -41,39 +43,52 @@ def peak_kib(reset):
 
 # Warm-up on a tiny shape: loads the kernels and spawns the worker threads.
 q, k, v = make_qkv(B, 64, 64, H, H, D, dtype=torch.float32)
-out, lse = flash_fwd_cpu(q, k, v, scale, causal, 0)
-flash_bwd_cpu(torch.randn_like(out), q, k, v, out, lse, scale, causal, 0)
+out, lse = flash_fwd_cpu(q, k, v, scale, causal, 0, **features)
+flash_bwd_cpu(torch.randn_like(out), q, k, v, out, lse, scale, causal, 0, **features)
 del q, k, v, out, lse
 
 q, k, v = make_qkv(B, T, T, H, H, D, dtype=torch.float32)
 dout = torch.randn_like(q)
 reset = reset_peak()
 base = peak_kib(reset)
-out, lse = flash_fwd_cpu(q, k, v, scale, causal, 0)
-grads = flash_bwd_cpu(dout, q, k, v, out, lse, scale, causal, 0)
+out, lse = flash_fwd_cpu(q, k, v, scale, causal, 0, **features)
+grads = flash_bwd_cpu(dout, q, k, v, out, lse, scale, causal, 0, **features)
 print(peak_kib(reset) - base)
 """
 
 
-def _cpu_peak_extra_bytes(T: int, causal: bool) -> int:
+def _cpu_peak_extra_bytes(T: int, causal: bool, features: str = "{}") -> int:
     src = os.path.dirname(os.path.dirname(os.path.abspath(ioattn.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
-    res = subprocess.run([sys.executable, "-c", _CPU_SCRIPT, str(T), str(int(causal))],
+    res = subprocess.run([sys.executable, "-c", _CPU_SCRIPT, str(T), str(int(causal)), features],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     return int(res.stdout.strip().splitlines()[-1]) * 1024
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_cpu_memory_linear(causal):
+def _assert_cpu_linear(causal: bool, features: str = "{}"):
     T1, T2, H = 2048, 8192, 4
-    small, large = _cpu_peak_extra_bytes(T1, causal), _cpu_peak_extra_bytes(T2, causal)
+    small = _cpu_peak_extra_bytes(T1, causal, features)
+    large = _cpu_peak_extra_bytes(T2, causal, features)
     ratio = large / max(small, 1)
     # All heads' T×T fp32 scores: 1 GiB at T=8192; outputs and gradients alone are 32 MiB.
     scores = H * T2 * T2 * 4
     print(f"peak extra: T={T1} {small / 2**20:.1f} MiB, T={T2} {large / 2**20:.1f} MiB, x{ratio:.2f}")
     assert 0 < small and ratio < 6, f"peak extra grew x{ratio:.2f} for 4x T (quadratic would be 16)"
     assert large < scores / 8, f"peak extra {large / 2**20:.0f} MiB vs scores {scores / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cpu_memory_linear(causal):
+    _assert_cpu_linear(causal)
+
+
+@pytest.mark.parametrize("features", ["{'window': (256, 0)}", "{'softcap': 30.0}"],
+                         ids=["window", "softcap"])
+def test_cpu_memory_linear_features(features):
+    # The blocked path (cpu_blocked.py): a window's blocks see a bounded key range; softcap's
+    # see every key, so one block's scores grow with T, but linearly.
+    _assert_cpu_linear(True, features)
 
 
 def _cuda_peak_extra_bytes(attn, T: int, *, H=16, D=128) -> int:

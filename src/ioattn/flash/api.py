@@ -1,7 +1,7 @@
 """Public functions of the flash family: flash-attn 2.x and torch SDPA compatible entry points."""
 import torch
 
-from .checks import check_dropout, check_qkv, check_scale, check_unsupported_features
+from .checks import check_alibi, check_dropout, check_qkv, check_scale, check_softcap, check_window
 from .dispatch import backend_for
 from .ops import attention
 
@@ -20,7 +20,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         k, v: ``[B, Tk, Hkv, D]``. ``H`` must be a multiple of ``Hkv`` (GQA/MQA): query head
             ``h`` reads KV head ``h // (H // Hkv)``.
             D may be any value in [8, 256]. dtypes: float16 and bfloat16 everywhere; float32
-            too (exact fp32 math, no TF32); float64 on CPU. Any strides with a contiguous last
+            too (exact fp32 math, no TF32); float64 on CPU (then lse is float64 too). Any strides with a contiguous last
             dim (other inputs are copied).
         dropout_p: must be 0.0 for now (dropout arrives with the training-features issue).
         softmax_scale: scale of ``q·kᵀ`` before the softmax; default ``1/sqrt(D)``.
@@ -39,8 +39,14 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                 1 1
 
             A row that sees no key gives output 0 (and lse −inf), never NaN.
-        window_size, softcap, alibi_slopes: must keep their defaults for now (they arrive with
-            the training-features issue); other values raise NotImplementedError.
+        window_size: ``(left, right)`` sliding window, −1 = unbounded on that side: query i sees
+            key j iff ``i + Tk - Tq - left <= j <= i + Tk - Tq + right`` (bottom-right aligned,
+            as causal; ``causal=True`` sets right = 0). Key tiles outside the window are skipped,
+            so work grows with the window, not with T.
+        softcap: if > 0, scores ``s = softmax_scale · q·kᵀ`` become ``softcap · tanh(s / softcap)``
+            (Gemma-2/Grok style), with its derivative in the backward.
+        alibi_slopes: fp32 ``[H]`` or ``[B, H]``: adds ``−slope · |i + Tk − Tq − j|`` to the
+            scores (after softcap). No gradient flows to the slopes.
         deterministic: accepted for compatibility. The backward is always deterministic: dK/dV
             and dQ are computed by separate passes without atomics, so this flag costs nothing.
         return_attn_probs: if True return ``(out, lse, None)`` with lse the fp32 natural-log
@@ -57,10 +63,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """
     q, k, v = check_qkv(q, k, v)
     check_dropout(dropout_p)
-    check_unsupported_features(window_size, softcap, alibi_slopes)
+    window = check_window(window_size)
+    softcap = check_softcap(softcap)
+    alibi_slopes = check_alibi(alibi_slopes, q)
     scale = check_scale(softmax_scale, q.shape[-1])
     Tq, Tk = q.shape[1], k.shape[1]
-    out, lse = attention(q, k, v, scale, bool(causal), Tk - Tq)
+    out, lse = attention(q, k, v, scale, bool(causal), Tk - Tq, window=window, softcap=softcap,
+                         alibi_slopes=alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -98,13 +98,3 @@ def check_alibi(alibi_slopes, q, *, name="alibi_slopes"):
     if alibi_slopes.device != q.device:
         raise ValueError(f"{name} must be on q's device {q.device}, got {alibi_slopes.device}")
     return alibi_slopes.contiguous()
-
-
-def check_unsupported_features(window_size, softcap, alibi_slopes):
-    """Validate the flash-attn 2.x feature arguments; raise NotImplementedError for any that is on."""
-    if check_window(window_size) != (-1, -1):
-        raise NotImplementedError(f"window_size (sliding window) arrives with {FEATURES_ISSUE}")
-    if check_softcap(softcap) > 0:
-        raise NotImplementedError(f"softcap arrives with {FEATURES_ISSUE}")
-    if alibi_slopes is not None:
-        raise NotImplementedError(f"alibi_slopes arrives with {FEATURES_ISSUE}")

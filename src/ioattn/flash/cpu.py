@@ -19,6 +19,10 @@ dk/dv in the input dtype across query blocks and, from T ≈ 2048 on, breaks the
 hosts). So the backward always runs in fp32 on upcast copies (linear memory): on an AVX2 host
 that is also ~10× faster than the native bf16/fp16 backward, on an AMX host ~1.8× slower. The
 forward runs upcast only for fp16 on CPUs without native fp16 matmul (see `_upcast_fwd`).
+
+Sliding window, softcap, ALiBi: a window's right bound alone is causal at a shifted offset, so
+it stays on torch's kernel; a left bound, softcap or ALiBi, which the kernel cannot express, run
+the blocked plain-torch implementation of cpu_blocked.py (`_route` decides).
 """
 import functools
 
@@ -26,6 +30,7 @@ import torch
 
 from .. import _utils
 from ..merge import merge_partials
+from .cpu_blocked import blocked_bwd, blocked_fwd
 
 # torch's generated Python binding of the forward costs ~3 µs less per call than torch.ops;
 # the backward has none, and its .default overload skips the overload resolution of the packet.
@@ -51,6 +56,33 @@ def _plan(Tq: int, Tk: int, causal: bool, diag_offset: int):
     if not causal or diag_offset >= Tk - 1:
         return 0, 0, False
     return min(max(-diag_offset, 0), Tq), max(diag_offset, 0), True
+
+
+def _route(Tq: int, Tk: int, causal: bool, diag_offset: int, window, softcap, alibi_slopes):
+    """``(left, right)`` window bounds for the blocked path, or None for torch's kernel.
+
+    Causal is the window's right bound 0; a bound that no (query, key) pair reaches is dropped
+    (−1). Without a left bound, softcap or ALiBi, the mask ``j <= i + diag_offset + right`` is
+    causal at offset ``diag_offset + right``, which `_plan` turns into kernel calls; so only a
+    left bound, softcap or ALiBi leave torch's kernel.
+    """
+    left, right = window
+    if causal:
+        right = 0
+    # Query i sees key j iff i + diag_offset − left <= j <= i + diag_offset + right
+    if left >= Tq - 1 + diag_offset:
+        left = -1
+    if right >= Tk - 1 - diag_offset:
+        right = -1
+    if left < 0 and softcap == 0 and alibi_slopes is None:
+        return None
+    return left, right
+
+
+def _kernel_mask(causal: bool, diag_offset: int, window):
+    """``(causal, diag_offset)`` for `_plan` when `_route` keeps torch's kernel."""
+    right = 0 if causal else window[1]
+    return (True, diag_offset + right) if right >= 0 else (False, diag_offset)
 
 
 @functools.cache
@@ -81,19 +113,29 @@ def _expand_kv_bwd(B: int, H: int, Hkv: int) -> bool:
     return H != Hkv and B * Hkv < torch.get_num_threads()
 
 
-def flash_fwd_cpu(q, k, v, softmax_scale: float, causal: bool, diag_offset: int):
+def flash_fwd_cpu(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
+                  window=(-1, -1), softcap: float = 0.0, alibi_slopes=None):
     """Attention forward on CPU tensors (inputs already validated by the caller).
 
     Args:
         q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]``; last dim contiguous, one dtype.
         softmax_scale: multiplies ``q @ k^T``.
         causal, diag_offset: query i sees key j iff ``j <= i + diag_offset`` (when causal).
+        window: ``(left, right)``: query i sees keys
+            ``[i + diag_offset - left, i + diag_offset + right]``, −1 = unbounded.
+        softcap: if > 0, scores become ``softcap · tanh(s / softcap)``.
+        alibi_slopes: fp32 ``[H]`` or ``[B, H]``; adds ``−slope · |i + diag_offset − j|``.
 
     Returns:
         ``(out, lse)``: out ``[B, Tq, H, D]`` in q's dtype, lse fp32 ``[B, H, Tq]`` contiguous.
     """
     B, Tq, H, D = q.shape
     dtype = q.dtype
+    if softcap or alibi_slopes is not None or window != (-1, -1):
+        bounds = _route(Tq, k.shape[1], causal, diag_offset, window, softcap, alibi_slopes)
+        if bounds is not None:
+            return blocked_fwd(q, k, v, softmax_scale, diag_offset, *bounds, softcap, alibi_slopes)
+        causal, diag_offset = _kernel_mask(causal, diag_offset, window)
     r0, p, causal_a = _plan(Tq, k.shape[1], causal, diag_offset)
     if r0 == Tq:
         out = _utils.empty((B, Tq, H, D), dtype=dtype, device=q.device).zero_()
@@ -127,8 +169,10 @@ def flash_fwd_cpu(q, k, v, softmax_scale: float, causal: bool, diag_offset: int)
     return out_all, lse_all
 
 
-def flash_bwd_cpu(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int):
-    """Attention backward on CPU tensors, from the ``(out, lse)`` of :func:`flash_fwd_cpu`.
+def flash_bwd_cpu(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int,
+                  *, window=(-1, -1), softcap: float = 0.0, alibi_slopes=None):
+    """Attention backward on CPU tensors, from the ``(out, lse)`` of :func:`flash_fwd_cpu`
+    (same ``window``, ``softcap`` and ``alibi_slopes``; no gradient to the slopes).
 
     Each piece of `_plan` runs the kernel's backward with the *final* out and lse of its rows:
     the kernel recomputes P = exp(s − lse) and Δ = rowsum(dO∘O) from them, so they are the global
@@ -142,10 +186,16 @@ def flash_bwd_cpu(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, d
     B, Tq, H, _ = q.shape
     Hkv = k.shape[2]
     dtype = q.dtype
+    if softcap or alibi_slopes is not None or window != (-1, -1):
+        bounds = _route(Tq, k.shape[1], causal, diag_offset, window, softcap, alibi_slopes)
+        if bounds is not None:
+            return blocked_bwd(dout, q, k, v, out, lse, softmax_scale, diag_offset, *bounds,
+                               softcap, alibi_slopes)
+        causal, diag_offset = _kernel_mask(causal, diag_offset, window)
     r0, p, causal_a = _plan(Tq, k.shape[1], causal, diag_offset)
     if r0 == Tq:
         return tuple(_utils.empty(x.shape, dtype=dtype, device=x.device).zero_() for x in (q, k, v))
-    if dtype != torch.float32:
+    if dtype in (torch.float16, torch.bfloat16):
         dout, q, k, v, out = dout.float(), q.float(), k.float(), v.float(), out.float()
     dot, qt, kt, vt, ot = (x.transpose(1, 2) for x in (dout, q, k, v, out))
     expand = _expand_kv_bwd(B, H, Hkv)

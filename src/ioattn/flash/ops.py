@@ -6,75 +6,97 @@ autograd.Function instead (see :func:`attention`).
 The ops take already-validated tensors (see checks.py) and pick a backend by device
 (dispatch.py). Empty problems (B, H or Tq = 0, or Tk = 0) are answered here, so the launchers
 never see a zero-sized grid: Tk = 0 means every row sees no key, giving out 0 and lse −inf.
+
+Every op carries the same scalar options after the tensors, in this order: softmax_scale,
+causal, diag_offset, window_left, window_right, softcap (see the launchers for their meaning).
 """
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from .dispatch import kernels_for
 
 
-def _fwd_impl(q, k, v, softmax_scale, causal, diag_offset):
+def _lse_dtype(q):
+    """lse is fp32, except for fp64 inputs (CPU only), where an fp32 lse would cap the accuracy
+    of the recomputed probabilities, and so of every gradient, near 1e-7."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _fwd_impl(q, k, v, alibi_slopes, softmax_scale, causal, diag_offset, window_left, window_right,
+              softcap):
     B, Tq, H, D = q.shape
     if q.numel() == 0 or k.shape[1] == 0:
         out = torch.zeros(B, Tq, H, D, dtype=q.dtype, device=q.device)
-        lse = torch.full((B, H, Tq), float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.full((B, H, Tq), float("-inf"), dtype=_lse_dtype(q), device=q.device)
         return out, lse
     fwd, _ = kernels_for(q.device)
-    out, lse = fwd(q, k, v, softmax_scale, causal, diag_offset)
+    out, lse = fwd(q, k, v, softmax_scale, causal, diag_offset,
+                   window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes)
     # The fake impl promises contiguous outputs; compiled graphs rely on those strides.
     return out.contiguous(), lse.contiguous()
 
 
-def _bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset):
+def _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal, diag_offset, window_left,
+              window_right, softcap):
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     _, bwd = kernels_for(q.device)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset)
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset,
+                     window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @torch.library.custom_op("ioattn::flash_fwd", mutates_args=(), device_types=("cpu", "cuda"))
-def flash_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool,
-              diag_offset: int) -> tuple[Tensor, Tensor]:
-    return _fwd_impl(q, k, v, softmax_scale, causal, diag_offset)
+def flash_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor], softmax_scale: float,
+              causal: bool, diag_offset: int, window_left: int, window_right: int,
+              softcap: float) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(q, k, v, alibi_slopes, softmax_scale, causal, diag_offset, window_left,
+                     window_right, softcap)
 
 
 @flash_fwd.register_fake
-def _(q, k, v, softmax_scale, causal, diag_offset):
+def _(q, k, v, alibi_slopes, *options):
     B, Tq, H, D = q.shape
-    return q.new_empty(B, Tq, H, D), q.new_empty(B, H, Tq, dtype=torch.float32)
+    return q.new_empty(B, Tq, H, D), q.new_empty(B, H, Tq, dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("ioattn::flash_bwd", mutates_args=(), device_types=("cpu", "cuda"))
 def flash_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              softmax_scale: float, causal: bool, diag_offset: int) -> tuple[Tensor, Tensor, Tensor]:
-    return _bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset)
+              alibi_slopes: Optional[Tensor], softmax_scale: float, causal: bool, diag_offset: int,
+              window_left: int, window_right: int, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal, diag_offset,
+                     window_left, window_right, softcap)
 
 
 @flash_bwd.register_fake
-def _(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format)
+def _(dout, q, k, v, out, lse, alibi_slopes, *options):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, causal, diag_offset = inputs
+    q, k, v, alibi_slopes, *options = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.softmax_scale, ctx.causal, ctx.diag_offset = softmax_scale, causal, diag_offset
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+    ctx.options = tuple(options)
     # Gradients flow through `out` only; lse is returned for inspection (as in flash-attn).
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+def _grads(ctx, dout, bwd):
+    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = flash_bwd(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.diag_offset)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, alibi_slopes, *ctx.options)
+    # No gradient for the ALiBi slopes (flash-attn gives none either) or the scalar options.
+    return (dq, dk, dv, None) + (None,) * len(ctx.options)
+
+
+def _backward(ctx, dout, dlse):
+    return _grads(ctx, dout, flash_bwd)
 
 
 flash_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -84,21 +106,18 @@ class _EagerAttention(torch.autograd.Function):
     """The custom ops' autograd, without their dispatch: same implementations, same results."""
 
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, diag_offset):
-        out, lse = _fwd_impl(q, k, v, softmax_scale, causal, diag_offset)
-        _setup_context(ctx, (q, k, v, softmax_scale, causal, diag_offset), (out, lse))
+    def forward(ctx, q, k, v, alibi_slopes, *options):
+        out, lse = _fwd_impl(q, k, v, alibi_slopes, *options)
+        _setup_context(ctx, (q, k, v, alibi_slopes, *options), (out, lse))
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _bwd_impl(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.diag_offset)
-        return dq, dk, dv, None, None, None
+        return _grads(ctx, dout, _bwd_impl)
 
 
-def attention(q, k, v, softmax_scale: float, causal: bool, diag_offset: int):
+def attention(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
+              window=(-1, -1), softcap: float = 0.0, alibi_slopes=None):
     """``(out, lse)`` of validated inputs, differentiable in q, k, v.
 
     Under torch.compile this is the custom op, which the compiler can trace. In eager mode the
@@ -106,6 +125,8 @@ def attention(q, k, v, softmax_scale: float, causal: bool, diag_offset: int):
     backend alone at T=16), seven times torch SDPA's whole call at small shapes, so eager calls
     go through a plain autograd.Function over the same implementations.
     """
+    args = (q, k, v, alibi_slopes, float(softmax_scale), bool(causal), int(diag_offset),
+            int(window[0]), int(window[1]), float(softcap))
     if torch.compiler.is_compiling():
-        return flash_fwd(q, k, v, softmax_scale, causal, diag_offset)
-    return _EagerAttention.apply(q, k, v, softmax_scale, causal, diag_offset)
+        return flash_fwd(*args)
+    return _EagerAttention.apply(*args)
