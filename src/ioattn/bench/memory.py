@@ -64,6 +64,11 @@ class CpuMemoryWorker:
                    PYTHONPATH=os.pathsep.join(filter(None, [_SRC, os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen([sys.executable, "-m", "ioattn.bench.memory"], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # Wait until the child has imported torch: on a 2-core machine its start-up would
+        # otherwise run beside, and slow down, the first timings of the sweep.
+        for line in self.proc.stdout:
+            if line.strip() == "ready":
+                break
 
     def peak_mib(self, case: Case, peer: str):
         """The peak, None where it cannot be measured, or "OOM"."""
@@ -84,16 +89,18 @@ class CpuMemoryWorker:
 
 def _serve():
     warmed = set()
+    print("ready", flush=True)
     for line in sys.stdin:
         job = json.loads(line)
         case, peer = Case(**job["case"]), job["peer"]
         try:
             inputs = make_inputs(case, "cpu")
             call = make_call(peer, case, inputs)
-            if peer not in warmed:
-                # First call of a peer pays one-off costs (thread pools, lazy imports): not attention.
+            if (peer, case.mode) not in warmed:
+                # A peer's first call in a mode pays one-off costs (thread pools, lazy imports,
+                # the first backward's autograd set-up): not attention.
                 call()
-                warmed.add(peer)
+                warmed.add((peer, case.mode))
             peak = rss_peak_mib(call)
         except Exception as e:
             peak = "OOM" if "out of memory" in str(e).lower() or "can't allocate" in str(e) else None

@@ -5,6 +5,8 @@ kernels in Triton's interpreter when IOATTN_BACKEND=triton and TRITON_INTERPRET=
 CI, which has no GPU, tests the GPU code). A Hopper-specific kernel, when one exists, is chosen
 here too, behind the same launcher signature.
 """
+import functools
+
 import torch
 
 from .. import _env
@@ -32,7 +34,14 @@ def backend_for(device: torch.device) -> str:
 
 def kernels_for(device: torch.device):
     """``(fwd, bwd)`` launchers with the signatures of ``flash_fwd_triton``/``flash_bwd_triton``."""
-    if backend_for(device) == "cpu":
+    return _kernels(backend_for(device))
+
+
+@functools.cache
+def _kernels(backend: str):
+    # Imported on first use (triton is not needed on the CPU path) and cached: this sits on the
+    # per-call path, where an import statement alone costs several µs.
+    if backend == "cpu":
         from .cpu import flash_bwd_cpu, flash_fwd_cpu
 
         return flash_fwd_cpu, flash_bwd_cpu
