@@ -1,7 +1,9 @@
 """ioattn: fast, exact, memory-efficient (IO-aware) attention for GPUs (Triton) and CPUs."""
 from .flash.api import backend_for, flash_attn_func, scaled_dot_product_attention
+from .flash.packed import flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from .merge import merge_partials
 
 __version__ = "0.1.0"
 
-__all__ = ["flash_attn_func", "scaled_dot_product_attention", "backend_for", "merge_partials", "__version__"]
+__all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
+           "scaled_dot_product_attention", "backend_for", "merge_partials", "__version__"]
