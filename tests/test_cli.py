@@ -64,6 +64,8 @@ def test_flops_hand_computed():
     assert attention_flops(2, 3, 8, 8, 4, causal=False, mode="bwd") == 6144 * 2.5
     # Tq=2, Tk=5 bottom-right causal: rows 11110 and 11111 see 9 keys in all
     assert attention_flops(1, 1, 2, 5, 1, causal=True, mode="fwd") == 4 * 9
+    # causal window of 1 key before each query, T=4: rows see 1, 2, 2, 2 keys
+    assert attention_flops(1, 1, 4, 4, 1, causal=True, mode="fwd", window=1) == 4 * 7
 
 
 def test_paper_suite_is_the_flashattention2_grid():

@@ -22,12 +22,16 @@ class Case:
     causal: bool
     dtype: str
     mode: str
+    # Sliding window: each query sees the `window` keys before it (and itself; causal only); -1 = off.
+    window: int = -1
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"Case.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.mode not in MODES:
             raise ValueError(f"Case.mode must be one of {MODES}, got {self.mode!r}")
+        if self.window >= 0 and not self.causal:
+            raise ValueError("Case.window needs causal=True (a causal sliding window)")
         if self.H % self.Hkv:
             raise ValueError(f"Case.H ({self.H}) must be a multiple of Case.Hkv ({self.Hkv})")
 
@@ -39,7 +43,10 @@ class Case:
     def series(self) -> str:
         """What stays fixed along a sweep of T: one line of a table section, one plot row."""
         heads = f"H={self.H}" if self.H == self.Hkv else f"H={self.H}/{self.Hkv}"
-        return f"{self.dtype} D={self.D} {heads} {'causal' if self.causal else 'non-causal'} {self.mode}"
+        mask = "causal" if self.causal else "non-causal"
+        if self.window >= 0:
+            mask = f"causal window {self.window}"
+        return f"{self.dtype} D={self.D} {heads} {mask} {self.mode}"
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ def _pow2(lo: int, hi: int) -> tuple:
 
 
 def _sweep(*, seqlens, head_dims, dtype, tokens=None, B=None, hidden=None, H=None, group=1,
-           causal=(False, True)) -> tuple:
+           causal=(False, True), window=-1) -> tuple:
     """Cases over head dim × causal × mode × T (T innermost, so a series is contiguous).
 
     Either a fixed ``B`` or a token budget (``B = tokens // T``); either a fixed ``H`` or a
@@ -71,7 +78,7 @@ def _sweep(*, seqlens, head_dims, dtype, tokens=None, B=None, hidden=None, H=Non
                     b = B if B is not None else max(1, tokens // T)
                     h = H if H is not None else hidden // D
                     cases.append(Case(B=b, T=T, H=h, Hkv=h // group, D=D, causal=c, dtype=dtype,
-                                      mode=mode))
+                                      mode=mode, window=window))
     return tuple(cases)
 
 
@@ -111,6 +118,24 @@ SUITES = {
                 "causal and not",
             device="cpu",
             cases=_sweep(seqlens=_pow2(256, 2048), head_dims=(64,), dtype="fp32", B=1, H=8),
+            naive_max_T=2048,
+        ),
+        Suite(
+            name="window",
+            doc="sliding window (Mistral-style, 1024 keys, causal) against T: bf16, B=1, H=16, "
+                "D=128, T = 2048..32768; time should grow like T, not T^2 (the mask is data "
+                "for SDPA and naive, which still do all T^2 work)",
+            device="cuda",
+            cases=_sweep(seqlens=_pow2(2048, 32768), head_dims=(128,), dtype="bf16", B=1, H=16,
+                         causal=(True,), window=1024),
+            naive_max_T=8192,
+        ),
+        Suite(
+            name="cpu-window",
+            doc="the window suite on a CPU: fp32, B=1, H=8, D=64, window 256, T = 512..4096",
+            device="cpu",
+            cases=_sweep(seqlens=_pow2(512, 4096), head_dims=(64,), dtype="fp32", B=1, H=8,
+                         causal=(True,), window=256),
             naive_max_T=2048,
         ),
         Suite(

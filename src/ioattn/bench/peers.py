@@ -1,7 +1,8 @@
 """The attention implementations a benchmark compares, all with one signature.
 
-Each peer takes q ``[B, T, H, D]``, k/v ``[B, T, Hkv, D]`` and ``causal`` and returns the output
-``[B, T, H, D]``; the benchmarks use Tq = Tk, where every causal convention agrees.
+Each peer takes q ``[B, T, H, D]``, k/v ``[B, T, Hkv, D]``, ``causal`` and ``window`` (the causal
+sliding window's keys before each query, −1 = none) and returns the output ``[B, T, H, D]``; the
+benchmarks use Tq = Tk, where every causal convention agrees.
 """
 import math
 
@@ -9,12 +10,22 @@ import torch
 import torch.nn.functional as F
 
 
-def ioattn(q, k, v, causal):
+def ioattn(q, k, v, causal, window=-1):
     from ioattn import flash_attn_func
-    return flash_attn_func(q, k, v, causal=causal)
+    return flash_attn_func(q, k, v, causal=causal, window_size=(window, -1))
 
 
-def naive(q, k, v, causal):
+def _hidden(T, window, device):
+    """``[T, T]`` bool: the pairs a causal (windowed) mask hides."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    hidden = j > i
+    if window >= 0:
+        hidden |= j < i - window
+    return hidden
+
+
+def naive(q, k, v, causal, window=-1):
     """softmax(Q Kᵀ · scale) V written plainly in the input dtype, scores materialized."""
     group = q.shape[2] // k.shape[2]
     # [B, H, T, D]; each KV head serves `group` consecutive query heads
@@ -23,17 +34,19 @@ def naive(q, k, v, causal):
     vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
     scores = (qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, T, T]
     if causal:
-        T = scores.shape[-1]
-        hidden = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(hidden, float("-inf"))
+        scores = scores.masked_fill(_hidden(scores.shape[-1], window, q.device), float("-inf"))
     return (torch.softmax(scores, dim=-1) @ vh).transpose(1, 2)
 
 
-def sdpa(q, k, v, causal):
-    """torch's scaled_dot_product_attention with its default backend choice, on [B, H, T, D] views."""
+def sdpa(q, k, v, causal, window=-1):
+    """torch's scaled_dot_product_attention with its default backend choice, on [B, H, T, D] views.
+    A window is given to it the only way it takes one: as a [T, T] boolean mask."""
+    mask = None
+    if window >= 0:
+        mask = ~_hidden(q.shape[1], window, q.device)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        is_causal=causal, enable_gqa=q.shape[2] != k.shape[2],
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        is_causal=causal and mask is None, enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
 
@@ -60,10 +73,10 @@ def make_call(peer: str, case, inputs):
     fn = PEERS[peer]
     q, k, v, dout = inputs
     if case.mode == "fwd":
-        return lambda: (fn(q, k, v, case.causal),)
+        return lambda: (fn(q, k, v, case.causal, case.window),)
 
     def fwdbwd():
-        out = fn(q, k, v, case.causal)
+        out = fn(q, k, v, case.causal, case.window)
         # autograd.grad rather than backward(): nothing accumulates in .grad between repetitions
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
     return fwdbwd

@@ -101,7 +101,8 @@ def run_case(case: Case, peers, device: str, *, naive_max_T: int, quick: bool = 
             r.ms = _guarded(r, lambda: time_ms(calls[p], device, quick=quick))
         if r.status == "ok":
             r.tflops = tflops(attention_flops(case.B, case.H, case.T, case.T, case.D,
-                                              causal=case.causal, mode=case.mode), r.ms)
+                                              causal=case.causal, mode=case.mode,
+                                              window=case.window), r.ms)
             if device == "cuda":
                 r.peak_mib = _guarded(r, lambda: cuda_peak_mib(calls[p]))
             elif cpu_memory is not None:
