@@ -23,7 +23,7 @@ from .. import _env
 from .._utils import cdiv, empty
 from .bwd_preprocess import bwd_preprocess
 from .config import BwdConfig, get_bwd_config, padded_head_dim
-from .fwd import _key_range, _scores, device_guard, diag_band, dot_precision, score_args
+from .fwd import _key_range, _scores, device_guard, diag_band, dot_precision, score_args, varlen_band
 
 
 @triton.jit
@@ -128,14 +128,36 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      stride_dkb, stride_dkt, stride_dkh,
                      stride_dvb, stride_dvt, stride_dvh,
                      T_q, T_k, H, H_kv, GROUP, softmax_scale, diag_lo, diag_hi, qk_scale, softcap2,
-                     ALIBI, stride_ab, diag_offset,
+                     ALIBI, stride_ab, diag_offset, CU_SEQLENS_Q, CU_SEQLENS_K,
                      D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr,
                      HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hkv = (i_bh // H_kv).to(tl.int64), (i_bh % H_kv).to(tl.int64)
 
     start_n = i_n * BLOCK_N
+    if IS_VARLEN:
+        # As in the forward kernel: T_q arrives as total_q (the row stride of lse and delta
+        # [H, total_q]), the band relative to each sequence's bottom-right diagonal.
+        bos_q = tl.load(CU_SEQLENS_Q + i_b).to(tl.int64)
+        bos_k = tl.load(CU_SEQLENS_K + i_b).to(tl.int64)
+        T_lse = T_q
+        T_q = (tl.load(CU_SEQLENS_Q + i_b + 1) - bos_q).to(tl.int32)
+        T_k = (tl.load(CU_SEQLENS_K + i_b + 1) - bos_k).to(tl.int32)
+        if start_n >= T_k:
+            return
+        diag_offset = T_k - T_q
+        diag_lo += diag_offset
+        diag_hi += diag_offset
+        Q += bos_q * stride_qt
+        DO += bos_q * stride_dot
+        LSE += bos_q
+        DELTA += bos_q
+        K += bos_k * stride_kt
+        V += bos_k * stride_vt
+        DK += bos_k * stride_dkt
+        DV += bos_k * stride_dvt
     o_n = start_n + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
     m_d = o_d < D
@@ -164,8 +186,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         i_h = i_hkv * GROUP + g
         q_base = Q + i_b * stride_qb + i_h * stride_qh + m_lo64 * stride_qt
         do_base = DO + i_b * stride_dob + i_h * stride_doh + m_lo64 * stride_dot
-        lse_base = LSE + (i_b * H + i_h) * T_q + m_lo64
-        delta_base = DELTA + (i_b * H + i_h) * T_q + m_lo64
+        if IS_VARLEN:
+            lse_base = LSE + i_h * T_lse + m_lo64
+            delta_base = DELTA + i_h * T_lse + m_lo64
+        else:
+            lse_base = LSE + (i_b * H + i_h) * T_q + m_lo64
+            delta_base = DELTA + (i_b * H + i_h) * T_q + m_lo64
         if HAS_ALIBI:
             b_slope2 = tl.load(ALIBI + i_b * stride_ab + i_h) * 1.4426950408889634
         else:
@@ -241,16 +267,35 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    stride_dob, stride_dot, stride_doh,
                    stride_dqb, stride_dqt, stride_dqh,
                    T_q, T_k, H, GROUP, softmax_scale, diag_lo, diag_hi, qk_scale, softcap2,
-                   ALIBI, stride_ab, diag_offset,
+                   ALIBI, stride_ab, diag_offset, CU_SEQLENS_Q, CU_SEQLENS_K,
                    D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr,
                    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_hkv = i_h // GROUP
     i_b, i_h, i_hkv = i_b.to(tl.int64), i_h.to(tl.int64), i_hkv.to(tl.int64)
 
     start_m = i_m * BLOCK_M
+    if IS_VARLEN:
+        # As in the forward kernel (T_q arrives as total_q, the row stride of lse and delta).
+        bos_q = tl.load(CU_SEQLENS_Q + i_b).to(tl.int64)
+        bos_k = tl.load(CU_SEQLENS_K + i_b).to(tl.int64)
+        p_lse_base = LSE + i_h * T_q + bos_q
+        p_delta_base = DELTA + i_h * T_q + bos_q
+        T_q = (tl.load(CU_SEQLENS_Q + i_b + 1) - bos_q).to(tl.int32)
+        T_k = (tl.load(CU_SEQLENS_K + i_b + 1) - bos_k).to(tl.int32)
+        if start_m >= T_q:
+            return
+        diag_offset = T_k - T_q
+        diag_lo += diag_offset
+        diag_hi += diag_offset
+        Q += bos_q * stride_qt
+        DO += bos_q * stride_dot
+        DQ += bos_q * stride_dqt
+        K += bos_k * stride_kt
+        V += bos_k * stride_vt
     o_m = start_m + tl.arange(0, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
@@ -261,8 +306,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     p_do = DO + i_b * stride_dob + i_h * stride_doh + o_m.to(tl.int64)[:, None] * stride_dot + o_d[None, :]
     b_q = tl.load(p_q, mask=m_qd, other=0.0)  # [BLOCK_M, HEAD_DIM]
     b_do = tl.load(p_do, mask=m_qd, other=0.0)  # [BLOCK_M, HEAD_DIM]
-    b_lse2 = _load_lse2(LSE + (i_b * H + i_h) * T_q + o_m, m_m)  # [BLOCK_M]
-    b_delta = tl.load(DELTA + (i_b * H + i_h) * T_q + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+    if IS_VARLEN:
+        b_lse2 = _load_lse2(p_lse_base + o_m, m_m)  # [BLOCK_M]
+        b_delta = tl.load(p_delta_base + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+    else:
+        b_lse2 = _load_lse2(LSE + (i_b * H + i_h) * T_q + o_m, m_m)  # [BLOCK_M]
+        b_delta = tl.load(DELTA + (i_b * H + i_h) * T_q + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if HAS_ALIBI:
         # ALiBi's distance |i + diag_offset - j| is taken from the row's aligned diagonal.
@@ -331,6 +380,7 @@ def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool
     meta = dict(**diag_band(T_q, T_k, causal, diag_offset, window),
                 **score_args(softmax_scale, softcap, alibi_slopes, H, diag_offset),
                 D=D, HEAD_DIM=HEAD_DIM, DOT_PRECISION=dot_precision(q.dtype),
+                CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN=False,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
     delta = empty((B, H, T_q), dtype=torch.float32, device=q.device)
@@ -358,6 +408,61 @@ def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             T_q, T_k, H, H // H_kv, softmax_scale,
+            BLOCK_M=config.BLOCK_M2, BLOCK_N=config.BLOCK_N2, **meta,
+        )
+    return dq, dk, dv
+
+
+def flash_varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                            max_seqlen_k: int, softmax_scale: float, causal: bool, *, window=(-1, -1),
+                            softcap: float = 0.0, alibi_slopes=None, config: BwdConfig | None = None):
+    """:func:`flash_bwd_triton` on packed sequences, from the ``(out, lse)`` of
+    :func:`ioattn.flash.fwd.flash_varlen_fwd_triton` (same arguments; lse ``[H, total_q]``).
+
+    Returns:
+        ``(dq, dk, dv)``, contiguous, packed like q, k, v; rows outside every sequence get 0.
+    """
+    total_q, H, D = q.shape
+    H_kv = k.shape[1]
+    B = cu_seqlens_q.shape[0] - 1
+    if config is None:
+        config = get_bwd_config(D, q.dtype, causal, interpret=_env.interpret())
+    if dout.dtype != q.dtype or dout.stride(-1) != 1:
+        dout = dout.to(q.dtype).contiguous()
+    lse = lse.contiguous()
+    HEAD_DIM = padded_head_dim(D)
+    meta = dict(**varlen_band(causal, window, max_seqlen_q, max_seqlen_k),
+                **score_args(softmax_scale, softcap, alibi_slopes, H, 0),
+                D=D, HEAD_DIM=HEAD_DIM, DOT_PRECISION=dot_precision(q.dtype),
+                CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k, IS_VARLEN=True,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+    # Zeros: the kernels write only the rows of sequences.
+    dq, dk, dv = (torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+    if B == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        return dq, dk, dv
+    # delta [H, total_q], lse's layout: the packed rows are one sequence of total_q rows here.
+    delta = empty((H, total_q), dtype=torch.float32, device=q.device)
+    with device_guard(q):
+        bwd_preprocess(out[None], dout[None], delta, HEAD_DIM)
+        _bwd_dkdv_kernel[(cdiv(max_seqlen_k, config.BLOCK_N1), B * H_kv)](
+            q, k, v, dout, lse, delta, dk, dv,
+            0, q.stride(0), q.stride(1),
+            0, k.stride(0), k.stride(1),
+            0, v.stride(0), v.stride(1),
+            0, dout.stride(0), dout.stride(1),
+            0, dk.stride(0), dk.stride(1),
+            0, dv.stride(0), dv.stride(1),
+            total_q, max_seqlen_k, H, H_kv, H // H_kv, softmax_scale,
+            BLOCK_M=config.BLOCK_M1, BLOCK_N=config.BLOCK_N1, **meta,
+        )
+        _bwd_dq_kernel[(cdiv(max_seqlen_q, config.BLOCK_M2), B * H)](
+            q, k, v, dout, lse, delta, dq,
+            0, q.stride(0), q.stride(1),
+            0, k.stride(0), k.stride(1),
+            0, v.stride(0), v.stride(1),
+            0, dout.stride(0), dout.stride(1),
+            0, dq.stride(0), dq.stride(1),
+            total_q, max_seqlen_k, H, H // H_kv, softmax_scale,
             BLOCK_M=config.BLOCK_M2, BLOCK_N=config.BLOCK_N2, **meta,
         )
     return dq, dk, dv

@@ -162,9 +162,11 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_vb, stride_vt, stride_vh,
                 stride_ob, stride_ot, stride_oh,
                 T_q, T_k, H, GROUP, diag_lo, diag_hi, qk_scale, softcap2, ALIBI, stride_ab, diag_offset,
+                CU_SEQLENS_Q, CU_SEQLENS_K,
                 D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr,
                 HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     # Query head h reads KV head h // GROUP (GQA/MQA).
@@ -172,6 +174,25 @@ def _fwd_kernel(Q, K, V, O, LSE,
     i_b, i_h, i_hkv = i_b.to(tl.int64), i_h.to(tl.int64), i_hkv.to(tl.int64)
 
     start_m = i_m * BLOCK_M
+    if IS_VARLEN:
+        # Packed sequences: the batch strides are 0 and sequence i_b is rows [bos, eos) of the
+        # packed tensors. The grid covers the longest sequence; tiles past this one's end exit.
+        # The launcher passes T_q = total_q (lse is [H, total_q]) and the band relative to the
+        # diagonal, which is aligned bottom-right in each sequence: diag_offset = T_k - T_q.
+        bos_q = tl.load(CU_SEQLENS_Q + i_b).to(tl.int64)
+        bos_k = tl.load(CU_SEQLENS_K + i_b).to(tl.int64)
+        p_lse_base = LSE + i_h * T_q + bos_q
+        T_q = (tl.load(CU_SEQLENS_Q + i_b + 1) - bos_q).to(tl.int32)
+        T_k = (tl.load(CU_SEQLENS_K + i_b + 1) - bos_k).to(tl.int32)
+        if start_m >= T_q:
+            return
+        diag_offset = T_k - T_q
+        diag_lo += diag_offset
+        diag_hi += diag_offset
+        Q += bos_q * stride_qt
+        K += bos_k * stride_kt
+        V += bos_k * stride_vt
+        O += bos_q * stride_ot
     o_m = start_m + tl.arange(0, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
@@ -226,7 +247,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
     p_o = O + i_b * stride_ob + i_h * stride_oh + o_m.to(tl.int64)[:, None] * stride_ot + o_d[None, :]
     tl.store(p_o, acc.to(O.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
-    p_lse = LSE + (i_b * H + i_h) * T_q + o_m
+    if IS_VARLEN:
+        p_lse = p_lse_base + o_m
+    else:
+        p_lse = LSE + (i_b * H + i_h) * T_q + o_m
     tl.store(p_lse, lse, mask=m_m)
 
 
@@ -316,8 +340,68 @@ def flash_fwd_triton(q, k, v, softmax_scale: float, causal: bool, diag_offset: i
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            T_q, T_k, H, H // H_kv, **band, **mods,
-            D=D, HEAD_DIM=padded_head_dim(D),
+            T_q, T_k, H, H // H_kv, **band, **mods, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
+            D=D, HEAD_DIM=padded_head_dim(D), IS_VARLEN=False,
+            BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return out, lse
+
+
+def varlen_band(causal: bool, window, max_seqlen_q: int, max_seqlen_k: int) -> dict:
+    """The band of :func:`diag_band` relative to each sequence's own diagonal, which the kernels
+    shift by ``T_k - T_q`` of the sequence. A bound is kept whenever it is set (whether a row
+    reaches it depends on the sequence) and clamped at the longest sequences, past which it hides
+    nothing, so that the shifted values stay in int32."""
+    left, right = window
+    if causal:
+        right = 0
+    reach = max_seqlen_q + max_seqlen_k
+    return dict(diag_lo=-min(left, reach) if left >= 0 else 0,
+                diag_hi=min(right, reach) if right >= 0 else 0,
+                HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
+
+
+def flash_varlen_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                            softmax_scale: float, causal: bool, *, window=(-1, -1), softcap: float = 0.0,
+                            alibi_slopes=None, config: FwdConfig | None = None):
+    """:func:`flash_fwd_triton` on packed sequences, in one launch.
+
+    Args:
+        q: ``[total_q, H, D]``; k, v: ``[total_k, Hkv, D]``; cu_seqlens_q/k: int32 ``[B + 1]``,
+            contiguous, already validated (sequence b is rows ``cu[b]:cu[b + 1]``).
+        max_seqlen_q, max_seqlen_k: the longest sequences (they size the grid).
+        causal, window: as in :func:`flash_fwd_triton`, with ``diag_offset = T_k - T_q`` of each
+            sequence (bottom-right); alibi_slopes ``[H]`` or ``[B, H]``.
+
+    Returns:
+        ``(out, lse)``: out ``[total_q, H, D]``, lse fp32 ``[H, total_q]``; rows past
+        ``cu_seqlens_q[-1]`` hold 0 and -inf.
+    """
+    total_q, H, D = q.shape
+    H_kv = k.shape[1]
+    B = cu_seqlens_q.shape[0] - 1
+    if config is None:
+        config = get_fwd_config(D, q.dtype, causal, interpret=_env.interpret())
+    band = varlen_band(causal, window, max_seqlen_q, max_seqlen_k)
+    # diag_offset is read from cu_seqlens in the kernel; 0 here keeps ALiBi's argument an int.
+    mods = score_args(softmax_scale, softcap, alibi_slopes, H, 0)
+    # Zeros, not empty(): the kernel writes only the rows of sequences.
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    lse = torch.full((H, total_q), float("-inf"), dtype=torch.float32, device=q.device)
+    if B == 0 or max_seqlen_q == 0:
+        return out, lse
+    grid = (cdiv(max_seqlen_q, config.BLOCK_M), B * H)
+    with device_guard(q):
+        _fwd_kernel[grid](
+            q, k, v, out, lse,
+            0, q.stride(0), q.stride(1),
+            0, k.stride(0), k.stride(1),
+            0, v.stride(0), v.stride(1),
+            0, out.stride(0), out.stride(1),
+            total_q, max_seqlen_k, H, H // H_kv, **band, **mods,
+            CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k,
+            D=D, HEAD_DIM=padded_head_dim(D), IS_VARLEN=True,
             BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
