@@ -265,8 +265,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
         and get gradient 0, as do keys past ``cu_seqlens_k[-1]``. A query row whose sequence has
         no key gives 0 and −inf, as in :func:`flash_attn_func`.
 
-    Runs each sequence through the dense implementation of :func:`flash_attn_func` (Triton
-    kernels on CUDA, the CPU backend on CPU), one call per non-empty sequence.
+    On CUDA one launch of the Triton kernels covers the whole batch (the grid is sized by the
+    longest sequences; each program reads its sequence's bounds from cu_seqlens). On CPU each
+    non-empty sequence runs through the CPU backend of :func:`flash_attn_func`.
     """
     q, k, v = _check_packed(q, k, v)
     cu_seqlens_q, cu_seqlens_k = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q)
