@@ -1,12 +1,12 @@
 """Variable-length (packed, unpadded) attention, flash-attn 2.x's ``flash_attn_varlen_func``, and
 the bert_padding helpers that convert between padded ``[B, T, ...]`` and packed ``[total, ...]``.
 
-Sequence b of a packed batch is rows ``cu_seqlens[b]:cu_seqlens[b + 1]``. This first version runs
-each sequence through the dense implementation of ops.py (``[1, len, H, D]`` views, so no copy
-of the inputs) and writes into preallocated packed outputs. It is exact and works on every
-backend (CPU, Triton, Triton's interpreter), but costs one dense call per sequence and reads the
-lengths on the host; a single varlen kernel launch (grid over ``max_seqlen`` × B·H, lengths read
-from cu_seqlens inside the kernel) is the follow-up that removes both.
+Sequence b of a packed batch is rows ``cu_seqlens[b]:cu_seqlens[b + 1]``. On the Triton
+backend (GPU, or the interpreter) the whole batch is one launch of the dense kernels with
+IS_VARLEN on: the grid covers the longest sequence × B·H, each program reads its sequence's start
+and length from cu_seqlens and exits if its tile is past the end. The CPU backend runs each
+sequence through the dense implementation of ops.py (``[1, len, H, D]`` views, no copy of the
+inputs) and writes into preallocated packed outputs. Both read the lengths on the host.
 
 Layers as in ops.py: `_fwd_impl`/`_bwd_impl`, custom ops with fake impls for torch.compile, an
 eager autograd.Function over the same impls, then the public function with the argument checks.
