@@ -57,6 +57,20 @@ def assert_close(name, out, ref, base, *, factor=2.0, floor=None) -> Check:
     return c
 
 
+def assert_attention_close(out, lse, grads, ref, ref_lse, base, base_lse, inputs, dout):
+    """The accuracy rule on a whole forward+backward: out and lse (2×), then dq, dk, dv (3×).
+
+    ``grads`` are ioattn's gradients of ``out`` w.r.t. ``inputs`` (q, k, v) for ``dout``; the
+    reference's and the baseline's are taken here from ``ref`` and ``base`` with the same dout.
+    """
+    assert_close("out", out, ref, base)
+    assert_close("lse", lse, ref_lse, base_lse)
+    grads_ref = torch.autograd.grad(ref, inputs, dout.to(ref.dtype))
+    grads_base = torch.autograd.grad(base, inputs, dout)
+    for name, g, gr, gb in zip(("dq", "dk", "dv"), grads, grads_ref, grads_base):
+        assert_close(name, g, gr, gb, factor=3.0)
+
+
 def make_qkv(B, Tq, Tk, H, Hkv, D, *, dtype=torch.float16, device="cpu", requires_grad=False,
              generator=None, layout="bthd"):
     """Fresh random q ``[B, Tq, H, D]``, k/v ``[B, Tk, Hkv, D]`` (never zeros).

@@ -68,3 +68,20 @@ GPU_FEATURE_CASES = [
     (2, 1000, 1000, 8, 2, 128, False, None, (200, 200), 0.0, "BH"),
     (2, 1024, 1024, 8, 2, 128, True, None, (512, -1), 50.0, "BH"),
 ]
+
+
+# (B, Tq, Tk, H, Hkv, D, causal, diag_offset) at GPU sizes, bf16/fp16, and a few for fp32.
+GPU_CASES = [
+    (2, 1000, 1000, 8, 2, 64, True, None),
+    (1, 4096, 4096, 8, 8, 128, True, None),
+    (1, 4096, 4096, 4, 1, 64, False, None),
+    (2, 1000, 1500, 8, 8, 128, True, 0),
+    (1, 2048, 512, 8, 1, 128, True, None),
+    (2, 777, 777, 4, 4, 96, False, None),
+    (2, 1024, 1024, 4, 2, 256, True, None),
+    (1, 1000, 3000, 4, 4, 40, True, None),
+    (1, 3000, 1000, 4, 4, 72, True, 0),
+]
+
+GPU_FP32_CASES = [(1, 700, 900, 4, 2, 64, True, None), (1, 513, 513, 2, 2, 128, False, None),
+                  (1, 300, 300, 2, 1, 256, True, 0)]

@@ -9,7 +9,7 @@ import torch
 
 from ioattn import flash_attn_func, scaled_dot_product_attention
 from ioattn.flash.reference import attention_ref
-from ioattn.testing import assert_close, make_qkv
+from ioattn.testing import assert_attention_close, assert_close, make_qkv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -79,12 +79,7 @@ def _check_features(window, softcap, alibi, causal, dtype):
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref, ref_lse = attention_ref(q, k, v, **kw)
     base, base_lse = attention_ref(q, k, v, upcast=False, **kw)
-    assert_close("out", out, ref, base)
-    assert_close("lse", lse, ref_lse, base_lse)
-    grads_ref = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
-    grads_base = torch.autograd.grad(base, (q, k, v), dout)
-    for name, g, gr, gb in zip(("dq", "dk", "dv"), grads, grads_ref, grads_base):
-        assert_close(name, g, gr, gb, factor=3.0)
+    assert_attention_close(out, lse, grads, ref, ref_lse, base, base_lse, (q, k, v), dout)
 
 
 def test_flash_attn_func_triton_interpreter(monkeypatch):

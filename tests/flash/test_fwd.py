@@ -20,8 +20,8 @@ from ioattn.flash.fwd import _key_range, diag_band, flash_fwd_triton
 from ioattn.flash.reference import attention_ref, visible_mask
 from ioattn.testing import assert_close, make_qkv
 
-from .cases import (DEVICE, DTYPES, FEATURE_CASES, GPU_FEATURE_CASES, SMEM_BYTES, case_id, feature_id,
-                    reference_dtype)
+from .cases import (DEVICE, DTYPES, FEATURE_CASES, GPU_CASES, GPU_FEATURE_CASES, GPU_FP32_CASES, SMEM_BYTES,
+                    case_id, feature_id, reference_dtype)
 
 
 def assert_lse(lse, ref, base):
@@ -287,19 +287,6 @@ def test_window_skips_tiles():
     assert causal == (T // 32) * (T // 32 + 1) // 2
 
 
-GPU_CASES = [
-    (2, 1000, 1000, 8, 2, 64, True, None),
-    (1, 4096, 4096, 8, 8, 128, True, None),
-    (1, 4096, 4096, 4, 1, 64, False, None),
-    (2, 1000, 1500, 8, 8, 128, True, 0),
-    (1, 2048, 512, 8, 1, 128, True, None),
-    (2, 777, 777, 4, 4, 96, False, None),
-    (2, 1024, 1024, 4, 2, 256, True, None),
-    (1, 1000, 3000, 4, 4, 40, True, None),
-    (1, 3000, 1000, 4, 4, 72, True, 0),
-]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
@@ -308,8 +295,7 @@ def test_fwd_gpu(case, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [(1, 700, 900, 4, 2, 64, True, None), (1, 513, 513, 2, 2, 128, False, None),
-                                  (1, 300, 300, 2, 1, 256, True, 0)], ids=case_id)
+@pytest.mark.parametrize("case", GPU_FP32_CASES, ids=case_id)
 def test_fwd_gpu_fp32(case):
     check_fwd(*case, torch.float32)
 
