@@ -10,6 +10,8 @@ TEST_S=${TEST_S:-300}
 CHECK_S=${CHECK_S:-120}
 BENCH_S=${BENCH_S:-200}
 SEQLENS=${SEQLENS:-1024,2048,4096,8192,16384}
+# Suites to time, in order; SEQLENS applies to the paper suite, the others keep their own grid.
+BENCH_SUITES=${BENCH_SUITES:-paper}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 # -v logs each test's outcome as it ends, so a run cut short by the limit still names what failed;
@@ -19,7 +21,11 @@ timeout "$TEST_S" python3 -m pytest -v -rfE $XDIST -p no:cacheprovider -p no:ben
 echo "pytest rc=$?" >> "$OUT/pytest.log"
 timeout "$CHECK_S" python3 -m ioattn check > "$OUT/check.log" 2>&1
 echo "check rc=$?" >> "$OUT/check.log"
-timeout "$BENCH_S" python3 -m ioattn bench --suite paper --seqlens "$SEQLENS" --out "$OUT" > "$OUT/bench.log" 2>&1
-echo "bench rc=$?" >> "$OUT/bench.log"
+: > "$OUT/bench.log"
+for suite in $BENCH_SUITES; do
+    if [ "$suite" = paper ]; then lens="--seqlens $SEQLENS"; else lens=""; fi
+    timeout "$BENCH_S" python3 -m ioattn bench --suite "$suite" $lens --out "$OUT" >> "$OUT/bench.log" 2>&1
+    echo "bench $suite rc=$?" >> "$OUT/bench.log"
+done
 cat "$OUT/gpu.txt"; grep -E "FAILED|ERROR|passed|failed|rc=" "$OUT/pytest.log" | tail -n 30
-tail -n 25 "$OUT/check.log"; tail -n 60 "$OUT/bench.log"
+tail -n 25 "$OUT/check.log"; tail -n 80 "$OUT/bench.log"
