@@ -14,9 +14,11 @@ SEQLENS=${SEQLENS:-1024,2048,4096,8192,16384}
 BENCH_SUITES=${BENCH_SUITES:-paper}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+# A hung test is killed and named (pytest-timeout) instead of eating the whole step.
+PTIMEOUT=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 200")
 # -v logs each test's outcome as it ends, so a run cut short by the limit still names what failed;
 # -rfE repeats the failures in the summary.
-timeout "$TEST_S" python3 -m pytest -v -rfE $XDIST -p no:cacheprovider -p no:benchmark \
+timeout "$TEST_S" python3 -m pytest -v -rfE --durations=15 $XDIST $PTIMEOUT -p no:cacheprovider -p no:benchmark \
     --junitxml="$OUT/junit.xml" tests > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest.log"
 timeout "$CHECK_S" python3 -m ioattn check > "$OUT/check.log" 2>&1

@@ -16,6 +16,12 @@ os.environ["IOATTN_POISON"] = "1"
 
 import pytest  # noqa: E402
 
+# pytest-xdist workers each get their share of the cores: with torch's default (every core per
+# process), 8 workers on 16 cores oversubscribe 8x and the CPU-backend tests crawl.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

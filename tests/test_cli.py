@@ -1,6 +1,8 @@
 """The `ioattn` command: env, check, bench, and the numbers the benchmarks rest on."""
 import json
 
+import math
+
 import pytest
 import torch
 
@@ -85,8 +87,10 @@ def test_cpu_peak_memory_sees_the_score_matrix():
     scores_mib = case.B * case.H * case.T * case.T * 4 / 2**20
     worker = CpuMemoryWorker()
     try:
-        naive, flash = worker.peak_mib(case, "naive"), worker.peak_mib(case, "ioattn")
+        flash, naive = worker.peak_mib(case, "ioattn"), worker.peak_mib(case, "naive")
     finally:
         worker.close()
-    assert naive >= 1.5 * scores_mib
-    assert flash < scores_mib / 4
+    if math.isnan(flash) or math.isnan(naive):
+        pytest.skip("this kernel does not reset VmHWM through /proc/self/clear_refs")
+    assert naive >= 1.5 * scores_mib, (naive, flash, scores_mib)
+    assert flash < scores_mib / 4, (naive, flash, scores_mib)

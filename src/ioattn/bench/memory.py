@@ -47,6 +47,10 @@ def rss_peak_mib(call) -> float:
     """Peak resident memory added by ``call`` in this process (Linux only)."""
     Path("/proc/self/clear_refs").write_text("5")
     base = _status_kib("VmRSS")
+    # Some kernels accept the write but keep the old high-water mark; a peak measured then would
+    # be the largest of every earlier call. Report "unknown" rather than a wrong number.
+    if _status_kib("VmHWM") > base + 1024:
+        return float("nan")
     result = call()
     peak = _status_kib("VmHWM") - base
     del result
