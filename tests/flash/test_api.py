@@ -135,7 +135,8 @@ def _good():
     "mutate,exc,match",
     [
         (lambda q, k, v: (q[0], k, v), ValueError, "q must have 4 dims"),
-        (lambda q, k, v: (q, k[..., :16], v), ValueError, "k and v must have the same shape"),
+        (lambda q, k, v: (q, k[:, :5], v), ValueError, "k and v must have the same shape"),
+        (lambda q, k, v: (q, k, v[..., :16]), ValueError, "head dim of v .* must equal that of q/k"),
         (lambda q, k, v: (q, k[..., :16], v[..., :16]), ValueError, "head dim"),
         (lambda q, k, v: (q, torch.cat([k, k]), torch.cat([v, v])), ValueError, "batch size"),
         (lambda q, k, v: (q[:, :, :3], k, v), ValueError, "multiple"),
@@ -145,7 +146,7 @@ def _good():
         (lambda q, k, v: (q[..., :4], k[..., :4], v[..., :4]), ValueError, r"head dim D must be in \[8, 256\]"),
         (lambda q, k, v: (torch.randn(1, 8, 4, 264, device=q.device),) * 3, ValueError, "head dim D"),
     ],
-    ids=["rank", "kv-shape", "head-dim", "batch", "heads", "int", "mixed", "not-tensor", "D<8", "D>256"],
+    ids=["rank", "kv-shape", "dv", "head-dim", "batch", "heads", "int", "mixed", "not-tensor", "D<8", "D>256"],
 )
 def test_bad_input_is_rejected(mutate, exc, match):
     with pytest.raises(exc, match=match):
@@ -207,8 +208,6 @@ def test_sdpa_bad_input():
     q, k, v = (x.transpose(1, 2) for x in _good())
     with pytest.raises(ValueError, match="enable_gqa"):
         scaled_dot_product_attention(q, k, v)
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool), enable_gqa=True)
     with pytest.raises(ValueError, match="query must have 4 dims"):
         scaled_dot_product_attention(q[0], k, v)
 

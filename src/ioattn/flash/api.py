@@ -1,7 +1,8 @@
 """Public functions of the flash family: flash-attn 2.x and torch SDPA compatible entry points."""
 import torch
 
-from .checks import check_alibi, check_dropout, check_qkv, check_scale, check_softcap, check_window
+from .checks import (check_alibi, check_attn_mask, check_dropout, check_qkv, check_scale, check_softcap,
+                     check_window)
 from .dispatch import backend_for
 from .ops import attention
 
@@ -79,7 +80,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Args:
         query: ``[B, H, Tq, D]``; key, value: ``[B, Hkv, Tk, D]`` (torch's layout).
-        attn_mask: must be None for now (masks arrive with the training-features issue).
+        attn_mask: None, or a mask broadcastable to ``[B, H, Tq, Tk]``: bool (True = the key takes
+            part in attention, torch's convention) or float (added to the scaled scores). The
+            kernels read it tile by tile through its strides, so a broadcast mask (``[Tq, Tk]``,
+            a ``[B, 1, 1, Tk]`` padding mask) is never expanded in memory. A row the mask hides
+            entirely gives 0 (torch's math backend gives NaN there). A float mask that requires
+            grad is rejected (ValueError): no gradient flows to the mask. Not with ``is_causal``
+            (as in torch).
         dropout_p: must be 0.0 for now.
         is_causal: torch's semantics: the mask is aligned to the top-left corner, query i sees
             key j iff ``j <= i`` (unlike :func:`flash_attn_func`, which aligns bottom-right).
@@ -95,8 +102,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dims [B, H, T, D], got shape {tuple(t.shape)}")
-    if attn_mask is not None:
-        raise NotImplementedError("attn_mask arrives with the training-features issue (#3)")
+    if attn_mask is not None and is_causal:
+        raise ValueError("attn_mask and is_causal=True cannot be combined (as in torch): fold the "
+                         "causal mask into attn_mask")
     check_dropout(dropout_p)
     if not enable_gqa and query.shape[1] != key.shape[1]:
         raise ValueError(
@@ -104,5 +112,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         )
     q, k, v = check_qkv(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), names=names)
     scale = check_scale(scale, q.shape[-1], name="scale")
-    out, _ = attention(q, k, v, scale, bool(is_causal), 0)
+    attn_mask = check_attn_mask(attn_mask, q, k)
+    out, _ = attention(q, k, v, scale, bool(is_causal), 0, attn_mask=attn_mask)
     return out.transpose(1, 2)

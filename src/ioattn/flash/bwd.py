@@ -12,7 +12,7 @@ saved lse, then ``dV += Pᵀ dO``, ``dP = dO Vᵀ``, ``dS = P ∘ (dP − delta)
 ``dQ += dS K``; dK and dQ take the softmax_scale factor once, at the end.
 
 The features are the forward's (fwd.py): the same band of diagonals limits the blocks each program
-visits, the same ``_scores`` recomputes the scores. Softcap's chain rule multiplies dS by
+visits, the same ``_scores`` (and ``_attn_mask``) recompute the scores. Softcap's chain rule multiplies dS by
 ``1 − tanh²`` of the capped score; ALiBi's bias is a constant (no gradient to the slopes).
 """
 import torch
@@ -23,7 +23,8 @@ from .. import _env
 from .._utils import cdiv, empty
 from .bwd_preprocess import bwd_preprocess
 from .config import BwdConfig, get_bwd_config, padded_head_dim
-from .fwd import _key_range, _scores, device_guard, diag_band, dot_precision, score_args, varlen_band
+from .fwd import (_attn_mask, _key_range, _scores, device_guard, diag_band, dot_precision, mask_args,
+                  score_args, varlen_band)
 
 
 @triton.jit
@@ -76,9 +77,11 @@ def _query_range(start_n, T_q, T_k, diag_lo, diag_hi, HAS_LEFT: tl.constexpr, HA
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do,
                     start_m, end_m, o_n, o_nd, m_d, T_q, diag_lo, diag_hi, qk_scale, softcap2,
-                    b_slope2, stride_qt, stride_dot, MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
+                    b_slope2, stride_qt, stride_dot, am_base, m_n, stride_amm, stride_amn,
+                    MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
                     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
+                    MASK_IS_BOOL: tl.constexpr):
     """Accumulate query blocks ``[start_m, end_m)`` of one head into dK/dV of the key block
     ``o_n``. The ``*_base`` scalar pointers point at row ``start_m`` and are returned advanced
     to ``end_m``; ``o_q``/``o_do`` are the tile's offsets from them; ``o_nd`` is ``o_n -
@@ -96,6 +99,10 @@ def _bwd_dkdv_inner(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q
         b_qkT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
         b_sT, b_tT = _scores(b_qkT, o_m[None, :], o_nd[:, None], qk_scale, softcap2, b_slope2,
                              HAS_SOFTCAP, HAS_ALIBI)
+        if HAS_ATTN_MASK:
+            # The mask's tile read transposed: keys down, query rows across.
+            p_amT = am_base + o_m.to(tl.int64)[None, :] * stride_amm + o_n.to(tl.int64)[:, None] * stride_amn
+            b_sT = _attn_mask(b_sT, p_amT, m_m[None, :] & m_n[:, None], MASK_IS_BOOL)
         b_pT = tl.exp2(b_sT - b_lse2[None, :])
         if MASK:
             if HAS_RIGHT:
@@ -129,10 +136,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      stride_dvb, stride_dvt, stride_dvh,
                      T_q, T_k, H, H_kv, GROUP, softmax_scale, diag_lo, diag_hi, qk_scale, softcap2,
                      ALIBI, stride_ab, diag_offset, CU_SEQLENS_Q, CU_SEQLENS_K,
+                     ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
                      D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr,
                      HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                      IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
+                     MASK_IS_BOOL: tl.constexpr):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hkv = (i_bh // H_kv).to(tl.int64), (i_bh % H_kv).to(tl.int64)
 
@@ -161,7 +170,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     o_n = start_n + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
     m_d = o_d < D
-    m_kd = (o_n < T_k)[:, None] & m_d[None, :]
+    m_n = o_n < T_k
+    m_kd = m_n[:, None] & m_d[None, :]
     p_k = K + i_b * stride_kb + i_hkv * stride_kh + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :]
     p_v = V + i_b * stride_vb + i_hkv * stride_vh + o_n.to(tl.int64)[:, None] * stride_vt + o_d[None, :]
     b_k = tl.load(p_k, mask=m_kd, other=0.0)  # [BLOCK_N, HEAD_DIM]
@@ -196,20 +206,27 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
             b_slope2 = tl.load(ALIBI + i_b * stride_ab + i_h) * 1.4426950408889634
         else:
             b_slope2 = 0.0
+        if HAS_ATTN_MASK:
+            am_base = ATTN_MASK + i_b * stride_amb + i_h * stride_amh
+        else:
+            am_base = ATTN_MASK
         # Blocks crossing an edge of the band pay for its mask; the rows between run without.
         dk, dv, q_base, do_base, lse_base, delta_base = _bwd_dkdv_inner(
             dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do, m_lo, m_full_lo,
             o_n, o_nd, m_d, T_q, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_qt,
-            stride_dot, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M, DOT_PRECISION)
+            stride_dot, am_base, m_n, stride_amm, stride_amn, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+            HAS_ALIBI, BLOCK_M, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL)
         dk, dv, q_base, do_base, lse_base, delta_base = _bwd_dkdv_inner(
             dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do, m_full_lo, m_full_hi,
             o_n, o_nd, m_d, T_q, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_qt,
-            stride_dot, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M, DOT_PRECISION)
+            stride_dot, am_base, m_n, stride_amm, stride_amn, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+            HAS_ALIBI, BLOCK_M, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL)
         if HAS_LEFT:
             dk, dv, q_base, do_base, lse_base, delta_base = _bwd_dkdv_inner(
                 dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do, m_full_hi, m_end,
                 o_n, o_nd, m_d, T_q, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_qt,
-                stride_dot, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M, DOT_PRECISION)
+                stride_dot, am_base, m_n, stride_amm, stride_amn, True, HAS_LEFT, HAS_RIGHT,
+                HAS_SOFTCAP, HAS_ALIBI, BLOCK_M, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL)
 
     p_dk = DK + i_b * stride_dkb + i_hkv * stride_dkh + o_n.to(tl.int64)[:, None] * stride_dkt + o_d[None, :]
     p_dv = DV + i_b * stride_dvb + i_hkv * stride_dvh + o_n.to(tl.int64)[:, None] * stride_dvt + o_d[None, :]
@@ -220,9 +237,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 @triton.jit
 def _bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, start_n, end_n,
                   o_m, o_md, m_d, T_k, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt,
-                  stride_vt, MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  stride_vt, am_base, o_am_m, m_m, stride_amn, MASK: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
     """Accumulate key blocks ``[start_n, end_n)`` into dQ of the query rows ``o_m``. The scalar
     pointers ``k_base``/``v_base`` point at key ``start_n`` and are returned advanced to
     ``end_n``. ``MASK`` masks keys past Tk and outside the band of diagonals (so a padded
@@ -239,6 +257,9 @@ def _bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, star
         b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         b_s, b_t = _scores(b_qk, o_md[:, None], o_n[None, :], qk_scale, softcap2, b_slope2,
                            HAS_SOFTCAP, HAS_ALIBI)
+        if HAS_ATTN_MASK:
+            p_am = am_base + o_am_m[:, None] + o_n.to(tl.int64)[None, :] * stride_amn
+            b_s = _attn_mask(b_s, p_am, m_m[:, None] & (o_n < T_k)[None, :], MASK_IS_BOOL)
         b_p = tl.exp2(b_s - b_lse2[:, None])
         if MASK:
             m_s = (o_n < T_k)[None, :]
@@ -268,10 +289,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    stride_dqb, stride_dqt, stride_dqh,
                    T_q, T_k, H, GROUP, softmax_scale, diag_lo, diag_hi, qk_scale, softcap2,
                    ALIBI, stride_ab, diag_offset, CU_SEQLENS_Q, CU_SEQLENS_K,
+                   ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
                    D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr,
                    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
+                   MASK_IS_BOOL: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_hkv = i_h // GROUP
@@ -320,6 +343,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     else:
         o_md = o_m
         b_slope2 = 0.0
+    if HAS_ATTN_MASK:
+        am_base = ATTN_MASK + i_b * stride_amb + i_h * stride_amh
+        o_am_m = o_m.to(tl.int64) * stride_amm
+    else:
+        am_base = ATTN_MASK
+        o_am_m = o_m
 
     k_base = K + i_b * stride_kb + i_hkv * stride_kh
     v_base = V + i_b * stride_vb + i_hkv * stride_vh
@@ -335,28 +364,31 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         dq, k_base, v_base = _bwd_dq_inner(
             dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, n_lo, n_full_lo, o_m, o_md,
             m_d, T_k, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
-            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+            am_base, o_am_m, m_m, stride_amn, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+            BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL)
     dq, k_base, v_base = _bwd_dq_inner(
         dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, n_full_lo, n_full_hi, o_m, o_md,
         m_d, T_k, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
-        False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+        am_base, o_am_m, m_m, stride_amn, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+        BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL)
     dq, k_base, v_base = _bwd_dq_inner(
         dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, n_full_hi, n_end, o_m, o_md,
         m_d, T_k, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
-        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+        am_base, o_am_m, m_m, stride_amn, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+        BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL)
 
     p_dq = DQ + i_b * stride_dqb + i_h * stride_dqh + o_m.to(tl.int64)[:, None] * stride_dqt + o_d[None, :]
     tl.store(p_dq, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=m_qd)
 
 
 def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int, *,
-                     window=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
+                     window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None,
                      config: BwdConfig | None = None):
     """Attention backward with the portable Triton kernels; inputs already validated by the caller.
 
     Args:
         dout: ``[B, Tq, H, D]`` gradient of out, any strides (made last-dim contiguous here).
-        q, k, v, softmax_scale, causal, diag_offset, window, softcap, alibi_slopes: as given to
+        q, k, v, softmax_scale, causal, diag_offset, window, softcap, alibi_slopes, attn_mask: as given to
             :func:`ioattn.flash.fwd.flash_fwd_triton`.
         out, lse: what that forward returned (out ``[B, Tq, H, D]``, lse fp32 ``[B, H, Tq]``).
         config: tiles and launch settings; :func:`get_bwd_config` picks one when None.
@@ -380,7 +412,7 @@ def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool
     meta = dict(**diag_band(T_q, T_k, causal, diag_offset, window),
                 **score_args(softmax_scale, softcap, alibi_slopes, H, diag_offset),
                 D=D, HEAD_DIM=HEAD_DIM, DOT_PRECISION=dot_precision(q.dtype),
-                CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN=False,
+                CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN=False, **mask_args(attn_mask),
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
     delta = empty((B, H, T_q), dtype=torch.float32, device=q.device)
@@ -435,6 +467,7 @@ def flash_varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                 **score_args(softmax_scale, softcap, alibi_slopes, H, 0),
                 D=D, HEAD_DIM=HEAD_DIM, DOT_PRECISION=dot_precision(q.dtype),
                 CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k, IS_VARLEN=True,
+                **mask_args(None),
                 num_warps=config.num_warps, num_stages=config.num_stages)
     # Zeros: the kernels write only the rows of sequences.
     dq, dk, dv = (torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))

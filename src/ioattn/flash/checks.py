@@ -28,6 +28,10 @@ def check_qkv(q, k, v, *, names=("q", "k", "v")):
     if not (q.device == k.device == v.device):
         raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
     B, _, H, D = q.shape
+    if v.dim() == 4 and k.dim() == 4 and v.shape[3] != k.shape[3]:
+        # Separate QK and V head dims would need a second padded tile width in every kernel.
+        raise ValueError(f"head dim of {nv} ({v.shape[3]}) must equal that of {nq}/{nk} ({k.shape[3]}): "
+                         "a value head dim different from the query/key head dim is not supported")
     if k.shape != v.shape:
         raise ValueError(f"{nk} and {nv} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != B:
@@ -98,3 +102,31 @@ def check_alibi(alibi_slopes, q, *, name="alibi_slopes"):
     if alibi_slopes.device != q.device:
         raise ValueError(f"{name} must be on q's device {q.device}, got {alibi_slopes.device}")
     return alibi_slopes.contiguous()
+
+
+def check_attn_mask(attn_mask, q, k, *, name="attn_mask"):
+    """None, or torch SDPA's mask: bool (True = take part in attention) or an additive float
+    mask, broadcastable to ``[B, H, Tq, Tk]`` for q ``[B, Tq, H, D]``, k ``[B, Tk, Hkv, D]``.
+    Returned as a 4-D view expanded to that shape (broadcast dims get stride 0, nothing is
+    copied): the kernels read it tile by tile through its strides."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"{name} must be bool or floating point, got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"{name} must be on the device of the query {q.device}, got {attn_mask.device}")
+    if attn_mask.requires_grad:
+        # Its gradient is dS summed over the broadcast dims: a T×T output the kernels do not write.
+        raise ValueError(f"{name} requires grad: gradients to an attention mask are not supported; "
+                         f"pass {name}.detach()")
+    B, Tq, H, _ = q.shape
+    shape = (B, H, Tq, k.shape[1])
+    if attn_mask.dim() <= 4:
+        try:
+            return attn_mask.expand(shape)
+        except RuntimeError:
+            pass
+    raise ValueError(f"{name} of shape {tuple(attn_mask.shape)} does not broadcast to "
+                     f"[B, H, Tq, Tk] = {list(shape)}")

@@ -20,6 +20,11 @@ hosts). So the backward always runs in fp32 on upcast copies (linear memory): on
 that is also ~10× faster than the native bf16/fp16 backward, on an AMX host ~1.8× slower. The
 forward runs upcast only for fp16 on CPUs without native fp16 matmul (see `_upcast_fwd`).
 
+SDPA's attn_mask: torch's kernel takes an additive mask of the query's dtype and broadcasts it
+itself, so a mask goes in compact (`_compact_mask`: broadcast dims back to size 1, bool turned
+into 0/−inf at that size, never expanded to B·H·Tq·Tk). Rows the mask hides entirely come back as
+out 0 with lse 0; the contract wants lse −inf there, and the backward gets 0 back.
+
 Sliding window, softcap, ALiBi: a window's right bound alone is causal at a shifted offset, so
 it stays on torch's kernel; a left bound, softcap or ALiBi, which the kernel cannot express, run
 the blocked plain-torch implementation of cpu_blocked.py (`_route` decides).
@@ -102,6 +107,48 @@ def _upcast_fwd(dtype: torch.dtype) -> bool:
         return True
 
 
+def _compact_mask(attn_mask, dtype):
+    """SDPA's mask, expanded to ``[B, H, Tq, Tk]`` by checks.py, as torch's kernel wants it:
+    additive, in ``dtype``, with every broadcast (stride 0) dim narrowed back to size 1.
+    Also returns the ``[B|1, H|1, Tq, 1]`` bool of rows the mask hides entirely."""
+    for dim in range(4):
+        if attn_mask.stride(dim) == 0 and attn_mask.shape[dim] > 1:
+            attn_mask = attn_mask.narrow(dim, 0, 1)
+    if attn_mask.dtype == torch.bool:
+        hidden = ~attn_mask.any(dim=-1, keepdim=True)
+        mask = torch.zeros(attn_mask.shape, dtype=dtype).masked_fill_(~attn_mask, float("-inf"))
+    else:
+        mask = attn_mask.to(dtype)
+        hidden = (mask == float("-inf")).all(dim=-1, keepdim=True)
+    return mask, hidden
+
+
+def _masked_fwd(q, k, v, softmax_scale, attn_mask):
+    """The forward with SDPA's attn_mask (no causal, window, softcap or ALiBi with it: SDPA has
+    none of them, and torch's own SDPA refuses is_causal with a mask)."""
+    dtype = q.dtype
+    if _upcast_fwd(dtype):
+        q, k, v = q.float(), k.float(), v.float()
+    mask, hidden = _compact_mask(attn_mask, q.dtype)
+    out, lse = _fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False,
+                    attn_mask=mask, scale=softmax_scale)
+    lse = lse.contiguous().masked_fill_(hidden.squeeze(-1), float("-inf"))
+    return out.transpose(1, 2).to(dtype), lse
+
+
+def _masked_bwd(dout, q, k, v, out, lse, softmax_scale, attn_mask):
+    """Backward of `_masked_fwd`, in fp32 for fp16/bf16 as below; hidden rows get lse 0 back
+    (their P is exp(−inf − 0) = 0, so dq = 0 there and nothing reaches dk, dv)."""
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        dout, q, k, v, out = dout.float(), q.float(), k.float(), v.float(), out.float()
+    mask, _ = _compact_mask(attn_mask, q.dtype)
+    lse = lse.masked_fill(lse == float("-inf"), 0.0)
+    grads = _bwd(*(x.transpose(1, 2) for x in (dout, q, k, v, out)), lse, 0.0, False,
+                 attn_mask=mask, scale=softmax_scale)
+    return tuple(g.transpose(1, 2).to(dtype) for g in grads)
+
+
 def _expand_kv_bwd(B: int, H: int, Hkv: int) -> bool:
     """Whether the backward should run on K/V expanded to H heads (then sum dk/dv per group).
 
@@ -113,8 +160,17 @@ def _expand_kv_bwd(B: int, H: int, Hkv: int) -> bool:
     return H != Hkv and B * Hkv < torch.get_num_threads()
 
 
+def _mask_alone(attn_mask, causal, window, softcap, alibi_slopes) -> bool:
+    if attn_mask is None:
+        return False
+    if causal or window != (-1, -1) or softcap or alibi_slopes is not None:
+        raise NotImplementedError("the CPU backend runs attn_mask without causal, window, softcap "
+                                  "or ALiBi (SDPA, its one caller, has none of them)")
+    return True
+
+
 def flash_fwd_cpu(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
-                  window=(-1, -1), softcap: float = 0.0, alibi_slopes=None):
+                  window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None):
     """Attention forward on CPU tensors (inputs already validated by the caller).
 
     Args:
@@ -125,10 +181,13 @@ def flash_fwd_cpu(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
             ``[i + diag_offset - left, i + diag_offset + right]``, −1 = unbounded.
         softcap: if > 0, scores become ``softcap · tanh(s / softcap)``.
         alibi_slopes: fp32 ``[H]`` or ``[B, H]``; adds ``−slope · |i + diag_offset − j|``.
+        attn_mask: SDPA's mask expanded to ``[B, H, Tq, Tk]`` (bool or additive), alone.
 
     Returns:
         ``(out, lse)``: out ``[B, Tq, H, D]`` in q's dtype, lse fp32 ``[B, H, Tq]`` contiguous.
     """
+    if _mask_alone(attn_mask, causal, window, softcap, alibi_slopes):
+        return _masked_fwd(q, k, v, softmax_scale, attn_mask)
     B, Tq, H, D = q.shape
     dtype = q.dtype
     if softcap or alibi_slopes is not None or window != (-1, -1):
@@ -170,7 +229,7 @@ def flash_fwd_cpu(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
 
 
 def flash_bwd_cpu(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int,
-                  *, window=(-1, -1), softcap: float = 0.0, alibi_slopes=None):
+                  *, window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None):
     """Attention backward on CPU tensors, from the ``(out, lse)`` of :func:`flash_fwd_cpu`
     (same ``window``, ``softcap`` and ``alibi_slopes``; no gradient to the slopes).
 
@@ -183,6 +242,8 @@ def flash_bwd_cpu(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, d
     Returns:
         ``(dq, dk, dv)`` with the shapes and dtypes of q, k, v.
     """
+    if _mask_alone(attn_mask, causal, window, softcap, alibi_slopes):
+        return _masked_bwd(dout, q, k, v, out, lse, softmax_scale, attn_mask)
     B, Tq, H, _ = q.shape
     Hkv = k.shape[2]
     dtype = q.dtype

@@ -11,7 +11,10 @@ The flash-attn 2.x features are constexpr flags that compile to nothing when off
   ``diag_lo <= j - i`` (``HAS_LEFT``) and ``j - i <= diag_hi`` (``HAS_RIGHT``). Only the key
   blocks that meet the band are visited, and only those crossing one of its edges are masked;
 - ``HAS_SOFTCAP``: ``s = softcap · tanh(softmax_scale · q·kᵀ / softcap)``;
-- ``HAS_ALIBI``: ``s -= slope[b, h] · |i + diag_offset - j|``.
+- ``HAS_ALIBI``: ``s -= slope[b, h] · |i + diag_offset - j|``;
+- ``HAS_ATTN_MASK``: torch SDPA's ``attn_mask``, read tile by tile through its four strides
+  (broadcast dims have stride 0): bool (``MASK_IS_BOOL``, False hides the key) or added to s.
+  Since it may hide any key, every loop then guards rows that have seen no key yet.
 """
 import contextlib
 import math
@@ -66,6 +69,19 @@ def _scores(b_qk, o_i, o_j, qk_scale, softcap2, b_slope2, HAS_SOFTCAP: tl.conste
 
 
 @triton.jit
+def _attn_mask(b_s, p_am, m_am, MASK_IS_BOOL: tl.constexpr):
+    """Apply a tile of SDPA's attn_mask (pointers ``p_am``, in bounds where ``m_am``) to the
+    log2-domain scores ``b_s``. Bool masks arrive as uint8 (0 hides the key); float masks are in
+    natural-log units, hence the log2(e)."""
+    b_am = tl.load(p_am, mask=m_am, other=0)
+    if MASK_IS_BOOL:
+        b_s = tl.where(b_am != 0, b_s, float("-inf"))
+    else:
+        b_s = b_s + b_am.to(tl.float32) * 1.4426950408889634
+    return b_s
+
+
+@triton.jit
 def _key_range(start_m, T_q, T_k, diag_lo, diag_hi, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys ``[n_lo, n_end)`` that query rows ``[start_m, start_m + BLOCK_M)`` must visit, with
@@ -109,13 +125,15 @@ def _key_range(start_m, T_q, T_k, diag_lo, diag_hi, HAS_LEFT: tl.constexpr, HAS_
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, start_n, end_n, o_m, o_md, m_d, T_k,
                diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
+               am_base, o_am_m, m_m, stride_amn,
                MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
     """Fold key blocks ``[start_n, end_n)`` into the softmax state. ``k_base``/``v_base`` are
     scalar pointers to key ``start_n``, returned advanced to ``end_n``; ``o_k``/``o_v`` are the
     tile's offsets from them. With ``MASK`` the keys past Tk and outside the band of diagonals
-    are masked out; without it none may be."""
+    are masked out; without it none may be. ``am_base + o_am_m`` points at the tile rows of the
+    attn_mask (``HAS_ATTN_MASK``)."""
     o_n0 = tl.arange(0, BLOCK_N)
     for start in range(start_n, end_n, BLOCK_N):
         o_n = start + o_n0
@@ -127,6 +145,9 @@ def _fwd_inner(acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, start_n, end_n, o_m
         b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         b_s, b_t = _scores(b_qk, o_md[:, None], o_n[None, :], qk_scale, softcap2, b_slope2,
                            HAS_SOFTCAP, HAS_ALIBI)
+        if HAS_ATTN_MASK:
+            p_am = am_base + o_am_m[:, None] + o_n.to(tl.int64)[None, :] * stride_amn
+            b_s = _attn_mask(b_s, p_am, m_m[:, None] & (o_n < T_k)[None, :], MASK_IS_BOOL)
         if MASK:
             m_s = (o_n < T_k)[None, :]
             if HAS_RIGHT:
@@ -135,7 +156,7 @@ def _fwd_inner(acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, start_n, end_n, o_m
                 m_s = m_s & (o_n[None, :] >= o_m[:, None] + diag_lo)
             b_s = tl.where(m_s, b_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        if MASK:
+        if MASK or HAS_ATTN_MASK:
             # A row that has seen no visible key keeps m = -inf; shifting by 0 instead makes its
             # alpha and p exactly 0 rather than exp2(-inf - (-inf)) = NaN.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -163,10 +184,11 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_ob, stride_ot, stride_oh,
                 T_q, T_k, H, GROUP, diag_lo, diag_hi, qk_scale, softcap2, ALIBI, stride_ab, diag_offset,
                 CU_SEQLENS_Q, CU_SEQLENS_K,
+                ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
                 D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr,
                 HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     # Query head h reads KV head h // GROUP (GQA/MQA).
@@ -206,6 +228,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
     else:
         o_md = o_m
         b_slope2 = 0.0
+    if HAS_ATTN_MASK:
+        am_base = ATTN_MASK + i_b * stride_amb + i_h * stride_amh
+        o_am_m = o_m.to(tl.int64) * stride_amm
+    else:
+        am_base = ATTN_MASK
+        o_am_m = o_m
 
     p_q = Q + i_b * stride_qb + i_h * stride_qh + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, HEAD_DIM]
@@ -229,15 +257,21 @@ def _fwd_kernel(Q, K, V, O, LSE,
         acc, l_i, m_i, k_base, v_base = _fwd_inner(
             acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, n_lo, n_full_lo, o_m, o_md, m_d, T_k,
             diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
-            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+            am_base, o_am_m, m_m, stride_amn,
+            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK,
+            MASK_IS_BOOL)
     acc, l_i, m_i, k_base, v_base = _fwd_inner(
         acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, n_full_lo, n_full_hi, o_m, o_md, m_d, T_k,
         diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
-        False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+        am_base, o_am_m, m_m, stride_amn,
+        False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK,
+        MASK_IS_BOOL)
     acc, l_i, m_i, k_base, v_base = _fwd_inner(
         acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, n_full_hi, n_end, o_m, o_md, m_d, T_k,
         diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
-        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION)
+        am_base, o_am_m, m_m, stride_amn,
+        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK,
+        MASK_IS_BOOL)
 
     # Rows that saw no key have l_i = 0 (and acc = 0): output 0 and lse -inf, not NaN.
     empty_row = l_i == 0.0
@@ -298,8 +332,21 @@ def score_args(softmax_scale: float, softcap: float, alibi_slopes, H: int, diag_
                 HAS_ALIBI=True)
 
 
+def mask_args(attn_mask) -> dict:
+    """Kernel arguments of SDPA's attn_mask (already expanded to ``[B, H, Tq, Tk]``, see
+    checks.check_attn_mask): its pointer and four strides. A bool mask is passed as its uint8
+    view (the same bytes), which the kernels load like any integer."""
+    if attn_mask is None:
+        return dict(ATTN_MASK=None, stride_amb=0, stride_amh=0, stride_amm=0, stride_amn=0,
+                    HAS_ATTN_MASK=False, MASK_IS_BOOL=False)
+    is_bool = attn_mask.dtype == torch.bool
+    am = attn_mask.view(torch.uint8) if is_bool else attn_mask
+    return dict(ATTN_MASK=am, stride_amb=am.stride(0), stride_amh=am.stride(1), stride_amm=am.stride(2),
+                stride_amn=am.stride(3), HAS_ATTN_MASK=True, MASK_IS_BOOL=is_bool)
+
+
 def flash_fwd_triton(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
-                     window=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
+                     window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None,
                      config: FwdConfig | None = None):
     """Attention forward with the portable Triton kernel; inputs already validated by the caller.
 
@@ -314,6 +361,8 @@ def flash_fwd_triton(q, k, v, softmax_scale: float, causal: bool, diag_offset: i
         softcap: when > 0, scores become ``softcap · tanh(s / softcap)``.
         alibi_slopes: None or fp32 ``[H]`` or ``[B, H]``: scores get ``−slope · |i + diag_offset − j|``
             (after the softcap).
+        attn_mask: None or SDPA's mask expanded to ``[B, H, Tq, Tk]`` (any strides), bool or
+            float (added to the scaled scores, last).
         config: tiles and launch settings; :func:`get_fwd_config` picks one when None.
 
     fp16/bf16 use tensor-core dots with fp32 accumulation (P is rounded to v's dtype before P·V);
@@ -341,7 +390,7 @@ def flash_fwd_triton(q, k, v, softmax_scale: float, causal: bool, diag_offset: i
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             T_q, T_k, H, H // H_kv, **band, **mods, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
-            D=D, HEAD_DIM=padded_head_dim(D), IS_VARLEN=False,
+            **mask_args(attn_mask), D=D, HEAD_DIM=padded_head_dim(D), IS_VARLEN=False,
             BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
@@ -400,7 +449,7 @@ def flash_varlen_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: i
             0, v.stride(0), v.stride(1),
             0, out.stride(0), out.stride(1),
             total_q, max_seqlen_k, H, H // H_kv, **band, **mods,
-            CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k,
+            CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k, **mask_args(None),
             D=D, HEAD_DIM=padded_head_dim(D), IS_VARLEN=True,
             BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,

@@ -7,7 +7,8 @@ The ops take already-validated tensors (see checks.py) and pick a backend by dev
 (dispatch.py). Empty problems (B, H or Tq = 0, or Tk = 0) are answered here, so the launchers
 never see a zero-sized grid: Tk = 0 means every row sees no key, giving out 0 and lse −inf.
 
-Every op carries the same scalar options after the tensors, in this order: softmax_scale,
+The optional tensors (ALiBi slopes, SDPA's attn_mask expanded to ``[B, H, Tq, Tk]``) come after
+q, k, v; every op carries the same scalar options after them, in this order: softmax_scale,
 causal, diag_offset, window_left, window_right, softcap (see the launchers for their meaning).
 """
 from typing import Optional
@@ -24,8 +25,8 @@ def _lse_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _fwd_impl(q, k, v, alibi_slopes, softmax_scale, causal, diag_offset, window_left, window_right,
-              softcap):
+def _fwd_impl(q, k, v, alibi_slopes, attn_mask, softmax_scale, causal, diag_offset, window_left,
+              window_right, softcap):
     B, Tq, H, D = q.shape
     if q.numel() == 0 or k.shape[1] == 0:
         out = torch.zeros(B, Tq, H, D, dtype=q.dtype, device=q.device)
@@ -33,66 +34,70 @@ def _fwd_impl(q, k, v, alibi_slopes, softmax_scale, causal, diag_offset, window_
         return out, lse
     fwd, _ = kernels_for(q.device)
     out, lse = fwd(q, k, v, softmax_scale, causal, diag_offset,
-                   window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes)
+                   window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes,
+                   attn_mask=attn_mask)
     # The fake impl promises contiguous outputs; compiled graphs rely on those strides.
     return out.contiguous(), lse.contiguous()
 
 
-def _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal, diag_offset, window_left,
-              window_right, softcap):
+def _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, attn_mask, softmax_scale, causal, diag_offset,
+              window_left, window_right, softcap):
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     _, bwd = kernels_for(q.device)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     dq, dk, dv = bwd(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset,
-                     window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes)
+                     window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes,
+                     attn_mask=attn_mask)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @torch.library.custom_op("ioattn::flash_fwd", mutates_args=(), device_types=("cpu", "cuda"))
-def flash_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor], softmax_scale: float,
-              causal: bool, diag_offset: int, window_left: int, window_right: int,
-              softcap: float) -> tuple[Tensor, Tensor]:
-    return _fwd_impl(q, k, v, alibi_slopes, softmax_scale, causal, diag_offset, window_left,
+def flash_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor],
+              attn_mask: Optional[Tensor], softmax_scale: float, causal: bool, diag_offset: int,
+              window_left: int, window_right: int, softcap: float) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(q, k, v, alibi_slopes, attn_mask, softmax_scale, causal, diag_offset, window_left,
                      window_right, softcap)
 
 
 @flash_fwd.register_fake
-def _(q, k, v, alibi_slopes, *options):
+def _(q, k, v, alibi_slopes, attn_mask, *options):
     B, Tq, H, D = q.shape
     return q.new_empty(B, Tq, H, D), q.new_empty(B, H, Tq, dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("ioattn::flash_bwd", mutates_args=(), device_types=("cpu", "cuda"))
 def flash_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              alibi_slopes: Optional[Tensor], softmax_scale: float, causal: bool, diag_offset: int,
-              window_left: int, window_right: int, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal, diag_offset,
-                     window_left, window_right, softcap)
+              alibi_slopes: Optional[Tensor], attn_mask: Optional[Tensor], softmax_scale: float,
+              causal: bool, diag_offset: int, window_left: int, window_right: int,
+              softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, attn_mask, softmax_scale, causal,
+                     diag_offset, window_left, window_right, softcap)
 
 
 @flash_bwd.register_fake
-def _(dout, q, k, v, out, lse, alibi_slopes, *options):
+def _(dout, q, k, v, out, lse, alibi_slopes, attn_mask, *options):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, alibi_slopes, *options = inputs
+    q, k, v, alibi_slopes, attn_mask, *options = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_mask)
     ctx.options = tuple(options)
     # Gradients flow through `out` only; lse is returned for inspection (as in flash-attn).
     ctx.mark_non_differentiable(lse)
 
 
 def _grads(ctx, dout, bwd):
-    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, attn_mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, alibi_slopes, *ctx.options)
-    # No gradient for the ALiBi slopes (flash-attn gives none either) or the scalar options.
-    return (dq, dk, dv, None) + (None,) * len(ctx.options)
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, alibi_slopes, attn_mask, *ctx.options)
+    # No gradient for the ALiBi slopes (flash-attn gives none either), the mask (checks.py
+    # rejects one that requires grad) or the scalar options.
+    return (dq, dk, dv, None, None) + (None,) * len(ctx.options)
 
 
 def _backward(ctx, dout, dlse):
@@ -106,9 +111,9 @@ class _EagerAttention(torch.autograd.Function):
     """The custom ops' autograd, without their dispatch: same implementations, same results."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alibi_slopes, *options):
-        out, lse = _fwd_impl(q, k, v, alibi_slopes, *options)
-        _setup_context(ctx, (q, k, v, alibi_slopes, *options), (out, lse))
+    def forward(ctx, q, k, v, alibi_slopes, attn_mask, *options):
+        out, lse = _fwd_impl(q, k, v, alibi_slopes, attn_mask, *options)
+        _setup_context(ctx, (q, k, v, alibi_slopes, attn_mask, *options), (out, lse))
         return out, lse
 
     @staticmethod
@@ -117,7 +122,7 @@ class _EagerAttention(torch.autograd.Function):
 
 
 def attention(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
-              window=(-1, -1), softcap: float = 0.0, alibi_slopes=None):
+              window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None):
     """``(out, lse)`` of validated inputs, differentiable in q, k, v.
 
     Under torch.compile this is the custom op, which the compiler can trace. In eager mode the
@@ -126,7 +131,7 @@ def attention(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
     go through a plain autograd.Function over the same implementations, or straight to the
     implementation when no gradient is wanted.
     """
-    args = (q, k, v, alibi_slopes, float(softmax_scale), bool(causal), int(diag_offset),
+    args = (q, k, v, alibi_slopes, attn_mask, float(softmax_scale), bool(causal), int(diag_offset),
             int(window[0]), int(window[1]), float(softcap))
     if torch.compiler.is_compiling():
         return flash_fwd(*args)

@@ -31,7 +31,7 @@ def visible_mask(Tq: int, Tk: int, *, causal: bool, diag_offset: int, window=(-1
 
 
 def attention_ref(q, k, v, *, softmax_scale=None, causal=False, diag_offset=None, window=(-1, -1),
-                  softcap=0.0, alibi_slopes=None, upcast=True):
+                  softcap=0.0, alibi_slopes=None, attn_mask=None, upcast=True):
     """Reference attention with the ioattn contract.
 
     Args:
@@ -42,6 +42,8 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, diag_offset=None
         window: ``(left, right)`` sliding window around the aligned diagonal, −1 = unbounded.
         softcap: if > 0, scores become ``softcap · tanh(s / softcap)`` (before the ALiBi bias).
         alibi_slopes: fp32 ``[H]`` or ``[B, H]``; adds ``−slope · |i + diag_offset − j|``.
+        attn_mask: torch SDPA's mask, broadcastable to ``[B, H, Tq, Tk]``: bool (False hides the
+            key) or float (added to the scaled scores, after softcap and ALiBi).
         upcast: compute in fp64 on CPU or for fp32 inputs, else fp32 (the reference) when True; in the inputs'
             own dtype when False (the "plain PyTorch" baseline of the accuracy rule).
 
@@ -80,12 +82,17 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, diag_offset=None
         scores = (scores.to(bias_dtype) - slopes * dist).to(scores.dtype)
     keep = visible_mask(Tq, Tk, causal=causal, diag_offset=diag_offset, window=window, device=q.device)
     scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
     lse = torch.logsumexp(scores.float(), dim=-1)  # [B, H, Tq]
     # Rows with no visible key: every score is −inf and softmax would give NaN (in the output
     # and in the gradients); the contract says 0, so give those rows finite scores, then zero them.
-    row_empty = ~keep.any(dim=-1)  # [Tq]
-    scores = scores.masked_fill(row_empty[:, None], 0.0)
+    row_empty = (scores == float("-inf")).all(dim=-1, keepdim=True)  # [B, H, Tq, 1]
+    scores = scores.masked_fill(row_empty, 0.0)
     probs = torch.softmax(scores, dim=-1)
-    probs = torch.where(row_empty[:, None], torch.zeros_like(probs), probs)
+    probs = probs.masked_fill(row_empty, 0.0)
     out = (probs @ vh).transpose(1, 2)  # [B, Tq, H, D]
     return out, lse

@@ -79,7 +79,7 @@ def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, m
         if eq == sq:
             continue
         o_b, lse_b = _dense_fwd(q[None, sq:eq], k[None, sk:ek], v[None, sk:ek],
-                                _slopes_of(alibi_slopes, b), softmax_scale, causal,
+                                _slopes_of(alibi_slopes, b), None, softmax_scale, causal,
                                 (ek - sk) - (eq - sq), window_left, window_right, softcap)
         out[sq:eq] = o_b[0]
         lse[:, sq:eq] = lse_b[0]
@@ -108,7 +108,7 @@ def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
         dq_b, dk_b, dv_b = _dense_bwd(dout[None, sq:eq], q[None, sq:eq], k[None, sk:ek],
                                       v[None, sk:ek], out[None, sq:eq],
                                       lse[None, :, sq:eq].contiguous(), _slopes_of(alibi_slopes, b),
-                                      softmax_scale, causal, (ek - sk) - (eq - sq), window_left,
+                                      None, softmax_scale, causal, (ek - sk) - (eq - sq), window_left,
                                       window_right, softcap)
         dq[sq:eq], dk[sk:ek], dv[sk:ek] = dq_b[0], dk_b[0], dv_b[0]
     return dq, dk, dv
