@@ -40,3 +40,50 @@ def test_bad_packing():
         flash_attn_kvpacked_func(torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16))
     with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
         flash_attn_qkvpacked_func([1, 2, 3])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_varlen_packed_match_unpacked(monkeypatch, backend):
+    """qkv [total, 3, H, D] and kv [total_k, 2, Hkv, D] views give flash_attn_varlen_func's out,
+    lse and (packed) gradients exactly, on both backends (Triton: interpreter or GPU)."""
+    from ioattn import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        monkeypatch.setenv("IOATTN_BACKEND", backend)
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    cu = torch.tensor([0, 5, 5, 22, 30], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 9, 10, 10, 27], dtype=torch.int32, device=device)
+
+    def leaf(*shape):
+        return torch.randn(*shape, device=device).to(dtype).requires_grad_()
+
+    def same(packed_out, packed_in, outs_ref, ins_ref):
+        out, lse, _ = packed_out
+        ref, ref_lse, _ = outs_ref
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+        torch.testing.assert_close(lse, ref_lse, atol=0, rtol=0)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, packed_in, dout)
+        rq, rk, rv = torch.autograd.grad(ref, ins_ref, dout)
+        return grads, (rq, rk, rv)
+
+    qkv = leaf(30, 3, 4, 16)
+    q, k, v = (x.detach().requires_grad_() for x in qkv.unbind(1))
+    (dqkv,), (rq, rk, rv) = same(
+        flash_attn_varlen_qkvpacked_func(qkv, cu, None, causal=True, return_attn_probs=True), (qkv,),
+        flash_attn_varlen_func(q, k, v, cu, cu, 17, 17, causal=True, return_attn_probs=True), (q, k, v))
+    torch.testing.assert_close(dqkv, torch.stack((rq, rk, rv), dim=1), atol=0, rtol=0)
+
+    q, kv = leaf(30, 4, 16), leaf(27, 2, 2, 16)
+    q2 = q.detach().requires_grad_()
+    k, v = (x.detach().requires_grad_() for x in kv.unbind(1))
+    (dq, dkv), (rq, rk, rv) = same(
+        flash_attn_varlen_kvpacked_func(q, kv, cu, cu_k, 17, 17, window_size=(4, 2), return_attn_probs=True),
+        (q, kv),
+        flash_attn_varlen_func(q2, k, v, cu, cu_k, 17, 17, window_size=(4, 2), return_attn_probs=True),
+        (q2, k, v))
+    torch.testing.assert_close(dq, rq, atol=0, rtol=0)
+    torch.testing.assert_close(dkv, torch.stack((rk, rv), dim=1), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"kv must have shape \[total_k, 2, Hkv, D\]"):
+        flash_attn_varlen_kvpacked_func(q, kv[:, :1], cu, cu_k)
