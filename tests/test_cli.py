@@ -50,7 +50,11 @@ def test_bench_quick_writes_json_and_png(tmp_path, capsys):
     header = data["header"]
     for key in ("date", "name", "python", "torch", "triton", "git_commit", "command"):
         assert key in header
+    for key in ("cudnn", "cuda", "flash_attn_4"):
+        assert key in header
     assert header["command"].endswith("bench --quick --device cpu --out " + str(tmp_path))
+    assert data["bar"]["baseline"] == "sdpa" and data["peers_unavailable"] == {}
+    assert set(data["summary"]) == {c.series for c in SUITES["quick"].cases}
     rows = data["results"]
     assert len(rows) == len(SUITES["quick"].cases) * 3
     assert all(r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0 for r in rows)
