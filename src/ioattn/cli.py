@@ -2,6 +2,7 @@
 `bench` (speed and memory against the peers, or the kernels' first-call cost)."""
 import argparse
 import datetime
+import signal
 import sys
 from pathlib import Path
 
@@ -139,7 +140,14 @@ def cmd_bench(args, argv) -> int:
     peers, unavailable = split_available(peers, device)
     header = machine.header(device, argv)
     header["ioattn_backend"] = backend_for(torch.device(device))
-    results = runner.run(cases, peers, device, limits=suite.limits, quick=args.quick)
+    # A time limit (`timeout`) stops the sweep the way Ctrl-C does: what finished is reported
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        # the progress bar only on a terminal: in a log its redraws bury the table
+        results = runner.run(cases, peers, device, limits=suite.limits, quick=args.quick,
+                             bar=sys.stderr.isatty())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if device == "cuda":
         # sampled again after the sweep: the clocks under load, not the idle ones of the header
         header["clocks_after"] = machine.gpu_clocks()
@@ -154,6 +162,7 @@ def cmd_bench(args, argv) -> int:
     data = report.to_dict(header, name, results, _NOTES, baseline=baseline,
                           peers_unavailable=unavailable)
     data["notes"] = {**_NOTES, "suite": suite.doc}
+    data["cases_done"], data["cases_planned"] = len({id(r.case) for r in results}), len(cases)
     print(report.format_summary(data["summary"], data["bar"]["series"], data["memory_growth"], baseline))
     out = Path(args.out) if args.out else _default_out()
     out.mkdir(parents=True, exist_ok=True)
@@ -161,8 +170,9 @@ def cmd_bench(args, argv) -> int:
     if name != registry.default_suite(device):
         stem += f"_{name}"
     report.write_json(out / f"{stem}.json", data)
-    report.plot(out / f"{stem}.png", results, f"{header['name']}, {header['command']}")
-    print(f"\nwrote {out / stem}.json and .png")
+    if not args.no_plot:
+        report.plot(out / f"{stem}.png", results, f"{header['name']}, {header['command']}")
+    print(f"\nwrote {out / stem}.json{'' if args.no_plot else ' and .png'}")
     bad = [r for r in results if r.status.startswith("error") or r.match is False]
     return 1 if bad else 0
 
@@ -209,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: benchmarks/results of the source tree)")
     p.add_argument("--quick", action="store_true",
                    help="the tiny 'quick' suite with few repetitions: a smoke test of the runner")
+    p.add_argument("--no-plot", action="store_true",
+                   help="write the JSON only (where the files that come back are counted)")
     p.add_argument("--compile-cost", action="store_true",
                    help="instead of timing: the first-call cost (Triton compile, then cache hit in "
                    "a second process) of each kernel configuration the selected cases use")

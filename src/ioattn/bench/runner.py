@@ -122,7 +122,11 @@ def run_case(case: Case, peers, device: str, *, limits=None, quick: bool = False
 
 
 def run(cases, peers, device: str, *, limits=None, quick: bool = False, bar: bool = True) -> list:
-    """Every case in order, with a progress bar on stderr; returns one Result per (case, peer)."""
+    """Every case in order, with a progress bar on stderr; returns one Result per (case, peer).
+
+    An interrupt (Ctrl-C, or SIGTERM where the caller maps it to one, as `ioattn bench` does for
+    a time limit) ends the sweep after the cases that finished, which are returned: a suite cut
+    short still reports what it measured."""
     progress = None
     if bar:
         try:
@@ -139,6 +143,9 @@ def run(cases, peers, device: str, *, limits=None, quick: bool = False, bar: boo
                 progress.set_description(f"{case.series} T={case.T}")
             results += run_case(case, peers, device, limits=limits, quick=quick,
                                 cpu_memory=worker, progress=progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: reporting the {len({id(r.case) for r in results})} of {len(cases)} "
+              "cases that finished", file=sys.stderr)
     finally:
         if worker is not None:
             worker.close()
