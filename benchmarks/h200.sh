@@ -15,7 +15,8 @@ CHECK_S=${CHECK_S:-120}
 BENCH_S=${BENCH_S:-200}
 COMPILE_S=${COMPILE_S:-120}
 SEQLENS=${SEQLENS:-1024,2048,4096,8192,16384}
-# Suites to time, in order; SEQLENS applies to the paper suite, the others keep their own grid.
+# Suites to time, in order, each NAME or NAME:SECONDS (its own limit instead of BENCH_S);
+# SEQLENS applies to the paper suite, the others keep their own grid.
 BENCH_SUITES=${BENCH_SUITES:-paper}
 # Comma-separated peers (ioattn first); empty = the GPU default of `ioattn bench`
 PEERS=${PEERS:-}
@@ -43,12 +44,15 @@ if [ "$CHECK_S" -gt 0 ]; then
 fi
 plot=$([ "$PLOTS" = 1 ] || echo "--no-plot")
 peers=${PEERS:+--peers $PEERS}
-for suite in $BENCH_SUITES; do
+for entry in $BENCH_SUITES; do
     [ "$BENCH_S" -gt 0 ] || break
+    suite=${entry%%:*}
+    limit=${entry#*:}
+    [ "$limit" = "$entry" ] && limit=$BENCH_S
     if [ "$suite" = paper ]; then lens="--seqlens $SEQLENS"; else lens=""; fi
-    echo "== bench $suite" >> "$LOG"
+    echo "== bench $suite (limit $limit s)" >> "$LOG"
     # SIGTERM at the limit: the suite reports what finished; SIGKILL 30 s later if it hangs
-    timeout -k 30 "$BENCH_S" python3 -m ioattn bench --suite "$suite" $lens $peers $plot \
+    timeout -k 30 "$limit" python3 -m ioattn bench --suite "$suite" $lens $peers $plot \
         --out "$OUT" >> "$LOG" 2>&1
     echo "bench $suite rc=$?" >> "$LOG"
 done

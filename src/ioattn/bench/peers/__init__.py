@@ -29,7 +29,8 @@ def _cuda_only(device: str) -> Optional[str]:
     return None if device == "cuda" else "needs a CUDA GPU"
 
 
-from . import fa4, flex, plain  # noqa: E402  (they import PeerSkip from here)
+# Imported after PeerSkip, which they take from here
+from . import fa4, flex, plain  # noqa: E402
 
 PEERS = {p.name: p for p in (
     Peer("ioattn", "this library's flash_attn_func", plain.build_ioattn),
