@@ -17,6 +17,7 @@ def test_env_prints_versions_and_backend(capsys):
     assert torch.__version__ in out
     assert "triton" in out and "python" in out
     assert "-> backend cpu" in out
+    assert "peers      ioattn" in out
 
 
 def test_check_passes_on_every_local_backend(capsys):

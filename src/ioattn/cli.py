@@ -40,6 +40,12 @@ def cmd_env(args) -> int:
             print("clocks     " + ", ".join(f"{k}={v}" for k, v in clocks.items()))
     else:
         print("gpu        none (torch.cuda.is_available() is False)")
+    from ioattn.bench.peers import PEERS, split_available
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runs, skipped = split_available(list(PEERS), device)
+    print(f"peers      {', '.join(runs)} run on {device}"
+          + "".join(f"\n           {p} does not: {why}" for p, why in skipped.items()))
     flags = machine.env_flags()
     print("flags      " + (" ".join(f"{k}={v}" for k, v in flags.items()) or "none set"))
     return 0
@@ -159,9 +165,9 @@ def cmd_bench(args, argv) -> int:
         print(f"peer {peer} not run: {why}")
     print(report.format_table(results))
     baseline = "sdpa-cudnn" if device == "cuda" else "sdpa"
-    data = report.to_dict(header, name, results, _NOTES, baseline=baseline,
+    data = report.to_dict(header, name, results, {**_NOTES, "suite": suite.doc}, baseline=baseline,
                           peers_unavailable=unavailable)
-    data["notes"] = {**_NOTES, "suite": suite.doc}
+    # fewer done than planned: the sweep was stopped (a time limit) and reports what finished
     data["cases_done"], data["cases_planned"] = len({id(r.case) for r in results}), len(cases)
     print(report.format_summary(data["summary"], data["bar"]["series"], data["memory_growth"], baseline))
     out = Path(args.out) if args.out else _default_out()
