@@ -13,6 +13,7 @@ import torch
 
 @functools.lru_cache(maxsize=None)
 def _compiled():
+    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
     config = torch._dynamo.config
