@@ -13,7 +13,7 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 TEST_S=${TEST_S:-300}
 CHECK_S=${CHECK_S:-120}
 BENCH_S=${BENCH_S:-200}
-COMPILE_S=${COMPILE_S:-120}
+COMPILE_S=${COMPILE_S:-150}
 SEQLENS=${SEQLENS:-1024,2048,4096,8192,16384}
 # Suites to time, in order, each NAME or NAME:SECONDS (its own limit instead of BENCH_S);
 # SEQLENS applies to the paper suite, the others keep their own grid.
