@@ -76,3 +76,20 @@ def test_runner_reports_skips_and_limits_instead_of_crashing(monkeypatch):
     assert got["ioattn"].status == "ok" and got["ioattn"].ms > 0
     assert got["sdpa"].status == "skipped: no kernel for this shape" and got["sdpa"].ms is None
     assert got["naive"].status == "skipped: not at this T"
+
+
+def test_a_peer_error_is_reported_on_its_row_without_failing_the_run(monkeypatch, tmp_path, capsys):
+    from ioattn.bench import peers as registry
+    from ioattn.cli import main
+
+    def broken(case):
+        def attend(q, k, v):
+            raise ValueError("this version takes no such shape")
+        return attend
+    monkeypatch.setitem(registry.PEERS, "sdpa", registry.Peer("sdpa", "broken", broken))
+    code = main(["bench", "--quick", "--device", "cpu", "--peers", "ioattn,sdpa", "--modes", "fwd",
+                 "--no-plot", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "error: ValueError: this version takes no such shape" in out
+    assert not list(tmp_path.glob("*.png"))
