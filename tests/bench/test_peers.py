@@ -93,3 +93,22 @@ def test_a_peer_error_is_reported_on_its_row_without_failing_the_run(monkeypatch
     assert code == 0, out
     assert "error: ValueError: this version takes no such shape" in out
     assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("case", [
+    Case(B=1, T=128, H=4, Hkv=2, D=32, causal=True, dtype="fp32", mode="fwd"),
+    Case(B=2, T=64, H=2, Hkv=2, D=16, causal=False, dtype="fp32", mode="fwd"),
+    Case(B=1, T=256, H=2, Hkv=1, D=16, causal=True, dtype="fp32", mode="fwd", window=40),
+], ids=["gqa-causal", "full", "window"])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_peer_masks_and_layout_match_naive(monkeypatch, case):
+    # Eager flex_attention stands in for the compiled one (a CPU has no Inductor toolchain here):
+    # what is checked is the peer's block mask, GQA flag and [B, T, H, D] <-> [B, H, T, D] views
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from ioattn.bench.peers import flex, plain
+
+    monkeypatch.setattr(flex, "_compiled", lambda: flex_attention)
+    q, k, v, _ = make_inputs(case, "cpu")
+    torch.testing.assert_close(flex.build_flex(case)(q, k, v), plain.build_naive(case)(q, k, v),
+                               atol=1e-5, rtol=1e-5)

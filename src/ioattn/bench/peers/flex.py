@@ -34,24 +34,31 @@ def unavailable(device: str):
     return None
 
 
-def build_flex(case):
+def _block_mask(case, device):
+    """Causal (and a causal window) as FlexAttention's block mask; None when nothing is masked."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    block_mask = None
-    if case.causal:
-        window = case.window
+    if not case.causal:
+        return None
+    window = case.window
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            keep = q_idx >= kv_idx
-            if window >= 0:
-                keep = keep & (q_idx - kv_idx <= window)
-            return keep
-        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=case.T, KV_LEN=case.T,
-                                       device="cuda")
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = q_idx >= kv_idx
+        if window >= 0:
+            keep = keep & (q_idx - kv_idx <= window)
+        return keep
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=case.T, KV_LEN=case.T, device=device)
+
+
+def build_flex(case):
     flex, gqa = _compiled(), case.H != case.Hkv
+    # Built by the first call, which is the untimed correctness check, on the inputs' device
+    masks = {}
 
     def attend(q, k, v):
+        if q.device not in masks:
+            masks[q.device] = _block_mask(case, q.device)
         out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                   block_mask=block_mask, enable_gqa=gqa)
+                   block_mask=masks[q.device], enable_gqa=gqa)
         return out.transpose(1, 2)
     return attend
