@@ -17,6 +17,7 @@ def test_env_prints_versions_and_backend(capsys):
     assert torch.__version__ in out
     assert "triton" in out and "python" in out
     assert "-> backend cpu" in out
+    assert "peers      ioattn" in out
 
 
 def test_check_passes_on_every_local_backend(capsys):
@@ -50,7 +51,11 @@ def test_bench_quick_writes_json_and_png(tmp_path, capsys):
     header = data["header"]
     for key in ("date", "name", "python", "torch", "triton", "git_commit", "command"):
         assert key in header
+    for key in ("cudnn", "cuda", "flash_attn_4"):
+        assert key in header
     assert header["command"].endswith("bench --quick --device cpu --out " + str(tmp_path))
+    assert data["bar"]["baseline"] == "sdpa" and data["peers_unavailable"] == {}
+    assert set(data["summary"]) == {c.series for c in SUITES["quick"].cases}
     rows = data["results"]
     assert len(rows) == len(SUITES["quick"].cases) * 3
     assert all(r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0 for r in rows)

@@ -4,7 +4,8 @@ A :class:`Case` is one timed call (forward, or forward + backward) of self-atten
 Tq = Tk = T; a :class:`Suite` is a named list of cases plus the limits of the peers that cannot
 run everywhere. Adding a sweep means adding an entry to :data:`SUITES`, nothing else.
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Optional
 
 import torch
 
@@ -50,13 +51,39 @@ class Case:
 
 
 @dataclass(frozen=True)
+class Limit:
+    """Where one peer runs within a suite; its other cases are reported "skipped: <why>"."""
+    why: str
+    max_T: Optional[int] = None
+    seqlens: Optional[frozenset] = None
+    head_dims: Optional[frozenset] = None
+
+    def excludes(self, case: Case) -> bool:
+        return ((self.max_T is not None and case.T > self.max_T)
+                or (self.seqlens is not None and case.T not in self.seqlens)
+                or (self.head_dims is not None and case.D not in self.head_dims))
+
+
+def naive_up_to(T: int) -> Limit:
+    # The naive peer materializes B·H·T² scores; past this T it measures the allocator, not attention.
+    return Limit(why=f"T > {T}: naive materializes the scores", max_T=T)
+
+
+# torch.compile specializes FlexAttention on every shape (seconds of Inductor per point, forward
+# and backward apart): on a sweep it runs at the anchors' points only, to keep the suite short.
+FLEX_AT_ANCHORS = Limit(why="compiled per shape: run at the anchors' points only (D=128, "
+                            "T in 1024, 4096, 16384)",
+                        seqlens=frozenset({1024, 4096, 16384}), head_dims=frozenset({128}))
+
+
+@dataclass(frozen=True)
 class Suite:
     name: str
     doc: str
     device: str
     cases: tuple
-    # The naive peer materializes B·H·T² scores; past this T it measures the allocator, not attention.
-    naive_max_T: int
+    # peer name -> Limit: the peers that cannot, or need not, run every case of the suite
+    limits: dict = field(default_factory=dict)
 
 
 def _pow2(lo: int, hi: int) -> tuple:
@@ -92,7 +119,31 @@ SUITES = {
             device="cuda",
             cases=_sweep(seqlens=_pow2(512, 16384), head_dims=(64, 128), dtype="bf16",
                          tokens=16384, hidden=2048),
-            naive_max_T=4096,
+            limits={"naive": naive_up_to(4096), "flex": FLEX_AT_ANCHORS},
+        ),
+        Suite(
+            name="beyond",
+            doc="beyond the paper grid, T=8192, 16k tokens (B=2), bf16: D=256 with H=8 (hidden "
+                "2048), causal and not; GQA with 32 query heads over 4 KV heads, D=128, causal",
+            device="cuda",
+            cases=_sweep(seqlens=(8192,), head_dims=(256,), dtype="bf16", tokens=16384, hidden=2048)
+            # GQA serves causal decoders; a non-causal GQA point would add compile time, no user
+            + _sweep(seqlens=(8192,), head_dims=(128,), dtype="bf16", tokens=16384, H=32, group=8,
+                     causal=(True,)),
+            limits={"naive": naive_up_to(4096)},
+        ),
+        Suite(
+            name="long",
+            doc="long context on one GPU: bf16, causal forward+backward, B=1, H=16, D=128, "
+                "T = 32768, 65536, 131072; time and peak extra memory, which must grow like T",
+            device="cuda",
+            cases=tuple(c for c in _sweep(seqlens=_pow2(32768, 131072), head_dims=(128,),
+                                          dtype="bf16", B=1, H=16, causal=(True,))
+                        if c.mode == "fwdbwd"),
+            # naive would need B·H·T² scores: 32 GiB at T=32768 before its backward
+            limits={"naive": naive_up_to(16384),
+                    "flex": Limit(why="left out here: a compile per shape for 3 points",
+                                  max_T=16384)},
         ),
         Suite(
             name="gqa",
@@ -101,7 +152,7 @@ SUITES = {
             device="cuda",
             cases=_sweep(seqlens=_pow2(512, 16384), head_dims=(128,), dtype="bf16", tokens=16384,
                          H=32, group=4, causal=(True,)),
-            naive_max_T=4096,
+            limits={"naive": naive_up_to(4096), "flex": FLEX_AT_ANCHORS},
         ),
         Suite(
             name="memory",
@@ -110,7 +161,7 @@ SUITES = {
             device="cuda",
             cases=tuple(c for c in _sweep(seqlens=_pow2(4096, 16384), head_dims=(128,), dtype="bf16",
                                           B=1, H=16, causal=(True,)) if c.mode == "fwdbwd"),
-            naive_max_T=16384,
+            limits={"naive": naive_up_to(16384), "flex": FLEX_AT_ANCHORS},
         ),
         Suite(
             name="cpu",
@@ -118,7 +169,7 @@ SUITES = {
                 "causal and not",
             device="cpu",
             cases=_sweep(seqlens=_pow2(256, 2048), head_dims=(64,), dtype="fp32", B=1, H=8),
-            naive_max_T=2048,
+            limits={"naive": naive_up_to(2048)},
         ),
         Suite(
             name="window",
@@ -128,7 +179,9 @@ SUITES = {
             device="cuda",
             cases=_sweep(seqlens=_pow2(2048, 32768), head_dims=(128,), dtype="bf16", B=1, H=16,
                          causal=(True,), window=1024),
-            naive_max_T=8192,
+            limits={"naive": naive_up_to(8192),
+                    "flex": Limit(why="compiled per shape: T in 4096, 16384 only",
+                                  seqlens=frozenset({4096, 16384}))},
         ),
         Suite(
             name="cpu-window",
@@ -136,7 +189,7 @@ SUITES = {
             device="cpu",
             cases=_sweep(seqlens=_pow2(512, 4096), head_dims=(64,), dtype="fp32", B=1, H=8,
                          causal=(True,), window=256),
-            naive_max_T=2048,
+            limits={"naive": naive_up_to(2048)},
         ),
         Suite(
             name="quick",
@@ -144,7 +197,7 @@ SUITES = {
                 "D=32, T in {64, 128}",
             device="any",
             cases=_sweep(seqlens=(64, 128), head_dims=(32,), dtype="fp32", B=1, H=2, group=2),
-            naive_max_T=128,
+            limits={"naive": naive_up_to(128)},
         ),
     )
 }

@@ -47,14 +47,37 @@ def git_commit() -> tuple:
     return commit, bool(_run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO))
 
 
-def gpu_clocks() -> dict:
-    """Current and maximum clocks (MHz) of GPU 0 as nvidia-smi reports them; {} without it."""
-    fields = ("clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem", "power.limit", "driver_version")
-    out = _run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", "0"])
+# nvidia-smi field -> header key. The first group is the essential one; the second is asked for
+# too, but dropped if this nvidia-smi rejects a field (one unknown field fails the whole query).
+_SMI_FIELDS = (
+    {"clocks.sm": "sm_mhz", "clocks.max.sm": "max_sm_mhz", "clocks.mem": "mem_mhz",
+     "clocks.max.mem": "max_mem_mhz", "power.limit": "power_limit_w", "driver_version": "driver"},
+    {"clocks.applications.graphics": "app_sm_mhz", "clocks.applications.memory": "app_mem_mhz",
+     "pstate": "pstate", "temperature.gpu": "temperature_c"},
+)
+
+
+def _smi(fields: dict) -> dict:
+    out = _run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
+                "-i", "0"])
     if not out:
         return {}
-    values = [v.strip() for v in out.splitlines()[0].split(",")]
-    return dict(zip(("sm_mhz", "max_sm_mhz", "mem_mhz", "max_mem_mhz", "power_limit_w", "driver"), values))
+    return dict(zip(fields.values(), (v.strip() for v in out.splitlines()[0].split(","))))
+
+
+def gpu_clocks() -> dict:
+    """Current, application and maximum clocks (MHz) of GPU 0, power limit, P-state, temperature
+    and driver, as nvidia-smi reports them; {} without it."""
+    return _smi({**_SMI_FIELDS[0], **_SMI_FIELDS[1]}) or _smi(_SMI_FIELDS[0])
+
+
+def _dist_version(dist: str):
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def versions() -> dict:
@@ -71,14 +94,19 @@ def versions() -> dict:
         "numpy": version_of("numpy"),
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
+        # the peers that come as packages of their own, where installed
+        "flash_attn_4": _dist_version("flash-attn-4"),
+        "cutlass_dsl": _dist_version("nvidia-cutlass-dsl"),
     }
 
 
 def device_info(device: str) -> dict:
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
+        l2 = getattr(p, "L2_cache_size", None)
         return {"device": "cuda", "name": p.name, "sm_count": p.multi_processor_count,
                 "memory_gib": round(p.total_memory / 2**30, 1),
+                "l2_mib": round(l2 / 2**20, 1) if l2 else None,
                 "capability": f"{p.major}.{p.minor}", **gpu_clocks()}
     return {"device": "cpu", "name": cpu_model(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads()}

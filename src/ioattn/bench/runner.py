@@ -11,7 +11,7 @@ import torch
 from .cases import Case
 from .flops import attention_flops, tflops
 from .memory import CpuMemoryWorker, cuda_peak_mib
-from .peers import make_call, make_inputs
+from .peers import PeerSkip, make_call, make_inputs
 
 # Loose agreement with ioattn, relative to the largest magnitude of each tensor: enough to catch a
 # peer (or ioattn) computing something else, far above the rounding of the input precision.
@@ -22,7 +22,7 @@ _MATCH_RTOL = {"bf16": 5e-2, "fp16": 2e-2, "fp32": 2e-3}
 class Result:
     case: Case
     peer: str
-    # "ok", "OOM", "skipped" (peer not run at this size), or "error: <message>"
+    # "ok", "OOM", "skipped: <why>" (the peer does not run this case), or "error: <message>"
     status: str = "ok"
     ms: Optional[float] = None
     tflops: Optional[float] = None
@@ -60,14 +60,16 @@ def _is_oom(e: Exception) -> bool:
 
 
 def _guarded(result: Result, fn):
-    """fn(), recording an OOM or an error in ``result`` instead of ending the sweep."""
+    """fn(), recording a skip, an OOM or an error in ``result`` instead of ending the sweep."""
     try:
         return fn()
+    except PeerSkip as e:
+        result.status = f"skipped: {e}"
     except Exception as e:
-        result.status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}".splitlines()[0]
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return None
+        result.status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}".splitlines()[0][:300]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return None
 
 
 def _rel_diff(outs, ref) -> float:
@@ -78,15 +80,21 @@ def _rel_diff(outs, ref) -> float:
     return worst
 
 
-def run_case(case: Case, peers, device: str, *, naive_max_T: int, quick: bool = False,
+def run_case(case: Case, peers, device: str, *, limits=None, quick: bool = False,
              cpu_memory: Optional[CpuMemoryWorker] = None, progress=None) -> list:
-    """All peers on one case: a correctness check against ioattn first, then time and memory."""
+    """All peers on one case: a correctness check against ioattn first, then time and memory.
+    ``limits`` (peer -> cases.Limit) names the cases a peer sits out."""
     results = {p: Result(case, p) for p in peers}
-    if "naive" in results and case.T > naive_max_T:
-        results["naive"].status = "skipped"
+    for p, limit in (limits or {}).items():
+        if p in results and limit.excludes(case):
+            results[p].status = f"skipped: {limit.why}"
     inputs = make_inputs(case, device)
-    calls = {p: make_call(p, case, inputs) for p in peers}
-    ref = _guarded(results["ioattn"], calls["ioattn"]) if "ioattn" in calls else None
+    # Building a peer (a block mask, a compiled function) is not timed, and may refuse the case
+    calls = {p: _guarded(r, lambda: make_call(p, case, inputs))
+             for p, r in results.items() if r.status == "ok"}
+    ref = None
+    if "ioattn" in results and results["ioattn"].status == "ok":
+        ref = _guarded(results["ioattn"], calls["ioattn"])
     for p, r in results.items():
         if p == "ioattn" or r.status != "ok" or ref is None:
             continue
@@ -113,8 +121,12 @@ def run_case(case: Case, peers, device: str, *, naive_max_T: int, quick: bool = 
     return list(results.values())
 
 
-def run(cases, peers, device: str, *, naive_max_T: int, quick: bool = False, bar: bool = True) -> list:
-    """Every case in order, with a progress bar on stderr; returns one Result per (case, peer)."""
+def run(cases, peers, device: str, *, limits=None, quick: bool = False, bar: bool = True) -> list:
+    """Every case in order, with a progress bar on stderr; returns one Result per (case, peer).
+
+    An interrupt (Ctrl-C, or SIGTERM where the caller maps it to one, as `ioattn bench` does for
+    a time limit) ends the sweep after the cases that finished, which are returned: a suite cut
+    short still reports what it measured."""
     progress = None
     if bar:
         try:
@@ -129,8 +141,11 @@ def run(cases, peers, device: str, *, naive_max_T: int, quick: bool = False, bar
         for case in cases:
             if progress is not None:
                 progress.set_description(f"{case.series} T={case.T}")
-            results += run_case(case, peers, device, naive_max_T=naive_max_T, quick=quick,
+            results += run_case(case, peers, device, limits=limits, quick=quick,
                                 cpu_memory=worker, progress=progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: reporting the {len({id(r.case) for r in results})} of {len(cases)} "
+              "cases that finished", file=sys.stderr)
     finally:
         if worker is not None:
             worker.close()
