@@ -43,18 +43,18 @@ def make_mask(kind, B, H, Tq, Tk, device):
 KINDS = ["float-2d", "float-transposed", "bool-padding", "bool-full", "float-heads-inf"]
 
 
-def check_masked(fwd, bwd, B, Tq, Tk, H, Hkv, D, dtype, kind):
-    q, k, v = make_qkv(B, Tq, Tk, H, Hkv, D, dtype=dtype, device=DEVICE)
-    mask = make_mask(kind, B, H, Tq, Tk, DEVICE)
+def check_masked(fwd, bwd, B, Tq, Tk, H, Hkv, D, dtype, kind, device=DEVICE):
+    q, k, v = make_qkv(B, Tq, Tk, H, Hkv, D, dtype=dtype, device=device)
+    mask = make_mask(kind, B, H, Tq, Tk, device)
     if mask.is_floating_point():
         mask = mask.to(dtype)
     am = check_attn_mask(mask, q, k)
     scale = D**-0.5
-    dout = torch.randn(B, Tq, H, D, device=DEVICE).to(dtype)
+    dout = torch.randn(B, Tq, H, D, device=device).to(dtype)
     out, lse = fwd(q, k, v, scale, False, 0, attn_mask=am)
     dq, dk, dv = bwd(dout, q, k, v, out, lse, scale, False, 0, attn_mask=am)
 
-    rdt = reference_dtype(dtype, DEVICE)
+    rdt = reference_dtype(dtype, device)
     ref_in = [x.detach().to(rdt).requires_grad_() for x in (q, k, v)]
     base_in = [x.detach().requires_grad_() for x in (q, k, v)]
     kw = dict(softmax_scale=scale, diag_offset=0, attn_mask=mask, upcast=False)
@@ -98,9 +98,7 @@ def test_triton_mask_gpu(shape, kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_cpu_mask(kind, dtype):
-    if DEVICE != "cpu":
-        pytest.skip("CPU backend")
-    check_masked(flash_fwd_cpu, flash_bwd_cpu, 2, 70, 45, 4, 2, 40, dtype, kind)
+    check_masked(flash_fwd_cpu, flash_bwd_cpu, 2, 70, 45, 4, 2, 40, dtype, kind, device="cpu")
 
 
 @pytest.mark.parametrize("kind", ["float-2d", "bool-padding", "float-transposed"])
