@@ -14,3 +14,6 @@ from .decode.api import flash_attn_with_kvcache  # noqa: E402
 from .merge import merge_partials_many  # noqa: E402
 
 __all__ += ["flash_attn_with_kvcache", "merge_partials_many"]
+from .decode.cache import KVCache, PagedKVCache  # noqa: E402
+
+__all__ += ["KVCache", "PagedKVCache"]
