@@ -140,42 +140,72 @@ def capacity(k_cache, block_table) -> int:
     return block_table.shape[1] * k_cache.shape[1]
 
 
-def check_kvcache_values(q, k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad,
-                         block_table, rotary_len, rotary_q_tokens) -> list:
-    """Checks on the values of the index tensors; returns the host list of key lengths after
-    the append, ``cache_seqlens[b] + T_new``. ``rotary_len`` is the rotary tables' length (0 without
-    rotary) and ``rotary_q_tokens`` how many positions from ``cache_seqlens[b]`` q uses."""
-    seqlens = cache_seqlens.tolist()
+def check_kvcache_values(k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad, block_table,
+                         rotary_len, rotary_q_tokens) -> int:
+    """Checks on the values of the index tensors; returns the longest key length after the
+    append, ``max(cache_seqlens) + T_new``. ``rotary_len`` is the rotary tables' length (0 without
+    rotary) and ``rotary_q_tokens`` how many positions from ``cache_seqlens[b]`` q uses.
+
+    Every condition is evaluated on the device and read back in one transfer (a block table of a
+    long context holds many thousands of pages, too many to walk on the host); the messages are
+    built only when one fails.
+    """
+    seqlens = cache_seqlens.long()
     cap = capacity(k_cache, block_table)
-    B = len(seqlens)
-    if any(s < 0 for s in seqlens):
+    lengths = seqlens + T_new
+    bad = {"seqlens": (seqlens < 0).any(), "append": (lengths > cap).any()}
+    if cache_leftpad is not None:
+        bad["leftpad"] = ((cache_leftpad < 0) | (cache_leftpad > cache_seqlens)).any()
+    if cache_batch_idx is not None:
+        bad["rows"] = ((cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])).any()
+        if T_new:
+            rows = cache_batch_idx.sort().values
+            bad["repeat"] = (rows[1:] == rows[:-1]).any()
+    if block_table is not None:
+        # Only the pages that hold keys are read; entries past them may hold anything.
+        page = k_cache.shape[1]
+        bad["pages"] = _bad_pages(block_table, lengths, page, k_cache.shape[0]).any()
+    if rotary_len:
+        bad["rotary"] = (seqlens + max(T_new, rotary_q_tokens) > rotary_len).any()
+    longest = lengths.max() if lengths.numel() else lengths.new_zeros(())
+    values = torch.stack([f.long() for f in bad.values()] + [longest]).tolist()
+    if any(values[:-1]):
+        _raise(dict(zip(bad, values)), k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad,
+               block_table, cap, rotary_len, rotary_q_tokens)
+    return max(values[-1], 0)
+
+
+def _bad_pages(block_table, lengths, page: int, num_pages: int):
+    """``[B, max_blocks]`` bool: entries of the pages that hold keys and point outside the cache
+    (entries past a sequence's pages are never read and may hold anything)."""
+    used = torch.arange(block_table.shape[1], device=block_table.device) < (lengths[:, None] + page - 1) // page
+    return used & ((block_table < 0) | (block_table >= num_pages))
+
+
+def _raise(bad, k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad, block_table, cap,
+           rotary_len, rotary_q_tokens):
+    """The error of the first failed check, with the values that broke it."""
+    seqlens = cache_seqlens.tolist()
+    if bad["seqlens"]:
         raise ValueError(f"cache_seqlens must be >= 0, got {seqlens}")
-    if any(s + T_new > cap for s in seqlens):
+    if bad["append"]:
         raise ValueError(f"cache too small: appending {T_new} tokens at cache_seqlens = {seqlens} "
                          f"needs up to {max(seqlens) + T_new} rows, the cache holds {cap} per sequence")
-    lengths = [s + T_new for s in seqlens]
-    if cache_leftpad is not None:
-        pads = cache_leftpad.tolist()
-        if any(not 0 <= p <= s for p, s in zip(pads, seqlens)):
-            raise ValueError(f"cache_leftpad must be in [0, cache_seqlens] for each sequence, got "
-                             f"{pads} with cache_seqlens {seqlens}")
-    if cache_batch_idx is not None:
-        rows = cache_batch_idx.tolist()
-        if any(not 0 <= r < k_cache.shape[0] for r in rows):
-            raise ValueError(f"cache_batch_idx must index the {k_cache.shape[0]} rows of k_cache, got {rows}")
-        if T_new and len(set(rows)) != len(rows):
-            raise ValueError(f"cache_batch_idx must not repeat a row when k/v are appended, got {rows}")
-    if block_table is not None:
+    if bad.get("leftpad"):
+        raise ValueError(f"cache_leftpad must be in [0, cache_seqlens] for each sequence, got "
+                         f"{cache_leftpad.tolist()} with cache_seqlens {seqlens}")
+    if bad.get("rows"):
+        raise ValueError(f"cache_batch_idx must index the {k_cache.shape[0]} rows of k_cache, got "
+                         f"{cache_batch_idx.tolist()}")
+    if bad.get("repeat"):
+        raise ValueError(f"cache_batch_idx must not repeat a row when k/v are appended, got "
+                         f"{cache_batch_idx.tolist()}")
+    if bad.get("pages"):
         page = k_cache.shape[1]
-        table = block_table.tolist()
-        for b in range(B):
-            used = table[b][: (lengths[b] + page - 1) // page]
-            if any(not 0 <= p < k_cache.shape[0] for p in used):
-                raise ValueError(f"block_table[{b}] points outside the {k_cache.shape[0]} pages of "
-                                 f"k_cache: {used}")
-    if rotary_len:
-        need = max((max(s + T_new, s + rotary_q_tokens) for s in seqlens), default=0)
-        if need > rotary_len:
-            raise ValueError(f"rotary tables too short: positions up to {need - 1} are needed, "
-                             f"rotary_cos/rotary_sin have {rotary_len} rows")
-    return lengths
+        lengths = cache_seqlens.long() + T_new
+        b = _bad_pages(block_table, lengths, page, k_cache.shape[0]).any(1).tolist().index(True)
+        used = block_table[b, : (seqlens[b] + T_new + page - 1) // page].tolist()
+        raise ValueError(f"block_table[{b}] points outside the {k_cache.shape[0]} pages of k_cache: {used}")
+    need = max(s + max(T_new, rotary_q_tokens) for s in seqlens)
+    raise ValueError(f"rotary tables too short: positions up to {need - 1} are needed, "
+                     f"rotary_cos/rotary_sin have {rotary_len} rows")

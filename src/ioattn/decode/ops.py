@@ -38,11 +38,11 @@ def _kvcache_impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     T_q = q.shape[1]
     T_new = 0 if k is None else k.shape[1]
     local = causal or (window_left, window_right) != (-1, -1)
-    lengths = None
+    max_seqlen_k = None
     if _env.check_values():
         rotary_len = 0 if rotary_cos is None else rotary_cos.shape[0]
-        lengths = check_kvcache_values(q, k_cache, cache_seqlens, T_new, cache_batch_idx,
-                                       cache_leftpad, block_table, rotary_len, T_q if local else 1)
+        max_seqlen_k = check_kvcache_values(k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad,
+                                            block_table, rotary_len, T_q if local else 1)
     if rotary_cos is not None:
         # flash-attn's positions: the new keys at cache_seqlens[b] + i; the queries there too
         # when causal or local, else all of them at cache_seqlens[b].
@@ -60,8 +60,7 @@ def _kvcache_impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     if backend_for(q.device) == "cpu":
         from .cpu import kvcache_fwd_cpu
 
-        if lengths is None:
-            lengths = (cache_seqlens + T_new).tolist()
+        lengths = (cache_seqlens + T_new).tolist()
         host = [None if t is None else t.tolist() for t in (cache_leftpad, cache_batch_idx)]
         return kvcache_fwd_cpu(q, k_cache, v_cache, lengths, softmax_scale, causal, leftpad=host[0],
                                batch_idx=host[1], block_table=block_table, **opts)
@@ -70,7 +69,7 @@ def _kvcache_impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     seqlens = cache_seqlens + T_new if T_new else cache_seqlens
     return kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale, causal,
                               leftpad=cache_leftpad, batch_idx=cache_batch_idx, block_table=block_table,
-                              num_splits=num_splits, max_seqlen_k=max(lengths, default=0) if lengths else None,
+                              num_splits=num_splits, max_seqlen_k=max_seqlen_k,
                               **opts)
 
 
