@@ -68,6 +68,17 @@ def _ref_args(kw):
     return ref
 
 
+def rounding_floor(ref, dtype) -> float:
+    """Half an ulp of ``dtype`` at the reference's largest magnitude: the rounding of a correctly
+    rounded output, which no implementation avoids. With the few keys of these tiny caches the
+    plain-PyTorch error is itself about that size, and 2x it alone failed ~1% of fresh bf16 draws
+    (ratios up to 2.8 in 2000 draws) while the outputs were within one rounding of exact."""
+    if dtype == torch.float32:
+        return 1e-5
+    top = ref.abs().max().item()
+    return 0.5 * torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(top)) if top > 0 else 1e-4
+
+
 def check_kvcache(kw, call=flash_attn_with_kvcache):
     """Run ``call(**kw)`` and hold it to the accuracy rule against kvcache_ref: out and lse 2× the
     plain-PyTorch error, the appended caches equal to the baseline's bit for bit (the same
@@ -81,7 +92,7 @@ def check_kvcache(kw, call=flash_attn_with_kvcache):
     out, lse = call(**kw, return_softmax_lse=True)
     assert out.shape == kw["q"].shape and out.dtype == kw["q"].dtype
     assert lse.shape == (out.shape[0], out.shape[2], out.shape[1]) and lse.dtype == torch.float32
-    assert_close("out", out, ref, base)
+    assert_close("out", out, ref, base, floor=rounding_floor(ref, out.dtype))
     assert_lse(lse, ref_lse, base_lse)
     assert torch.equal(kw["k_cache"], k_new) and torch.equal(kw["v_cache"], v_new), "cache append"
     return out, lse

@@ -5,7 +5,7 @@ paged, a gather of its pages: a copy linear in its length) and go through the fl
 forward (torch's CPU flash kernel, or its blocked path for windows, softcap and ALiBi) with the
 diagonal at ``seqlens[b] - leftpad[b] - Tq``. When every sequence has the same length, no
 leftpad and no row index, the batch is one call on a view of the cache, which is the common case
-of a generation loop. Memory stays linear in the keys; no score matrix of the whole cache.
+of a generation loop (paged, one gather of all pages). Memory stays linear in the keys; no score matrix of the whole cache.
 """
 import torch
 
@@ -36,10 +36,14 @@ def kvcache_fwd_cpu(q, k_cache, v_cache, seqlens: list, softmax_scale: float, ca
     B, Tq, H, D = q.shape
     opts = dict(window=window, softcap=softcap)
     L = seqlens[0] if seqlens else 0
-    if (block_table is None and batch_idx is None and leftpad is None and L > 0
-            and all(s == L for s in seqlens)):
-        return flash_fwd_cpu(q, k_cache[:B, :L], v_cache[:B, :L], softmax_scale, causal, L - Tq,
-                             alibi_slopes=alibi_slopes, **opts)
+    if batch_idx is None and leftpad is None and L > 0 and all(s == L for s in seqlens):
+        if block_table is None:
+            kb, vb = k_cache[:B, :L], v_cache[:B, :L]
+        else:
+            # One gather of every sequence's pages: [B, pages, page, Hkv, D] -> [B, L, Hkv, D]
+            pages = block_table[:, : (L + k_cache.shape[1] - 1) // k_cache.shape[1]].long()
+            kb, vb = (c[pages].flatten(1, 2)[:, :L] for c in (k_cache, v_cache))
+        return flash_fwd_cpu(q, kb, vb, softmax_scale, causal, L - Tq, alibi_slopes=alibi_slopes, **opts)
     out = empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, Tq), dtype=torch.float32, device=q.device)
     where = dict(batch_idx=batch_idx, block_table=block_table)
