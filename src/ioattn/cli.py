@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "subprocess that runs the interpreter)")
 
     p = sub.add_parser("bench", help="speed and memory against naive attention and torch SDPA")
-    p.add_argument("--suite", choices=sorted(SUITES),
+    p.add_argument("--suite", choices=sorted(SUITES) + ["decode"],
                    help="named sweep (default: paper on CUDA, cpu on a CPU); "
                    + "; ".join(f"{s.name}: {s.doc}" for s in SUITES.values()))
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "bench" and args.suite == "decode":
+        # Decoding has its own cases and metric (KV bytes read per second): see bench/decode.py.
+        from ioattn.bench.decode import main as bench_decode
+
+        return bench_decode(argv[1:])
     if args.command == "env":
         return cmd_env(args)
     if args.command == "check":

@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output folder (default: benchmarks/results of the source tree)")
     args, _ = p.parse_known_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    header = machine.header(device, ["bench", "--suite", "decode", *(argv or [])])
+    rest = [a for a in (argv or []) if a not in ("--suite", "decode")]
+    header = machine.header(device, ["bench", "--suite", "decode", *rest])
     rows = []
     for case in grid(device, args.quick):
         print(f"B={case.B} ctx={case.ctx} ...", file=sys.stderr, flush=True)
