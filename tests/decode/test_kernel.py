@@ -12,7 +12,7 @@ from ioattn import flash_attn_with_kvcache
 from ioattn.decode.config import DecodeConfig, get_decode_config, get_num_splits
 from ioattn.decode.kernel import kvcache_fwd_triton
 
-from .cases import CASES, DTYPES, check_kvcache, make_case
+from .cases import CASES, DEVICE, DTYPES, check_kvcache, make_case
 
 
 @pytest.fixture
@@ -116,3 +116,22 @@ def test_kernel_gpu_split_count_does_not_change_results():
         torch.testing.assert_close(o, outs[0], atol=2e-2, rtol=2e-2)
 
 
+
+
+@pytest.mark.parametrize("S", [2, 3, 17])
+def test_combine_equals_merge_partials_many(S):
+    # The Triton combine and the torch merge that ring attention uses agree; rows empty in
+    # every split stay (0, -inf), rows empty in some splits ignore those.
+    from ioattn import merge_partials_many
+    from ioattn.decode.combine import combine_splits
+
+    parts = torch.randn(S, 2, 3, 4, 40, device=DEVICE)
+    lses = torch.randn(S, 2, 3, 4, device=DEVICE) * 3
+    lses[:, 0, 0, 0] = float("-inf")
+    lses[1:, 1, 2, 3] = float("-inf")
+    parts[lses == float("-inf")] = 0.0
+    out, lse = combine_splits(parts, lses, torch.float16)
+    ref, ref_lse = merge_partials_many(parts.double(), lses.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(lse.double(), ref_lse.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    assert torch.all(out[0, 0, 0] == 0) and lse[0, 0, 0] == float("-inf")

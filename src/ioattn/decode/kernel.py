@@ -1,5 +1,5 @@
 """Split-KV decoding (flash-decoding): a Triton kernel over a contiguous or paged KV cache, its
-host launcher, and the combine of the splits.
+host launcher (the combine of the splits is in combine.py).
 
 The grid is (num_splits, B · Hkv, query tiles). A program packs the query rows of all
 ``GROUP = H / Hkv`` heads that share its KV head, for all Tq queries, into one M tile (row
@@ -7,7 +7,7 @@ The grid is (num_splits, B · Hkv, query tiles). A program packs the query rows 
 the whole group instead of once per head: at Tq = 1 that is what makes decoding with GQA
 memory-bound on the cache alone. The program walks its share of the sequence's visible keys with
 the online softmax in exp2 (as the flash forward does) and writes a partial output and its lse;
-with one split these are the final results, with more, :func:`combine_splits` merges them by lse.
+with one split these are the final results, with more, combine.py merges them by lse.
 
 Sequence b sees keys ``[leftpad[b], seqlens[b])`` of its cache, ``seqlens`` counting the keys
 after the append; query t sits on the diagonal ``t + seqlens[b] - Tq`` (bottom-right), which
@@ -23,7 +23,7 @@ from .. import _env
 from .._utils import cdiv, empty
 from ..flash.config import padded_head_dim
 from ..flash.fwd import _scores, device_guard, dot_precision, score_args
-from ..merge import merge_partials_many
+from .combine import combine_splits
 from .config import DecodeConfig, get_decode_config, get_num_splits, sm_count
 
 
@@ -148,13 +148,6 @@ def _splitkv_kernel(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE,
     tl.store(p_o, acc.to(O.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
     p_lse = LSE + i_s * stride_ls + i_b * stride_lb + o_t64 * stride_lt + o_h * stride_lh
     tl.store(p_lse, lse, mask=m_r)
-
-
-def combine_splits(out_parts, lse_parts, dtype):
-    """Merge the splits' partial results: out ``[S, B, Tq, H, D]`` fp32 and lse ``[S, B, Tq, H]``
-    into out ``[B, Tq, H, D]`` of ``dtype`` and lse ``[B, H, Tq]``."""
-    out, lse = merge_partials_many(out_parts, lse_parts)
-    return out.to(dtype), lse.transpose(1, 2).contiguous()
 
 
 def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causal: bool, *,
