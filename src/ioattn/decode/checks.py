@@ -186,26 +186,28 @@ def _raise(bad, k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad, b
            rotary_len, rotary_q_tokens):
     """The error of the first failed check, with the values that broke it."""
     seqlens = cache_seqlens.tolist()
-    if bad["seqlens"]:
-        raise ValueError(f"cache_seqlens must be >= 0, got {seqlens}")
-    if bad["append"]:
-        raise ValueError(f"cache too small: appending {T_new} tokens at cache_seqlens = {seqlens} "
-                         f"needs up to {max(seqlens) + T_new} rows, the cache holds {cap} per sequence")
-    if bad.get("leftpad"):
-        raise ValueError(f"cache_leftpad must be in [0, cache_seqlens] for each sequence, got "
-                         f"{cache_leftpad.tolist()} with cache_seqlens {seqlens}")
-    if bad.get("rows"):
-        raise ValueError(f"cache_batch_idx must index the {k_cache.shape[0]} rows of k_cache, got "
-                         f"{cache_batch_idx.tolist()}")
-    if bad.get("repeat"):
-        raise ValueError(f"cache_batch_idx must not repeat a row when k/v are appended, got "
-                         f"{cache_batch_idx.tolist()}")
-    if bad.get("pages"):
-        page = k_cache.shape[1]
+    rows = None if cache_batch_idx is None else cache_batch_idx.tolist()
+    page = k_cache.shape[1]
+
+    def bad_pages():
         lengths = cache_seqlens.long() + T_new
         b = _bad_pages(block_table, lengths, page, k_cache.shape[0]).any(1).tolist().index(True)
         used = block_table[b, : (seqlens[b] + T_new + page - 1) // page].tolist()
-        raise ValueError(f"block_table[{b}] points outside the {k_cache.shape[0]} pages of k_cache: {used}")
-    need = max(s + max(T_new, rotary_q_tokens) for s in seqlens)
-    raise ValueError(f"rotary tables too short: positions up to {need - 1} are needed, "
-                     f"rotary_cos/rotary_sin have {rotary_len} rows")
+        return f"block_table[{b}] points outside the {k_cache.shape[0]} pages of k_cache: {used}"
+
+    # Messages are built lazily: only the failed check's values are read back.
+    messages = {
+        "seqlens": lambda: f"cache_seqlens must be >= 0, got {seqlens}",
+        "append": lambda: (f"cache too small: appending {T_new} tokens at cache_seqlens = {seqlens} needs "
+                           f"up to {max(seqlens) + T_new} rows, the cache holds {cap} per sequence"),
+        "leftpad": lambda: (f"cache_leftpad must be in [0, cache_seqlens] for each sequence, got "
+                            f"{cache_leftpad.tolist()} with cache_seqlens {seqlens}"),
+        "rows": lambda: f"cache_batch_idx must index the {k_cache.shape[0]} rows of k_cache, got {rows}",
+        "repeat": lambda: f"cache_batch_idx must not repeat a row when k/v are appended, got {rows}",
+        "pages": bad_pages,
+        "rotary": lambda: (f"rotary tables too short: positions up to "
+                           f"{max(s + max(T_new, rotary_q_tokens) for s in seqlens) - 1} are needed, "
+                           f"rotary_cos/rotary_sin have {rotary_len} rows"),
+    }
+    first = next(key for key in messages if bad.get(key))
+    raise ValueError(messages[first]())
