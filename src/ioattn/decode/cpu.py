@@ -1,27 +1,59 @@
 """The CPU backend of flash_attn_with_kvcache: the same contract on CPU tensors.
 
-Each sequence's visible keys ``[leftpad[b], seqlens[b])`` are a view of a contiguous cache (or,
-paged, a gather of its pages: a copy linear in its length) and go through the flash family's CPU
-forward (torch's CPU flash kernel, or its blocked path for windows, softcap and ALiBi) with the
-diagonal at ``seqlens[b] - leftpad[b] - Tq``. When every sequence has the same length, no
-leftpad and no row index, the batch is one call on a view of the cache, which is the common case
-of a generation loop (paged, one gather of all pages). Memory stays linear in the keys; no score matrix of the whole cache.
+Attention runs through the flash family's CPU forward (torch's CPU flash kernel, or its blocked
+path for windows, softcap and ALiBi), with each sequence's diagonal at ``seqlens[b] - Tq``.
+
+- Contiguous cache: sequence b's visible keys ``[leftpad[b], seqlens[b])`` are a view of its
+  row, no copy. When every sequence has the same length, no leftpad and no row index (a
+  generation loop's common case), the whole batch is one call on a view of the cache.
+- Paged cache: the keys are gathered page by page in chunks of about ``CHUNK`` keys, each chunk
+  attended to and the results merged by lse. Gathering the whole sequence at once costs a fresh
+  buffer as large as the cache per call, and first-touching that memory took longer than the
+  attention itself (2-core EPYC, B=4, 16k keys, fp32: 120 ms to gather vs 18 ms into reused
+  memory); chunks of a few MB are reused by the allocator.
+
+Memory stays linear in the keys; no score matrix of the whole cache is formed.
 """
 import torch
 
-from .._utils import empty
+from .._utils import cdiv, empty
 from ..flash.cpu import flash_fwd_cpu
+from ..merge import merge_partials
+
+# Keys gathered per chunk from a paged cache: 1024 keys of 8 heads × 128 fp32 are 4 MB per K/V.
+CHUNK = 1024
 
 
-def _keys(cache, b: int, lo: int, hi: int, *, batch_idx, block_table):
-    """Rows ``[lo, hi)`` of sequence b as ``[1, hi - lo, Hkv, D]``."""
-    if block_table is None:
-        row = b if batch_idx is None else batch_idx[b]
-        return cache[row, lo:hi].unsqueeze(0)
-    page = cache.shape[1]
-    first, last = lo // page, (hi + page - 1) // page
-    pages = block_table[b, first:last].long()
-    return cache[pages].flatten(0, 1)[lo - first * page: hi - first * page].unsqueeze(0)
+def _attend_paged(q, k_cache, v_cache, table, lo: int, hi: int, softmax_scale, causal, slopes, opts):
+    """Attention of q ``[n, Tq, H, D]`` over keys ``[lo, hi)`` of the n sequences whose block
+    tables are the rows of ``table``; chunk results merged in fp32 (rounded once at the end)."""
+    page = k_cache.shape[1]
+    chunk = max(page, CHUNK // page * page)
+    out = lse = None
+    for c0 in range(lo // page * page, hi, chunk):
+        c1 = min(c0 + chunk, hi)
+        first = max(c0, lo)
+        pages = table[:, c0 // page: cdiv(c1, page)].long()
+        kb, vb = (c[pages].flatten(1, 2)[:, first - c0: c1 - c0] for c in (k_cache, v_cache))
+        # Query i sees key j iff j <= i + hi - Tq (absolute), i.e. chunk-relative offset hi - Tq - first.
+        o, l = flash_fwd_cpu(q, kb, vb, softmax_scale, causal, hi - q.shape[1] - first,
+                             alibi_slopes=slopes, **opts)
+        o = o.float()
+        out, lse = (o, l) if out is None else merge_partials(out, lse, o, l)
+    return out.to(q.dtype), lse
+
+
+def _attend(q, k_cache, v_cache, b, lo: int, hi: int, softmax_scale, causal, *, batch_idx, block_table,
+            slopes, opts):
+    """Sequences ``b`` (a slice of the batch) that all see keys ``[lo, hi)``, hi > lo."""
+    if block_table is not None:
+        return _attend_paged(q[b], k_cache, v_cache, block_table[b], lo, hi, softmax_scale, causal, slopes, opts)
+    rows = b if batch_idx is None else batch_idx[b.start]
+    kb, vb = k_cache[rows, lo:hi], v_cache[rows, lo:hi]
+    if kb.dim() == 3:
+        kb, vb = kb[None], vb[None]
+    return flash_fwd_cpu(q[b], kb, vb, softmax_scale, causal, (hi - lo) - q.shape[1], alibi_slopes=slopes,
+                         **opts)
 
 
 def kvcache_fwd_cpu(q, k_cache, v_cache, seqlens: list, softmax_scale: float, causal: bool, *,
@@ -34,19 +66,12 @@ def kvcache_fwd_cpu(q, k_cache, v_cache, seqlens: list, softmax_scale: float, ca
     Returns ``(out, lse)``: out ``[B, Tq, H, D]`` in q's dtype, lse fp32 ``[B, H, Tq]``.
     """
     B, Tq, H, D = q.shape
-    opts = dict(window=window, softcap=softcap)
+    kw = dict(batch_idx=batch_idx, block_table=block_table, opts=dict(window=window, softcap=softcap))
     L = seqlens[0] if seqlens else 0
     if batch_idx is None and leftpad is None and L > 0 and all(s == L for s in seqlens):
-        if block_table is None:
-            kb, vb = k_cache[:B, :L], v_cache[:B, :L]
-        else:
-            # One gather of every sequence's pages: [B, pages, page, Hkv, D] -> [B, L, Hkv, D]
-            pages = block_table[:, : (L + k_cache.shape[1] - 1) // k_cache.shape[1]].long()
-            kb, vb = (c[pages].flatten(1, 2)[:, :L] for c in (k_cache, v_cache))
-        return flash_fwd_cpu(q, kb, vb, softmax_scale, causal, L - Tq, alibi_slopes=alibi_slopes, **opts)
+        return _attend(q, k_cache, v_cache, slice(0, B), 0, L, softmax_scale, causal, slopes=alibi_slopes, **kw)
     out = empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    where = dict(batch_idx=batch_idx, block_table=block_table)
     for b in range(B):
         lo, hi = (0 if leftpad is None else leftpad[b]), seqlens[b]
         if hi <= lo:
@@ -54,11 +79,8 @@ def kvcache_fwd_cpu(q, k_cache, v_cache, seqlens: list, softmax_scale: float, ca
             out[b].zero_()
             lse[b].fill_(float("-inf"))
             continue
-        kb = _keys(k_cache, b, lo, hi, **where)
-        vb = _keys(v_cache, b, lo, hi, **where)
         slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b:b + 1]
-        o, l = flash_fwd_cpu(q[b:b + 1], kb, vb, softmax_scale, causal, (hi - lo) - Tq,
-                             alibi_slopes=slopes, **opts)
+        o, l = _attend(q, k_cache, v_cache, slice(b, b + 1), lo, hi, softmax_scale, causal, slopes=slopes, **kw)
         out[b] = o[0]
         lse[b] = l[0]
     return out, lse
