@@ -34,7 +34,9 @@ def _attend_paged(q, k_cache, v_cache, table, lo: int, hi: int, softmax_scale, c
         c1 = min(c0 + chunk, hi)
         first = max(c0, lo)
         pages = table[:, c0 // page: cdiv(c1, page)].long()
-        kb, vb = (c[pages].flatten(1, 2)[:, first - c0: c1 - c0] for c in (k_cache, v_cache))
+        # index_select: 3.5x faster than advanced indexing for this gather (1 thread, fp32, 16-token pages)
+        kb, vb = (c.index_select(0, pages.flatten()).view(pages.shape[0], -1, *c.shape[2:])[:, first - c0: c1 - c0]
+                  for c in (k_cache, v_cache))
         # Query i sees key j iff j <= i + hi - Tq (absolute), i.e. chunk-relative offset hi - Tq - first.
         o, l = flash_fwd_cpu(q, kb, vb, softmax_scale, causal, hi - q.shape[1] - first,
                              alibi_slopes=slopes, **opts)
