@@ -8,13 +8,18 @@ same inputs, each checked against ioattn's contiguous result before it is timed:
 - ioattn on the contiguous cache and on paged copies of it (16- and 256-token pages, shuffled);
 - torch SDPA with the cuDNN and flash backends (CUDA) or its default and math backends (CPU),
   on ``[B, H, T, D]`` views of the cache with ``enable_gqa``;
-- FlexAttention (CUDA, compiled) and FA4 (``flash_attn.cute``, where installed).
+- FlexAttention (CUDA, compiled) and FA4 (``flash_attn.cute``, where installed);
+- on CUDA, ioattn and SDPA-cuDNN once more replayed from a CUDA graph (``+graph``), as decoding
+  loops run in servers: at small sizes the eager calls are bound by their Python and launch
+  overhead (ioattn's includes the value checks' read-back, off inside the graph), the graphs by
+  the GPU.
 
     python -m ioattn bench --suite decode            # CUDA: the H200 grid; CPU: a small one
     python -m ioattn.bench.decode --device cpu --quick
 """
 import argparse
 import datetime
+import functools
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -87,10 +92,17 @@ def _sdpa(q, k, v, backend):
     return call
 
 
-def _flex(q, k, v):
+@functools.cache
+def _compiled_flex():
+    # One compiled function for the whole sweep: torch.compile turns the shapes dynamic after the
+    # first recompile instead of compiling each of the 12 cases from scratch.
     from torch.nn.attention.flex_attention import flex_attention
 
-    flex = torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
+
+
+def _flex(q, k, v):
+    flex = _compiled_flex()
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     return lambda: flex(qt, kt, vt, enable_gqa=True).transpose(1, 2)
 
@@ -104,17 +116,52 @@ def _fa4(q, k, v):
     return call
 
 
+def _graphed(make):
+    """``make()``'s call captured once in a CUDA graph and replayed (value checks off: they read
+    indices back to the host, which a capture cannot do)."""
+    import os
+
+    saved = os.environ.get("IOATTN_CHECK_VALUES")
+    os.environ["IOATTN_CHECK_VALUES"] = "0"
+    try:
+        call = make()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call()
+    finally:
+        if saved is None:
+            del os.environ["IOATTN_CHECK_VALUES"]
+        else:
+            os.environ["IOATTN_CHECK_VALUES"] = saved
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 def peers(device: str) -> list:
     from torch.nn.attention import SDPBackend
 
     ours = ["ioattn", "ioattn-paged16", "ioattn-paged256"]
     if device == "cuda":
-        return ours + [("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
-                       "flex", "fa4"]
+        cudnn = ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)
+        return ours + [cudnn, ("sdpa-flash", SDPBackend.FLASH_ATTENTION), "flex", "fa4", "ioattn+graph",
+                       ("sdpa-cudnn+graph", SDPBackend.CUDNN_ATTENTION)]
     return ours + [("sdpa", SDPBackend.FLASH_ATTENTION), ("sdpa-math", SDPBackend.MATH)]
 
 
 def _make_call(peer, q, k, v, seqlens):
+    name = peer[0] if isinstance(peer, tuple) else peer
+    if name.endswith("+graph"):
+        plain = (name.removesuffix("+graph"), peer[1]) if isinstance(peer, tuple) else name.removesuffix("+graph")
+        return _graphed(lambda: _make_call(plain, q, k, v, seqlens))
     if isinstance(peer, tuple):
         return _sdpa(q, k, v, peer[1])
     if peer == "ioattn":
