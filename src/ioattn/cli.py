@@ -157,12 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
     if args.command == "bench" and args.suite == "decode":
-        # Decoding has its own cases and metric (KV bytes read per second): see bench/decode.py.
+        # Decoding has its own cases, options and metric (KV bytes read per second): bench/decode.py.
         from ioattn.bench.decode import main as bench_decode
 
         return bench_decode(argv[1:])
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "env":
         return cmd_env(args)
     if args.command == "check":

@@ -227,7 +227,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
     p.add_argument("--quick", action="store_true", help="the smallest cases, few repetitions")
     p.add_argument("--out", help="output folder (default: benchmarks/results of the source tree)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's); 1 keeps "
+                   "timings steady on a machine shared with other work")
     args, _ = p.parse_known_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rest = [a for a in (argv or []) if a not in ("--suite", "decode")]
     header = machine.header(device, ["bench", "--suite", "decode", *rest])
