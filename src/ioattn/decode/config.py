@@ -31,12 +31,17 @@ def get_decode_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret
         # Small tiles: several key blocks and splits even at the tests' tiny caches.
         return DecodeConfig(BLOCK_M=min(32, max(16, next_pow2(rows))), BLOCK_N=16, num_warps=4,
                             num_stages=1)
+    # Register counts below are ptxas's for sm_90a (compiled without a GPU, bf16, D = 128; see
+    # tests/decode/test_kernel.py::test_gpu_configs_compile_without_spills); no timing yet.
     BLOCK_M = min(64, max(16, next_pow2(rows)))
     if dtype == torch.float32 or head_dim > 128:
         # Starting point: fp32 ieee dots and 256-wide heads keep register tiles small.
         return DecodeConfig(BLOCK_M=BLOCK_M, BLOCK_N=32, num_warps=4, num_stages=2)
-    # Starting point: the kernel streams K and V (memory bound at Tq = 1), so 64-key tiles with
-    # 3 stages keep ~48 KB per program in flight at D = 128 without spilling the small Q tile.
+    if BLOCK_M >= 64:
+        # Chunked prefill: 64 x 64 tiles need 232 registers with 4 warps, 176 with 8.
+        return DecodeConfig(BLOCK_M=BLOCK_M, BLOCK_N=64, num_warps=8, num_stages=2)
+    # Decoding streams K and V (memory bound at Tq = 1): 64-key tiles in 3 stages keep 70 KB in
+    # flight per program with 118 registers (128 paged), no spills; 128-key tiles spill at 4 warps.
     return DecodeConfig(BLOCK_M=BLOCK_M, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
