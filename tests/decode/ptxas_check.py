@@ -1,4 +1,4 @@
-"""Compile the split-KV kernel's H200 configs for sm_90a without a GPU (Triton ships ptxas) and
+"""Compile the split-KV kernel's H200 configs (and the combine kernel) for sm_90a without a GPU (Triton ships ptxas) and
 print ptxas's register-spill bytes per config as JSON. Run by test_kernel.py in a child process
 without TRITON_INTERPRET:  PYTHONPATH=src python -m tests.decode.ptxas_check"""
 import inspect
@@ -13,6 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ioattn.decode.combine import _combine_kernel
 from ioattn.decode.config import get_decode_config
 from ioattn.decode.kernel import _splitkv_kernel
 
@@ -39,14 +40,19 @@ def main():
     signature.update({p: "*i32" for p in ("SEQLENS", "LEFTPAD", "BATCH_IDX", "BLOCK_TABLE")},
                      LSE="*fp32", ALIBI="*fp32", qk_scale="fp32", softcap2="fp32")
     spills = {}
-    for name, rows, paged in (("decode", 4, False), ("decode-paged", 4, True), ("prefill-chunk", 1200, False)):
+    # Every feature on, and the plain path the benchmark runs (all flags off).
+    for name, rows, paged, on in (("decode", 4, False, True), ("decode-paged", 4, True, True),
+                                  ("prefill-chunk", 1200, False, True), ("plain", 4, False, False),
+                                  ("plain-paged", 4, True, False)):
         cfg = get_decode_config(rows, 128, torch.bfloat16, interpret=False)
         constexprs = dict(D=128, HEAD_DIM=128, PAGE_SIZE=16 if paged else 1, IS_PAGED=paged,
-                          HAS_LEFTPAD=True, HAS_BATCH_IDX=not paged, HAS_LEFT=True, HAS_RIGHT=True,
-                          HAS_SOFTCAP=True, HAS_ALIBI=True, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                          HAS_LEFTPAD=on, HAS_BATCH_IDX=on and not paged, HAS_LEFT=on, HAS_RIGHT=on,
+                          HAS_SOFTCAP=on, HAS_ALIBI=on, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                           DOT_PRECISION="tf32")
         spills[name] = spill_bytes(_splitkv_kernel, signature, constexprs, num_warps=cfg.num_warps,
                                    num_stages=cfg.num_stages)
+    combine = {"O_PARTS": "*fp32", "LSE_PARTS": "*fp32", "O": "*bf16", "LSE": "*fp32"}
+    spills["combine"] = spill_bytes(_combine_kernel, combine, dict(D=128, HEAD_DIM=128, SPLITS=128), num_warps=4)
     print(json.dumps(spills))
 
 
