@@ -1,5 +1,5 @@
-"""Compile the split-KV kernel's H200 configs (and the combine kernel) for sm_90a without a GPU (Triton ships ptxas) and
-print ptxas's register-spill bytes per config as JSON. Run by test_kernel.py in a child process
+"""Compile the split-KV kernel's H200 configs and the combine kernel for sm_90a without a GPU
+(Triton ships ptxas) and print ptxas's register-spill bytes per config as JSON. Run by test_kernel.py in a child process
 without TRITON_INTERPRET:  PYTHONPATH=src python -m tests.decode.ptxas_check"""
 import inspect
 import json
