@@ -94,7 +94,8 @@ GPU_CASES = {
                                                                       causal=True)),
     "spec-causal-leftpad": (2, 4, 4, 2048, 16, 2, 64, [2000, 9], dict(causal=True, leftpad=True)),
     "prefill-chunk": (1, 300, 300, 2048, 8, 2, 128, [1200], dict(causal=True)),
-    "mqa-window-alibi": (2, 1, 1, 4096, 16, 1, 96, [4000, 333], dict(window_size=(512, 0), alibi=True)),
+    "mqa-window-alibi-rows": (2, 1, 1, 4096, 16, 1, 96, [4000, 333], dict(window_size=(512, 0), alibi=True,
+                                                                          batch_rows=5)),
 }
 
 
