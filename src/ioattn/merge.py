@@ -35,8 +35,9 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
 
 
 def merge_partials_many(outs, lses):
-    """Merge N partial results over pairwise disjoint key sets at once (split-KV's combine step,
-    ring attention's steps taken together).
+    """Merge N partial results over pairwise disjoint key sets at once (ring attention's steps
+    taken together; split-KV decoding's Triton combine applies the same rule and is tested
+    against this).
 
     Args:
         outs: ``[N, *S, D]`` partial outputs (any float dtype), e.g. ``S = (B, T, H)``.
