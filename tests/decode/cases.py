@@ -111,5 +111,7 @@ CASES = {
     "chunked-prefill-tiles": (1, 20, 20, 64, 4, 2, 16, [30], dict(causal=True)),
     "window-softcap-alibi": (2, 2, 1, 64, 4, 2, 32, [50, 20], dict(window_size=(9, 0), softcap=5.0,
                                                                     alibi=True)),
+    "paged-leftpad-alibi-window": (3, 2, 2, 64, 4, 2, 32, [50, 20, 0], dict(page_size=16, leftpad=True, causal=True,
+                                                                          alibi=True, window_size=(20, -1))),
     "all-empty": (2, 1, 0, 32, 2, 1, 16, [0, 0], {}),
 }
