@@ -63,7 +63,8 @@ def _ref_args(kw):
     ref = {k: v for k, v in kw.items() if k not in ("window_size", "num_splits", "rotary_interleaved")}
     ref["window"] = kw.get("window_size", (-1, -1))
     if isinstance(kw["cache_seqlens"], int):
-        ref["cache_seqlens"] = torch.full((kw["q"].shape[0],), kw["cache_seqlens"], dtype=torch.int32)
+        ref["cache_seqlens"] = torch.full((kw["q"].shape[0],), kw["cache_seqlens"], dtype=torch.int32,
+                                          device=kw["q"].device)
     ref["rotary_interleaved"] = kw.get("rotary_interleaved", True)
     return ref
 
@@ -84,7 +85,7 @@ def check_kvcache(kw, call=flash_attn_with_kvcache):
     plain-PyTorch error, the appended caches equal to the baseline's bit for bit (the same
     rotation, rounded once, is written), rows past the append untouched."""
     ref_kw = _ref_args(kw)
-    rdt = torch.float64 if kw["q"].dtype == torch.float32 or DEVICE == "cpu" else torch.float32
+    rdt = torch.float64 if kw["q"].dtype == torch.float32 or kw["q"].device.type == "cpu" else torch.float32
     ref, ref_lse, _, _ = kvcache_ref(**{k: (v.to(rdt) if isinstance(v, torch.Tensor) and v.is_floating_point()
                                            and k != "alibi_slopes" else v) for k, v in ref_kw.items()},
                                      upcast=False)

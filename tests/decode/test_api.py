@@ -6,7 +6,7 @@ import torch
 
 from ioattn import flash_attn_with_kvcache
 
-from .cases import CASES, DTYPES, check_kvcache, make_case
+from .cases import CASES, DEVICE, DTYPES, check_kvcache, make_case
 
 
 @pytest.fixture
@@ -27,7 +27,8 @@ def test_append_writes_only_the_new_rows(page_size, backend, monkeypatch):
     # Sequence 0 gets 3 rows at 5..7, sequence 1 at 14..16; every other row, and every spare
     # page, keeps its bits. The result comes back alone without return_softmax_lse.
     monkeypatch.setenv("IOATTN_BACKEND", backend)
-    kw = make_case(2, 3, 3, 32, 4, 2, 16, [5, 14], dtype=torch.float16, page_size=page_size, causal=True)
+    kw = make_case(2, 3, 3, 32, 4, 2, 16, [5, 14], dtype=torch.float16, page_size=page_size, causal=True,
+                   device="cpu" if backend == "cpu" else DEVICE)
     before = kw["k_cache"].clone(), kw["v_cache"].clone()
     out = flash_attn_with_kvcache(**kw)
     assert isinstance(out, torch.Tensor) and out.shape == kw["q"].shape

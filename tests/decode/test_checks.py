@@ -5,13 +5,17 @@ import torch
 
 from ioattn import flash_attn_with_kvcache
 
-from .cases import make_case
+from .cases import DEVICE, make_case
 
 
-def _base(**options):
+def _base(device="cpu"):
     # Paged 16-token pages, 2 sequences of capacity 64, one new token, rotary on.
-    return make_case(2, 1, 1, 64, 4, 2, 32, [20, 50], dtype=torch.float16, device="cpu", page_size=16,
-                     rotary_dim=16, **options)
+    return make_case(2, 1, 1, 64, 4, 2, 32, [20, 50], dtype=torch.float16, device=device, page_size=16,
+                     rotary_dim=16)
+
+
+def _i32(kw, values):
+    return torch.tensor(values, dtype=torch.int32, device=kw["q"].device)
 
 
 def _bad_table(kw):
@@ -43,19 +47,17 @@ BAD = [
      "cache_seqlens must be int32"),
     ("seqlens negative", lambda kw: kw["cache_seqlens"].fill_(-1), ValueError, "cache_seqlens must be >= 0"),
     ("seqlens shape", lambda kw: kw.update(cache_seqlens=kw["cache_seqlens"][:1]), ValueError, "cache_seqlens"),
-    ("leftpad past seqlens", lambda kw: kw.update(cache_leftpad=torch.tensor([0, 51], dtype=torch.int32)),
-     ValueError, "cache_leftpad"),
+    ("leftpad past seqlens", lambda kw: kw.update(cache_leftpad=_i32(kw, [0, 51])), ValueError, "cache_leftpad"),
     ("k without v", lambda kw: kw.update(v=None), ValueError, "k and v"),
     ("k shape", lambda kw: kw.update(k=kw["k"][..., :16]), ValueError, "k must have shape"),
     ("rotary without k", lambda kw: kw.update(k=None, v=None), ValueError, "rotary_cos"),
-    ("rotary_dim > D", lambda kw: kw.update(rotary_cos=torch.ones(80, 20, dtype=torch.float16),
-                                            rotary_sin=torch.ones(80, 20, dtype=torch.float16)),
+    ("rotary_dim > D", lambda kw: kw.update(rotary_cos=kw["rotary_cos"].new_ones(80, 20),
+                                            rotary_sin=kw["rotary_sin"].new_ones(80, 20)),
      ValueError, "rotary_dim"),
     ("page size", lambda kw: kw.update(k_cache=kw["k_cache"][:, :12], v_cache=kw["v_cache"][:, :12]),
      ValueError, "page size"),
-    ("batch idx with pages", lambda kw: kw.update(cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32)),
-     ValueError, "cache_batch_idx"),
-    ("heads", lambda kw: kw.update(q=torch.randn(2, 1, 3, 32).half()), ValueError, "heads"),
+    ("batch idx with pages", lambda kw: kw.update(cache_batch_idx=_i32(kw, [0, 1])), ValueError, "cache_batch_idx"),
+    ("heads", lambda kw: kw.update(q=kw["q"].new_ones(2, 1, 3, 32)), ValueError, "heads"),
     ("num_splits", lambda kw: kw.update(num_splits=-1), ValueError, "num_splits"),
     ("window", lambda kw: kw.update(window_size=(-2, 0)), ValueError, "window_size"),
 ]
@@ -65,7 +67,8 @@ BAD = [
 @pytest.mark.parametrize("name, spoil, error, words", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_leaves_cache_unchanged(name, spoil, error, words, backend, monkeypatch):
     monkeypatch.setenv("IOATTN_BACKEND", backend)
-    kw = _base()
+    # The Triton kernels take CUDA tensors where there is a GPU, CPU ones in the interpreter.
+    kw = _base("cpu" if backend == "cpu" else DEVICE)
     flash_attn_with_kvcache(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
     spoil(kw)
     before = kw["k_cache"].clone(), kw["v_cache"].clone()
