@@ -97,4 +97,4 @@ def test_value_checks_can_be_skipped(monkeypatch):
     kw = _base()
     ref = flash_attn_with_kvcache(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
     monkeypatch.setenv("IOATTN_CHECK_VALUES", "0")
-    torch.testing.assert_close(flash_attn_with_kvcache(**kw), ref, atol=0, rtol=0)
+    torch.testing.assert_close(flash_attn_with_kvcache(**kw), ref)
