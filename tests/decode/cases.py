@@ -6,6 +6,7 @@ import torch
 
 from ioattn import flash_attn_with_kvcache
 from ioattn.decode.reference import kvcache_ref
+from ioattn.decode.rotary import apply_rotary
 from ioattn.testing import assert_close
 
 from ..flash.test_fwd import assert_lse
@@ -80,11 +81,35 @@ def rounding_floor(ref, dtype) -> float:
     return 0.5 * torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(top)) if top > 0 else 1e-4
 
 
+def prerotate(kw):
+    """The reference's arguments with q and the new k already rotated, in their own dtype, and
+    no rotary tables. Positions as flash-attn documents them: the new keys at cache_seqlens[b] + i,
+    the queries there too when causal or local, else all at cache_seqlens[b].
+
+    As in flash-attn's tests, the rotated q and k rounded to the input dtype are the attention's
+    inputs for the reference too: the rounding is part of the contract (the rotated k is what the
+    cache stores), and a reference that skipped it would charge that shared rounding to the
+    attention (an lse check failed ~1 in 200 bf16 draws for that reason alone).
+    """
+    kw = dict(kw)
+    cos, sin = kw.pop("rotary_cos"), kw.pop("rotary_sin")
+    interleaved = kw.pop("rotary_interleaved")
+    seqlens = kw["cache_seqlens"].long()[:, None]
+    local = kw.get("causal", False) or tuple(kw["window"]) != (-1, -1)
+    pos_q = seqlens + (torch.arange(kw["q"].shape[1], device=seqlens.device) if local else 0)
+    pos_k = seqlens + torch.arange(kw["k"].shape[1], device=seqlens.device)
+    kw["q"] = apply_rotary(kw["q"], cos, sin, pos_q.expand(-1, kw["q"].shape[1]), interleaved=interleaved)
+    kw["k"] = apply_rotary(kw["k"], cos, sin, pos_k, interleaved=interleaved)
+    return kw
+
+
 def check_kvcache(kw, call=flash_attn_with_kvcache):
     """Run ``call(**kw)`` and hold it to the accuracy rule against kvcache_ref: out and lse 2× the
     plain-PyTorch error, the appended caches equal to the baseline's bit for bit (the same
     rotation, rounded once, is written), rows past the append untouched."""
     ref_kw = _ref_args(kw)
+    if ref_kw.get("rotary_cos") is not None:
+        ref_kw = prerotate(ref_kw)
     rdt = torch.float64 if kw["q"].dtype == torch.float32 or kw["q"].device.type == "cpu" else torch.float32
     ref, ref_lse, _, _ = kvcache_ref(**{k: (v.to(rdt) if isinstance(v, torch.Tensor) and v.is_floating_point()
                                            and k != "alibi_slopes" else v) for k, v in ref_kw.items()},

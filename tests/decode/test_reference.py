@@ -5,7 +5,9 @@ import torch
 
 from ioattn.decode.reference import append_ref, kvcache_ref
 
-from .cases import make_case, paginate
+import pytest
+
+from .cases import _ref_args, make_case, paginate, prerotate
 
 
 def test_single_query_by_hand():
@@ -60,3 +62,15 @@ def test_paged_equals_contiguous():
     torch.testing.assert_close(lse, lse_p, atol=1e-6, rtol=1e-6)
     # The appended keys landed in the right pages: sequence 1's rows 60, 61 are page 3's rows 12, 13.
     assert torch.equal(kp_new[table[1, 3].item(), 12:14], kw["k"][1])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_rotary_is_applied_at_flash_attn_positions(causal):
+    # kvcache_ref's own rotary gives what the tests' prerotate (written from flash-attn's
+    # docstring) gives: the reference, and so every backend checked against it, rotates right.
+    kw = _ref_args(make_case(2, 3, 3, 48, 4, 2, 32, [5, 30], dtype=torch.float64, device="cpu", rotary_dim=16,
+                             interleaved=False, causal=causal))
+    out, lse, k_new, _ = kvcache_ref(**kw)
+    out_p, lse_p, k_new_p, _ = kvcache_ref(**prerotate(kw))
+    torch.testing.assert_close(out, out_p, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(k_new, k_new_p, atol=1e-12, rtol=1e-12)
