@@ -11,3 +11,9 @@ __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_
            "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
            "unpad_input", "pad_input",
            "scaled_dot_product_attention", "backend_for", "merge_partials", "__version__"]
+
+from .decode.api import flash_attn_with_kvcache  # noqa: E402
+from .decode.cache import KVCache, PagedKVCache  # noqa: E402
+from .merge import merge_partials_many  # noqa: E402
+
+__all__ += ["flash_attn_with_kvcache", "KVCache", "PagedKVCache", "merge_partials_many"]

@@ -36,3 +36,10 @@ def commit() -> str:
     """IOATTN_COMMIT: the git commit recorded in benchmark headers when the source tree was copied
     without its .git (e.g. to a remote GPU machine); empty means ask git."""
     return os.environ.get("IOATTN_COMMIT", "").strip()
+
+
+def check_values() -> bool:
+    """IOATTN_CHECK_VALUES=0: skip flash_attn_with_kvcache's checks of index values (lengths,
+    page numbers, rows), which copy them to the host and so synchronize with the GPU once per
+    call. Default on; off, out-of-range indices are undefined behaviour (as in flash-attn)."""
+    return os.environ.get("IOATTN_CHECK_VALUES", "1") != "0"

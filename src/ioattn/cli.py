@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed and memory against the peers (torch SDPA and its "
                        "backends, FlexAttention, FA4, naive), or the kernels' first-call cost")
-    p.add_argument("--suite", choices=sorted(SUITES),
+    p.add_argument("--suite", choices=sorted(SUITES) + ["decode"],
                    help="named sweep (default: paper on CUDA, cpu on a CPU); "
                    + "; ".join(f"{s.name}: {s.doc}" for s in SUITES.values()))
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
@@ -240,7 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "bench" and args.suite == "decode":
+        # Decoding has its own cases, options and metric (KV bytes read per second): bench/decode.py.
+        from ioattn.bench.decode import main as bench_decode
+
+        return bench_decode(argv[1:])
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "env":
         return cmd_env(args)
     if args.command == "check":

@@ -32,3 +32,26 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     w_b = w_b.transpose(1, 2).unsqueeze(-1).to(acc)
     out = torch.lerp(out_a.to(acc), out_b.to(acc), w_b)
     return out.to(out_a.dtype), lse
+
+
+def merge_partials_many(outs, lses):
+    """Merge N partial results over pairwise disjoint key sets at once (ring attention's steps
+    taken together; split-KV decoding's Triton combine applies the same rule and is tested
+    against this).
+
+    Args:
+        outs: ``[N, *S, D]`` partial outputs (any float dtype), e.g. ``S = (B, T, H)``.
+        lses: ``[N, *S]`` their log-sum-exps, natural log, in the same layout without ``D`` (pass
+            a transposed view when lse is kept as ``[B, H, T]``).
+
+    Returns:
+        ``(out, lse)``: out ``[*S, D]`` in outs' dtype, lse ``[*S]`` fp32 (fp64 for fp64 lses).
+        Parts with lse −inf contribute nothing; a row with −inf in every part gives (0, −inf).
+    """
+    acc = torch.promote_types(outs.dtype, torch.float32)
+    lse = torch.logsumexp(lses.to(torch.promote_types(lses.dtype, torch.float32)), dim=0)
+    # exp(lse_i - lse) is each part's share of the softmax mass; it is NaN only where every part is
+    # empty (−inf − −inf), whose partial outputs are 0 anyway, so any weight will do there.
+    w = torch.exp(lses - lse).nan_to_num_(0.0).to(acc)
+    out = (w.unsqueeze(-1) * outs.to(acc)).sum(0)
+    return out.to(outs.dtype), lse

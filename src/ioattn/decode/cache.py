@@ -1,0 +1,130 @@
+"""Small KV caches for users who generate without a serving engine: one object per attention
+layer, holding the keys and values and how many tokens each sequence has, and calling
+:func:`ioattn.flash_attn_with_kvcache` with the right arguments.
+
+- :class:`KVCache`: one contiguous ``[B, max_seqlen, Hkv, D]`` buffer per keys and values.
+- :class:`PagedKVCache`: a pool of ``page_size``-token pages shared by up to ``max_batch``
+  sequences, pages handed out as sequences grow and returned by :meth:`PagedKVCache.free`.
+
+Both keep the lengths on the host too, so that appending never reads them back from the GPU.
+"""
+import torch
+
+from .._utils import cdiv
+from .api import flash_attn_with_kvcache
+
+
+class KVCache:
+    """Contiguous KV cache of one layer for ``batch_size`` sequences of up to ``max_seqlen`` tokens.
+
+    ``attend(q, k, v)`` appends k, v (``[B, Tnew, Hkv, D]``) after each sequence's tokens and
+    returns the attention of q (``[B, Tq, H, D]``) over everything cached, causal by default.
+    """
+
+    def __init__(self, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int, *,
+                 dtype=torch.bfloat16, device=None):
+        shape = (batch_size, max_seqlen, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+
+    def attend(self, q, k, v, *, causal: bool = True, **kwargs):
+        """flash_attn_with_kvcache on this cache (rotary tables, window etc. go in kwargs), then
+        advance every sequence by Tnew."""
+        out = flash_attn_with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens,
+                                      causal=causal, **kwargs)
+        self.seqlens += k.shape[1]
+        return out
+
+    def reset(self):
+        """Forget every sequence (the buffers stay allocated)."""
+        self.seqlens.zero_()
+
+    def reorder(self, index):
+        """Beam search: sequence b continues from sequence ``index[b]`` (int tensor ``[B]``)."""
+        index = torch.as_tensor(index, device=self.k.device).long()
+        self.k.copy_(self.k[index])
+        self.v.copy_(self.v[index])
+        self.seqlens.copy_(self.seqlens[index])
+
+
+class PagedKVCache:
+    """Paged KV cache of one layer: ``num_pages`` pages of ``page_size`` tokens (a power of two
+    >= 16) shared by up to ``max_batch`` sequences ("slots") of up to
+    ``max_pages_per_seq · page_size`` tokens each.
+
+    Slots get pages as they grow (:meth:`attend` allocates them) and give them back with
+    :meth:`free`; a sequence's pages need not be adjacent or in order.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *,
+                 max_batch: int, max_pages_per_seq: int, dtype=torch.bfloat16, device=None):
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.page_size = page_size
+        self.block_table = torch.zeros(max_batch, max_pages_per_seq, dtype=torch.int32, device=device)
+        self.seqlens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        # Host state: the free pages, each slot's pages and length.
+        self._free = list(range(num_pages - 1, -1, -1))
+        self._pages = [[] for _ in range(max_batch)]
+        self._lengths = [0] * max_batch
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def length(self, slot: int) -> int:
+        return self._lengths[slot]
+
+    def allocate(self, slot: int, n_tokens: int):
+        """Make room for ``n_tokens`` more tokens in ``slot``, taking pages from the pool."""
+        need = cdiv(self._lengths[slot] + n_tokens, self.page_size) - len(self._pages[slot])
+        if need <= 0:
+            return
+        if len(self._pages[slot]) + need > self.block_table.shape[1]:
+            raise ValueError(f"slot {slot} would need {len(self._pages[slot]) + need} pages, more than "
+                             f"max_pages_per_seq = {self.block_table.shape[1]}")
+        if need > len(self._free):
+            raise RuntimeError(f"out of pages: slot {slot} needs {need}, {len(self._free)} are free")
+        new = [self._free.pop() for _ in range(need)]
+        first = len(self._pages[slot])
+        self._pages[slot] += new
+        self.block_table[slot, first:first + need] = torch.tensor(new, dtype=torch.int32)
+
+    def free(self, slot: int):
+        """End the sequence in ``slot`` and return its pages to the pool."""
+        self._free += reversed(self._pages[slot])
+        self._pages[slot] = []
+        self._lengths[slot] = 0
+        self.seqlens[slot] = 0
+
+    def attend(self, q, k, v, *, slots=None, causal: bool = True, **kwargs):
+        """Append k, v (``[B, Tnew, Hkv, D]``) to the sequences in ``slots`` (default the first B)
+        and return the attention of q ``[B, Tq, H, D]`` over them."""
+        slots = list(range(q.shape[0])) if slots is None else list(slots)
+        for s in slots:
+            self.allocate(s, k.shape[1])
+        index = torch.tensor(slots, device=self.k.device)
+        out = flash_attn_with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens[index],
+                                      block_table=self.block_table[index], causal=causal, **kwargs)
+        for s in slots:
+            self._lengths[s] += k.shape[1]
+        self.seqlens[index] += k.shape[1]
+        return out
+
+    def reorder(self, index):
+        """Beam search: slot b continues from slot ``index[b]``, for b < len(index). The pages'
+        contents are copied (no sharing between slots), so every slot stays independent."""
+        index = [int(i) for i in index]
+        sources = [(list(self._pages[i]), self._lengths[i]) for i in index]
+        # Gather every source first: a slot's pages may be the source of another slot.
+        saved = [(self.k[pages].clone(), self.v[pages].clone()) for pages, _ in sources]
+        for b, ((pages, length), (k, v)) in enumerate(zip(sources, saved)):
+            self.free(b)
+            self.allocate(b, length)
+            self._lengths[b] = length
+            self.seqlens[b] = length
+            dst = torch.tensor(self._pages[b], dtype=torch.long, device=self.k.device)
+            self.k[dst] = k
+            self.v[dst] = v
