@@ -23,7 +23,7 @@ from .. import _env
 from .._utils import cdiv, empty
 from .bwd_preprocess import bwd_preprocess
 from .config import BwdConfig, get_bwd_config, padded_head_dim
-from .fwd import (_attn_mask, _key_range, _scores, device_guard, diag_band, dot_precision, mask_args,
+from .fwd import (_attn_mask, _key_range, _varlen_seq, _scores, device_guard, diag_band, dot_precision, mask_args,
                   score_args, varlen_band)
 
 
@@ -149,16 +149,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     if IS_VARLEN:
         # As in the forward kernel: T_q arrives as total_q (the row stride of lse and delta
         # [H, total_q]), the band relative to each sequence's bottom-right diagonal.
-        bos_q = tl.load(CU_SEQLENS_Q + i_b).to(tl.int64)
-        bos_k = tl.load(CU_SEQLENS_K + i_b).to(tl.int64)
         T_lse = T_q
-        T_q = (tl.load(CU_SEQLENS_Q + i_b + 1) - bos_q).to(tl.int32)
-        T_k = (tl.load(CU_SEQLENS_K + i_b + 1) - bos_k).to(tl.int32)
+        bos_q, bos_k, T_q, T_k, diag_offset, diag_lo, diag_hi = _varlen_seq(
+            CU_SEQLENS_Q, CU_SEQLENS_K, i_b, diag_lo, diag_hi)
         if start_n >= T_k:
             return
-        diag_offset = T_k - T_q
-        diag_lo += diag_offset
-        diag_hi += diag_offset
         Q += bos_q * stride_qt
         DO += bos_q * stride_dot
         LSE += bos_q
@@ -303,17 +298,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     start_m = i_m * BLOCK_M
     if IS_VARLEN:
         # As in the forward kernel (T_q arrives as total_q, the row stride of lse and delta).
-        bos_q = tl.load(CU_SEQLENS_Q + i_b).to(tl.int64)
-        bos_k = tl.load(CU_SEQLENS_K + i_b).to(tl.int64)
-        p_lse_base = LSE + i_h * T_q + bos_q
-        p_delta_base = DELTA + i_h * T_q + bos_q
-        T_q = (tl.load(CU_SEQLENS_Q + i_b + 1) - bos_q).to(tl.int32)
-        T_k = (tl.load(CU_SEQLENS_K + i_b + 1) - bos_k).to(tl.int32)
+        p_lse_base = LSE + i_h * T_q
+        p_delta_base = DELTA + i_h * T_q
+        bos_q, bos_k, T_q, T_k, diag_offset, diag_lo, diag_hi = _varlen_seq(
+            CU_SEQLENS_Q, CU_SEQLENS_K, i_b, diag_lo, diag_hi)
         if start_m >= T_q:
             return
-        diag_offset = T_k - T_q
-        diag_lo += diag_offset
-        diag_hi += diag_offset
+        p_lse_base += bos_q
+        p_delta_base += bos_q
         Q += bos_q * stride_qt
         DO += bos_q * stride_dot
         DQ += bos_q * stride_dqt

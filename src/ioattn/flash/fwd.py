@@ -82,6 +82,19 @@ def _attn_mask(b_s, p_am, m_am, MASK_IS_BOOL: tl.constexpr):
 
 
 @triton.jit
+def _varlen_seq(CU_SEQLENS_Q, CU_SEQLENS_K, i_b, diag_lo, diag_hi):
+    """Sequence ``i_b`` of a packed batch: its first query and key rows ``bos_q``, ``bos_k``
+    (int64), its lengths ``T_q``, ``T_k`` and the band shifted to its own bottom-right diagonal
+    (the launchers pass the band relative to that diagonal, whose offset is ``T_k - T_q``)."""
+    bos_q = tl.load(CU_SEQLENS_Q + i_b).to(tl.int64)
+    bos_k = tl.load(CU_SEQLENS_K + i_b).to(tl.int64)
+    T_q = (tl.load(CU_SEQLENS_Q + i_b + 1) - bos_q).to(tl.int32)
+    T_k = (tl.load(CU_SEQLENS_K + i_b + 1) - bos_k).to(tl.int32)
+    diag_offset = T_k - T_q
+    return bos_q, bos_k, T_q, T_k, diag_offset, diag_lo + diag_offset, diag_hi + diag_offset
+
+
+@triton.jit
 def _key_range(start_m, T_q, T_k, diag_lo, diag_hi, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys ``[n_lo, n_end)`` that query rows ``[start_m, start_m + BLOCK_M)`` must visit, with
@@ -201,16 +214,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
         # packed tensors. The grid covers the longest sequence; tiles past this one's end exit.
         # The launcher passes T_q = total_q (lse is [H, total_q]) and the band relative to the
         # diagonal, which is aligned bottom-right in each sequence: diag_offset = T_k - T_q.
-        bos_q = tl.load(CU_SEQLENS_Q + i_b).to(tl.int64)
-        bos_k = tl.load(CU_SEQLENS_K + i_b).to(tl.int64)
-        p_lse_base = LSE + i_h * T_q + bos_q
-        T_q = (tl.load(CU_SEQLENS_Q + i_b + 1) - bos_q).to(tl.int32)
-        T_k = (tl.load(CU_SEQLENS_K + i_b + 1) - bos_k).to(tl.int32)
+        p_lse_base = LSE + i_h * T_q
+        bos_q, bos_k, T_q, T_k, diag_offset, diag_lo, diag_hi = _varlen_seq(
+            CU_SEQLENS_Q, CU_SEQLENS_K, i_b, diag_lo, diag_hi)
         if start_m >= T_q:
             return
-        diag_offset = T_k - T_q
-        diag_lo += diag_offset
-        diag_hi += diag_offset
+        p_lse_base += bos_q
         Q += bos_q * stride_qt
         K += bos_k * stride_kt
         V += bos_k * stride_vt
