@@ -20,9 +20,10 @@ hosts). So the backward always runs in fp32 on upcast copies (linear memory): on
 that is also ~10× faster than the native bf16/fp16 backward, on an AMX host ~1.8× slower. The
 forward runs upcast only for fp16 on CPUs without native fp16 matmul (see `_upcast_fwd`).
 
-Sliding window, softcap, ALiBi: a window's right bound alone is causal at a shifted offset, so
-it stays on torch's kernel; a left bound, softcap or ALiBi, which the kernel cannot express, run
-the blocked plain-torch implementation of cpu_blocked.py (`_route` decides).
+Sliding window, softcap, ALiBi, dropout: a window's right bound alone is causal at a shifted
+offset, so it stays on torch's kernel; a left bound, softcap, ALiBi or dropout, which the kernel
+cannot express (its dropout draws a mask the backward cannot regenerate), run the blocked
+plain-torch implementation of cpu_blocked.py (`_route` decides).
 """
 import functools
 
@@ -58,13 +59,14 @@ def _plan(Tq: int, Tk: int, causal: bool, diag_offset: int):
     return min(max(-diag_offset, 0), Tq), max(diag_offset, 0), True
 
 
-def _route(Tq: int, Tk: int, causal: bool, diag_offset: int, window, softcap, alibi_slopes):
+def _route(Tq: int, Tk: int, causal: bool, diag_offset: int, window, softcap, alibi_slopes,
+           dropout_p=0.0):
     """``(left, right)`` window bounds for the blocked path, or None for torch's kernel.
 
     Causal is the window's right bound 0; a bound that no (query, key) pair reaches is dropped
     (−1). Without a left bound, softcap or ALiBi, the mask ``j <= i + diag_offset + right`` is
     causal at offset ``diag_offset + right``, which `_plan` turns into kernel calls; so only a
-    left bound, softcap or ALiBi leave torch's kernel.
+    left bound, softcap, ALiBi or dropout leave torch's kernel.
     """
     left, right = window
     if causal:
@@ -74,7 +76,7 @@ def _route(Tq: int, Tk: int, causal: bool, diag_offset: int, window, softcap, al
         left = -1
     if right >= Tk - 1 - diag_offset:
         right = -1
-    if left < 0 and softcap == 0 and alibi_slopes is None:
+    if left < 0 and softcap == 0 and alibi_slopes is None and dropout_p == 0:
         return None
     return left, right
 
@@ -114,7 +116,8 @@ def _expand_kv_bwd(B: int, H: int, Hkv: int) -> bool:
 
 
 def flash_fwd_cpu(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
-                  window=(-1, -1), softcap: float = 0.0, alibi_slopes=None):
+                  window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0,
+                  seed: int = 0):
     """Attention forward on CPU tensors (inputs already validated by the caller).
 
     Args:
@@ -125,16 +128,20 @@ def flash_fwd_cpu(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
             ``[i + diag_offset - left, i + diag_offset + right]``, −1 = unbounded.
         softcap: if > 0, scores become ``softcap · tanh(s / softcap)``.
         alibi_slopes: fp32 ``[H]`` or ``[B, H]``; adds ``−slope · |i + diag_offset − j|``.
+        dropout_p, seed: when ``dropout_p > 0``, probabilities are kept with probability
+            ``1 - dropout_p`` by a mask hashed from ``seed`` (cpu_blocked.keep_mask) and the kept
+            ones scaled by ``1 / (1 - dropout_p)``; lse is unchanged.
 
     Returns:
         ``(out, lse)``: out ``[B, Tq, H, D]`` in q's dtype, lse fp32 ``[B, H, Tq]`` contiguous.
     """
     B, Tq, H, D = q.shape
     dtype = q.dtype
-    if softcap or alibi_slopes is not None or window != (-1, -1):
-        bounds = _route(Tq, k.shape[1], causal, diag_offset, window, softcap, alibi_slopes)
+    if softcap or alibi_slopes is not None or window != (-1, -1) or dropout_p:
+        bounds = _route(Tq, k.shape[1], causal, diag_offset, window, softcap, alibi_slopes, dropout_p)
         if bounds is not None:
-            return blocked_fwd(q, k, v, softmax_scale, diag_offset, *bounds, softcap, alibi_slopes)
+            return blocked_fwd(q, k, v, softmax_scale, diag_offset, *bounds, softcap, alibi_slopes,
+                               dropout_p, seed)
         causal, diag_offset = _kernel_mask(causal, diag_offset, window)
     r0, p, causal_a = _plan(Tq, k.shape[1], causal, diag_offset)
     if r0 == Tq:
@@ -170,9 +177,11 @@ def flash_fwd_cpu(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
 
 
 def flash_bwd_cpu(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int,
-                  *, window=(-1, -1), softcap: float = 0.0, alibi_slopes=None):
+                  *, window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0,
+                  seed: int = 0):
     """Attention backward on CPU tensors, from the ``(out, lse)`` of :func:`flash_fwd_cpu`
-    (same ``window``, ``softcap`` and ``alibi_slopes``; no gradient to the slopes).
+    (same ``window``, ``softcap``, ``alibi_slopes``, ``dropout_p`` and ``seed``; no gradient to
+    the slopes).
 
     Each piece of `_plan` runs the kernel's backward with the *final* out and lse of its rows:
     the kernel recomputes P = exp(s − lse) and Δ = rowsum(dO∘O) from them, so they are the global
@@ -186,11 +195,11 @@ def flash_bwd_cpu(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, d
     B, Tq, H, _ = q.shape
     Hkv = k.shape[2]
     dtype = q.dtype
-    if softcap or alibi_slopes is not None or window != (-1, -1):
-        bounds = _route(Tq, k.shape[1], causal, diag_offset, window, softcap, alibi_slopes)
+    if softcap or alibi_slopes is not None or window != (-1, -1) or dropout_p:
+        bounds = _route(Tq, k.shape[1], causal, diag_offset, window, softcap, alibi_slopes, dropout_p)
         if bounds is not None:
             return blocked_bwd(dout, q, k, v, out, lse, softmax_scale, diag_offset, *bounds,
-                               softcap, alibi_slopes)
+                               softcap, alibi_slopes, dropout_p, seed)
         causal, diag_offset = _kernel_mask(causal, diag_offset, window)
     r0, p, causal_a = _plan(Tq, k.shape[1], causal, diag_offset)
     if r0 == Tq:

@@ -1,5 +1,5 @@
 """Blocked CPU attention in plain torch, for what torch's CPU flash kernel cannot express: a sliding
-window with a left bound, softcap and ALiBi.
+window with a left bound, softcap, ALiBi and dropout.
 
 Q is cut into blocks of ``BLOCK_M`` rows. A block's rows see keys in a band around the aligned
 diagonal, so each block touches only the key range ``[lo, hi)`` that one of its rows can see
@@ -10,6 +10,10 @@ exact, not online: every key its rows see is in the one range.
 GQA/MQA without expanding K/V: the G query heads of a KV head are folded into the rows,
 ``[B, Hkv, G·BLOCK_M, D]``, so one batched matmul per block serves the whole group, and in the
 backward the matmul that gives dk/dv sums over the group by itself.
+
+Dropout: the keep mask of each block is made from the seed and the indices of its entries by a
+counter-based hash (`keep_mask`), so the backward regenerates it block by block and no T×T mask
+is stored; the kept probabilities are scaled by ``1 / (1 − p)``, lse stays undropped.
 
 Math in fp32 (fp64 for fp64 inputs) on upcast copies of K and V. lse is fp32, or fp64 for fp64
 inputs, as on torch's kernel path (an fp32 lse would cap the fp64 gradients at ~1e−7).
@@ -29,6 +33,52 @@ BLOCK_M = 128
 # B·H·BLOCK_M·(keys per block) is larger, so the temporaries stay moderate at large B·H·Tk.
 SCORES_BUDGET = 64 << 20
 MIN_BLOCK_M = 16
+
+
+# splitmix64 (Steele, Lea, Flood 2014): its increment and finalizer constants, as the int64
+# values of the same bits (torch's int64 arithmetic wraps like uint64's; it has no uint64 ops).
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+# The top 24 bits of a hash are compared with p · 2^24: p is honoured to 6e-8.
+_KEEP_BITS = 24
+
+
+def _shr_(x, n: int):
+    """In-place logical right shift of int64 ``x`` (torch's ``>>`` is arithmetic)."""
+    return x.bitwise_right_shift_(n).bitwise_and_((1 << (64 - n)) - 1)
+
+
+def _splitmix64_(z):
+    """splitmix64's finalizer, in place on an int64 tensor: a bijection whose every output bit
+    depends on every input bit, so consecutive counters give independent-looking numbers."""
+    z.bitwise_xor_(_shr_(z.clone(), 30)).mul_(_MIX1)
+    z.bitwise_xor_(_shr_(z.clone(), 27)).mul_(_MIX2)
+    return z.bitwise_xor_(_shr_(z.clone(), 31))
+
+
+def keep_mask(seed: int, counters, dropout_p: float):
+    """Bool keep mask for int64 ``counters``: key kept with probability ``1 − dropout_p``.
+
+    The counter of (b, h, i, j) is its index in ``[B, H, Tq, Tk]``, as in the Triton kernels
+    (dropout.py), though the bits differ from their Philox ones (masks match across devices in
+    distribution, not bit for bit).
+    """
+    z = _splitmix64_(counters.mul(_GOLDEN).add_(seed))
+    return _shr_(z, 64 - _KEEP_BITS) >= round(dropout_p * (1 << _KEEP_BITS))
+
+
+def block_keep(seed: int, dropout_p: float, B: int, H: int, Tq: int, Tk: int, i0: int, i1: int,
+               lo: int, hi: int):
+    """Keep mask ``[B, H, i1 - i0, hi - lo]`` of rows ``[i0, i1)`` and keys ``[lo, hi)``."""
+    rows = torch.arange(B * H).view(B, H, 1) * Tq + torch.arange(i0, i1)
+    return keep_mask(seed, (rows * Tk)[..., None] + torch.arange(lo, hi), dropout_p)
+
+
+def sequence_seed(seed: int, b: int) -> int:
+    """The seed of sequence b of a varlen batch, which the CPU backend runs one by one as B = 1:
+    without it, sequences of equal lengths would share one mask."""
+    return int(_splitmix64_(torch.tensor(b + 1, dtype=torch.int64).mul_(_GOLDEN).add_(seed)))
 
 
 def key_range(i0: int, i1: int, Tk: int, diag_offset: int, left: int, right: int):
@@ -166,8 +216,9 @@ def _neg_slopes(alibi_slopes, B, H, cdt):
 
 
 def blocked_fwd(q, k, v, softmax_scale: float, diag_offset: int, left: int, right: int,
-                softcap: float, alibi_slopes):
+                softcap: float, alibi_slopes, dropout_p: float = 0.0, seed: int = 0):
     """Forward over Q blocks; ``(left, right)`` already hold causal (right = 0), −1 = open.
+    With ``dropout_p > 0`` the probabilities are dropped by `block_keep` of ``seed``.
 
     Returns ``(out, lse)``: out ``[B, Tq, H, D]`` in q's dtype, lse ``[B, H, Tq]`` in the
     compute dtype (fp32; fp64 for fp64 inputs).
@@ -197,18 +248,26 @@ def blocked_fwd(q, k, v, softmax_scale: float, diag_offset: int, left: int, righ
         m = s.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)
         p = _exp_(s.sub_(m), masks)
         l = p.sum(-1, keepdim=True)
+        if dropout_p > 0:
+            # After the row sum: dropout acts on the normalized P, whose normalizer it leaves alone.
+            p.masked_fill_(~block_keep(seed, dropout_p, B, H, Tq, Tk, i0, i1, lo, hi), 0.0)
         o = torch.matmul(p.view(B, Hkv, -1, hi - lo), vt[:, :, lo:hi]).view(B, H, i1 - i0, D)
         # l >= 1 wherever a key is seen (its max term is exp(0)); where none is, o is 0 and l 0.
-        out[:, i0:i1] = o.div_(l.clamp_min(1.0)).transpose(1, 2)
+        o.div_(l.clamp_min(1.0))
+        if dropout_p > 0:
+            o.mul_(1.0 / (1.0 - dropout_p))
+        out[:, i0:i1] = o.transpose(1, 2)
         lse[:, :, i0:i1] = (m + l.log()).squeeze(-1)
     return out, lse
 
 
 def blocked_bwd(dout, q, k, v, out, lse, softmax_scale: float, diag_offset: int, left: int,
-                right: int, softcap: float, alibi_slopes):
+                right: int, softcap: float, alibi_slopes, dropout_p: float = 0.0, seed: int = 0):
     """Backward over Q blocks from the final ``(out, lse)``: P = exp(s − lse) is recomputed,
     Δ = rowsum(dO∘O), dS = P∘(dP − Δ) (times 1 − tanh² under softcap); dq is written per
-    block, dk/dv accumulate over blocks in the compute dtype.
+    block, dk/dv accumulate over blocks in the compute dtype. With dropout the forward's mask Z
+    is regenerated: dv takes (P∘Z/(1 − p))ᵀ dO and dP is (dO Vᵀ)∘Z/(1 − p); Δ = rowsum(dO∘O)
+    still equals rowsum(P∘dP).
 
     Returns ``(dq, dk, dv)`` with the shapes and dtypes of q, k, v.
     """
@@ -220,7 +279,7 @@ def blocked_bwd(dout, q, k, v, out, lse, softmax_scale: float, diag_offset: int,
     dk_acc = torch.zeros(B * Hkv, Tk, D, dtype=cdt)
     dv_acc = torch.zeros(B * Hkv, Tk, D, dtype=cdt)
     _bwd_blocks(dout, q, k, v, out, lse, dq, dk_acc, dv_acc, softmax_scale, diag_offset, left,
-                right, softcap, alibi_slopes)
+                right, softcap, alibi_slopes, dropout_p, seed)
     # Only now, with the K/V copies and the workspace gone, the [B, Tk, Hkv, D] results
     dk = _utils.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = _utils.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -230,7 +289,7 @@ def blocked_bwd(dout, q, k, v, out, lse, softmax_scale: float, diag_offset: int,
 
 
 def _bwd_blocks(dout, q, k, v, out, lse, dq, dk_acc, dv_acc, softmax_scale, diag_offset, left,
-                right, softcap, alibi_slopes):
+                right, softcap, alibi_slopes, dropout_p, seed):
     """The loop of `blocked_bwd`: writes dq, adds into dk_acc and dv_acc."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
@@ -262,7 +321,13 @@ def _bwd_blocks(dout, q, k, v, out, lse, dq, dk_acc, dv_acc, softmax_scale, diag
         p = _exp_(s.sub_(lse[:, :, i0:i1]), masks).view(B, Hkv, -1, n)
         # 3-D views for baddbmm_: [B·Hkv, G·bq, n] and [B·Hkv, G·bq, D]
         dob3, qb3 = dob.flatten(0, 1), qb.flatten(0, 1)
-        dv_acc[:, lo:hi].baddbmm_(p.flatten(0, 1).transpose(1, 2), dob3)
+        if dropout_p > 0:
+            # Z / (1 − p) as numbers: it scales both P (for dv) and dP.
+            z_scaled = block_keep(seed, dropout_p, B, H, Tq, Tk, i0, i1, lo, hi).to(cdt)
+            z_scaled = z_scaled.mul_(1.0 / (1.0 - dropout_p)).view(p.shape)
+            dv_acc[:, lo:hi].baddbmm_((p * z_scaled).flatten(0, 1).transpose(1, 2), dob3)
+        else:
+            dv_acc[:, lo:hi].baddbmm_(p.flatten(0, 1).transpose(1, 2), dob3)
         if t is None:
             p_grad, dp = p, _tile(ws[1], *p.shape)
         else:
@@ -270,6 +335,8 @@ def _bwd_blocks(dout, q, k, v, out, lse, dq, dk_acc, dv_acc, softmax_scale, diag
             p_grad = torch.addcmul(p, p, t.square_().view(p.shape), value=-1.0, out=t.view(p.shape))
             dp = p
         torch.matmul(dob, vt[:, :, lo:hi].transpose(-1, -2), out=dp)
+        if dropout_p > 0:
+            dp.mul_(z_scaled)
         ds = dp.sub_(delta).mul_(p_grad)
         dqb = torch.matmul(ds, kt[:, :, lo:hi]).view(B, H, bq, D)
         dq[:, i0:i1] = dqb.mul_(softmax_scale).transpose(1, 2)
