@@ -163,7 +163,7 @@ def _bad_inputs():
         (lambda a: {**a, "max_seqlen_k": -1}, ValueError, "max_seqlen_k must be an int"),
         (lambda a: {**a, "q": a["q"][None]}, ValueError, "q must have 3 dims"),
         (lambda a: {**a, "alibi_slopes": torch.rand(3, 2)}, ValueError, "alibi_slopes"),
-        (lambda a: {**a, "dropout_p": 0.1}, NotImplementedError, "dropout_p"),
+        (lambda a: {**a, "dropout_p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\)"),
     ],
     ids=["cu-dtype", "cu-list", "cu-2d", "cu-length", "cu-start", "cu-monotone", "cu-past-end",
          "max-too-small", "max-negative", "q-4d", "alibi-shape", "dropout"],

@@ -8,7 +8,11 @@ The ops take already-validated tensors (see checks.py) and pick a backend by dev
 never see a zero-sized grid: Tk = 0 means every row sees no key, giving out 0 and lse −inf.
 
 Every op carries the same scalar options after the tensors, in this order: softmax_scale,
-causal, diag_offset, window_left, window_right, softcap (see the launchers for their meaning).
+causal, diag_offset, window_left, window_right, softcap, dropout_p (see the launchers for their
+meaning), then the dropout seed: a 0-d int64 CPU tensor from :func:`draw_seed`, or None without
+dropout. A tensor and not an int, so that torch.compile keeps the draw in the graph and each call
+gets a fresh seed instead of one baked in as a constant; it is saved for the backward, which
+regenerates the forward's mask from it.
 """
 from typing import Optional
 
@@ -24,38 +28,58 @@ def _lse_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def draw_seed(dropout_p: float):
+    """A fresh dropout seed, or None when ``dropout_p == 0`` (then nothing is drawn and torch's
+    random stream is left as it was).
+
+    Drawn from torch's default CPU generator whatever the device: ``torch.manual_seed(s)`` seeds
+    it, so the same seed gives the same result on every run and device kind, and the kernels get
+    it as a host int without a device synchronization. 62 random bits with bit 62 set: Triton
+    types every such int as int64, so a new seed never compiles a new kernel variant.
+    """
+    if dropout_p == 0:
+        return None
+    return torch.randint(1 << 62, (), dtype=torch.int64) + (1 << 62)
+
+
+def _seed_value(seed) -> int:
+    """The seed as an int, from None (no dropout), an int or a 0-d tensor."""
+    return 0 if seed is None else int(seed)
+
+
 def _fwd_impl(q, k, v, alibi_slopes, softmax_scale, causal, diag_offset, window_left, window_right,
-              softcap):
+              softcap, dropout_p, seed):
     B, Tq, H, D = q.shape
     if q.numel() == 0 or k.shape[1] == 0:
         out = torch.zeros(B, Tq, H, D, dtype=q.dtype, device=q.device)
         lse = torch.full((B, H, Tq), float("-inf"), dtype=_lse_dtype(q), device=q.device)
         return out, lse
     fwd, _ = kernels_for(q.device)
-    out, lse = fwd(q, k, v, softmax_scale, causal, diag_offset,
-                   window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes)
+    out, lse = fwd(q, k, v, softmax_scale, causal, diag_offset, window=(window_left, window_right),
+                   softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=_seed_value(seed))
     # The fake impl promises contiguous outputs; compiled graphs rely on those strides.
     return out.contiguous(), lse.contiguous()
 
 
 def _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal, diag_offset, window_left,
-              window_right, softcap):
+              window_right, softcap, dropout_p, seed):
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     _, bwd = kernels_for(q.device)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     dq, dk, dv = bwd(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset,
-                     window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes)
+                     window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes,
+                     dropout_p=dropout_p, seed=_seed_value(seed))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @torch.library.custom_op("ioattn::flash_fwd", mutates_args=(), device_types=("cpu", "cuda"))
 def flash_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor], softmax_scale: float,
               causal: bool, diag_offset: int, window_left: int, window_right: int,
-              softcap: float) -> tuple[Tensor, Tensor]:
+              softcap: float, dropout_p: float, dropout_seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return _fwd_impl(q, k, v, alibi_slopes, softmax_scale, causal, diag_offset, window_left,
-                     window_right, softcap)
+                     window_right, softcap, dropout_p, dropout_seed)
 
 
 @flash_fwd.register_fake
@@ -67,9 +91,10 @@ def _(q, k, v, alibi_slopes, *options):
 @torch.library.custom_op("ioattn::flash_bwd", mutates_args=(), device_types=("cpu", "cuda"))
 def flash_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               alibi_slopes: Optional[Tensor], softmax_scale: float, causal: bool, diag_offset: int,
-              window_left: int, window_right: int, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+              window_left: int, window_right: int, softcap: float, dropout_p: float,
+              dropout_seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     return _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal, diag_offset,
-                     window_left, window_right, softcap)
+                     window_left, window_right, softcap, dropout_p, dropout_seed)
 
 
 @flash_bwd.register_fake
@@ -78,21 +103,21 @@ def _(dout, q, k, v, out, lse, alibi_slopes, *options):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, alibi_slopes, *options = inputs
+    q, k, v, alibi_slopes, *options, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, seed)
     ctx.options = tuple(options)
     # Gradients flow through `out` only; lse is returned for inspection (as in flash-attn).
     ctx.mark_non_differentiable(lse)
 
 
 def _grads(ctx, dout, bwd):
-    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, alibi_slopes, *ctx.options)
-    # No gradient for the ALiBi slopes (flash-attn gives none either) or the scalar options.
-    return (dq, dk, dv, None) + (None,) * len(ctx.options)
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, alibi_slopes, *ctx.options, seed)
+    # No gradient for the ALiBi slopes (flash-attn gives none either), the options or the seed.
+    return (dq, dk, dv, None) + (None,) * len(ctx.options) + (None,)
 
 
 def _backward(ctx, dout, dlse):
@@ -117,8 +142,9 @@ class _EagerAttention(torch.autograd.Function):
 
 
 def attention(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
-              window=(-1, -1), softcap: float = 0.0, alibi_slopes=None):
-    """``(out, lse)`` of validated inputs, differentiable in q, k, v.
+              window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0):
+    """``(out, lse)`` of validated inputs, differentiable in q, k, v. With ``dropout_p > 0`` a
+    fresh seed is drawn per call (:func:`draw_seed`), in inference too.
 
     Under torch.compile this is the custom op, which the compiler can trace. In eager mode the
     op's dispatch costs ~60 µs a call (measured on CPU, torch 2.13: 85 µs vs 25 µs for the
@@ -127,7 +153,7 @@ def attention(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
     implementation when no gradient is wanted.
     """
     args = (q, k, v, alibi_slopes, float(softmax_scale), bool(causal), int(diag_offset),
-            int(window[0]), int(window[1]), float(softcap))
+            int(window[0]), int(window[1]), float(softcap), float(dropout_p), draw_seed(dropout_p))
     if torch.compiler.is_compiling():
         return flash_fwd(*args)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
