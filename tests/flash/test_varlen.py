@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from ioattn import flash_attn_varlen_func, pad_input, unpad_input
+from ioattn.flash.cpu_blocked import sequence_seed
+from ioattn.flash.ops import draw_seed
 from ioattn.flash.reference import attention_ref
-from ioattn.testing import assert_attention_close
+from ioattn.testing import assert_attention_close, dropout_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -30,15 +32,16 @@ def _make(seqs, H, Hkv, D, dtype, tail=TAIL, device=DEVICE):
     return q, k, v, _cu(lq, device), _cu(lk, device)
 
 
-def _varlen_ref(q, k, v, cu_q, cu_k, *, upcast, alibi_slopes=None, **kw):
+def _varlen_ref(q, k, v, cu_q, cu_k, *, upcast, alibi_slopes=None, masks=None, **kw):
     """Dense reference per sequence, packed back: out ``[total_q, H, D]``, lse ``[H, total_q]``;
-    the rows past cu_q[-1] hold 0 and −inf."""
+    the rows past cu_q[-1] hold 0 and −inf. ``masks``: the dropout keep mask of each sequence."""
     cq, ck = cu_q.tolist(), cu_k.tolist()
     outs, lses = [], []
     for b in range(len(cq) - 1):
         slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b:b + 1]
         o, lse = attention_ref(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
-                               upcast=upcast, alibi_slopes=slopes, **kw)
+                               upcast=upcast, alibi_slopes=slopes,
+                               dropout_mask=None if masks is None else masks[b], **kw)
         outs.append(o[0])
         lses.append(lse[0])
     tail = q.shape[0] - cq[-1]
@@ -88,6 +91,41 @@ def test_varlen_features(monkeypatch, backend):
     q, k, v, cu_q, cu_k = _make(seqs, 4, 1, 32, dtype)
     slopes = torch.rand(len(seqs), 4, device=DEVICE)
     _check(q, k, v, cu_q, cu_k, causal=True, window=(5, -1), softcap=2.0, alibi_slopes=slopes)
+
+
+def _varlen_masks(seed, seqs, total_q, H, p, backend):
+    """Each sequence's keep mask ``[1, H, Tq_b, Tk_b]``: on the Triton kernels a slice of one
+    mask over the packed rows (dropout.py), on CPU one mask per sequence seed."""
+    if backend == "cpu":
+        return [dropout_mask(sequence_seed(int(seed), b), 1, H, lq, lk, p, backend="cpu")
+                for b, (lq, lk) in enumerate(seqs)]
+    dense = dropout_mask(seed, 1, H, total_q, max(lk for _, lk in seqs), p, backend=backend, device=DEVICE)
+    starts = _cu([lq for lq, _ in seqs], "cpu").tolist()
+    return [dense[:, :, starts[b]:starts[b] + lq, :lk] for b, (lq, lk) in enumerate(seqs)]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_varlen_dropout(monkeypatch, backend):
+    """Dropout with the masks the backend makes from the seed drawn after torch.manual_seed;
+    sequences 0 and 3 have equal lengths and must still get masks of their own."""
+    if DEVICE == "cpu":
+        monkeypatch.setenv("IOATTN_BACKEND", backend)
+    dtype = torch.float32 if backend == "cpu" else torch.float16
+    seqs, H, p = [(9, 20), (0, 2), (12, 7), (9, 20), (1, 1)], 4, 0.3
+    q, k, v, cu_q, cu_k = _make(seqs, H, 2, 32, dtype)
+    torch.manual_seed(9)
+    seed = draw_seed(p)
+    torch.manual_seed(9)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, dropout_p=p, causal=True,
+                                         return_attn_probs=True)
+    dout = torch.randn_like(q)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    masks = _varlen_masks(seed, seqs, q.shape[0], H, p, backend)
+    kw = dict(causal=True, dropout_p=p, masks=masks)
+    ref, ref_lse = _varlen_ref(q, k, v, cu_q, cu_k, upcast=True, **kw)
+    base, base_lse = _varlen_ref(q, k, v, cu_q, cu_k, upcast=False, **kw)
+    assert_attention_close(out, lse, grads, ref, ref_lse, base, base_lse, (q, k, v), dout)
+    assert not torch.equal(masks[0], masks[3])
 
 
 def test_varlen_all_empty():
