@@ -81,7 +81,7 @@ def dropout_mask(seed, B: int, H: int, Tq: int, Tk: int, dropout_p: float, *, ba
     if backend == "cpu":
         from .flash.cpu_blocked import block_keep
 
-        return block_keep(seed, dropout_p, B, H, Tq, Tk, 0, Tq, 0, Tk).to(device)
+        return block_keep(seed, dropout_p, B, H, Tq, 0, Tq, 0, Tk).to(device)
     from .flash.dropout import dropout_mask_triton
 
     return dropout_mask_triton(seed, B, H, Tq, Tk, dropout_p, device)
