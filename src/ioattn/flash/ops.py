@@ -36,6 +36,11 @@ def draw_seed(dropout_p: float):
     it, so the same seed gives the same result on every run and device kind, and the kernels get
     it as a host int without a device synchronization. 62 random bits with bit 62 set: Triton
     types every such int as int64, so a new seed never compiles a new kernel variant.
+
+    Under torch.compile the draw stays in the graph. With the aot_eager backend it is torch's
+    own draw, so compiled and eager calls agree bit for bit after the same manual_seed; inductor
+    compiles it with its own generator (seen on CPU, torch 2.13): still fresh per call and
+    repeatable under manual_seed, but another seed than eager's.
     """
     if dropout_p == 0:
         return None
