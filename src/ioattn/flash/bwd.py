@@ -312,7 +312,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         # As in the forward kernel (T_q arrives as total_q, the row stride of lse and delta).
         bos_q = tl.load(CU_SEQLENS_Q + i_b).to(tl.int64)
         bos_k = tl.load(CU_SEQLENS_K + i_b).to(tl.int64)
-        lse_row0 = i_h * T_q + bos_q
+        p_lse_base = LSE + i_h * T_q + bos_q
+        p_delta_base = DELTA + i_h * T_q + bos_q
+        drop_row0 = i_h * T_q + bos_q
         T_q = (tl.load(CU_SEQLENS_Q + i_b + 1) - bos_q).to(tl.int32)
         T_k = (tl.load(CU_SEQLENS_K + i_b + 1) - bos_k).to(tl.int32)
         if start_m >= T_q:
@@ -326,7 +328,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         K += bos_k * stride_kt
         V += bos_k * stride_vt
     else:
-        lse_row0 = (i_b * H + i_h) * T_q
+        drop_row0 = (i_b * H + i_h) * T_q
     o_m = start_m + tl.arange(0, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
@@ -337,10 +339,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     p_do = DO + i_b * stride_dob + i_h * stride_doh + o_m.to(tl.int64)[:, None] * stride_dot + o_d[None, :]
     b_q = tl.load(p_q, mask=m_qd, other=0.0)  # [BLOCK_M, HEAD_DIM]
     b_do = tl.load(p_do, mask=m_qd, other=0.0)  # [BLOCK_M, HEAD_DIM]
-    b_lse2 = _load_lse2(LSE + lse_row0 + o_m, m_m)  # [BLOCK_M]
-    b_delta = tl.load(DELTA + lse_row0 + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+    if IS_VARLEN:
+        b_lse2 = _load_lse2(p_lse_base + o_m, m_m)  # [BLOCK_M]
+        b_delta = tl.load(p_delta_base + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+    else:
+        b_lse2 = _load_lse2(LSE + (i_b * H + i_h) * T_q + o_m, m_m)  # [BLOCK_M]
+        b_delta = tl.load(DELTA + (i_b * H + i_h) * T_q + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
     if HAS_DROPOUT:
-        o_drop = (lse_row0 + o_m) * drop_cols  # [BLOCK_M], int64
+        o_drop = (drop_row0 + o_m) * drop_cols  # [BLOCK_M], int64
     else:
         o_drop = 0
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)

@@ -192,7 +192,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
         # diagonal, which is aligned bottom-right in each sequence: diag_offset = T_k - T_q.
         bos_q = tl.load(CU_SEQLENS_Q + i_b).to(tl.int64)
         bos_k = tl.load(CU_SEQLENS_K + i_b).to(tl.int64)
-        lse_row0 = i_h * T_q + bos_q
+        p_lse_base = LSE + i_h * T_q + bos_q
+        drop_row0 = i_h * T_q + bos_q
         T_q = (tl.load(CU_SEQLENS_Q + i_b + 1) - bos_q).to(tl.int32)
         T_k = (tl.load(CU_SEQLENS_K + i_b + 1) - bos_k).to(tl.int32)
         if start_m >= T_q:
@@ -205,13 +206,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
         V += bos_k * stride_vt
         O += bos_q * stride_ot
     else:
-        lse_row0 = (i_b * H + i_h) * T_q
+        drop_row0 = (i_b * H + i_h) * T_q
     o_m = start_m + tl.arange(0, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
     m_m = o_m < T_q
     if HAS_DROPOUT:
-        o_drop = (lse_row0 + o_m) * drop_cols  # [BLOCK_M], int64
+        o_drop = (drop_row0 + o_m) * drop_cols  # [BLOCK_M], int64
     else:
         o_drop = 0
     # HEAD_DIM pads D to a power of two; the tail columns load as 0 and are never stored.
@@ -271,7 +272,11 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
     p_o = O + i_b * stride_ob + i_h * stride_oh + o_m.to(tl.int64)[:, None] * stride_ot + o_d[None, :]
     tl.store(p_o, acc.to(O.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
-    tl.store(LSE + lse_row0 + o_m, lse, mask=m_m)
+    if IS_VARLEN:
+        p_lse = p_lse_base + o_m
+    else:
+        p_lse = LSE + (i_b * H + i_h) * T_q + o_m
+    tl.store(p_lse, lse, mask=m_m)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
