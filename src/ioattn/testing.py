@@ -71,6 +71,22 @@ def assert_attention_close(out, lse, grads, ref, ref_lse, base, base_lse, inputs
         assert_close(name, g, gr, gb, factor=3.0)
 
 
+def dropout_mask(seed, B: int, H: int, Tq: int, Tk: int, dropout_p: float, *, backend: str,
+                 device="cpu") -> torch.Tensor:
+    """The keep mask, bool ``[B, H, Tq, Tk]``, that a backend's kernels make from ``seed`` (an int
+    or the 0-d tensor of ``ioattn.flash.ops.draw_seed``). Dense: for tests and benchmarks at
+    small sizes only. ``backend`` is a name of :func:`ioattn.backend_for`: "cpu" or a Triton one.
+    """
+    seed = int(seed)
+    if backend == "cpu":
+        from .flash.cpu_blocked import block_keep
+
+        return block_keep(seed, dropout_p, B, H, Tq, 0, Tq, 0, Tk).to(device)
+    from .flash.dropout import dropout_mask_triton
+
+    return dropout_mask_triton(seed, B, H, Tq, Tk, dropout_p, device)
+
+
 def make_qkv(B, Tq, Tk, H, Hkv, D, *, dtype=torch.float16, device="cpu", requires_grad=False,
              generator=None, layout="bthd"):
     """Fresh random q ``[B, Tq, H, D]``, k/v ``[B, Tk, Hkv, D]`` (never zeros).

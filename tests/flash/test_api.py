@@ -155,10 +155,11 @@ def test_bad_input_is_rejected(mutate, exc, match):
 
 def test_bad_options_are_rejected():
     q, k, v = _good()
-    with pytest.raises(ValueError, match="dropout_p"):
-        flash_attn_func(q, k, v, dropout_p=1.5)
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        flash_attn_func(q, k, v, dropout_p=0.1)
+    for p in (1.5, 1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+            flash_attn_func(q, k, v, dropout_p=p)
+    with pytest.raises(TypeError, match="dropout_p"):
+        flash_attn_func(q, k, v, dropout_p="0.1")
     with pytest.raises(ValueError, match="window_size"):
         flash_attn_func(q, k, v, window_size=(-2, 0))
     with pytest.raises(TypeError, match="window_size"):

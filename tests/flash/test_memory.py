@@ -83,11 +83,13 @@ def test_cpu_memory_linear(causal):
     _assert_cpu_linear(causal)
 
 
-@pytest.mark.parametrize("features", ["{'window': (256, 0)}", "{'softcap': 30.0}"],
-                         ids=["window", "softcap"])
+@pytest.mark.parametrize("features", ["{'window': (256, 0)}", "{'softcap': 30.0}",
+                                      "{'dropout_p': 0.1, 'seed': 5}"],
+                         ids=["window", "softcap", "dropout"])
 def test_cpu_memory_linear_features(features):
     # The blocked path (cpu_blocked.py): a window's blocks see a bounded key range; softcap's
-    # see every key, so one block's scores grow with T, but linearly.
+    # see every key, so one block's scores grow with T, but linearly. Dropout's mask is made
+    # per block, never for the whole T×T.
     _assert_cpu_linear(True, features)
 
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from ioattn import flash_attn_varlen_func, pad_input, unpad_input
+from ioattn.flash.cpu_blocked import sequence_seed
+from ioattn.flash.ops import draw_seed
 from ioattn.flash.reference import attention_ref
-from ioattn.testing import assert_attention_close
+from ioattn.testing import assert_attention_close, dropout_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -30,15 +32,16 @@ def _make(seqs, H, Hkv, D, dtype, tail=TAIL, device=DEVICE):
     return q, k, v, _cu(lq, device), _cu(lk, device)
 
 
-def _varlen_ref(q, k, v, cu_q, cu_k, *, upcast, alibi_slopes=None, **kw):
+def _varlen_ref(q, k, v, cu_q, cu_k, *, upcast, alibi_slopes=None, masks=None, **kw):
     """Dense reference per sequence, packed back: out ``[total_q, H, D]``, lse ``[H, total_q]``;
-    the rows past cu_q[-1] hold 0 and −inf."""
+    the rows past cu_q[-1] hold 0 and −inf. ``masks``: the dropout keep mask of each sequence."""
     cq, ck = cu_q.tolist(), cu_k.tolist()
     outs, lses = [], []
     for b in range(len(cq) - 1):
         slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b:b + 1]
         o, lse = attention_ref(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
-                               upcast=upcast, alibi_slopes=slopes, **kw)
+                               upcast=upcast, alibi_slopes=slopes,
+                               dropout_mask=None if masks is None else masks[b], **kw)
         outs.append(o[0])
         lses.append(lse[0])
     tail = q.shape[0] - cq[-1]
@@ -88,6 +91,41 @@ def test_varlen_features(monkeypatch, backend):
     q, k, v, cu_q, cu_k = _make(seqs, 4, 1, 32, dtype)
     slopes = torch.rand(len(seqs), 4, device=DEVICE)
     _check(q, k, v, cu_q, cu_k, causal=True, window=(5, -1), softcap=2.0, alibi_slopes=slopes)
+
+
+def _varlen_masks(seed, seqs, total_q, H, p, backend):
+    """Each sequence's keep mask ``[1, H, Tq_b, Tk_b]``: on the Triton kernels a slice of one
+    mask over the packed rows (dropout.py), on CPU one mask per sequence seed."""
+    if backend == "cpu":
+        return [dropout_mask(sequence_seed(int(seed), b), 1, H, lq, lk, p, backend="cpu")
+                for b, (lq, lk) in enumerate(seqs)]
+    dense = dropout_mask(seed, 1, H, total_q, max(lk for _, lk in seqs), p, backend=backend, device=DEVICE)
+    starts = _cu([lq for lq, _ in seqs], "cpu").tolist()
+    return [dense[:, :, starts[b]:starts[b] + lq, :lk] for b, (lq, lk) in enumerate(seqs)]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_varlen_dropout(monkeypatch, backend):
+    """Dropout with the masks the backend makes from the seed drawn after torch.manual_seed;
+    sequences 0 and 3 have equal lengths and must still get masks of their own."""
+    if DEVICE == "cpu":
+        monkeypatch.setenv("IOATTN_BACKEND", backend)
+    dtype = torch.float32 if backend == "cpu" else torch.float16
+    seqs, H, p = [(9, 20), (0, 2), (12, 7), (9, 20), (1, 1)], 4, 0.3
+    q, k, v, cu_q, cu_k = _make(seqs, H, 2, 32, dtype)
+    torch.manual_seed(9)
+    seed = draw_seed(p)
+    torch.manual_seed(9)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, dropout_p=p, causal=True,
+                                         return_attn_probs=True)
+    dout = torch.randn_like(q)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    masks = _varlen_masks(seed, seqs, q.shape[0], H, p, backend)
+    kw = dict(causal=True, dropout_p=p, masks=masks)
+    ref, ref_lse = _varlen_ref(q, k, v, cu_q, cu_k, upcast=True, **kw)
+    base, base_lse = _varlen_ref(q, k, v, cu_q, cu_k, upcast=False, **kw)
+    assert_attention_close(out, lse, grads, ref, ref_lse, base, base_lse, (q, k, v), dout)
+    assert not torch.equal(masks[0], masks[3])
 
 
 def test_varlen_all_empty():
@@ -163,7 +201,7 @@ def _bad_inputs():
         (lambda a: {**a, "max_seqlen_k": -1}, ValueError, "max_seqlen_k must be an int"),
         (lambda a: {**a, "q": a["q"][None]}, ValueError, "q must have 3 dims"),
         (lambda a: {**a, "alibi_slopes": torch.rand(3, 2)}, ValueError, "alibi_slopes"),
-        (lambda a: {**a, "dropout_p": 0.1}, NotImplementedError, "dropout_p"),
+        (lambda a: {**a, "dropout_p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\)"),
     ],
     ids=["cu-dtype", "cu-list", "cu-2d", "cu-length", "cu-start", "cu-monotone", "cu-past-end",
          "max-too-small", "max-negative", "q-4d", "alibi-shape", "dropout"],
@@ -185,17 +223,24 @@ def test_varlen_bad_input_device():
 
 
 @pytest.mark.parametrize("given_max", [True, False], ids=["max-given", "max-none"])
-def test_varlen_torch_compile_fullgraph(given_max):
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2], ids=["no-dropout", "dropout"])
+def test_varlen_torch_compile_fullgraph(given_max, dropout_p):
+    if dropout_p and DEVICE == "cuda":
+        pytest.skip("inductor draws the dropout seed with its own generator (see ops.draw_seed)")
     seqs = [(5, 8), (0, 2), (11, 11)]
     q, k, v, cu_q, cu_k = _make(seqs, 4, 2, 32, torch.float32 if DEVICE == "cpu" else torch.bfloat16)
     mq, mk = (11, 11) if given_max else (None, None)
 
     def f(q, k, v, cu_q, cu_k):
-        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, causal=True).float().square().sum()
+        out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, dropout_p=dropout_p, causal=True)
+        return out.float().square().sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+    # The same seed for both calls when dropout is on.
+    torch.manual_seed(4)
     loss = compiled(q, k, v, cu_q, cu_k)
     grads = torch.autograd.grad(loss, (q, k, v))
+    torch.manual_seed(4)
     loss_e = f(q, k, v, cu_q, cu_k)
     grads_e = torch.autograd.grad(loss_e, (q, k, v))
     torch.testing.assert_close(loss, loss_e)

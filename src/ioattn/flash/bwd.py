@@ -11,6 +11,10 @@ Both recompute ``P = exp2(q·kᵀ · softmax_scale · log2(e) − lse · log2(e)
 saved lse, then ``dV += Pᵀ dO``, ``dP = dO Vᵀ``, ``dS = P ∘ (dP − delta)``, ``dK += dSᵀ Q``,
 ``dQ += dS K``; dK and dQ take the softmax_scale factor once, at the end.
 
+With dropout (``HAS_DROPOUT``) both regenerate the forward's keep mask Z from the same counters
+(dropout.py), so ``dV += (P ∘ Z / (1 − p))ᵀ dO`` and ``dP = (dO Vᵀ) ∘ Z / (1 − p)``; delta is
+still ``rowsum(dO ∘ O)``, since that equals ``rowsum(P ∘ dP)`` with the dropped output O.
+
 The features are the forward's (fwd.py): the same band of diagonals limits the blocks each program
 visits, the same ``_scores`` (and ``_attn_mask``) recompute the scores. Softcap's chain rule multiplies dS by
 ``1 − tanh²`` of the capped score; ALiBi's bias is a constant (no gradient to the slopes).
@@ -23,6 +27,7 @@ from .. import _env
 from .._utils import cdiv, empty
 from .bwd_preprocess import bwd_preprocess
 from .config import BwdConfig, get_bwd_config, padded_head_dim
+from .dropout import _dropout_keep, dropout_args
 from .fwd import (_attn_mask, _key_range, _varlen_seq, _scores, device_guard, diag_band, dot_precision, mask_args,
                   score_args, varlen_band)
 
@@ -78,16 +83,19 @@ def _query_range(start_n, T_q, T_k, diag_lo, diag_hi, HAS_LEFT: tl.constexpr, HA
 def _bwd_dkdv_inner(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do,
                     start_m, end_m, o_n, o_nd, m_d, T_q, diag_lo, diag_hi, qk_scale, softcap2,
                     b_slope2, stride_qt, stride_dot, am_base, m_n, stride_amm, stride_amn,
+                    seed, dropout_p, drop_row0, drop_cols,
                     MASK: tl.constexpr, HAS_LEFT: tl.constexpr,
                     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
-                    MASK_IS_BOOL: tl.constexpr):
+                    MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     """Accumulate query blocks ``[start_m, end_m)`` of one head into dK/dV of the key block
     ``o_n``. The ``*_base`` scalar pointers point at row ``start_m`` and are returned advanced
     to ``end_m``; ``o_q``/``o_do`` are the tile's offsets from them; ``o_nd`` is ``o_n -
     diag_offset`` for ALiBi. ``MASK`` applies the band mask. Rows past Tq load q = dO = 0 and
-    lse = +inf: they add nothing."""
+    lse = +inf: they add nothing. Row i's dropout counters start at ``(drop_row0 + i) ·
+    drop_cols``."""
     o_m0 = tl.arange(0, BLOCK_M)
+    rp_keep = 1.0 / (1.0 - dropout_p)
     for start in range(start_m, end_m, BLOCK_M):
         o_m = start + o_m0
         m_m = o_m < T_q
@@ -109,8 +117,17 @@ def _bwd_dkdv_inner(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q
                 b_pT = tl.where(o_n[:, None] <= o_m[None, :] + diag_hi, b_pT, 0.0)
             if HAS_LEFT:
                 b_pT = tl.where(o_n[:, None] >= o_m[None, :] + diag_lo, b_pT, 0.0)
-        dv = tl.dot(b_pT.to(b_do.dtype), b_do, dv, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM]
+        if HAS_DROPOUT:
+            # The forward's counters (row, key), read in this tile's transposed orientation.
+            o_dropT = (drop_row0 + o_m) * drop_cols  # [BLOCK_M], int64
+            b_keepT = _dropout_keep(seed, o_dropT[None, :], o_n[:, None], dropout_p)
+            b_pdT = tl.where(b_keepT, b_pT * rp_keep, 0.0)
+        else:
+            b_pdT = b_pT
+        dv = tl.dot(b_pdT.to(b_do.dtype), b_do, dv, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM]
         b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        if HAS_DROPOUT:
+            b_dpT = tl.where(b_keepT, b_dpT * rp_keep, 0.0)
         b_dsT = b_pT * (b_dpT - b_delta[None, :])
         if HAS_SOFTCAP:
             # s = softcap·tanh(softmax_scale·q·kᵀ / softcap) has ds/d(q·kᵀ) = softmax_scale·(1 - tanh²);
@@ -126,7 +143,7 @@ def _bwd_dkdv_inner(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q
     return dk, dv, q_base, do_base, lse_base, delta_base
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      stride_qb, stride_qt, stride_qh,
                      stride_kb, stride_kt, stride_kh,
@@ -136,16 +153,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      stride_dvb, stride_dvt, stride_dvh,
                      T_q, T_k, H, H_kv, GROUP, softmax_scale, diag_lo, diag_hi, qk_scale, softcap2,
                      ALIBI, stride_ab, diag_offset, CU_SEQLENS_Q, CU_SEQLENS_K,
-                     ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
+                     ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, seed, dropout_p,
                      D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr,
                      HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                      IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
-                     MASK_IS_BOOL: tl.constexpr):
+                     MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hkv = (i_bh // H_kv).to(tl.int64), (i_bh % H_kv).to(tl.int64)
 
     start_n = i_n * BLOCK_N
+    # As in the forward kernel: the dropout counters of lse's row r are [r·T_k, (r + 1)·T_k).
+    drop_cols = T_k
     if IS_VARLEN:
         # As in the forward kernel: T_q arrives as total_q (the row stride of lse and delta
         # [H, total_q]), the band relative to each sequence's bottom-right diagonal.
@@ -194,9 +213,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         if IS_VARLEN:
             lse_base = LSE + i_h * T_lse + m_lo64
             delta_base = DELTA + i_h * T_lse + m_lo64
+            drop_row0 = i_h * T_lse + bos_q
         else:
             lse_base = LSE + (i_b * H + i_h) * T_q + m_lo64
             delta_base = DELTA + (i_b * H + i_h) * T_q + m_lo64
+            drop_row0 = (i_b * H + i_h) * T_q
         if HAS_ALIBI:
             b_slope2 = tl.load(ALIBI + i_b * stride_ab + i_h) * 1.4426950408889634
         else:
@@ -209,19 +230,22 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         dk, dv, q_base, do_base, lse_base, delta_base = _bwd_dkdv_inner(
             dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do, m_lo, m_full_lo,
             o_n, o_nd, m_d, T_q, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_qt,
-            stride_dot, am_base, m_n, stride_amm, stride_amn, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-            HAS_ALIBI, BLOCK_M, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL)
+            stride_dot, am_base, m_n, stride_amm, stride_amn, seed, dropout_p, drop_row0, drop_cols,
+            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M, DOT_PRECISION, HAS_ATTN_MASK,
+            MASK_IS_BOOL, HAS_DROPOUT)
         dk, dv, q_base, do_base, lse_base, delta_base = _bwd_dkdv_inner(
             dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do, m_full_lo, m_full_hi,
             o_n, o_nd, m_d, T_q, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_qt,
-            stride_dot, am_base, m_n, stride_amm, stride_amn, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-            HAS_ALIBI, BLOCK_M, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL)
+            stride_dot, am_base, m_n, stride_amm, stride_amn, seed, dropout_p, drop_row0, drop_cols,
+            False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M, DOT_PRECISION, HAS_ATTN_MASK,
+            MASK_IS_BOOL, HAS_DROPOUT)
         if HAS_LEFT:
             dk, dv, q_base, do_base, lse_base, delta_base = _bwd_dkdv_inner(
                 dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, o_q, o_do, m_full_hi, m_end,
                 o_n, o_nd, m_d, T_q, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_qt,
-                stride_dot, am_base, m_n, stride_amm, stride_amn, True, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, BLOCK_M, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL)
+                stride_dot, am_base, m_n, stride_amm, stride_amn, seed, dropout_p, drop_row0, drop_cols,
+                True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_M, DOT_PRECISION, HAS_ATTN_MASK,
+                MASK_IS_BOOL, HAS_DROPOUT)
 
     p_dk = DK + i_b * stride_dkb + i_hkv * stride_dkh + o_n.to(tl.int64)[:, None] * stride_dkt + o_d[None, :]
     p_dv = DV + i_b * stride_dvb + i_hkv * stride_dvh + o_n.to(tl.int64)[:, None] * stride_dvt + o_d[None, :]
@@ -232,15 +256,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 @triton.jit
 def _bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, start_n, end_n,
                   o_m, o_md, m_d, T_k, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt,
-                  stride_vt, am_base, o_am_m, m_m, stride_amn, MASK: tl.constexpr,
-                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  stride_vt, am_base, o_am_m, m_m, stride_amn, seed, dropout_p, o_drop,
+                  MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+                  HAS_DROPOUT: tl.constexpr):
     """Accumulate key blocks ``[start_n, end_n)`` into dQ of the query rows ``o_m``. The scalar
     pointers ``k_base``/``v_base`` point at key ``start_n`` and are returned advanced to
     ``end_n``. ``MASK`` masks keys past Tk and outside the band of diagonals (so a padded
-    key's P never reaches dQ, even as inf · 0)."""
+    key's P never reaches dQ, even as inf · 0). ``o_drop`` holds each row's first dropout
+    counter."""
     o_n0 = tl.arange(0, BLOCK_N)
+    rp_keep = 1.0 / (1.0 - dropout_p)
     for start in range(start_n, end_n, BLOCK_N):
         o_n = start + o_n0
         if MASK:
@@ -264,6 +291,9 @@ def _bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, star
                 m_s = m_s & (o_n[None, :] >= o_m[:, None] + diag_lo)
             b_p = tl.where(m_s, b_p, 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if HAS_DROPOUT:
+            b_keep = _dropout_keep(seed, o_drop[:, None], o_n[None, :], dropout_p)
+            b_dp = tl.where(b_keep, b_dp * rp_keep, 0.0)
         b_ds = b_p * (b_dp - b_delta[:, None])
         if HAS_SOFTCAP:
             # s = softcap·tanh(softmax_scale·q·kᵀ / softcap) has ds/d(q·kᵀ) = softmax_scale·(1 - tanh²);
@@ -275,7 +305,7 @@ def _bwd_dq_inner(dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, star
     return dq, k_base, v_base
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    stride_qb, stride_qt, stride_qh,
                    stride_kb, stride_kt, stride_kh,
@@ -284,33 +314,38 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    stride_dqb, stride_dqt, stride_dqh,
                    T_q, T_k, H, GROUP, softmax_scale, diag_lo, diag_hi, qk_scale, softcap2,
                    ALIBI, stride_ab, diag_offset, CU_SEQLENS_Q, CU_SEQLENS_K,
-                   ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
+                   ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, seed, dropout_p,
                    D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr,
                    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
-                   MASK_IS_BOOL: tl.constexpr):
+                   MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_hkv = i_h // GROUP
     i_b, i_h, i_hkv = i_b.to(tl.int64), i_h.to(tl.int64), i_hkv.to(tl.int64)
 
     start_m = i_m * BLOCK_M
+    drop_cols = T_k
     if IS_VARLEN:
         # As in the forward kernel (T_q arrives as total_q, the row stride of lse and delta).
         p_lse_base = LSE + i_h * T_q
         p_delta_base = DELTA + i_h * T_q
+        drop_row0 = i_h * T_q
         bos_q, bos_k, T_q, T_k, diag_offset, diag_lo, diag_hi = _varlen_seq(
             CU_SEQLENS_Q, CU_SEQLENS_K, i_b, diag_lo, diag_hi)
         if start_m >= T_q:
             return
         p_lse_base += bos_q
         p_delta_base += bos_q
+        drop_row0 += bos_q
         Q += bos_q * stride_qt
         DO += bos_q * stride_dot
         DQ += bos_q * stride_dqt
         K += bos_k * stride_kt
         V += bos_k * stride_vt
+    else:
+        drop_row0 = (i_b * H + i_h) * T_q
     o_m = start_m + tl.arange(0, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
@@ -327,6 +362,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     else:
         b_lse2 = _load_lse2(LSE + (i_b * H + i_h) * T_q + o_m, m_m)  # [BLOCK_M]
         b_delta = tl.load(DELTA + (i_b * H + i_h) * T_q + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+    if HAS_DROPOUT:
+        o_drop = (drop_row0 + o_m) * drop_cols  # [BLOCK_M], int64
+    else:
+        o_drop = 0
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if HAS_ALIBI:
         # ALiBi's distance |i + diag_offset - j| is taken from the row's aligned diagonal.
@@ -356,18 +395,18 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         dq, k_base, v_base = _bwd_dq_inner(
             dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, n_lo, n_full_lo, o_m, o_md,
             m_d, T_k, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
-            am_base, o_am_m, m_m, stride_amn, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-            BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL)
+            am_base, o_am_m, m_m, stride_amn, seed, dropout_p, o_drop, True, HAS_LEFT, HAS_RIGHT,
+            HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL, HAS_DROPOUT)
     dq, k_base, v_base = _bwd_dq_inner(
         dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, n_full_lo, n_full_hi, o_m, o_md,
         m_d, T_k, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
-        am_base, o_am_m, m_m, stride_amn, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-        BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL)
+        am_base, o_am_m, m_m, stride_amn, seed, dropout_p, o_drop, False, HAS_LEFT, HAS_RIGHT,
+        HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL, HAS_DROPOUT)
     dq, k_base, v_base = _bwd_dq_inner(
         dq, b_q, b_do, b_lse2, b_delta, k_base, v_base, o_k, o_v, n_full_hi, n_end, o_m, o_md,
         m_d, T_k, diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
-        am_base, o_am_m, m_m, stride_amn, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-        BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL)
+        am_base, o_am_m, m_m, stride_amn, seed, dropout_p, o_drop, True, HAS_LEFT, HAS_RIGHT,
+        HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK, MASK_IS_BOOL, HAS_DROPOUT)
 
     p_dq = DQ + i_b * stride_dqb + i_h * stride_dqh + o_m.to(tl.int64)[:, None] * stride_dqt + o_d[None, :]
     tl.store(p_dq, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=m_qd)
@@ -375,13 +414,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 
 def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int, *,
                      window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None,
-                     config: BwdConfig | None = None):
+                     dropout_p: float = 0.0, seed: int = 0, config: BwdConfig | None = None):
     """Attention backward with the portable Triton kernels; inputs already validated by the caller.
 
     Args:
         dout: ``[B, Tq, H, D]`` gradient of out, any strides (made last-dim contiguous here).
-        q, k, v, softmax_scale, causal, diag_offset, window, softcap, alibi_slopes, attn_mask: as given to
-            :func:`ioattn.flash.fwd.flash_fwd_triton`.
+        q, k, v, softmax_scale, causal, diag_offset, window, softcap, alibi_slopes, attn_mask,
+            dropout_p, seed: as given to :func:`ioattn.flash.fwd.flash_fwd_triton` (the same seed
+            regenerates its dropout mask).
         out, lse: what that forward returned (out ``[B, Tq, H, D]``, lse fp32 ``[B, H, Tq]``).
         config: tiles and launch settings; :func:`get_bwd_config` picks one when None.
 
@@ -405,6 +445,7 @@ def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool
                 **score_args(softmax_scale, softcap, alibi_slopes, H, diag_offset),
                 D=D, HEAD_DIM=HEAD_DIM, DOT_PRECISION=dot_precision(q.dtype),
                 CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN=False, **mask_args(attn_mask),
+                **dropout_args(dropout_p, seed),
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
     delta = empty((B, H, T_q), dtype=torch.float32, device=q.device)
@@ -439,7 +480,8 @@ def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool
 
 def flash_varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                             max_seqlen_k: int, softmax_scale: float, causal: bool, *, window=(-1, -1),
-                            softcap: float = 0.0, alibi_slopes=None, config: BwdConfig | None = None):
+                            softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0, seed: int = 0,
+                            config: BwdConfig | None = None):
     """:func:`flash_bwd_triton` on packed sequences, from the ``(out, lse)`` of
     :func:`ioattn.flash.fwd.flash_varlen_fwd_triton` (same arguments; lse ``[H, total_q]``).
 
@@ -459,7 +501,7 @@ def flash_varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                 **score_args(softmax_scale, softcap, alibi_slopes, H, 0),
                 D=D, HEAD_DIM=HEAD_DIM, DOT_PRECISION=dot_precision(q.dtype),
                 CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k, IS_VARLEN=True,
-                **mask_args(None),
+                **mask_args(None), **dropout_args(dropout_p, seed),
                 num_warps=config.num_warps, num_stages=config.num_stages)
     # Zeros: the kernels write only the rows of sequences.
     dq, dk, dv = (torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))

@@ -7,7 +7,6 @@ import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
-FEATURES_ISSUE = "the training-features issue (#3)"
 
 
 def check_qkv(q, k, v, *, names=("q", "k", "v")):
@@ -58,13 +57,13 @@ def check_scale(softmax_scale, D: int, *, name="softmax_scale") -> float:
     return float(softmax_scale)
 
 
-def check_dropout(dropout_p, *, name="dropout_p"):
+def check_dropout(dropout_p, *, name="dropout_p") -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(dropout_p).__name__}")
+    # Written so that NaN fails too.
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0.0:
-        raise NotImplementedError(f"{name} > 0 is not supported yet; it arrives with {FEATURES_ISSUE}")
+    return float(dropout_p)
 
 
 def check_window(window_size, *, name="window_size") -> tuple:

@@ -23,11 +23,13 @@ forward runs upcast only for fp16 on CPUs without native fp16 matmul (see `_upca
 SDPA's attn_mask: torch's kernel takes an additive mask of the query's dtype and broadcasts it
 itself, so a mask goes in compact (`_compact_mask`: broadcast dims back to size 1, bool turned
 into 0/−inf at that size, never expanded to B·H·Tq·Tk). Rows the mask hides entirely come back as
-out 0 with lse 0; the contract wants lse −inf there, and the backward gets 0 back.
+out 0 with lse 0; the contract wants lse −inf there, and the backward gets 0 back. A mask with
+dropout runs the blocked path below, which reads the mask block by block.
 
-Sliding window, softcap, ALiBi: a window's right bound alone is causal at a shifted offset, so
-it stays on torch's kernel; a left bound, softcap or ALiBi, which the kernel cannot express, run
-the blocked plain-torch implementation of cpu_blocked.py (`_route` decides).
+Sliding window, softcap, ALiBi, dropout: a window's right bound alone is causal at a shifted
+offset, so it stays on torch's kernel; a left bound, softcap, ALiBi or dropout, which the kernel
+cannot express (its dropout draws a mask the backward cannot regenerate), run the blocked
+plain-torch implementation of cpu_blocked.py (`_route` decides).
 """
 import functools
 
@@ -63,13 +65,14 @@ def _plan(Tq: int, Tk: int, causal: bool, diag_offset: int):
     return min(max(-diag_offset, 0), Tq), max(diag_offset, 0), True
 
 
-def _route(Tq: int, Tk: int, causal: bool, diag_offset: int, window, softcap, alibi_slopes):
+def _route(Tq: int, Tk: int, causal: bool, diag_offset: int, window, softcap, alibi_slopes,
+           dropout_p=0.0):
     """``(left, right)`` window bounds for the blocked path, or None for torch's kernel.
 
     Causal is the window's right bound 0; a bound that no (query, key) pair reaches is dropped
     (−1). Without a left bound, softcap or ALiBi, the mask ``j <= i + diag_offset + right`` is
     causal at offset ``diag_offset + right``, which `_plan` turns into kernel calls; so only a
-    left bound, softcap or ALiBi leave torch's kernel.
+    left bound, softcap, ALiBi or dropout leave torch's kernel.
     """
     left, right = window
     if causal:
@@ -79,7 +82,7 @@ def _route(Tq: int, Tk: int, causal: bool, diag_offset: int, window, softcap, al
         left = -1
     if right >= Tk - 1 - diag_offset:
         right = -1
-    if left < 0 and softcap == 0 and alibi_slopes is None:
+    if left < 0 and softcap == 0 and alibi_slopes is None and dropout_p == 0:
         return None
     return left, right
 
@@ -160,17 +163,19 @@ def _expand_kv_bwd(B: int, H: int, Hkv: int) -> bool:
     return H != Hkv and B * Hkv < torch.get_num_threads()
 
 
-def _mask_alone(attn_mask, causal, window, softcap, alibi_slopes) -> bool:
+def _mask_alone(attn_mask, causal, window, softcap, alibi_slopes, dropout_p) -> bool:
+    """Whether torch's kernel runs the call with SDPA's mask; with dropout the blocked path does."""
     if attn_mask is None:
         return False
     if causal or window != (-1, -1) or softcap or alibi_slopes is not None:
         raise NotImplementedError("the CPU backend runs attn_mask without causal, window, softcap "
                                   "or ALiBi (SDPA, its one caller, has none of them)")
-    return True
+    return not dropout_p
 
 
 def flash_fwd_cpu(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
-                  window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None):
+                  window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None,
+                  dropout_p: float = 0.0, seed: int = 0):
     """Attention forward on CPU tensors (inputs already validated by the caller).
 
     Args:
@@ -181,19 +186,24 @@ def flash_fwd_cpu(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
             ``[i + diag_offset - left, i + diag_offset + right]``, −1 = unbounded.
         softcap: if > 0, scores become ``softcap · tanh(s / softcap)``.
         alibi_slopes: fp32 ``[H]`` or ``[B, H]``; adds ``−slope · |i + diag_offset − j|``.
-        attn_mask: SDPA's mask expanded to ``[B, H, Tq, Tk]`` (bool or additive), alone.
+        attn_mask: SDPA's mask expanded to ``[B, H, Tq, Tk]`` (bool or additive), alone or with
+            dropout.
+        dropout_p, seed: when ``dropout_p > 0``, probabilities are kept with probability
+            ``1 - dropout_p`` by a mask hashed from ``seed`` (cpu_blocked.keep_mask) and the kept
+            ones scaled by ``1 / (1 - dropout_p)``; lse is unchanged.
 
     Returns:
         ``(out, lse)``: out ``[B, Tq, H, D]`` in q's dtype, lse fp32 ``[B, H, Tq]`` contiguous.
     """
-    if _mask_alone(attn_mask, causal, window, softcap, alibi_slopes):
+    if _mask_alone(attn_mask, causal, window, softcap, alibi_slopes, dropout_p):
         return _masked_fwd(q, k, v, softmax_scale, attn_mask)
     B, Tq, H, D = q.shape
     dtype = q.dtype
-    if softcap or alibi_slopes is not None or window != (-1, -1):
-        bounds = _route(Tq, k.shape[1], causal, diag_offset, window, softcap, alibi_slopes)
+    if softcap or alibi_slopes is not None or window != (-1, -1) or dropout_p:
+        bounds = _route(Tq, k.shape[1], causal, diag_offset, window, softcap, alibi_slopes, dropout_p)
         if bounds is not None:
-            return blocked_fwd(q, k, v, softmax_scale, diag_offset, *bounds, softcap, alibi_slopes)
+            return blocked_fwd(q, k, v, softmax_scale, diag_offset, *bounds, softcap, alibi_slopes,
+                               dropout_p, seed, attn_mask)
         causal, diag_offset = _kernel_mask(causal, diag_offset, window)
     r0, p, causal_a = _plan(Tq, k.shape[1], causal, diag_offset)
     if r0 == Tq:
@@ -229,9 +239,11 @@ def flash_fwd_cpu(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
 
 
 def flash_bwd_cpu(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int,
-                  *, window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None):
+                  *, window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None,
+                  dropout_p: float = 0.0, seed: int = 0):
     """Attention backward on CPU tensors, from the ``(out, lse)`` of :func:`flash_fwd_cpu`
-    (same ``window``, ``softcap`` and ``alibi_slopes``; no gradient to the slopes).
+    (same ``window``, ``softcap``, ``alibi_slopes``, ``dropout_p`` and ``seed``; no gradient to
+    the slopes).
 
     Each piece of `_plan` runs the kernel's backward with the *final* out and lse of its rows:
     the kernel recomputes P = exp(s − lse) and Δ = rowsum(dO∘O) from them, so they are the global
@@ -242,16 +254,16 @@ def flash_bwd_cpu(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, d
     Returns:
         ``(dq, dk, dv)`` with the shapes and dtypes of q, k, v.
     """
-    if _mask_alone(attn_mask, causal, window, softcap, alibi_slopes):
+    if _mask_alone(attn_mask, causal, window, softcap, alibi_slopes, dropout_p):
         return _masked_bwd(dout, q, k, v, out, lse, softmax_scale, attn_mask)
     B, Tq, H, _ = q.shape
     Hkv = k.shape[2]
     dtype = q.dtype
-    if softcap or alibi_slopes is not None or window != (-1, -1):
-        bounds = _route(Tq, k.shape[1], causal, diag_offset, window, softcap, alibi_slopes)
+    if softcap or alibi_slopes is not None or window != (-1, -1) or dropout_p:
+        bounds = _route(Tq, k.shape[1], causal, diag_offset, window, softcap, alibi_slopes, dropout_p)
         if bounds is not None:
             return blocked_bwd(dout, q, k, v, out, lse, softmax_scale, diag_offset, *bounds,
-                               softcap, alibi_slopes)
+                               softcap, alibi_slopes, dropout_p, seed, attn_mask)
         causal, diag_offset = _kernel_mask(causal, diag_offset, window)
     r0, p, causal_a = _plan(Tq, k.shape[1], causal, diag_offset)
     if r0 == Tq:

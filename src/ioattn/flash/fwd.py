@@ -15,6 +15,9 @@ The flash-attn 2.x features are constexpr flags that compile to nothing when off
 - ``HAS_ATTN_MASK``: torch SDPA's ``attn_mask``, read tile by tile through its four strides
   (broadcast dims have stride 0): bool (``MASK_IS_BOOL``, False hides the key) or added to s.
   Since it may hide any key, every loop then guards rows that have seen no key yet.
+- ``HAS_DROPOUT``: the normalized probabilities are dropped by a keep mask made in the kernel
+  (dropout.py) and the kept ones scaled by ``1 / (1 - dropout_p)``; the row sum ``l_i``, and so
+  lse, is that of the undropped probabilities, as in flash-attn.
 """
 import contextlib
 import math
@@ -26,6 +29,7 @@ import triton.language as tl
 from .. import _env
 from .._utils import cdiv, empty
 from .config import FwdConfig, get_fwd_config, padded_head_dim
+from .dropout import _dropout_keep, dropout_args
 
 LOG2E = math.log2(math.e)
 
@@ -138,15 +142,16 @@ def _key_range(start_m, T_q, T_k, diag_lo, diag_hi, HAS_LEFT: tl.constexpr, HAS_
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, start_n, end_n, o_m, o_md, m_d, T_k,
                diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
-               am_base, o_am_m, m_m, stride_amn,
+               am_base, o_am_m, m_m, stride_amn, seed, dropout_p, o_drop,
                MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr):
     """Fold key blocks ``[start_n, end_n)`` into the softmax state. ``k_base``/``v_base`` are
     scalar pointers to key ``start_n``, returned advanced to ``end_n``; ``o_k``/``o_v`` are the
     tile's offsets from them. With ``MASK`` the keys past Tk and outside the band of diagonals
     are masked out; without it none may be. ``am_base + o_am_m`` points at the tile rows of the
-    attn_mask (``HAS_ATTN_MASK``)."""
+    attn_mask (``HAS_ATTN_MASK``); ``o_drop`` holds each row's first dropout counter."""
     o_n0 = tl.arange(0, BLOCK_N)
     for start in range(start_n, end_n, BLOCK_N):
         o_n = start + o_n0
@@ -178,6 +183,9 @@ def _fwd_inner(acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, start_n, end_n, o_m
         alpha = tl.exp2(m_i - m_shift)
         b_p = tl.exp2(b_s - m_shift[:, None])  # [BLOCK_M, BLOCK_N]
         l_i = l_i * alpha + tl.sum(b_p, 1)
+        if HAS_DROPOUT:
+            # After the row sum: dropout acts on the normalized P, whose normalizer it leaves alone.
+            b_p = tl.where(_dropout_keep(seed, o_drop[:, None], o_n[None, :], dropout_p), b_p, 0.0)
         b_v = tl.load(v_base + o_v, mask=m_kv, other=0.0)  # [BLOCK_N, HEAD_DIM]
         acc = acc * alpha[:, None]
         acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PRECISION)  # [BLOCK_M, HEAD_DIM]
@@ -189,7 +197,7 @@ def _fwd_inner(acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, start_n, end_n, o_m
     return acc, l_i, m_i, k_base, v_base
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _fwd_kernel(Q, K, V, O, LSE,
                 stride_qb, stride_qt, stride_qh,
                 stride_kb, stride_kt, stride_kh,
@@ -197,11 +205,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_ob, stride_ot, stride_oh,
                 T_q, T_k, H, GROUP, diag_lo, diag_hi, qk_scale, softcap2, ALIBI, stride_ab, diag_offset,
                 CU_SEQLENS_Q, CU_SEQLENS_K,
-                ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn,
+                ATTN_MASK, stride_amb, stride_amh, stride_amm, stride_amn, seed, dropout_p,
                 D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr,
                 HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     # Query head h reads KV head h // GROUP (GQA/MQA).
@@ -209,25 +218,36 @@ def _fwd_kernel(Q, K, V, O, LSE,
     i_b, i_h, i_hkv = i_b.to(tl.int64), i_h.to(tl.int64), i_hkv.to(tl.int64)
 
     start_m = i_m * BLOCK_M
+    # Row r of lse's layout owns the dropout counters [r·T_k, (r + 1)·T_k) (dropout.py), T_k
+    # the longest key sequence under varlen.
+    drop_cols = T_k
     if IS_VARLEN:
         # Packed sequences: the batch strides are 0 and sequence i_b is rows [bos, eos) of the
         # packed tensors. The grid covers the longest sequence; tiles past this one's end exit.
         # The launcher passes T_q = total_q (lse is [H, total_q]) and the band relative to the
         # diagonal, which is aligned bottom-right in each sequence: diag_offset = T_k - T_q.
         p_lse_base = LSE + i_h * T_q
+        drop_row0 = i_h * T_q
         bos_q, bos_k, T_q, T_k, diag_offset, diag_lo, diag_hi = _varlen_seq(
             CU_SEQLENS_Q, CU_SEQLENS_K, i_b, diag_lo, diag_hi)
         if start_m >= T_q:
             return
         p_lse_base += bos_q
+        drop_row0 += bos_q
         Q += bos_q * stride_qt
         K += bos_k * stride_kt
         V += bos_k * stride_vt
         O += bos_q * stride_ot
+    else:
+        drop_row0 = (i_b * H + i_h) * T_q
     o_m = start_m + tl.arange(0, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
     m_m = o_m < T_q
+    if HAS_DROPOUT:
+        o_drop = (drop_row0 + o_m) * drop_cols  # [BLOCK_M], int64
+    else:
+        o_drop = 0
     # HEAD_DIM pads D to a power of two; the tail columns load as 0 and are never stored.
     m_d = o_d < D
     if HAS_ALIBI:
@@ -266,26 +286,30 @@ def _fwd_kernel(Q, K, V, O, LSE,
         acc, l_i, m_i, k_base, v_base = _fwd_inner(
             acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, n_lo, n_full_lo, o_m, o_md, m_d, T_k,
             diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
-            am_base, o_am_m, m_m, stride_amn,
+            am_base, o_am_m, m_m, stride_amn, seed, dropout_p, o_drop,
             True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK,
-            MASK_IS_BOOL)
+            MASK_IS_BOOL, HAS_DROPOUT)
     acc, l_i, m_i, k_base, v_base = _fwd_inner(
         acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, n_full_lo, n_full_hi, o_m, o_md, m_d, T_k,
         diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
-        am_base, o_am_m, m_m, stride_amn,
+        am_base, o_am_m, m_m, stride_amn, seed, dropout_p, o_drop,
         False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK,
-        MASK_IS_BOOL)
+        MASK_IS_BOOL, HAS_DROPOUT)
     acc, l_i, m_i, k_base, v_base = _fwd_inner(
         acc, l_i, m_i, b_q, k_base, v_base, o_k, o_v, n_full_hi, n_end, o_m, o_md, m_d, T_k,
         diag_lo, diag_hi, qk_scale, softcap2, b_slope2, stride_kt, stride_vt,
-        am_base, o_am_m, m_m, stride_amn,
+        am_base, o_am_m, m_m, stride_amn, seed, dropout_p, o_drop,
         True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, BLOCK_N, DOT_PRECISION, HAS_ATTN_MASK,
-        MASK_IS_BOOL)
+        MASK_IS_BOOL, HAS_DROPOUT)
 
     # Rows that saw no key have l_i = 0 (and acc = 0): output 0 and lse -inf, not NaN.
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
-    acc = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        # Kept probabilities are scaled by 1 / (1 - p), so that the output is unbiased.
+        acc = acc / (l_safe * (1.0 - dropout_p))[:, None]
+    else:
+        acc = acc / l_safe[:, None]
     lse = tl.where(empty_row, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
 
     p_o = O + i_b * stride_ob + i_h * stride_oh + o_m.to(tl.int64)[:, None] * stride_ot + o_d[None, :]
@@ -356,7 +380,7 @@ def mask_args(attn_mask) -> dict:
 
 def flash_fwd_triton(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
                      window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None,
-                     config: FwdConfig | None = None):
+                     dropout_p: float = 0.0, seed: int = 0, config: FwdConfig | None = None):
     """Attention forward with the portable Triton kernel; inputs already validated by the caller.
 
     Args:
@@ -372,6 +396,9 @@ def flash_fwd_triton(q, k, v, softmax_scale: float, causal: bool, diag_offset: i
             (after the softcap).
         attn_mask: None or SDPA's mask expanded to ``[B, H, Tq, Tk]`` (any strides), bool or
             float (added to the scaled scores, last).
+        dropout_p, seed: when ``dropout_p > 0``, each probability is kept with probability
+            ``1 - dropout_p`` (a mask made from the int64 ``seed``, see dropout.py) and the kept
+            ones are scaled by ``1 / (1 - dropout_p)``; lse is unchanged.
         config: tiles and launch settings; :func:`get_fwd_config` picks one when None.
 
     fp16/bf16 use tensor-core dots with fp32 accumulation (P is rounded to v's dtype before P·V);
@@ -399,7 +426,8 @@ def flash_fwd_triton(q, k, v, softmax_scale: float, causal: bool, diag_offset: i
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             T_q, T_k, H, H // H_kv, **band, **mods, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
-            **mask_args(attn_mask), D=D, HEAD_DIM=padded_head_dim(D), IS_VARLEN=False,
+            **mask_args(attn_mask), **dropout_args(dropout_p, seed), D=D, HEAD_DIM=padded_head_dim(D),
+            IS_VARLEN=False,
             BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
@@ -422,7 +450,8 @@ def varlen_band(causal: bool, window, max_seqlen_q: int, max_seqlen_k: int) -> d
 
 def flash_varlen_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                             softmax_scale: float, causal: bool, *, window=(-1, -1), softcap: float = 0.0,
-                            alibi_slopes=None, config: FwdConfig | None = None):
+                            alibi_slopes=None, dropout_p: float = 0.0, seed: int = 0,
+                            config: FwdConfig | None = None):
     """:func:`flash_fwd_triton` on packed sequences, in one launch.
 
     Args:
@@ -430,7 +459,8 @@ def flash_varlen_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: i
             contiguous, already validated (sequence b is rows ``cu[b]:cu[b + 1]``).
         max_seqlen_q, max_seqlen_k: the longest sequences (they size the grid).
         causal, window: as in :func:`flash_fwd_triton`, with ``diag_offset = T_k - T_q`` of each
-            sequence (bottom-right); alibi_slopes ``[H]`` or ``[B, H]``.
+            sequence (bottom-right); alibi_slopes ``[H]`` or ``[B, H]``; dropout_p, seed as there
+            (dropout.py says how the packed rows number the mask).
 
     Returns:
         ``(out, lse)``: out ``[total_q, H, D]``, lse fp32 ``[H, total_q]``; rows past
@@ -459,6 +489,7 @@ def flash_varlen_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: i
             0, out.stride(0), out.stride(1),
             total_q, max_seqlen_k, H, H // H_kv, **band, **mods,
             CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k, **mask_args(None),
+            **dropout_args(dropout_p, seed),
             D=D, HEAD_DIM=padded_head_dim(D), IS_VARLEN=True,
             BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,

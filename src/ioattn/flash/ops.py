@@ -9,7 +9,11 @@ never see a zero-sized grid: Tk = 0 means every row sees no key, giving out 0 an
 
 The optional tensors (ALiBi slopes, SDPA's attn_mask expanded to ``[B, H, Tq, Tk]``) come after
 q, k, v; every op carries the same scalar options after them, in this order: softmax_scale,
-causal, diag_offset, window_left, window_right, softcap (see the launchers for their meaning).
+causal, diag_offset, window_left, window_right, softcap, dropout_p (see the launchers for their
+meaning), then the dropout seed: a 0-d int64 CPU tensor from :func:`draw_seed`, or None without
+dropout. A tensor and not an int, so that torch.compile keeps the draw in the graph and each call
+gets a fresh seed instead of one baked in as a constant; it is saved for the backward, which
+regenerates the forward's mask from it.
 """
 from typing import Optional
 
@@ -25,23 +29,47 @@ def _lse_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def draw_seed(dropout_p: float):
+    """A fresh dropout seed, or None when ``dropout_p == 0`` (then nothing is drawn and torch's
+    random stream is left as it was).
+
+    Drawn from torch's default CPU generator whatever the device: ``torch.manual_seed(s)`` seeds
+    it, so the same seed gives the same result on every run and device kind, and the kernels get
+    it as a host int without a device synchronization. 62 random bits with bit 62 set: Triton
+    types every such int as int64, so a new seed never compiles a new kernel variant.
+
+    Under torch.compile the draw stays in the graph. With the aot_eager backend it is torch's
+    own draw, so compiled and eager calls agree bit for bit after the same manual_seed; inductor
+    compiles it with its own generator (seen on CPU, torch 2.13): still fresh per call and
+    repeatable under manual_seed, but another seed than eager's.
+    """
+    if dropout_p == 0:
+        return None
+    return torch.randint(1 << 62, (), dtype=torch.int64) + (1 << 62)
+
+
+def _seed_value(seed) -> int:
+    """The seed as an int, from None (no dropout), an int or a 0-d tensor."""
+    return 0 if seed is None else int(seed)
+
+
 def _fwd_impl(q, k, v, alibi_slopes, attn_mask, softmax_scale, causal, diag_offset, window_left,
-              window_right, softcap):
+              window_right, softcap, dropout_p, seed):
     B, Tq, H, D = q.shape
     if q.numel() == 0 or k.shape[1] == 0:
         out = torch.zeros(B, Tq, H, D, dtype=q.dtype, device=q.device)
         lse = torch.full((B, H, Tq), float("-inf"), dtype=_lse_dtype(q), device=q.device)
         return out, lse
     fwd, _ = kernels_for(q.device)
-    out, lse = fwd(q, k, v, softmax_scale, causal, diag_offset,
-                   window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes,
-                   attn_mask=attn_mask)
+    out, lse = fwd(q, k, v, softmax_scale, causal, diag_offset, window=(window_left, window_right),
+                   softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
+                   seed=_seed_value(seed))
     # The fake impl promises contiguous outputs; compiled graphs rely on those strides.
     return out.contiguous(), lse.contiguous()
 
 
 def _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, attn_mask, softmax_scale, causal, diag_offset,
-              window_left, window_right, softcap):
+              window_left, window_right, softcap, dropout_p, seed):
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     _, bwd = kernels_for(q.device)
@@ -49,16 +77,17 @@ def _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, attn_mask, softmax_scale, c
         dout = dout.contiguous()
     dq, dk, dv = bwd(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset,
                      window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes,
-                     attn_mask=attn_mask)
+                     attn_mask=attn_mask, dropout_p=dropout_p, seed=_seed_value(seed))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @torch.library.custom_op("ioattn::flash_fwd", mutates_args=(), device_types=("cpu", "cuda"))
 def flash_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor],
               attn_mask: Optional[Tensor], softmax_scale: float, causal: bool, diag_offset: int,
-              window_left: int, window_right: int, softcap: float) -> tuple[Tensor, Tensor]:
+              window_left: int, window_right: int, softcap: float, dropout_p: float,
+              dropout_seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return _fwd_impl(q, k, v, alibi_slopes, attn_mask, softmax_scale, causal, diag_offset, window_left,
-                     window_right, softcap)
+                     window_right, softcap, dropout_p, dropout_seed)
 
 
 @flash_fwd.register_fake
@@ -70,10 +99,10 @@ def _(q, k, v, alibi_slopes, attn_mask, *options):
 @torch.library.custom_op("ioattn::flash_bwd", mutates_args=(), device_types=("cpu", "cuda"))
 def flash_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               alibi_slopes: Optional[Tensor], attn_mask: Optional[Tensor], softmax_scale: float,
-              causal: bool, diag_offset: int, window_left: int, window_right: int,
-              softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+              causal: bool, diag_offset: int, window_left: int, window_right: int, softcap: float,
+              dropout_p: float, dropout_seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     return _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, attn_mask, softmax_scale, causal,
-                     diag_offset, window_left, window_right, softcap)
+                     diag_offset, window_left, window_right, softcap, dropout_p, dropout_seed)
 
 
 @flash_bwd.register_fake
@@ -82,22 +111,22 @@ def _(dout, q, k, v, out, lse, alibi_slopes, attn_mask, *options):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, alibi_slopes, attn_mask, *options = inputs
+    q, k, v, alibi_slopes, attn_mask, *options, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_mask)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_mask, seed)
     ctx.options = tuple(options)
     # Gradients flow through `out` only; lse is returned for inspection (as in flash-attn).
     ctx.mark_non_differentiable(lse)
 
 
 def _grads(ctx, dout, bwd):
-    q, k, v, out, lse, alibi_slopes, attn_mask = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, attn_mask, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, alibi_slopes, attn_mask, *ctx.options)
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, alibi_slopes, attn_mask, *ctx.options, seed)
     # No gradient for the ALiBi slopes (flash-attn gives none either), the mask (checks.py
-    # rejects one that requires grad) or the scalar options.
-    return (dq, dk, dv, None, None) + (None,) * len(ctx.options)
+    # rejects one that requires grad), the scalar options or the seed.
+    return (dq, dk, dv, None, None) + (None,) * len(ctx.options) + (None,)
 
 
 def _backward(ctx, dout, dlse):
@@ -122,8 +151,10 @@ class _EagerAttention(torch.autograd.Function):
 
 
 def attention(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
-              window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None):
-    """``(out, lse)`` of validated inputs, differentiable in q, k, v.
+              window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None,
+              dropout_p: float = 0.0):
+    """``(out, lse)`` of validated inputs, differentiable in q, k, v. With ``dropout_p > 0`` a
+    fresh seed is drawn per call (:func:`draw_seed`), in inference too.
 
     Under torch.compile this is the custom op, which the compiler can trace. In eager mode the
     op's dispatch costs ~60 µs a call (measured on CPU, torch 2.13: 85 µs vs 25 µs for the
@@ -132,7 +163,7 @@ def attention(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
     implementation when no gradient is wanted.
     """
     args = (q, k, v, alibi_slopes, attn_mask, float(softmax_scale), bool(causal), int(diag_offset),
-            int(window[0]), int(window[1]), float(softcap))
+            int(window[0]), int(window[1]), float(softcap), float(dropout_p), draw_seed(dropout_p))
     if torch.compiler.is_compiling():
         return flash_fwd(*args)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

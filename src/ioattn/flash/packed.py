@@ -30,8 +30,8 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
 
     Faster than separate tensors when the projection writes q, k and v in one matmul: no
     concatenation backwards, the gradient comes out packed ``[B, T, 3, H, D]``. No GQA here (use
-    :func:`flash_attn_kvpacked_func`). Other arguments and the return value as in
-    :func:`flash_attn_func`.
+    :func:`flash_attn_kvpacked_func`). Other arguments (``dropout_p`` included) and the return
+    value as in :func:`flash_attn_func`.
     """
     q, k, v = _unpack(qkv, "qkv", 3, "[B, T, 3, H, D]")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
@@ -42,8 +42,8 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              softcap=0.0, alibi_slopes=None, deterministic=False,
                              return_attn_probs=False):
     """:func:`flash_attn_func` on ``q [B, Tq, H, D]`` and ``kv [B, Tk, 2, Hkv, D]`` (k, v stacked
-    on dim 2; GQA/MQA when Hkv < H). Other arguments and the return value as in
-    :func:`flash_attn_func`."""
+    on dim 2; GQA/MQA when Hkv < H). Other arguments (``dropout_p`` included) and the return
+    value as in :func:`flash_attn_func`."""
     k, v = _unpack(kv, "kv", 2, "[B, Tk, 2, Hkv, D]")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)

@@ -31,7 +31,8 @@ def visible_mask(Tq: int, Tk: int, *, causal: bool, diag_offset: int, window=(-1
 
 
 def attention_ref(q, k, v, *, softmax_scale=None, causal=False, diag_offset=None, window=(-1, -1),
-                  softcap=0.0, alibi_slopes=None, attn_mask=None, upcast=True):
+                  softcap=0.0, alibi_slopes=None, attn_mask=None, dropout_p=0.0, dropout_mask=None,
+                  upcast=True):
     """Reference attention with the ioattn contract.
 
     Args:
@@ -44,6 +45,9 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, diag_offset=None
         alibi_slopes: fp32 ``[H]`` or ``[B, H]``; adds ``−slope · |i + diag_offset − j|``.
         attn_mask: torch SDPA's mask, broadcastable to ``[B, H, Tq, Tk]``: bool (False hides the
             key) or float (added to the scaled scores, after softcap and ALiBi).
+        dropout_p, dropout_mask: with a bool keep mask ``[B, H, Tq, Tk]``, the probabilities
+            (after the softmax) become ``P ∘ mask / (1 − dropout_p)``, as flash-attn's dropout;
+            lse is unchanged. The backends' masks come from :func:`ioattn.testing.dropout_mask`.
         upcast: compute in fp64 on CPU or for fp32 inputs, else fp32 (the reference) when True; in the inputs'
             own dtype when False (the "plain PyTorch" baseline of the accuracy rule).
 
@@ -94,5 +98,7 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, diag_offset=None
     scores = scores.masked_fill(row_empty, 0.0)
     probs = torch.softmax(scores, dim=-1)
     probs = probs.masked_fill(row_empty, 0.0)
+    if dropout_mask is not None:
+        probs = probs.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
     out = (probs @ vh).transpose(1, 2)  # [B, Tq, H, D]
     return out, lse

@@ -20,9 +20,10 @@ from torch import Tensor
 
 from .dispatch import backend_for
 from .checks import check_alibi, check_dropout, check_qkv, check_scale, check_softcap, check_window
+from .cpu_blocked import sequence_seed
 from .ops import _bwd_impl as _dense_bwd
 from .ops import _fwd_impl as _dense_fwd
-from .ops import _lse_dtype
+from .ops import _lse_dtype, _seed_value, draw_seed
 
 __all__ = ["flash_attn_varlen_func", "unpad_input", "pad_input"]
 
@@ -59,7 +60,7 @@ def _slopes_of(alibi_slopes, b: int):
 
 
 def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
-              softmax_scale, causal, window_left, window_right, softcap):
+              softmax_scale, causal, window_left, window_right, softcap, dropout_p, seed):
     total_q, H, D = q.shape
     cu_q = _seq_bounds(cu_seqlens_q, total_q, max_seqlen_q, "cu_seqlens_q", "max_seqlen_q")
     cu_k = _seq_bounds(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k", "max_seqlen_k")
@@ -69,7 +70,8 @@ def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, m
 
         return flash_varlen_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, _longest(cu_q), _longest(cu_k),
                                        softmax_scale, causal, window=(window_left, window_right),
-                                       softcap=softcap, alibi_slopes=alibi_slopes)
+                                       softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                                       seed=_seed_value(seed))
     # Zeros and −inf, not empty(): rows past cu_seqlens_q[-1] belong to no sequence and are
     # documented to hold out 0, lse −inf (as a row that sees no key).
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
@@ -80,14 +82,20 @@ def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, m
             continue
         o_b, lse_b = _dense_fwd(q[None, sq:eq], k[None, sk:ek], v[None, sk:ek],
                                 _slopes_of(alibi_slopes, b), None, softmax_scale, causal,
-                                (ek - sk) - (eq - sq), window_left, window_right, softcap)
+                                (ek - sk) - (eq - sq), window_left, window_right, softcap, dropout_p,
+                                _sequence_seed(seed, b))
         out[sq:eq] = o_b[0]
         lse[:, sq:eq] = lse_b[0]
     return out, lse
 
 
+def _sequence_seed(seed, b: int) -> int:
+    # Each sequence runs as a batch of one on CPU; its own seed keeps equal-length ones apart.
+    return sequence_seed(_seed_value(seed), b) if seed is not None else 0
+
+
 def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,
-              max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap):
+              max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, dropout_p, seed):
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     if backend_for(q.device) != "cpu":
         from .bwd import flash_varlen_bwd_triton
@@ -95,7 +103,8 @@ def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
         return flash_varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                        _longest(cu_q), _longest(cu_k), softmax_scale, causal,
                                        window=(window_left, window_right), softcap=softcap,
-                                       alibi_slopes=alibi_slopes)
+                                       alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                                       seed=_seed_value(seed))
     # Rows outside every sequence, and keys of sequences without queries, get gradient 0.
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
     dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
@@ -109,7 +118,7 @@ def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                                       v[None, sk:ek], out[None, sq:eq],
                                       lse[None, :, sq:eq].contiguous(), _slopes_of(alibi_slopes, b),
                                       None, softmax_scale, causal, (ek - sk) - (eq - sq), window_left,
-                                      window_right, softcap)
+                                      window_right, softcap, dropout_p, _sequence_seed(seed, b))
         dq[sq:eq], dk[sk:ek], dv[sk:ek] = dq_b[0], dk_b[0], dv_b[0]
     return dq, dk, dv
 
@@ -118,9 +127,10 @@ def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
 def flash_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      alibi_slopes: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
                      softmax_scale: float, causal: bool, window_left: int, window_right: int,
-                     softcap: float) -> tuple[Tensor, Tensor]:
+                     softcap: float, dropout_p: float,
+                     dropout_seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
-                     softmax_scale, causal, window_left, window_right, softcap)
+                     softmax_scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed)
 
 
 @flash_varlen_fwd.register_fake
@@ -133,10 +143,11 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, *options):
 def flash_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                      cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, alibi_slopes: Optional[Tensor],
                      max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool,
-                     window_left: int, window_right: int,
-                     softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+                     window_left: int, window_right: int, softcap: float, dropout_p: float,
+                     dropout_seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     return _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,
-                     max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+                     max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, dropout_p,
+                     dropout_seed)
 
 
 @flash_varlen_bwd.register_fake
@@ -145,23 +156,24 @@ def _(dout, q, k, v, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, *options = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, *options, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed)
     ctx.options = tuple(options)
     # Gradients flow through `out` only; lse is returned for inspection (as in flash-attn).
     ctx.mark_non_differentiable(lse)
 
 
 def _grads(ctx, dout, bwd):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     elif dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, *ctx.options)
-    # No gradient for cu_seqlens, the ALiBi slopes or the scalar options.
-    return (dq, dk, dv, None, None, None) + (None,) * len(ctx.options)
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, *ctx.options,
+                     seed)
+    # No gradient for cu_seqlens, the ALiBi slopes, the scalar options or the seed.
+    return (dq, dk, dv, None, None, None) + (None,) * len(ctx.options) + (None,)
 
 
 def _backward(ctx, dout, dlse):
@@ -247,7 +259,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
         max_seqlen_q, max_seqlen_k: the longest query / key sequence, as Python ints. None
             computes them from cu_seqlens (a device synchronization); a value smaller than
             the real maximum is rejected.
-        dropout_p: must be 0.0 for now.
+        dropout_p: dropout on the attention probabilities, as in :func:`flash_attn_func`. On
+            CUDA the mask numbers the packed rows one after the other; on CPU each sequence
+            gets a seed of its own. Either way sequences get independent masks.
         softmax_scale: default ``1/sqrt(D)``.
         causal, window_size: as in :func:`flash_attn_func`, aligned to the bottom-right corner
             of *each sequence's* score matrix: in sequence b, with lengths ``Tq_b``, ``Tk_b``,
@@ -257,7 +271,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
             measured inside each sequence, bottom-right aligned.
         deterministic: accepted for compatibility; the backward is always deterministic.
         return_attn_probs: if True return ``(out, lse, None)`` with lse fp32 ``[H, total_q]``
-            (flash-attn 2.x's varlen layout). The gradient flows through ``out`` only.
+            (flash-attn 2.x's varlen layout; the probabilities are never materialized, with
+            dropout too). The gradient flows through ``out`` only.
 
     Returns:
         out ``[total_q, H, D]`` with q's dtype, or ``(out, lse, None)``. Rows past
@@ -271,7 +286,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     """
     q, k, v = _check_packed(q, k, v)
     cu_seqlens_q, cu_seqlens_k = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q)
-    check_dropout(dropout_p)
+    dropout_p = check_dropout(dropout_p)
     window = check_window(window_size)
     softcap = check_softcap(softcap)
     B, H = cu_seqlens_q.shape[0] - 1, q.shape[1]
@@ -281,7 +296,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     max_q = _max_seqlen(max_seqlen_q, cu_seqlens_q, "max_seqlen_q")
     max_k = _max_seqlen(max_seqlen_k, cu_seqlens_k, "max_seqlen_k")
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_q, max_k, scale, bool(causal),
-            window[0], window[1], softcap)
+            window[0], window[1], softcap, dropout_p, draw_seed(dropout_p))
     if torch.compiler.is_compiling():
         out, lse = flash_varlen_fwd(*args)
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
