@@ -15,7 +15,13 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    # Host-side descriptors came with triton 3.3; older ones (pyproject allows 3.2) keep the
+    # portable kernel, and importing this module must not fail there.
+    TensorDescriptor = None
 
 from .. import _env
 from .._utils import cdiv, empty
@@ -126,7 +132,7 @@ def tma_supported(q, k, v, softmax_scale: float, *, window=(-1, -1), softcap: fl
     with D in :data:`TMA_HEAD_DIMS`, TMA-aligned tensors, a positive scale, on a Hopper GPU or,
     for tests, on CPU tensors in Triton's interpreter. Any feature keyword this kernel does not
     know (e.g. dropout) means no."""
-    if other_features or tuple(window) != (-1, -1) or softcap > 0:
+    if TensorDescriptor is None or other_features or tuple(window) != (-1, -1) or softcap > 0:
         return False
     if alibi_slopes is not None or attn_mask is not None or not softmax_scale > 0:
         return False
