@@ -5,9 +5,13 @@ Same algorithm and contract as the portable kernel in fwd.py (online softmax in 
 the log2 domain), for the plain case only: causal or not, GQA/MQA, Tq != Tk; no window, softcap,
 ALiBi, attn_mask, varlen or dropout (:func:`tma_supported` says when it applies).
 
-The descriptors are 4D over ``[B, T, H, D]`` with blocks ``[1, BLOCK, 1, D]``: TMA checks bounds
-per dimension, so a tile that runs past T reads zeros, never the next head's or batch's rows,
-and a store past Tq writes nothing. Key tiles zero-filled past Tk still need their scores masked,
+The descriptors are 4D over the ``[B, H, T, D]`` views of the ``[B, T, H, D]`` tensors (strides
+swapped, nothing copied) with blocks ``[1, 1, BLOCK, D]``: TMA checks bounds per dimension, so a
+tile that runs past T reads zeros, never the next head's or batch's rows, and a store past Tq
+writes nothing. The unit dims lead, so that triton lands a tile in shared memory as a plain
+``[BLOCK, D]`` matrix: with ``[1, BLOCK, 1, D]`` blocks of the ``[B, T, H, D]`` tensors it
+reshaped Q in registers and kept it there as the A operand of QKᵀ, and 4 warps spilled
+(ptxas for sm_90, D=128, 128 x 64 tiles: 255 registers and 312 bytes of spills; now none). Key tiles zero-filled past Tk still need their scores masked,
 which only the last key block pays for.
 """
 import functools
@@ -34,17 +38,21 @@ TMA_HEAD_DIMS = (64, 128, 256)
 
 
 @triton.jit
-def _fwd_tma_inner(acc, l_i, m_i, b_q, desc_k, desc_v, i_b, i_hkv, start_n, end_n, o_m, T_k, diag_hi,
-                   qk_scale, MASK: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
-                   WARP_SPECIALIZE: tl.constexpr):
-    """Fold key blocks ``[start_n, end_n)`` into the softmax state; with ``MASK`` the keys past Tk
-    and (``HAS_RIGHT``) right of the causal diagonal are hidden, without it none may be."""
+def _fwd_tma_loop(acc, l_i, m_i, b_q, desc_k, desc_v, i_b, i_hkv, end_n, mask_from, o_m, T_k, diag_hi,
+                  qk_scale, HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """Fold key blocks ``[0, end_n)`` into the softmax state. Blocks from ``mask_from`` on (the
+    causal diagonal and the Tk tail) hide the keys past Tk and, with ``HAS_RIGHT``, right of the
+    diagonal; the blocks before it are seen whole by every row and skip the mask.
+
+    One loop with a branch that is uniform over the program, rather than fwd.py's unmasked and
+    masked loops one after the other: with two pipelined loops ptxas spilled at 4 warps (sm_90,
+    D=128, 128 x 64 tiles: 100-120 bytes), with one loop it fits in 255 registers."""
     o_n0 = tl.arange(0, BLOCK_N)
-    for start in tl.range(start_n, end_n, BLOCK_N, num_stages=NUM_STAGES, warp_specialize=WARP_SPECIALIZE):
-        b_k = desc_k.load([i_b, start, i_hkv, 0]).reshape(BLOCK_N, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+    for start in tl.range(0, end_n, BLOCK_N, num_stages=NUM_STAGES, warp_specialize=WARP_SPECIALIZE):
+        b_k = desc_k.load([i_b, i_hkv, start, 0]).reshape(BLOCK_N, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
         b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        if MASK:
+        if start >= mask_from:
             o_n = start + o_n0
             m_s = (o_n < T_k)[None, :]
             if HAS_RIGHT:
@@ -53,16 +61,13 @@ def _fwd_tma_inner(acc, l_i, m_i, b_q, desc_k, desc_v, i_b, i_hkv, start_n, end_
         # qk_scale > 0 (tma_supported), so the row max of the raw dot, scaled, is exactly the max
         # of the scaled scores; scale and shift then fuse into one FMA per score.
         m_new = tl.maximum(m_i, tl.max(b_qk, 1) * qk_scale)
-        if MASK:
-            # A row that has seen no visible key keeps m = -inf; shifting by 0 instead makes its
-            # alpha and p exactly 0 rather than exp2(-inf - (-inf)) = NaN.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_shift = m_new
+        # A row that has seen no visible key keeps m = -inf; shifting by 0 instead makes its
+        # alpha and p exactly 0 rather than exp2(-inf - (-inf)) = NaN. One select per row.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_shift)
         b_p = tl.exp2(b_qk * qk_scale - m_shift[:, None])  # [BLOCK_M, BLOCK_N]
         l_i = l_i * alpha + tl.sum(b_p, 1)
-        b_v = desc_v.load([i_b, start, i_hkv, 0]).reshape(BLOCK_N, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+        b_v = desc_v.load([i_b, i_hkv, start, 0]).reshape(BLOCK_N, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
         acc = acc * alpha[:, None]
         acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PRECISION)  # [BLOCK_M, HEAD_DIM]
         m_i = m_new
@@ -87,7 +92,7 @@ def _fwd_tma_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, dia
     o_m = start_m + tl.arange(0, BLOCK_M)
 
     # Rows past Tq load as zeros, get finite scores and are never stored.
-    b_q = desc_q.load([i_b, start_m, i_h, 0]).reshape(BLOCK_M, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+    b_q = desc_q.load([i_b, i_h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -95,19 +100,16 @@ def _fwd_tma_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, dia
     # Without a left bound the key range starts at 0: blocks every row sees whole, then the
     # diagonal (causal) and the Tk tail, the only ones that pay for masks.
     _, _, n_full_hi, n_end = _key_range(start_m, T_q, T_k, 0, diag_hi, False, HAS_RIGHT, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_tma_inner(acc, l_i, m_i, b_q, desc_k, desc_v, i_b, i_hkv, 0, n_full_hi, o_m, T_k,
-                                   diag_hi, qk_scale, False, HAS_RIGHT, BLOCK_N, HEAD_DIM, DOT_PRECISION,
-                                   NUM_STAGES, WARP_SPECIALIZE)
-    acc, l_i, m_i = _fwd_tma_inner(acc, l_i, m_i, b_q, desc_k, desc_v, i_b, i_hkv, n_full_hi, n_end, o_m, T_k,
-                                   diag_hi, qk_scale, True, HAS_RIGHT, BLOCK_N, HEAD_DIM, DOT_PRECISION,
-                                   NUM_STAGES, WARP_SPECIALIZE)
+    acc, l_i, m_i = _fwd_tma_loop(acc, l_i, m_i, b_q, desc_k, desc_v, i_b, i_hkv, n_end, n_full_hi, o_m, T_k,
+                                  diag_hi, qk_scale, HAS_RIGHT, BLOCK_N, HEAD_DIM, DOT_PRECISION, NUM_STAGES,
+                                  WARP_SPECIALIZE)
 
     # Rows that saw no key have l_i = 0 (and acc = 0): output 0 and lse -inf, not NaN.
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = tl.where(empty_row, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    desc_o.store([i_b, start_m, i_h, 0], acc.to(b_q.dtype).reshape(1, BLOCK_M, 1, HEAD_DIM))
+    desc_o.store([i_b, i_h, start_m, 0], acc.to(b_q.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
     p_lse = LSE + i_bh.to(tl.int64) * T_q + o_m
     tl.store(p_lse, lse, mask=o_m < T_q)
 
@@ -176,10 +178,12 @@ def flash_fwd_tma(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
 
     out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
-    block_q = [1, config.BLOCK_M, 1, D]
-    block_kv = [1, config.BLOCK_N, 1, D]
-    desc_q, desc_o = TensorDescriptor.from_tensor(q, block_q), TensorDescriptor.from_tensor(out, block_q)
-    desc_k, desc_v = TensorDescriptor.from_tensor(k, block_kv), TensorDescriptor.from_tensor(v, block_kv)
+    def desc(x, block):
+        # [B, T, H, D] -> its [B, H, T, D] view: the same memory, unit dims of the block first.
+        return TensorDescriptor.from_tensor(x.transpose(1, 2), [1, 1, block, D])
+
+    desc_q, desc_o = desc(q, config.BLOCK_M), desc(out, config.BLOCK_M)
+    desc_k, desc_v = desc(k, config.BLOCK_N), desc(v, config.BLOCK_N)
     grid = (cdiv(T_q, config.BLOCK_M), B * H)
     with device_guard(q):
         _fwd_tma_kernel[grid](
