@@ -6,15 +6,17 @@
 On the FlashAttention-2 paper grid (bf16, B = 16384 // T, H = 2048 // D), for each D and causal:
 at T=4096 the portable kernel's default config and every candidate are checked against the
 portable output and timed (`triton.testing.do_bench`, median); at T=16384 the portable kernel, the
-current default and the best TOP candidates of T=4096 again. One line per result, flushed at
+current default and the best --top candidates of T=4096 again (--T picks other lengths). One line per result, flushed at
 once; a candidate that fails to compile or disagrees is reported and skipped. Past --budget
 seconds the remaining candidates are skipped, so a slow compiler cannot eat the GPU lease.
 """
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
+from dataclasses import asdict
 
 if "--smoke" in sys.argv:
     # Before triton is imported: the interpreter runs the kernels on CPU tensors.
@@ -45,6 +47,11 @@ CANDIDATES = {
 
 def candidates(D: int) -> list:
     return [TmaFwdConfig(*c) for c in CANDIDATES[D]]
+
+
+def short(cfg: TmaFwdConfig) -> str:
+    return (f"tma {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
+            + (" ws" if cfg.warp_specialize else ""))
 
 
 def disagreement(got, want) -> str:
@@ -112,8 +119,8 @@ def sweep_case(sweep, D, causal, T, configs):
                         dict(meta, kernel="portable"))
     times = {}
     for cfg in configs:
-        ms = sweep.run(label, str(cfg), lambda: flash_fwd_tma(q, k, v, scale, causal, 0, config=cfg), want,
-                       flops, dict(meta, kernel="tma"), base_ms)
+        ms = sweep.run(label, short(cfg), lambda: flash_fwd_tma(q, k, v, scale, causal, 0, config=cfg), want,
+                       flops, dict(meta, kernel="tma", tma_config=asdict(cfg)), base_ms)
         if ms is not None:
             times[cfg] = ms
     return times
@@ -129,14 +136,16 @@ def smoke():
             for cfg in map(lambda c: TmaFwdConfig(*c), cands):
                 why = disagreement(flash_fwd_tma(q, k, v, D**-0.5, causal, 0, config=cfg), want)
                 bad += bool(why)
-                print(f"D={D} causal={causal} {cfg}: {why or 'ok'}", flush=True)
+                print(f"D={D} causal={causal} {short(cfg)}: {why or 'ok'}", flush=True)
     return bad
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--D", type=int, nargs="*", default=[64, 128, 256])
-    p.add_argument("--top", type=int, default=2, help="best candidates of T=4096 timed at T=16384")
+    p.add_argument("--T", type=int, nargs="+", default=[4096, 16384],
+                   help="every candidate at the first T; the default and the best --top at the others")
+    p.add_argument("--top", type=int, default=2, help="best candidates of the first T timed at the others")
     p.add_argument("--budget", type=float, default=140.0, help="seconds; later candidates are skipped")
     p.add_argument("--smoke", action="store_true", help="no GPU: check the candidates in the interpreter")
     p.add_argument("--out")
@@ -149,13 +158,15 @@ def main(argv=None):
         for causal in (False, True):
             default = get_tma_fwd_config(D, torch.bfloat16, causal, interpret=False)
             configs = [default] + [c for c in candidates(D) if c != default]
-            times = sweep_case(sweep, D, causal, 4096, configs)
+            times = sweep_case(sweep, D, causal, args.T[0], configs)
             best = sorted(times, key=times.get)[:args.top]
-            sweep_case(sweep, D, causal, 16384, [default] + [c for c in best if c != default])
+            for T in args.T[1:]:
+                sweep_case(sweep, D, causal, T, [default] + [c for c in best if c != default])
     print(f"sweep took {time.perf_counter() - t0:.0f} s", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(header("cuda", sys.argv), rows=sweep.rows), f, indent=1, default=str)
+            meta = dict(header("cuda", []), command=shlex.join(["python3", *sys.argv]))
+            json.dump(dict(meta, rows=sweep.rows), f, indent=1, default=str)
 
 
 if __name__ == "__main__":

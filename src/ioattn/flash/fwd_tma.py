@@ -8,11 +8,11 @@ ALiBi, attn_mask, varlen or dropout (:func:`tma_supported` says when it applies)
 The descriptors are 4D over the ``[B, H, T, D]`` views of the ``[B, T, H, D]`` tensors (strides
 swapped, nothing copied) with blocks ``[1, 1, BLOCK, D]``: TMA checks bounds per dimension, so a
 tile that runs past T reads zeros, never the next head's or batch's rows, and a store past Tq
-writes nothing. The unit dims lead, so that triton lands a tile in shared memory as a plain
-``[BLOCK, D]`` matrix: with ``[1, BLOCK, 1, D]`` blocks of the ``[B, T, H, D]`` tensors it
-reshaped Q in registers and kept it there as the A operand of QKᵀ, and 4 warps spilled
-(ptxas for sm_90, D=128, 128 x 64 tiles: 255 registers and 312 bytes of spills; now none). Key tiles zero-filled past Tk still need their scores masked,
-which only the last key block pays for.
+writes nothing. Key tiles zero-filled past Tk still need their scores masked, which only the last
+key block (and the causal diagonal) pays for. The unit dims lead so that triton lands each tile
+in shared memory as a plain ``[BLOCK, D]`` matrix: with ``[1, BLOCK, 1, D]`` blocks of the
+``[B, T, H, D]`` tensors it reshaped Q through registers and fed QKᵀ from there, 64 more
+registers a thread at 4 warps (TTGIR and ptxas for sm_90, D=128, 128 x 64 tiles).
 """
 import functools
 
