@@ -15,6 +15,7 @@ in shared memory as a plain ``[BLOCK, D]`` matrix: with ``[1, BLOCK, 1, D]`` blo
 registers a thread at 4 warps (TTGIR and ptxas for sm_90, D=128, 128 x 64 tiles).
 """
 import functools
+import inspect
 
 import torch
 import triton
@@ -23,9 +24,10 @@ import triton.language as tl
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
-    # Host-side descriptors came with triton 3.3; older ones (pyproject allows 3.2) keep the
-    # portable kernel, and importing this module must not fail there.
     TensorDescriptor = None
+# Host-side descriptors and tl.range's warp_specialize are recent (pyproject allows triton 3.2);
+# without them the portable kernel runs, and importing this module must not fail.
+_HAS_API = TensorDescriptor is not None and "warp_specialize" in inspect.signature(tl.range).parameters
 
 from .. import _env
 from .._utils import cdiv, empty
@@ -134,7 +136,7 @@ def tma_supported(q, k, v, softmax_scale: float, *, window=(-1, -1), softcap: fl
     with D in :data:`TMA_HEAD_DIMS`, TMA-aligned tensors, a positive scale, on a Hopper GPU or,
     for tests, on CPU tensors in Triton's interpreter. Any feature keyword this kernel does not
     know (e.g. dropout) means no."""
-    if TensorDescriptor is None or other_features or tuple(window) != (-1, -1) or softcap > 0:
+    if not _HAS_API or other_features or tuple(window) != (-1, -1) or softcap > 0:
         return False
     if alibi_slopes is not None or attn_mask is not None or not softmax_scale > 0:
         return False
