@@ -2,13 +2,15 @@
 switched off compiles to nothing" is checked, not assumed.
 
     python benchmarks/ptx_check.py [--src DIR] [--json OUT] [--compare OTHER.json]
+    python benchmarks/ptx_check.py --tma     # the Hopper TMA forward under each sweep candidate
 
 ``--src`` is the ``src`` folder of the checkout to compile (default: this one): run it on two
 checkouts (``git worktree add /tmp/old <commit>``) and compare the fingerprints. For each kernel
 (forward, dK/dV, dQ) at D = 64/128/256, causal and not, bf16, every optional feature off, it
 prints a hash of the PTX (its header and comments dropped) and what ptxas -v reports (registers,
 spill bytes). Same hash: the same instructions. Arguments that a checkout's kernel lacks are
-simply not passed, so older kernels compile too.
+simply not passed, so older kernels compile too. ``--tma`` compiles fwd_tma.py's kernel under
+every candidate of benchmarks/sweep_fwd_tma.py and prints registers, spills and shared memory.
 """
 import argparse
 import hashlib
@@ -88,8 +90,53 @@ def _fingerprint(ptx):
     return body
 
 
-def compile_one(fn, D, causal, block_m, block_n, num_warps, num_stages):
-    ptx, body = _compile(fn, D, causal, block_m, block_n, num_warps, num_stages)
+def _compile_tma(D, causal, cfg):
+    """fwd_tma's kernel for bf16 as its launcher specializes it; returns the compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ioattn.flash.fwd_tma import _fwd_tma_kernel as fn
+
+    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, DOT_PRECISION="tf32",
+                  NUM_STAGES=cfg.num_stages, WARP_SPECIALIZE=cfg.warp_specialize)
+    blocks = dict(desc_q=cfg.BLOCK_M, desc_o=cfg.BLOCK_M, desc_k=cfg.BLOCK_N, desc_v=cfg.BLOCK_N)
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in values:
+            sig[name] = "constexpr"
+            constexprs[(i,)] = values[name]
+        elif name in blocks:
+            sig[name] = f"tensordesc<bf16[1, 1, {blocks[name]}, {D}]>"
+        elif name == "LSE":
+            sig[name] = "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name == "qk_scale" else "i32"
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def check_tma():
+    sys.path.insert(0, os.path.dirname(__file__))
+    from sweep_fwd_tma import CANDIDATES, candidates
+
+    for D in CANDIDATES:
+        for causal in (False, True):
+            for cfg in candidates(D):
+                try:
+                    k = _compile_tma(D, causal, cfg)
+                except Exception as e:  # report and go on, as the sweep does
+                    print(f"D={D} causal={causal!s:<5} {cfg}: failed: {type(e).__name__}", flush=True)
+                    continue
+                r = _ptxas_info(k.asm["ptx"])
+                print(f"D={D:<3} causal={causal!s:<5} {cfg.BLOCK_M}x{cfg.BLOCK_N} warps {cfg.num_warps} "
+                      f"stages {cfg.num_stages}: regs {r['regs']} spill {r['spill_stores']} "
+                      f"smem {k.metadata.shared}", flush=True)
+
+
+def _ptxas_info(ptx):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
@@ -99,8 +146,12 @@ def compile_one(fn, D, causal, block_m, block_n, num_warps, num_stages):
     info = res.stderr
     regs = re.search(r"Used (\d+) registers", info)
     spill = re.search(r"(\d+) bytes spill stores", info)
-    return dict(hash=hashlib.sha256(body.encode()).hexdigest()[:16], lines=body.count("\n"),
-                regs=int(regs.group(1)) if regs else None, spill_stores=int(spill.group(1)) if spill else None)
+    return dict(regs=int(regs.group(1)) if regs else None, spill_stores=int(spill.group(1)) if spill else None)
+
+
+def compile_one(fn, D, causal, block_m, block_n, num_warps, num_stages):
+    ptx, body = _compile(fn, D, causal, block_m, block_n, num_warps, num_stages)
+    return dict(hash=hashlib.sha256(body.encode()).hexdigest()[:16], lines=body.count("\n"), **_ptxas_info(ptx))
 
 
 def main(argv=None):
@@ -108,9 +159,12 @@ def main(argv=None):
     p.add_argument("--src", default=os.path.join(os.path.dirname(__file__), "..", "src"))
     p.add_argument("--json", help="write the fingerprints here")
     p.add_argument("--compare", help="fingerprints of another checkout (--json output) to compare with")
+    p.add_argument("--tma", action="store_true", help="the TMA forward under the sweep's candidates instead")
     args = p.parse_args(argv)
     sys.path.insert(0, os.path.abspath(args.src))
     os.environ.pop("TRITON_INTERPRET", None)
+    if args.tma:
+        return check_tma()
     fwd = importlib.import_module("ioattn.flash.fwd")
     bwd = importlib.import_module("ioattn.flash.bwd")
     cfg = importlib.import_module("ioattn.flash.config")

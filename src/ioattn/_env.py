@@ -43,3 +43,10 @@ def check_values() -> bool:
     page numbers, rows), which copy them to the host and so synchronize with the GPU once per
     call. Default on; off, out-of-range indices are undefined behaviour (as in flash-attn)."""
     return os.environ.get("IOATTN_CHECK_VALUES", "1") != "0"
+
+
+def tma() -> bool:
+    """IOATTN_TMA=1: CUDA forward calls that the Hopper kernel covers (flash/fwd_tma.py,
+    ``tma_supported``) run it instead of the portable kernel; so do CPU tensors in Triton's
+    interpreter. Off by default until the H200 sweep has measured it."""
+    return os.environ.get("IOATTN_TMA", "0") == "1"

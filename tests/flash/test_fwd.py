@@ -42,13 +42,17 @@ def make_slopes(alibi, B, H):
 
 
 def check_fwd(B, Tq, Tk, H, Hkv, D, causal, diag_offset, dtype, *, layout="bthd", config=None,
-              window=(-1, -1), softcap=0.0, alibi=None):
-    q, k, v = make_qkv(B, Tq, Tk, H, Hkv, D, dtype=dtype, device=DEVICE, layout=layout)
+              window=(-1, -1), softcap=0.0, alibi=None, fwd=flash_fwd_triton, qkv=None):
+    """Run the launcher ``fwd`` (flash_fwd_triton's signature) on fresh inputs, or on ``qkv``
+    when given, and check out and lse against the reference."""
+    if qkv is None:
+        qkv = make_qkv(B, Tq, Tk, H, Hkv, D, dtype=dtype, device=DEVICE, layout=layout)
+    q, k, v = qkv
     scale = 1.0 / math.sqrt(D)
     offset = Tk - Tq if diag_offset is None else diag_offset
     slopes = make_slopes(alibi, B, H)
     features = dict(window=window, softcap=softcap, alibi_slopes=slopes)
-    out, lse = flash_fwd_triton(q, k, v, scale, causal, offset, config=config, **features)
+    out, lse = fwd(q, k, v, scale, causal, offset, config=config, **features)
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     assert lse.shape == (B, H, Tq) and lse.dtype == torch.float32 and lse.is_contiguous()
 

@@ -90,3 +90,38 @@ def get_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret
     # spills; 32 x 64 / 64 x 32 tiles with 8 warps ran 139, 64 x 64 with 8 warps 125. Weak:
     # the 256-wide dK/dV accumulators leave little room; a later kernel should split HEAD_DIM.
     return BwdConfig(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=2)
+
+
+@dataclass(frozen=True)
+class TmaFwdConfig:
+    """Hopper forward kernel (fwd_tma.py): tiles as in :class:`FwdConfig`; ``num_stages`` is the
+    depth of the K/V pipeline of its key loop; ``warp_specialize`` asks triton to split that loop
+    into producer and consumer warps (on sm_90 triton 3.6 emits the same PTX either way)."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+    warp_specialize: bool = False
+
+
+def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool) -> TmaFwdConfig:
+    """Pick the Hopper forward config for a power-of-two head dim 16..256 (fp16/bf16 on the GPU)."""
+    if interpret:
+        # Small tiles: the interpreter pays per element, and tiny test shapes still span tiles.
+        return TmaFwdConfig(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        # The dispatch never sends fp32 here (its ieee dots run on FMA units); small tiles only
+        # keep direct calls and the tests on a GPU within registers and shared memory.
+        return TmaFwdConfig(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if head_dim <= 64:
+        # Starting point, not yet measured with this kernel: a minimal TMA forward ran 438 TFLOP/s
+        # with these tiles at D=64 on the H200 (shared/GPU.md).
+        return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        # Starting point, not yet measured with this kernel: a minimal TMA forward ran 547 TFLOP/s
+        # with these tiles at D=128, T=16384 on the H200 (shared/GPU.md).
+        return TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
+    # Starting point, not yet measured: the portable kernel's D=256 tiles (Q plus two stages of
+    # K and V fill 192 KB of shared memory); the 128 x 256 fp32 accumulator needs 8 warps.
+    return TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)

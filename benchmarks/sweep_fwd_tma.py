@@ -1,0 +1,173 @@
+"""Time the Hopper TMA forward (flash/fwd_tma.py) under candidate configs against the portable one.
+
+    PYTHONPATH=src python3 benchmarks/sweep_fwd_tma.py --out $OUT/sweep_fwd_tma.json
+    PYTHONPATH=src python3 benchmarks/sweep_fwd_tma.py --smoke     # no GPU: candidates in the interpreter
+
+On the FlashAttention-2 paper grid (bf16, B = 16384 // T, H = 2048 // D), for each D and causal:
+at T=4096 the portable kernel's default config and every candidate are checked against the
+portable output and timed (`triton.testing.do_bench`, median); at T=16384 the portable kernel, the
+current default and the best --top candidates of T=4096 again (--T picks other lengths). One line per result, flushed at
+once; a candidate that fails to compile or disagrees is reported and skipped. Past --budget
+seconds the remaining candidates are skipped, so a slow compiler cannot eat the GPU lease.
+"""
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict
+
+if "--smoke" in sys.argv:
+    # Before triton is imported: the interpreter runs the kernels on CPU tensors.
+    os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from ioattn.bench.flops import attention_flops, tflops  # noqa: E402
+from ioattn.bench.machine import header  # noqa: E402
+from ioattn.flash.config import TmaFwdConfig, get_tma_fwd_config  # noqa: E402
+from ioattn.flash.fwd import flash_fwd_triton  # noqa: E402
+from ioattn.flash.fwd_tma import flash_fwd_tma  # noqa: E402
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, the default first. Each compiles for
+# sm_90 without register spills and fits Hopper's 227 KB of shared memory (benchmarks/ptx_check.py
+# --tma); 128 x 128 tiles with 4 warps at D=128 spill 1.2 KB and are left out. warp_specialize is
+# left out too: on sm_90 triton 3.6 emits the same PTX with it as without it for this kernel.
+CANDIDATES = {
+    64: [(128, 128, 4, 3), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 4, 4), (128, 128, 8, 3),
+         (128, 128, 8, 2), (128, 64, 8, 4), (64, 128, 4, 3)],
+    128: [(128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+          (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+    256: [(128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+}
+
+
+def candidates(D: int) -> list:
+    return [TmaFwdConfig(*c) for c in CANDIDATES[D]]
+
+
+def short(cfg: TmaFwdConfig) -> str:
+    return (f"tma {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
+            + (" ws" if cfg.warp_specialize else ""))
+
+
+def disagreement(got, want) -> str:
+    """Why (out, lse) ``got`` is not ``want`` to rounding, or "" if it is: out within 2 bf16 ulps
+    of its largest value, finite lse within 1e-3, -inf in the same rows."""
+    out, lse = got
+    ref, ref_lse = want
+    tol = 2.0**-7 * max(1.0, ref.float().abs().max().item())
+    d_out = (out.float() - ref.float()).abs().max().item()
+    if not d_out <= tol:
+        return f"out differs by {d_out:.3e} (tolerance {tol:.1e})"
+    if not torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)):
+        return "lse: -inf rows differ"
+    finite = torch.isfinite(ref_lse)
+    d_lse = (lse[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
+    if not d_lse <= 1e-3:
+        return f"lse differs by {d_lse:.3e}"
+    return ""
+
+
+class Sweep:
+    def __init__(self, budget_s: float):
+        self.deadline = time.perf_counter() + budget_s
+        self.rows = []
+
+    def run(self, label, name, fn, want, flops, meta, base_ms=None):
+        """Check ``fn()`` against ``want`` (when given), time it, print (after ``label``) and
+        record one row; returns its median ms, or None when it failed or was skipped."""
+        if time.perf_counter() > self.deadline:
+            print(f"{label} {name}: skipped (budget)", flush=True)
+            return None
+        t0 = time.perf_counter()
+        try:
+            got = fn()
+            torch.cuda.synchronize()
+            why = disagreement(got, want) if want is not None else ""
+        except Exception as e:  # a config that does not compile or fit is reported, not fatal
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            why = f"failed: {type(e).__name__}: {first_line[:160]}"
+        compile_s = time.perf_counter() - t0
+        if why:
+            print(f"{label} {name}: {why}", flush=True)
+            self.rows.append(dict(meta, config=name, error=why))
+            return None
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        tf = tflops(flops, ms)
+        ratio = base_ms / ms if base_ms else 1.0
+        print(f"{label} {name}: {tf:6.1f} TFLOP/s  x{ratio:.3f} vs portable  {ms:.3f} ms  "
+              f"(first call {compile_s:.1f} s)", flush=True)
+        self.rows.append(dict(meta, config=name, ms=ms, tflops=tf, ratio_vs_portable=ratio,
+                              first_call_s=compile_s))
+        return ms
+
+
+def sweep_case(sweep, D, causal, T, configs):
+    """The portable kernel, then each TMA config, at one shape; returns {config: ms}."""
+    B, H = 16384 // T, 2048 // D
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    scale = D**-0.5
+    flops = attention_flops(B, H, T, T, D, causal=causal, mode="fwd")
+    meta = dict(D=D, causal=causal, T=T, B=B, H=H)
+    label = f"D={D} causal={causal!s:<5} T={T:<5}"
+    want = flash_fwd_triton(q, k, v, scale, causal, 0)
+    base_ms = sweep.run(label, "portable", lambda: flash_fwd_triton(q, k, v, scale, causal, 0), None, flops,
+                        dict(meta, kernel="portable"))
+    times = {}
+    for cfg in configs:
+        ms = sweep.run(label, short(cfg), lambda: flash_fwd_tma(q, k, v, scale, causal, 0, config=cfg), want,
+                       flops, dict(meta, kernel="tma", tma_config=asdict(cfg)), base_ms)
+        if ms is not None:
+            times[cfg] = ms
+    return times
+
+
+def smoke():
+    """Every candidate on a tiny fp16 shape in the interpreter, against the portable kernel."""
+    bad = 0
+    for D, cands in CANDIDATES.items():
+        q, k, v = (torch.randn(1, 40, 2, D).half() for _ in range(3))
+        for causal in (False, True):
+            want = flash_fwd_triton(q, k, v, D**-0.5, causal, 0)
+            for cfg in map(lambda c: TmaFwdConfig(*c), cands):
+                why = disagreement(flash_fwd_tma(q, k, v, D**-0.5, causal, 0, config=cfg), want)
+                bad += bool(why)
+                print(f"D={D} causal={causal} {short(cfg)}: {why or 'ok'}", flush=True)
+    return bad
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--D", type=int, nargs="*", default=[64, 128, 256])
+    p.add_argument("--T", type=int, nargs="+", default=[4096, 16384],
+                   help="every candidate at the first T; the default and the best --top at the others")
+    p.add_argument("--top", type=int, default=2, help="best candidates of the first T timed at the others")
+    p.add_argument("--budget", type=float, default=140.0, help="seconds; later candidates are skipped")
+    p.add_argument("--smoke", action="store_true", help="no GPU: check the candidates in the interpreter")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    if args.smoke:
+        sys.exit(1 if smoke() else 0)
+    sweep = Sweep(args.budget)
+    t0 = time.perf_counter()
+    for D in args.D:
+        for causal in (False, True):
+            default = get_tma_fwd_config(D, torch.bfloat16, causal, interpret=False)
+            configs = [default] + [c for c in candidates(D) if c != default]
+            times = sweep_case(sweep, D, causal, args.T[0], configs)
+            best = sorted(times, key=times.get)[:args.top]
+            for T in args.T[1:]:
+                sweep_case(sweep, D, causal, T, [default] + [c for c in best if c != default])
+    print(f"sweep took {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            meta = dict(header("cuda", []), command=shlex.join(["python3", *sys.argv]))
+            json.dump(dict(meta, rows=sweep.rows), f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
