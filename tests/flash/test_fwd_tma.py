@@ -132,6 +132,7 @@ def test_dispatch_switch(monkeypatch):
     assert torch.equal(out, want)
     assert (out.float() - base.float()).abs().max() < 1e-2
     ioattn.flash_attn_func(q, k, v, causal=True, softcap=5.0)
+    ioattn.flash_attn_func(q, k, v, causal=True, dropout_p=0.1)
     assert len(calls) == 1
 
 

@@ -130,15 +130,16 @@ def _is_sm90(device_index: int) -> bool:
 
 
 def tma_supported(q, k, v, softmax_scale: float, *, window=(-1, -1), softcap: float = 0.0,
-                  alibi_slopes=None, attn_mask=None, **other_features) -> bool:
+                  alibi_slopes=None, attn_mask=None, dropout_p: float = 0.0, seed: int = 0,
+                  **other_features) -> bool:
     """Whether :func:`flash_fwd_tma` computes this forward call: the plain case (no window, softcap,
-    ALiBi, attn_mask; varlen has its own launcher and never asks), fp16/bf16 ``[B, T, H, D]``
+    ALiBi, attn_mask, dropout; varlen has its own launcher and never asks), fp16/bf16 ``[B, T, H, D]``
     with D in :data:`TMA_HEAD_DIMS`, TMA-aligned tensors, a positive scale, on a Hopper GPU or,
     for tests, on CPU tensors in Triton's interpreter. Any feature keyword this kernel does not
-    know (e.g. dropout) means no."""
+    know means no."""
     if not _HAS_API or other_features or tuple(window) != (-1, -1) or softcap > 0:
         return False
-    if alibi_slopes is not None or attn_mask is not None or not softmax_scale > 0:
+    if alibi_slopes is not None or attn_mask is not None or dropout_p > 0 or not softmax_scale > 0:
         return False
     if q.dim() != 4 or q.dtype not in (torch.float16, torch.bfloat16):
         return False
