@@ -43,3 +43,10 @@ def check_values() -> bool:
     page numbers, rows), which copy them to the host and so synchronize with the GPU once per
     call. Default on; off, out-of-range indices are undefined behaviour (as in flash-attn)."""
     return os.environ.get("IOATTN_CHECK_VALUES", "1") != "0"
+
+
+def tma_enabled() -> bool:
+    """IOATTN_TMA=1: on Hopper GPUs, run the tensor-descriptor (TMA) kernels where they apply
+    (flash/bwd_tma.py's tma_bwd_supported says when); the portable kernels run otherwise. Off by
+    default until they are measured faster on the H200."""
+    return os.environ.get("IOATTN_TMA", "0") == "1"

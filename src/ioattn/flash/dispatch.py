@@ -3,7 +3,8 @@
 CUDA tensors run the Triton kernels; CPU tensors run the CPU backend, or the same Triton
 kernels in Triton's interpreter when IOATTN_BACKEND=triton and TRITON_INTERPRET=1 (this is how
 CI, which has no GPU, tests the GPU code). A Hopper-specific kernel, when one exists, is chosen
-here too, behind the same launcher signature.
+here too, behind the same launcher signature: with IOATTN_TMA=1 the backward is
+``flash_bwd_sm90``, which runs the TMA kernels where they apply and the portable ones otherwise.
 """
 import functools
 
@@ -34,11 +35,12 @@ def backend_for(device: torch.device) -> str:
 
 def kernels_for(device: torch.device):
     """``(fwd, bwd)`` launchers with the signatures of ``flash_fwd_triton``/``flash_bwd_triton``."""
-    return _kernels(backend_for(device))
+    backend = backend_for(device)
+    return _kernels(backend, backend != "cpu" and _env.tma_enabled())
 
 
 @functools.cache
-def _kernels(backend: str):
+def _kernels(backend: str, tma: bool = False):
     # Imported on first use (triton is not needed on the CPU path) and cached: this sits on the
     # per-call path, where an import statement alone costs several µs.
     if backend == "cpu":
@@ -48,4 +50,8 @@ def _kernels(backend: str):
     from .bwd import flash_bwd_triton
     from .fwd import flash_fwd_triton
 
+    if tma:
+        from .bwd_tma import flash_bwd_sm90
+
+        return flash_fwd_triton, flash_bwd_sm90
     return flash_fwd_triton, flash_bwd_triton
