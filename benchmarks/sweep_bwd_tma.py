@@ -25,19 +25,21 @@ import sys
 import tempfile
 import time
 
-# (BLOCK_M1, BLOCK_N1, warps1, stages1) for dK/dV and (BLOCK_M2, BLOCK_N2, warps2, stages2) for dQ.
-# Triton 3.6 keeps the dK/dV kernel's K and V tiles in registers (dot operand A), so the fp32
-# dK, dV accumulators and K, V compete for them: small BLOCK_M1 keeps the per-iteration tiles
-# (qkᵀ, dPᵀ) small. `--ptxas` prints what ptxas reports for each.
+# (BLOCK_M1, BLOCK_N1, warps1, stages1[, device_desc1]) for dK/dV and (BLOCK_M2, BLOCK_N2, warps2,
+# stages2) for dQ. With the host's 4D descriptors Triton 3.6 keeps the dK/dV kernel's K and V tiles
+# in registers (dot operand A), where they compete with the fp32 dK, dV accumulators: small
+# BLOCK_M1 keeps the per-step tiles small. With device_desc1 (per-head 2D descriptors made in the
+# kernel) K and V stay in shared memory and larger tiles fit. `--ptxas` prints ptxas's report.
+T = True
 DKDV = {
-    64: [(32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (16, 128, 8, 4), (32, 64, 4, 3), (64, 64, 4, 3)],
-    128: [(32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 3), (32, 128, 8, 3), (16, 64, 4, 3), (32, 64, 4, 2)],
-    256: [(16, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 3)],
+    64: [(32, 128, 8, 3), (64, 128, 8, 2), (16, 128, 8, 4), (32, 128, 8, 3, T), (16, 128, 8, 4, T), (64, 128, 8, 2, T)],
+    128: [(32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 3), (32, 128, 8, 2, T), (16, 128, 8, 3, T), (64, 128, 8, 2, T)],
+    256: [(16, 64, 8, 2), (16, 64, 8, 2, T), (32, 64, 8, 2, T)],
 }
 DQ = {
     64: [(128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4)],
     128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (128, 128, 8, 2)],
-    256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+    256: [(64, 32, 8, 2), (64, 64, 8, 2)],
 }
 TOL = 2e-2
 SMOKE_T, SMOKE_T_LONG = 45, 77
@@ -168,7 +170,10 @@ def sweep_shape(s, rows, smoke, dkdv_list, dq_list):
 
 def with_pass(cfg, kind, c):
     """``cfg`` with one pass's (BLOCK_M, BLOCK_N, warps, stages) replaced by ``c``."""
-    names = ("BLOCK_M1", "BLOCK_N1", "warps1", "stages1") if kind == "dkdv" else ("BLOCK_M2", "BLOCK_N2", "warps2", "stages2")
+    if kind == "dkdv":
+        names, c = ("BLOCK_M1", "BLOCK_N1", "warps1", "stages1", "device_desc1"), (tuple(c) + (False,))[:5]
+    else:
+        names = ("BLOCK_M2", "BLOCK_N2", "warps2", "stages2")
     return dataclasses.replace(cfg, **dict(zip(names, c)))
 
 
@@ -200,21 +205,29 @@ def ptxas_report(Ds):
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     for D in Ds:
         for kind, fn, cands in (("dkdv", bwd_tma._bwd_dkdv_tma_kernel, DKDV[D]), ("dq", bwd_tma._bwd_dq_tma_kernel, DQ[D])):
-            for M, N, warps, stages in cands:
-                # Descriptors of query rows (q, dO, dQ) have M-row tiles, of keys (k, v, dK, dV) N-row ones.
-                values = dict(HAS_RIGHT=True, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, DOT_PRECISION="tf32")
-                sig, constexprs = {}, {}
+            for c in cands:
+                M, N, warps, stages = c[:4]
+                device_desc = len(c) > 4 and c[4]
+                # Descriptors of query rows (q, dO, dQ) have M-row tiles, of keys (k, v, dK, dV) N-row
+                # ones; with device_desc the kernel takes the tensors (16-byte aligned, as checked).
+                values = dict(HAS_RIGHT=True, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, DOT_PRECISION="tf32",
+                              DEVICE_DESC=device_desc)
+                sig, constexprs, attrs = {}, {}, {}
                 for i, name in enumerate(fn.arg_names):
                     if name in values:
                         sig[name], constexprs[(i,)] = "constexpr", values[name]
+                    elif name.startswith("desc_") and device_desc:
+                        sig[name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
                     elif name.startswith("desc_"):
                         rows_ = M if name in ("desc_q", "desc_do", "desc_dq") else N
                         sig[name] = f"tensordesc<bf16[1,{rows_},1,{D}]>"
                     else:
                         sig[name] = {"LSE": "*fp32", "DELTA": "*fp32", "softmax_scale": "fp32",
                                      "qk_scale": "fp32"}.get(name, "i32")
+                        if name.startswith("stride_"):
+                            attrs[(i,)] = [["tt.divisibility", 16]]
                 try:
-                    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
                     with tempfile.TemporaryDirectory() as tmp:
                         path = os.path.join(tmp, "k.ptx")
@@ -224,10 +237,10 @@ def ptxas_report(Ds):
                                               capture_output=True, text=True).stderr
                     regs = re.search(r"Used (\d+) registers", info).group(1)
                     spill = re.search(r"(\d+) bytes spill stores", info).group(1)
-                    print(f"D={D:<3} {kind:<4} {(M, N, warps, stages)!s:<18} regs {regs:>3}  spill {spill:>5} B  "
+                    print(f"D={D:<3} {kind:<4} {c!s:<24} regs {regs:>3}  spill {spill:>5} B  "
                           f"smem {k.metadata.shared // 1024} KiB", flush=True)
                 except Exception as e:
-                    print(f"D={D:<3} {kind:<4} {(M, N, warps, stages)!s:<18} FAILED: {str(e).splitlines()[0][:120]}",
+                    print(f"D={D:<3} {kind:<4} {c!s:<24} FAILED: {str(e).splitlines()[0][:120]}",
                           flush=True)
 
 

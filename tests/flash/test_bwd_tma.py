@@ -68,13 +68,22 @@ def test_bwd_tma_empty_rows():
     assert torch.all(dq[:, :35] == 0)
 
 
+@pytest.mark.parametrize("device_desc", [False, True], ids=["host-desc", "device-desc"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_bwd_tma_tiles(causal):
+def test_bwd_tma_tiles(causal, device_desc):
     # Each pass's M larger than its N and the reverse, so the diagonal crosses blocks at every
-    # position in both.
-    cfg = TmaBwdConfig(BLOCK_M1=32, BLOCK_N1=16, warps1=4, stages1=1, BLOCK_M2=16, BLOCK_N2=32, warps2=4, stages2=1)
+    # position in both; the dK/dV pass with either kind of descriptor.
+    cfg = TmaBwdConfig(BLOCK_M1=32, BLOCK_N1=16, warps1=4, stages1=1, BLOCK_M2=16, BLOCK_N2=32, warps2=4, stages2=1,
+                       device_desc1=device_desc)
     check_bwd(1, 45, 37, 4, 2, 32, causal, None, torch.float16, config=cfg, bwd=tma_vs_portable)
     check_bwd(1, 37, 45, 2, 1, 32, causal, 0, torch.float16, config=cfg, bwd=tma_vs_portable)
+
+
+def test_bwd_tma_device_desc_strided():
+    # Per-head descriptors made in the kernel from [B, H, T, D] storage: their own strides.
+    cfg = dataclasses.replace(get_tma_bwd_config(64, torch.float16, True, interpret=True), device_desc1=True)
+    check_bwd(2, 37, 45, 4, 2, 64, True, None, torch.float16, layout="bhtd", dout_strided=True, config=cfg,
+              bwd=tma_vs_portable)
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -212,6 +221,14 @@ def test_bwd_tma_gpu_deterministic():
     for _ in range(10):
         for a, b in zip(first, flash_bwd_tma(dout, q, k, v, out, lse, 128**-0.5, True, 0)):
             assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_bwd_tma_gpu_device_desc(D):
+    # The dK/dV pass with per-head descriptors made on the GPU (needs Triton's scratch allocator).
+    cfg = dataclasses.replace(get_tma_bwd_config(D, torch.bfloat16, True, interpret=False), device_desc1=True)
+    check_bwd(2, 1000, 1100, 8, 2, D, True, None, torch.bfloat16, config=cfg, bwd=tma_vs_portable)
 
 
 @pytest.mark.gpu

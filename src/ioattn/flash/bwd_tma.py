@@ -16,9 +16,13 @@ lse and delta, a few bytes per row, keep plain masked loads.
 
 Seen in the compiled code (sm_90, triton 3.6, no GPU needed): the loop's q and dO tiles reach
 the wgmma dots straight from shared memory, but the K and V tiles the dK/dV kernel holds, being
-the dots' A operand after a reshape, are kept in registers (a 2D descriptor would leave them in
-shared memory). With the fp32 dK, dV accumulators that is what limits its tiles.
+the dots' A operand after a reshape, are kept in registers, where they compete with the fp32 dK,
+dV accumulators. ``TmaBwdConfig.device_desc1`` makes that kernel build one 2D ``[T, D]``
+descriptor per (batch, head) itself instead (the same bounds, no reshape, K and V stay in shared
+memory); it needs Triton's scratch allocator for the descriptors, which the launcher provides.
 """
+import contextvars
+
 import torch
 import triton
 import triton.language as tl
@@ -35,29 +39,47 @@ _HEAD_DIMS = (64, 128, 256)
 
 
 @triton.jit
-def _load_tile(desc, i_b, start, i_h, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Rows ``[start, start + BLOCK)`` of head ``i_h`` of batch ``i_b``; rows past T are 0."""
-    return desc.load([i_b, start, i_h, 0]).reshape(BLOCK, HEAD_DIM)
+def _load_tile(desc, i_b, start, i_h, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DEVICE_DESC: tl.constexpr = False):
+    """Rows ``[start, start + BLOCK)`` of head ``i_h`` of batch ``i_b``; rows past T are 0. With
+    ``DEVICE_DESC``, ``desc`` is that head's own 2D descriptor (:func:`_head_desc`)."""
+    if DEVICE_DESC:
+        b_x = desc.load([start, 0])
+    else:
+        b_x = desc.load([i_b, start, i_h, 0]).reshape(BLOCK, HEAD_DIM)
+    return b_x
 
 
 @triton.jit
-def _store_tile(desc, i_b, start, i_h, b_x, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _store_tile(desc, i_b, start, i_h, b_x, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                DEVICE_DESC: tl.constexpr = False):
     """Store ``b_x`` ``[BLOCK, HEAD_DIM]`` at rows ``[start, start + BLOCK)``; rows past T are dropped."""
-    desc.store([i_b, start, i_h, 0], b_x.to(desc.dtype).reshape(1, BLOCK, 1, HEAD_DIM))
+    if DEVICE_DESC:
+        desc.store([start, 0], b_x.to(desc.dtype))
+    else:
+        desc.store([i_b, start, i_h, 0], b_x.to(desc.dtype).reshape(1, BLOCK, 1, HEAD_DIM))
+
+
+@triton.jit
+def _head_desc(X, i_b, i_h, T, stride_b, stride_t, stride_h, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Head ``i_h`` of batch ``i_b`` of ``X [B, T, H, D]`` as a 2D ``[T, D]`` descriptor made on the
+    device: the same per-(batch, head) bounds as the 4D one, but its tiles need no reshape, so a
+    tile that is a dot's A operand stays in shared memory (the 4D one's lands in registers)."""
+    base = X + i_b.to(tl.int64) * stride_b + i_h.to(tl.int64) * stride_h
+    return tl.make_tensor_descriptor(base, shape=[T, HEAD_DIM], strides=[stride_t, 1], block_shape=[BLOCK, HEAD_DIM])
 
 
 @triton.jit
 def _dkdv_tma_inner(dk, dv, b_k, b_v, desc_q, desc_do, p_lse, p_delta, i_b, i_h, start_m, end_m,
                     o_n, T_q, diag_hi, qk_scale, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, DEVICE_DESC: tl.constexpr):
     """Add query rows ``[start_m, end_m)`` of head ``i_h`` into dK/dV of the keys ``o_n``.
     ``MASK`` applies the causal mask; rows past Tq load q = dO = 0 and lse = +inf, so add nothing."""
     o_m0 = tl.arange(0, BLOCK_M)
     for start in range(start_m, end_m, BLOCK_M):
         o_m = start + o_m0
         m_m = o_m < T_q
-        b_q = _load_tile(desc_q, i_b, start, i_h, BLOCK_M, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-        b_do = _load_tile(desc_do, i_b, start, i_h, BLOCK_M, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+        b_q = _load_tile(desc_q, i_b, start, i_h, BLOCK_M, HEAD_DIM, DEVICE_DESC)  # [BLOCK_M, HEAD_DIM]
+        b_do = _load_tile(desc_do, i_b, start, i_h, BLOCK_M, HEAD_DIM, DEVICE_DESC)  # [BLOCK_M, HEAD_DIM]
         b_lse2 = _load_lse2(p_lse + o_m, m_m)  # [BLOCK_M]
         b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
         b_qkT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
@@ -73,15 +95,23 @@ def _dkdv_tma_inner(dk, dv, b_k, b_v, desc_q, desc_do, p_lse, p_delta, i_b, i_h,
 
 @triton.jit
 def _bwd_dkdv_tma_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv,
+                         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                         stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                         stride_dkb, stride_dkt, stride_dkh,
                          T_q, T_k, H, H_kv, GROUP, softmax_scale, qk_scale, diag_hi,
                          HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DEVICE_DESC: tl.constexpr):
+    """``desc_*`` are the host's 4D descriptors, or with ``DEVICE_DESC`` the tensors themselves (then
+    the strides, unused otherwise, build per-head 2D descriptors here; dk and dv share theirs)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hkv = i_bh // H_kv, i_bh % H_kv
     start_n = i_n * BLOCK_N
     o_n = start_n + tl.arange(0, BLOCK_N)
-    b_k = _load_tile(desc_k, i_b, start_n, i_hkv, BLOCK_N, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
-    b_v = _load_tile(desc_v, i_b, start_n, i_hkv, BLOCK_N, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+    if DEVICE_DESC:
+        desc_k = _head_desc(desc_k, i_b, i_hkv, T_k, stride_kb, stride_kt, stride_kh, BLOCK_N, HEAD_DIM)
+        desc_v = _head_desc(desc_v, i_b, i_hkv, T_k, stride_vb, stride_vt, stride_vh, BLOCK_N, HEAD_DIM)
+    b_k = _load_tile(desc_k, i_b, start_n, i_hkv, BLOCK_N, HEAD_DIM, DEVICE_DESC)  # [BLOCK_N, HEAD_DIM]
+    b_v = _load_tile(desc_v, i_b, start_n, i_hkv, BLOCK_N, HEAD_DIM, DEVICE_DESC)  # [BLOCK_N, HEAD_DIM]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # Without a window there is no left edge: rows [m_lo, m_full_lo) cross the diagonal and pay
@@ -91,16 +121,24 @@ def _bwd_dkdv_tma_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, d
     # The GROUP query heads that read this KV head add into the same dK/dV: no atomics needed.
     for g in range(GROUP):
         i_h = i_hkv * GROUP + g
+        if DEVICE_DESC:
+            desc_qh = _head_desc(desc_q, i_b, i_h, T_q, stride_qb, stride_qt, stride_qh, BLOCK_M, HEAD_DIM)
+            desc_doh = _head_desc(desc_do, i_b, i_h, T_q, stride_dob, stride_dot, stride_doh, BLOCK_M, HEAD_DIM)
+        else:
+            desc_qh, desc_doh = desc_q, desc_do
         # lse and delta are [B, H, Tq], contiguous.
         row0 = (i_b * H + i_h).to(tl.int64) * T_q
-        dk, dv = _dkdv_tma_inner(dk, dv, b_k, b_v, desc_q, desc_do, LSE + row0, DELTA + row0, i_b, i_h,
+        dk, dv = _dkdv_tma_inner(dk, dv, b_k, b_v, desc_qh, desc_doh, LSE + row0, DELTA + row0, i_b, i_h,
                                  m_lo, m_full_lo, o_n, T_q, diag_hi, qk_scale, True, BLOCK_M, HEAD_DIM,
-                                 DOT_PRECISION)
-        dk, dv = _dkdv_tma_inner(dk, dv, b_k, b_v, desc_q, desc_do, LSE + row0, DELTA + row0, i_b, i_h,
+                                 DOT_PRECISION, DEVICE_DESC)
+        dk, dv = _dkdv_tma_inner(dk, dv, b_k, b_v, desc_qh, desc_doh, LSE + row0, DELTA + row0, i_b, i_h,
                                  m_full_lo, m_full_hi, o_n, T_q, diag_hi, qk_scale, False, BLOCK_M,
-                                 HEAD_DIM, DOT_PRECISION)
-    _store_tile(desc_dk, i_b, start_n, i_hkv, dk * softmax_scale, BLOCK_N, HEAD_DIM)
-    _store_tile(desc_dv, i_b, start_n, i_hkv, dv, BLOCK_N, HEAD_DIM)
+                                 HEAD_DIM, DOT_PRECISION, DEVICE_DESC)
+    if DEVICE_DESC:
+        desc_dk = _head_desc(desc_dk, i_b, i_hkv, T_k, stride_dkb, stride_dkt, stride_dkh, BLOCK_N, HEAD_DIM)
+        desc_dv = _head_desc(desc_dv, i_b, i_hkv, T_k, stride_dkb, stride_dkt, stride_dkh, BLOCK_N, HEAD_DIM)
+    _store_tile(desc_dk, i_b, start_n, i_hkv, dk * softmax_scale, BLOCK_N, HEAD_DIM, DEVICE_DESC)
+    _store_tile(desc_dv, i_b, start_n, i_hkv, dv, BLOCK_N, HEAD_DIM, DEVICE_DESC)
 
 
 @triton.jit
@@ -171,12 +209,35 @@ def dkdv_tma(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: bo
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     M, N = config.BLOCK_M1, config.BLOCK_N1
-    _bwd_dkdv_tma_kernel[(cdiv(T_k, N), B * H_kv)](
-        _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
-        T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
-        **_band(T_q, T_k, causal, diag_offset), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=config.warps1, num_stages=config.stages1,
-    )
+    assert dk.stride() == dv.stride()
+    if config.device_desc1:
+        descs = (q, k, v, dout, lse, delta, dk, dv)
+    else:
+        descs = (_desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N))
+    strides = [s for x in (q, k, v, dout, dk) for s in x.stride()[:3]]
+
+    def launch():
+        _bwd_dkdv_tma_kernel[(cdiv(T_k, N), B * H_kv)](
+            *descs, *strides, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
+            **_band(T_q, T_k, causal, diag_offset), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
+            DOT_PRECISION=dot_precision(q.dtype), DEVICE_DESC=config.device_desc1,
+            num_warps=config.warps1, num_stages=config.stages1,
+        )
+
+    if config.device_desc1:
+        _with_scratch(q.device, launch)
+    else:
+        launch()
+
+
+def _with_scratch(device, launch):
+    """Run ``launch`` with the global scratch that descriptors made on the device need (128 bytes
+    each per program), from torch's allocator. The allocator is set in a copy of the current
+    context only, so a caller's own Triton allocator is left as it was."""
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    contextvars.copy_context().run(lambda: (triton.set_allocator(alloc), launch()))
 
 
 def dq_tma(q, k, v, dout, lse, delta, dq, softmax_scale: float, causal: bool, diag_offset: int,

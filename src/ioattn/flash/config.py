@@ -96,7 +96,9 @@ def get_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret
 class TmaBwdConfig:
     """Hopper TMA backward (bwd_tma.py). Its two passes are separate launches, so each has its own
     tiles, warps and pipeline depth: 1 = dK/dV (holds BLOCK_N1 keys, steps over BLOCK_M1 queries),
-    2 = dQ (holds BLOCK_M2 queries, steps over BLOCK_N2 keys)."""
+    2 = dQ (holds BLOCK_M2 queries, steps over BLOCK_N2 keys). ``device_desc1``: the dK/dV kernel
+    builds per-(batch, head) 2D descriptors itself instead of taking the host's 4D ones (same
+    bounds), which keeps its K and V tiles in shared memory rather than registers."""
 
     BLOCK_M1: int
     BLOCK_N1: int
@@ -106,6 +108,7 @@ class TmaBwdConfig:
     BLOCK_N2: int
     warps2: int
     stages2: int
+    device_desc1: bool = False
 
 
 def get_tma_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool) -> TmaBwdConfig:
