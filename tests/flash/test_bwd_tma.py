@@ -121,6 +121,9 @@ def test_tma_bwd_supported():
                     dict(dropout_p=0.1), dict(varlen=True), dict(some_new_feature=1)):
         assert not tma_bwd_supported(q, k, v, **feature), feature
     assert tma_bwd_supported(q, k, v, some_new_feature=None)
+    # A dropout seed without dropout changes nothing.
+    assert tma_bwd_supported(q, k, v, dropout_p=0.0, seed=1234)
+    assert not tma_bwd_supported(q, k, v, dropout_p=0.1, seed=1234)
     # fp16/bf16 and D in (64, 128, 256) only.
     assert not tma_bwd_supported(*_inputs(dtype=torch.float32))
     assert not tma_bwd_supported(*_inputs(D=40))

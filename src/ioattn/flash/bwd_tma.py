@@ -262,11 +262,12 @@ def _tma_aligned(x: torch.Tensor) -> bool:
 
 
 def tma_bwd_supported(q, k, v, *, window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None,
-                      dropout_p: float = 0.0, varlen: bool = False, **other_features) -> bool:
+                      dropout_p: float = 0.0, seed: int = 0, varlen: bool = False, **other_features) -> bool:
     """Whether :func:`flash_bwd_tma` applies to these (already validated) inputs: every feature off,
     fp16/bf16, D in (64, 128, 256), q, k, v TMA-aligned, on a Hopper GPU (capability 9.x) or CPU
-    tensors under the interpreter (tests). A feature this function does not know yet (one added
-    to the portable launcher later) counts as on unless it is None, 0 or False."""
+    tensors under the interpreter (tests). ``seed`` matters only with dropout. A feature this
+    function does not know yet (one added to the portable launcher later) counts as on unless it
+    is None, 0 or False."""
     if tuple(window) != (-1, -1) or softcap or alibi_slopes is not None or attn_mask is not None:
         return False
     if dropout_p or varlen or any(x is not None and x is not False and x != 0 for x in other_features.values()):
