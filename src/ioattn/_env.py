@@ -46,7 +46,8 @@ def check_values() -> bool:
 
 
 def tma() -> bool:
-    """IOATTN_TMA=1: CUDA forward calls that the Hopper kernel covers (flash/fwd_tma.py,
-    ``tma_supported``) run it instead of the portable kernel; so do CPU tensors in Triton's
-    interpreter. Off by default until the H200 sweep has measured it."""
+    """IOATTN_TMA=1: CUDA calls that the Hopper kernels cover (flash/fwd_tma.py's
+    ``tma_supported``, flash/bwd_tma.py's ``tma_bwd_supported``) run them instead of the portable
+    kernels; so do CPU tensors in Triton's interpreter. Off by default until the H200 sweep has
+    measured them."""
     return os.environ.get("IOATTN_TMA", "0") == "1"

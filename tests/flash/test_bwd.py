@@ -35,7 +35,9 @@ def make_slopes(alibi, B, H):
 
 
 def check_bwd(B, Tq, Tk, H, Hkv, D, causal, diag_offset, dtype, *, layout="bthd",
-              dout_strided=False, config=None, window=(-1, -1), softcap=0.0, alibi=None):
+              dout_strided=False, config=None, window=(-1, -1), softcap=0.0, alibi=None, bwd=flash_bwd_triton):
+    """Run the Triton forward and ``bwd`` (a launcher with flash_bwd_triton's signature) and check
+    dq, dk, dv with the accuracy rule; returns them."""
     q, k, v = make_qkv(B, Tq, Tk, H, Hkv, D, dtype=dtype, device=DEVICE, layout=layout)
     scale = 1.0 / math.sqrt(D)
     offset = Tk - Tq if diag_offset is None else diag_offset
@@ -47,7 +49,7 @@ def check_bwd(B, Tq, Tk, H, Hkv, D, causal, diag_offset, dtype, *, layout="bthd"
         dout = torch.randn(B, Tq, H, D, device=DEVICE).to(dtype)
 
     out, lse = flash_fwd_triton(q, k, v, scale, causal, offset, **features)
-    dq, dk, dv = flash_bwd_triton(dout, q, k, v, out, lse, scale, causal, offset, config=config, **features)
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, scale, causal, offset, config=config, **features)
     for g, x in zip((dq, dk, dv), (q, k, v)):
         assert g.shape == x.shape and g.dtype == x.dtype and g.is_contiguous()
 

@@ -125,3 +125,48 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
     # Starting point, not yet measured: the portable kernel's D=256 tiles (Q plus two stages of
     # K and V fill 192 KB of shared memory); the 128 x 256 fp32 accumulator needs 8 warps.
     return TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
+@dataclass(frozen=True)
+class TmaBwdConfig:
+    """Hopper TMA backward (bwd_tma.py). Its two passes are separate launches, so each has its own
+    tiles, warps and pipeline depth: 1 = dK/dV (holds BLOCK_N1 keys, steps over BLOCK_M1 queries),
+    2 = dQ (holds BLOCK_M2 queries, steps over BLOCK_N2 keys). ``device_desc1``: the dK/dV kernel
+    builds per-(batch, head) 2D descriptors itself instead of taking the host's 4D ones (same
+    bounds), which keeps its K and V tiles in shared memory rather than registers."""
+
+    BLOCK_M1: int
+    BLOCK_N1: int
+    warps1: int
+    stages1: int
+    BLOCK_M2: int
+    BLOCK_N2: int
+    warps2: int
+    stages2: int
+    device_desc1: bool = False
+
+
+def get_tma_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool) -> TmaBwdConfig:
+    """Pick the TMA backward config for D in (64, 128, 256) (fp16/bf16; fp32 in the interpreter).
+
+    Register counts are ptxas's for sm_90 (bf16, causal; `benchmarks/sweep_bwd_tma.py --ptxas`).
+    Triton 3.6 keeps the dK/dV kernel's K and V tiles in registers (they are the A operand of
+    its first two dots), so they compete with the fp32 dK, dV accumulators; small BLOCK_M1 keeps
+    the per-step tiles (qkᵀ, dPᵀ) small.
+    """
+    if interpret:
+        # Small tiles, fast in numpy; M and N unequal in both passes, so the diagonal crosses
+        # blocks at different offsets.
+        return TmaBwdConfig(16, 32, 4, 1, 32, 16, 4, 1)
+    if head_dim <= 64:
+        # Starting point, not yet measured: the portable kernel's H200 tiles (32 x 128 / 128 x 32,
+        # 8 warps, 3 stages). ptxas: dK/dV 255 registers, 8 bytes spilled; dQ 122, none.
+        return TmaBwdConfig(32, 128, 8, 3, 128, 32, 8, 3)
+    if head_dim <= 128:
+        # Starting point, not yet measured. ptxas: dK/dV 255 registers, 44 bytes spilled (the
+        # portable kernel's 64 x 128 spills 448 here; 16 x 128 with 3 stages spills none);
+        # dQ 222, none, with a third stage for its 64-key tiles.
+        return TmaBwdConfig(32, 128, 8, 2, 128, 64, 8, 3)
+    # Starting point, not yet measured: every dK/dV candidate spills at D = 256 (its K and V tiles
+    # alone take 128 registers a thread); 16 x 64 spills least (452 bytes). dQ: 250, none.
+    return TmaBwdConfig(16, 64, 8, 2, 64, 32, 8, 2)

@@ -2,8 +2,8 @@
 
 CUDA tensors run the Triton kernels; CPU tensors run the CPU backend, or the same Triton
 kernels in Triton's interpreter when IOATTN_BACKEND=triton and TRITON_INTERPRET=1 (this is how
-CI, which has no GPU, tests the GPU code). The Hopper forward (fwd_tma.py) is chosen here too,
-behind the same launcher signature, for the calls it covers when IOATTN_TMA=1.
+CI, which has no GPU, tests the GPU code). The Hopper kernels (fwd_tma.py, bwd_tma.py) are
+chosen here too, behind the same launcher signatures, for the calls they cover when IOATTN_TMA=1.
 """
 import functools
 
@@ -47,12 +47,17 @@ def _kernels(backend: str):
         return flash_fwd_cpu, flash_bwd_cpu
     from .bwd import flash_bwd_triton
     from .fwd import flash_fwd_triton
-    from . import fwd_tma
+    from . import bwd_tma, fwd_tma
 
     def fwd(q, k, v, softmax_scale, causal, diag_offset, **features):
-        # Looked up on the module at each call, so that a test can watch which kernel runs.
+        # Looked up on the modules at each call, so that a test can watch which kernel runs.
         if _env.tma() and fwd_tma.tma_supported(q, k, v, softmax_scale, **features):
             return fwd_tma.flash_fwd_tma(q, k, v, softmax_scale, causal, diag_offset)
         return flash_fwd_triton(q, k, v, softmax_scale, causal, diag_offset, **features)
 
-    return fwd, flash_bwd_triton
+    def bwd(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset, **features):
+        if _env.tma() and bwd_tma.tma_bwd_supported(q, k, v, **features):
+            return bwd_tma.flash_bwd_tma(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset)
+        return flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset, **features)
+
+    return fwd, bwd

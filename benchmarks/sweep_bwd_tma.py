@@ -1,0 +1,294 @@
+"""Sweep the Hopper TMA backward's tiles on a GPU against the portable backward (bwd_tma.py's
+get_tma_bwd_config rests on it).
+
+    PYTHONPATH=src python3 benchmarks/sweep_bwd_tma.py --out $OUT/sweep_bwd_tma.json [--D 64,128,256]
+    PYTHONPATH=src python3 benchmarks/sweep_bwd_tma.py --smoke   # CPU, interpreter, tiny shape
+    PYTHONPATH=src python3 benchmarks/sweep_bwd_tma.py --ptxas   # no GPU: registers and spills
+
+bf16, FlashAttention-2 paper grid (B = 16384 // T, H = 2048 // D), forward saved. For each D and
+causal at T = 4096 it times the portable backward (default config), then the two TMA passes
+alone, since they are separate launches: every dK/dV candidate, then every dQ candidate
+(N1 + N2 compiles, not N1 x N2), each checked first against the portable result (max abs
+difference over max abs value, at most TOL). The fastest of each pass are then run together as
+one backward (preprocess included) and, with the default TMA config, at T = 16384 too.
+TFLOP/s count the backward as 2.5x the forward's FLOPs; the passes alone as what they compute
+(dK/dV four matmuls, 2.0x; dQ three, 1.5x). A failing config prints why and the sweep goes on.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+# (BLOCK_M1, BLOCK_N1, warps1, stages1[, device_desc1]) for dK/dV and (BLOCK_M2, BLOCK_N2, warps2,
+# stages2) for dQ. With the host's 4D descriptors Triton 3.6 keeps the dK/dV kernel's K and V tiles
+# in registers (dot operand A), where they compete with the fp32 dK, dV accumulators: small
+# BLOCK_M1 keeps the per-step tiles small. With device_desc1 (per-head 2D descriptors made in the
+# kernel) K and V stay in shared memory and larger tiles fit. `--ptxas` prints ptxas's report.
+T = True
+DKDV = {
+    64: [(32, 128, 8, 3), (64, 128, 8, 2), (16, 128, 8, 4), (32, 128, 8, 3, T), (16, 128, 8, 4, T), (64, 128, 8, 2, T)],
+    128: [(32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 3), (32, 128, 8, 2, T), (16, 128, 8, 3, T), (64, 128, 8, 2, T)],
+    256: [(16, 64, 8, 2), (16, 64, 8, 2, T), (32, 64, 8, 2, T)],
+}
+DQ = {
+    64: [(128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (128, 128, 8, 2)],
+    256: [(64, 32, 8, 2), (64, 64, 8, 2)],
+}
+TOL = 2e-2
+SMOKE_T, SMOKE_T_LONG = 45, 77
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--D", default="64,128,256", help="head dims, comma-separated")
+    p.add_argument("--T", type=int, default=4096)
+    p.add_argument("--T-long", type=int, default=16384, help="second T for the best configs; 0 skips it")
+    p.add_argument("--out", help="JSON file for the results")
+    p.add_argument("--smoke", action="store_true", help="tiny shape in Triton's interpreter on CPU")
+    p.add_argument("--ptxas", action="store_true", help="compile every candidate for sm_90 without a GPU")
+    return p.parse_args(argv)
+
+
+def say(row):
+    """One result line, flushed at once (a sweep cut short still shows what it measured)."""
+    cfg = row.get("config", "")
+    extra = ""
+    if "ms" in row:
+        extra = f"{row['tflops']:7.1f} TFLOP/s  {row['ms']:8.3f} ms"
+        if row.get("vs_portable"):
+            extra += f"  {row['vs_portable']:.2f}x portable"
+    if "diff" in row:
+        extra += f"  diff {row['diff']:.1e}"
+    if "error" in row:
+        extra += f"  FAILED: {row['error']}"
+    print(f"D={row['D']:<3} T={row['T']:<5} causal={row['causal']!s:<5} {row['kind']:<8} {cfg!s:<40} {extra}",
+          flush=True)
+
+
+def rel_diff(got, ref):
+    import torch
+
+    return max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+               for a, b in zip(got, ref))
+
+
+class Shape:
+    """Inputs, saved forward and portable reference of one (D, T, causal) point of the grid."""
+
+    def __init__(self, D, T, causal, smoke):
+        import torch
+
+        from ioattn.flash.bwd import flash_bwd_triton
+        from ioattn.flash.bwd_preprocess import bwd_preprocess
+        from ioattn.flash.fwd import flash_fwd_triton
+
+        # The smoke shape is tiny, with odd T and GQA, and fp16 (bf16 dots are wrong in the interpreter).
+        B, H, H_kv = (1, 2, 1) if smoke else (16384 // T, 2048 // D, 2048 // D)
+        device, dtype = ("cpu", torch.float16) if smoke else ("cuda", torch.bfloat16)
+        self.D, self.T, self.causal = D, T, causal
+        self.q = torch.randn(B, T, H, D, device=device, dtype=dtype)
+        self.k, self.v = (torch.randn(B, T, H_kv, D, device=device, dtype=dtype) for _ in range(2))
+        self.dout = torch.randn_like(self.q)
+        self.scale = D**-0.5
+        self.out, self.lse = flash_fwd_triton(self.q, self.k, self.v, self.scale, causal, 0)
+        self.ref = flash_bwd_triton(self.dout, self.q, self.k, self.v, self.out, self.lse, self.scale, causal, 0)
+        self.delta = torch.empty(B, H, T, device=device, dtype=torch.float32)
+        bwd_preprocess(self.out, self.dout, self.delta, D)
+        self.fwd_flops = 4 * B * H * T * T * D / (2 if causal else 1)
+
+    def row(self, kind, config=None, **kw):
+        return dict(D=self.D, T=self.T, causal=self.causal, kind=kind, config=config, **kw)
+
+
+def timed(fn, smoke):
+    """Median ms of fn; in smoke mode one interpreted call, timed on the host (no CUDA events)."""
+    if smoke:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def try_config(s, kind, config, run, check, flops_factor, smoke, t_ref=None):
+    """Compile and check one config (``run`` returns what ``check`` compares), then time it."""
+    row = s.row(kind, config)
+    try:
+        t0 = time.perf_counter()
+        got = run()
+        row["diff"] = rel_diff(*check(got))
+        row["first_call_s"] = time.perf_counter() - t0
+        if not row["diff"] <= TOL:
+            raise ValueError(f"differs from the portable backward by {row['diff']:.1e} > {TOL}")
+        row["ms"] = timed(run, smoke)
+        row["tflops"] = flops_factor * s.fwd_flops / row["ms"] * 1e-9
+        if t_ref:
+            row["vs_portable"] = t_ref / row["ms"]
+    except Exception as e:  # a config that does not fit, or is wrong, is reported, not fatal
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" if str(e).strip() else type(e).__name__
+    say(row)
+    return row
+
+
+def sweep_shape(s, rows, smoke, dkdv_list, dq_list):
+    """Each TMA pass alone over its candidates (the other pass's tiles do not matter to it).
+    Returns the config pairing the fastest of each, or None when a pass had none that ran."""
+    import torch
+
+    from ioattn.flash.bwd_tma import dkdv_tma, dq_tma
+    from ioattn.flash.config import get_tma_bwd_config
+
+    default = get_tma_bwd_config(s.D, s.q.dtype, s.causal, interpret=False)
+    dk, dv, dq = torch.empty_like(s.k), torch.empty_like(s.v), torch.empty_like(s.q)
+    ins = (s.q, s.k, s.v, s.dout, s.lse, s.delta)
+    best = {}
+    for kind, cands, factor in (("dkdv", dkdv_list, 2.0), ("dq", dq_list, 1.5)):
+        for c in cands:
+            cfg = with_pass(default, kind, c)
+            if kind == "dkdv":
+                run = lambda cfg=cfg: (dkdv_tma(*ins, dk, dv, s.scale, s.causal, 0, cfg), (dk, dv))[1]
+                check = lambda g: (g, s.ref[1:])
+            else:
+                run = lambda cfg=cfg: (dq_tma(*ins, dq, s.scale, s.causal, 0, cfg), (dq,))[1]
+                check = lambda g: (g, s.ref[:1])
+            r = try_config(s, kind, c, run, check, factor, smoke)
+            rows.append(r)
+            if "ms" in r and (kind not in best or r["ms"] < best[kind][1]):
+                best[kind] = (c, r["ms"])
+    if len(best) < 2:
+        return None
+    return with_pass(with_pass(default, "dkdv", best["dkdv"][0]), "dq", best["dq"][0])
+
+
+def with_pass(cfg, kind, c):
+    """``cfg`` with one pass's (BLOCK_M, BLOCK_N, warps, stages) replaced by ``c``."""
+    if kind == "dkdv":
+        names, c = ("BLOCK_M1", "BLOCK_N1", "warps1", "stages1", "device_desc1"), (tuple(c) + (False,))[:5]
+    else:
+        names = ("BLOCK_M2", "BLOCK_N2", "warps2", "stages2")
+    return dataclasses.replace(cfg, **dict(zip(names, c)))
+
+
+def _flat(cfg):
+    return tuple(dataclasses.astuple(cfg))
+
+
+def compare_full(s, rows, smoke, configs):
+    """The whole backward (preprocess and both passes): portable default, then each TMA config."""
+    from ioattn.flash.bwd import flash_bwd_triton
+    from ioattn.flash.bwd_tma import flash_bwd_tma
+
+    args = (s.dout, s.q, s.k, s.v, s.out, s.lse, s.scale, s.causal, 0)
+    port = try_config(s, "portable", "default", lambda: flash_bwd_triton(*args), lambda g: (g, s.ref), 2.5, smoke)
+    rows.append(port)
+    for name, cfg in configs.items():
+        rows.append(try_config(s, name, _flat(cfg), lambda cfg=cfg: flash_bwd_tma(*args, config=cfg),
+                               lambda g: (g, s.ref), 2.5, smoke, port.get("ms")))
+
+
+def ptxas_report(Ds):
+    """Compile each candidate for sm_90 (no GPU needed) and print ptxas's registers and spills."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ioattn.flash import bwd_tma
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    for D in Ds:
+        for kind, fn, cands in (("dkdv", bwd_tma._bwd_dkdv_tma_kernel, DKDV[D]), ("dq", bwd_tma._bwd_dq_tma_kernel, DQ[D])):
+            for c in cands:
+                M, N, warps, stages = c[:4]
+                device_desc = len(c) > 4 and c[4]
+                # Descriptors of query rows (q, dO, dQ) have M-row tiles, of keys (k, v, dK, dV) N-row
+                # ones; with device_desc the kernel takes the tensors (16-byte aligned, as checked).
+                values = dict(HAS_RIGHT=True, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, DOT_PRECISION="tf32",
+                              DEVICE_DESC=device_desc)
+                sig, constexprs, attrs = {}, {}, {}
+                for i, name in enumerate(fn.arg_names):
+                    if name in values:
+                        sig[name], constexprs[(i,)] = "constexpr", values[name]
+                    elif name.startswith("desc_") and device_desc:
+                        sig[name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
+                    elif name.startswith("desc_"):
+                        rows_ = M if name in ("desc_q", "desc_do", "desc_dq") else N
+                        sig[name] = f"tensordesc<bf16[1,{rows_},1,{D}]>"
+                    else:
+                        sig[name] = {"LSE": "*fp32", "DELTA": "*fp32", "softmax_scale": "fp32",
+                                     "qk_scale": "fp32"}.get(name, "i32")
+                        if name.startswith("stride_"):
+                            attrs[(i,)] = [["tt.divisibility", 16]]
+                try:
+                    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+                    with tempfile.TemporaryDirectory() as tmp:
+                        path = os.path.join(tmp, "k.ptx")
+                        with open(path, "w") as f:
+                            f.write(k.asm["ptx"])
+                        info = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", path + ".o"],
+                                              capture_output=True, text=True).stderr
+                    regs = re.search(r"Used (\d+) registers", info).group(1)
+                    spill = re.search(r"(\d+) bytes spill stores", info).group(1)
+                    print(f"D={D:<3} {kind:<4} {c!s:<24} regs {regs:>3}  spill {spill:>5} B  "
+                          f"smem {k.metadata.shared // 1024} KiB", flush=True)
+                except Exception as e:
+                    print(f"D={D:<3} {kind:<4} {c!s:<24} FAILED: {str(e).splitlines()[0][:120]}",
+                          flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smoke:
+        # Before triton is imported: the kernels then run in numpy on CPU tensors.
+        os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    Ds = [int(d) for d in args.D.split(",")]
+    if args.ptxas:
+        return ptxas_report(Ds)
+    import torch
+
+    from ioattn.bench import machine
+    from ioattn.flash.config import get_tma_bwd_config
+
+    T, T_long = (SMOKE_T, SMOKE_T_LONG) if args.smoke else (args.T, args.T_long)
+    out = dict(header=machine.header("cpu" if args.smoke else "cuda", sys.argv), rows=[])
+    out["header"]["command"] = shlex.join(["python3", *sys.argv])
+    rows = out["rows"]
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+
+    t0 = time.perf_counter()
+    best = {}
+    for D in Ds:
+        for causal in (False, True):
+            torch.manual_seed(0)
+            s = Shape(D, T, causal, args.smoke)
+            best[D, causal] = sweep_shape(s, rows, args.smoke, DKDV[D], DQ[D])
+            default = get_tma_bwd_config(D, s.q.dtype, causal, interpret=False)
+            configs = {"tma-best": best[D, causal], "tma-dflt": default} if best[D, causal] else {"tma-dflt": default}
+            compare_full(s, rows, args.smoke, configs)
+            save()
+    if T_long:
+        for (D, causal), pair in best.items():
+            del s
+            torch.manual_seed(0)
+            s = Shape(D, T_long, causal, args.smoke)
+            default = get_tma_bwd_config(D, s.q.dtype, causal, interpret=False)
+            compare_full(s, rows, args.smoke, {"tma-best": pair, "tma-dflt": default} if pair else {"tma-dflt": default})
+            save()
+    print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

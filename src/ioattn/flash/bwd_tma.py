@@ -1,0 +1,320 @@
+"""FlashAttention-2 backward for Hopper (sm_90): the kernels of bwd.py with q, k, v, dO read, and
+dq, dk, dv written, through host-side tensor descriptors (TMA).
+
+The same three launches and the same math as bwd.py (deterministic, no atomics): ``delta =
+rowsum(dO ∘ O)``; a dK/dV kernel holding BLOCK_N1 keys of one KV head that visits, for each of
+the GROUP query heads sharing it, the query blocks that see those keys; a dQ kernel holding
+BLOCK_M2 query rows that visits the key blocks they see. ``P = exp2(q·kᵀ · qk_scale − lse ·
+log2(e))`` is recomputed with the scale folded into one multiply.
+
+Each of q, k, v, dO, dq, dk, dv is described as the 4D tensor ``[B, T, H, D]`` it is, with
+tiles ``[1, BLOCK, 1, D]``: the copy engine checks bounds per dimension, so rows past T load as
+zeros (and are dropped on store) without ever reading the next head's rows, which a flattened
+``[B·T·H, D]`` view would. Only the plain kernels' features-off path exists here: no window,
+softcap, ALiBi, attn_mask, dropout or varlen (:func:`tma_bwd_supported` says when it applies);
+lse and delta, a few bytes per row, keep plain masked loads.
+
+Seen in the compiled code (sm_90, triton 3.6, no GPU needed): the loop's q and dO tiles reach
+the wgmma dots straight from shared memory, but the K and V tiles the dK/dV kernel holds, being
+the dots' A operand after a reshape, are kept in registers, where they compete with the fp32 dK,
+dV accumulators. ``TmaBwdConfig.device_desc1`` makes that kernel build one 2D ``[T, D]``
+descriptor per (batch, head) itself instead (the same bounds, no reshape, K and V stay in shared
+memory); it needs Triton's scratch allocator for the descriptors, which the launcher provides.
+"""
+import contextvars
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .. import _env
+from .._utils import cdiv, empty
+from .bwd import _load_lse2, _query_range
+from .bwd_preprocess import bwd_preprocess
+from .config import TmaBwdConfig, get_tma_bwd_config
+from .fwd import LOG2E, _key_range, device_guard, diag_band, dot_precision
+
+_HEAD_DIMS = (64, 128, 256)
+
+
+@triton.jit
+def _load_tile(desc, i_b, start, i_h, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DEVICE_DESC: tl.constexpr = False):
+    """Rows ``[start, start + BLOCK)`` of head ``i_h`` of batch ``i_b``; rows past T are 0. With
+    ``DEVICE_DESC``, ``desc`` is that head's own 2D descriptor (:func:`_head_desc`)."""
+    if DEVICE_DESC:
+        b_x = desc.load([start, 0])
+    else:
+        b_x = desc.load([i_b, start, i_h, 0]).reshape(BLOCK, HEAD_DIM)
+    return b_x
+
+
+@triton.jit
+def _store_tile(desc, i_b, start, i_h, b_x, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                DEVICE_DESC: tl.constexpr = False):
+    """Store ``b_x`` ``[BLOCK, HEAD_DIM]`` at rows ``[start, start + BLOCK)``; rows past T are dropped."""
+    if DEVICE_DESC:
+        desc.store([start, 0], b_x.to(desc.dtype))
+    else:
+        desc.store([i_b, start, i_h, 0], b_x.to(desc.dtype).reshape(1, BLOCK, 1, HEAD_DIM))
+
+
+@triton.jit
+def _head_desc(X, i_b, i_h, T, stride_b, stride_t, stride_h, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Head ``i_h`` of batch ``i_b`` of ``X [B, T, H, D]`` as a 2D ``[T, D]`` descriptor made on the
+    device: the same per-(batch, head) bounds as the 4D one, but its tiles need no reshape, so a
+    tile that is a dot's A operand stays in shared memory (the 4D one's lands in registers)."""
+    base = X + i_b.to(tl.int64) * stride_b + i_h.to(tl.int64) * stride_h
+    return tl.make_tensor_descriptor(base, shape=[T, HEAD_DIM], strides=[stride_t, 1], block_shape=[BLOCK, HEAD_DIM])
+
+
+@triton.jit
+def _dkdv_tma_inner(dk, dv, b_k, b_v, desc_q, desc_do, p_lse, p_delta, i_b, i_h, start_m, end_m,
+                    o_n, T_q, diag_hi, qk_scale, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, DEVICE_DESC: tl.constexpr):
+    """Add query rows ``[start_m, end_m)`` of head ``i_h`` into dK/dV of the keys ``o_n``.
+    ``MASK`` applies the causal mask; rows past Tq load q = dO = 0 and lse = +inf, so add nothing."""
+    o_m0 = tl.arange(0, BLOCK_M)
+    for start in range(start_m, end_m, BLOCK_M):
+        o_m = start + o_m0
+        m_m = o_m < T_q
+        b_q = _load_tile(desc_q, i_b, start, i_h, BLOCK_M, HEAD_DIM, DEVICE_DESC)  # [BLOCK_M, HEAD_DIM]
+        b_do = _load_tile(desc_do, i_b, start, i_h, BLOCK_M, HEAD_DIM, DEVICE_DESC)  # [BLOCK_M, HEAD_DIM]
+        b_lse2 = _load_lse2(p_lse + o_m, m_m)  # [BLOCK_M]
+        b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+        b_qkT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        b_pT = tl.exp2(b_qkT * qk_scale - b_lse2[None, :])
+        if MASK:
+            b_pT = tl.where(o_n[:, None] <= o_m[None, :] + diag_hi, b_pT, 0.0)
+        dv = tl.dot(b_pT.to(b_do.dtype), b_do, dv, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM]
+        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        b_dsT = b_pT * (b_dpT - b_delta[None, :])
+        dk = tl.dot(b_dsT.to(b_q.dtype), b_q, dk, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM]
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_tma_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv,
+                         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                         stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                         stride_dkb, stride_dkt, stride_dkh,
+                         T_q, T_k, H, H_kv, GROUP, softmax_scale, qk_scale, diag_hi,
+                         HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DEVICE_DESC: tl.constexpr):
+    """``desc_*`` are the host's 4D descriptors, or with ``DEVICE_DESC`` the tensors themselves (then
+    the strides, unused otherwise, build per-head 2D descriptors here; dk and dv share theirs)."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hkv = i_bh // H_kv, i_bh % H_kv
+    start_n = i_n * BLOCK_N
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    if DEVICE_DESC:
+        desc_k = _head_desc(desc_k, i_b, i_hkv, T_k, stride_kb, stride_kt, stride_kh, BLOCK_N, HEAD_DIM)
+        desc_v = _head_desc(desc_v, i_b, i_hkv, T_k, stride_vb, stride_vt, stride_vh, BLOCK_N, HEAD_DIM)
+    b_k = _load_tile(desc_k, i_b, start_n, i_hkv, BLOCK_N, HEAD_DIM, DEVICE_DESC)  # [BLOCK_N, HEAD_DIM]
+    b_v = _load_tile(desc_v, i_b, start_n, i_hkv, BLOCK_N, HEAD_DIM, DEVICE_DESC)  # [BLOCK_N, HEAD_DIM]
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    # Without a window there is no left edge: rows [m_lo, m_full_lo) cross the diagonal and pay
+    # for the mask, rows [m_full_lo, m_full_hi) see every key of the block.
+    m_lo, m_full_lo, m_full_hi, m_end = _query_range(start_n, T_q, T_k, 0, diag_hi, False, HAS_RIGHT,
+                                                     BLOCK_M, BLOCK_N)
+    # The GROUP query heads that read this KV head add into the same dK/dV: no atomics needed.
+    for g in range(GROUP):
+        i_h = i_hkv * GROUP + g
+        if DEVICE_DESC:
+            desc_qh = _head_desc(desc_q, i_b, i_h, T_q, stride_qb, stride_qt, stride_qh, BLOCK_M, HEAD_DIM)
+            desc_doh = _head_desc(desc_do, i_b, i_h, T_q, stride_dob, stride_dot, stride_doh, BLOCK_M, HEAD_DIM)
+        else:
+            desc_qh, desc_doh = desc_q, desc_do
+        # lse and delta are [B, H, Tq], contiguous.
+        row0 = (i_b * H + i_h).to(tl.int64) * T_q
+        dk, dv = _dkdv_tma_inner(dk, dv, b_k, b_v, desc_qh, desc_doh, LSE + row0, DELTA + row0, i_b, i_h,
+                                 m_lo, m_full_lo, o_n, T_q, diag_hi, qk_scale, True, BLOCK_M, HEAD_DIM,
+                                 DOT_PRECISION, DEVICE_DESC)
+        dk, dv = _dkdv_tma_inner(dk, dv, b_k, b_v, desc_qh, desc_doh, LSE + row0, DELTA + row0, i_b, i_h,
+                                 m_full_lo, m_full_hi, o_n, T_q, diag_hi, qk_scale, False, BLOCK_M,
+                                 HEAD_DIM, DOT_PRECISION, DEVICE_DESC)
+    if DEVICE_DESC:
+        desc_dk = _head_desc(desc_dk, i_b, i_hkv, T_k, stride_dkb, stride_dkt, stride_dkh, BLOCK_N, HEAD_DIM)
+        desc_dv = _head_desc(desc_dv, i_b, i_hkv, T_k, stride_dkb, stride_dkt, stride_dkh, BLOCK_N, HEAD_DIM)
+    _store_tile(desc_dk, i_b, start_n, i_hkv, dk * softmax_scale, BLOCK_N, HEAD_DIM, DEVICE_DESC)
+    _store_tile(desc_dv, i_b, start_n, i_hkv, dv, BLOCK_N, HEAD_DIM, DEVICE_DESC)
+
+
+@triton.jit
+def _dq_tma_inner(dq, b_q, b_do, b_lse2, b_delta, desc_k, desc_v, i_b, i_hkv, start_n, end_n, o_m,
+                  T_k, diag_hi, qk_scale, MASK: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add key blocks ``[start_n, end_n)`` into dQ of the rows ``o_m``. ``MASK`` masks keys past Tk
+    (loaded as 0, they would still get P = exp2(−lse) > 0) and, when causal, past the diagonal."""
+    o_n0 = tl.arange(0, BLOCK_N)
+    for start in range(start_n, end_n, BLOCK_N):
+        b_k = _load_tile(desc_k, i_b, start, i_hkv, BLOCK_N, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+        b_v = _load_tile(desc_v, i_b, start, i_hkv, BLOCK_N, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        b_p = tl.exp2(b_qk * qk_scale - b_lse2[:, None])
+        if MASK:
+            o_n = start + o_n0
+            m_s = (o_n < T_k)[None, :]
+            if HAS_RIGHT:
+                m_s = m_s & (o_n[None, :] <= o_m[:, None] + diag_hi)
+            b_p = tl.where(m_s, b_p, 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        dq = tl.dot(b_ds.to(b_k.dtype), b_k, dq, input_precision=DOT_PRECISION)  # [BLOCK_M, HEAD_DIM]
+    return dq
+
+
+@triton.jit
+def _bwd_dq_tma_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dq,
+                       T_q, T_k, H, GROUP, softmax_scale, qk_scale, diag_hi,
+                       HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hkv = i_h // GROUP
+    start_m = i_m * BLOCK_M
+    o_m = start_m + tl.arange(0, BLOCK_M)
+    m_m = o_m < T_q
+    b_q = _load_tile(desc_q, i_b, start_m, i_h, BLOCK_M, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+    b_do = _load_tile(desc_do, i_b, start_m, i_h, BLOCK_M, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+    row0 = i_bh.to(tl.int64) * T_q
+    b_lse2 = _load_lse2(LSE + row0 + o_m, m_m)  # [BLOCK_M]
+    b_delta = tl.load(DELTA + row0 + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # No left edge without a window, so n_lo = n_full_lo = 0: whole blocks first, then the
+    # blocks crossing the diagonal or Tk, masked.
+    n_lo, n_full_lo, n_full_hi, n_end = _key_range(start_m, T_q, T_k, 0, diag_hi, False, HAS_RIGHT,
+                                                   BLOCK_M, BLOCK_N)
+    dq = _dq_tma_inner(dq, b_q, b_do, b_lse2, b_delta, desc_k, desc_v, i_b, i_hkv, n_full_lo, n_full_hi,
+                       o_m, T_k, diag_hi, qk_scale, False, HAS_RIGHT, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+    dq = _dq_tma_inner(dq, b_q, b_do, b_lse2, b_delta, desc_k, desc_v, i_b, i_hkv, n_full_hi, n_end,
+                       o_m, T_k, diag_hi, qk_scale, True, HAS_RIGHT, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+    _store_tile(desc_dq, i_b, start_m, i_h, dq * softmax_scale, BLOCK_M, HEAD_DIM)
+
+
+def _desc(x, block: int) -> TensorDescriptor:
+    """The 4D descriptor of ``x [B, T, H, D]`` with tiles of ``block`` rows of one head."""
+    return TensorDescriptor.from_tensor(x, [1, block, 1, x.shape[-1]])
+
+
+def _band(T_q: int, T_k: int, causal: bool, diag_offset: int) -> dict:
+    band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
+    return dict(diag_hi=band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"])
+
+
+def dkdv_tma(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: bool, diag_offset: int,
+             config: TmaBwdConfig):
+    """Launch the dK/dV kernel alone, writing ``dk``, ``dv`` (the sweep times it on its own)."""
+    B, T_q, H, D = q.shape
+    T_k, H_kv = k.shape[1], k.shape[2]
+    M, N = config.BLOCK_M1, config.BLOCK_N1
+    assert dk.stride() == dv.stride()
+    if config.device_desc1:
+        descs = (q, k, v, dout, lse, delta, dk, dv)
+    else:
+        descs = (_desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N))
+    strides = [s for x in (q, k, v, dout, dk) for s in x.stride()[:3]]
+
+    def launch():
+        _bwd_dkdv_tma_kernel[(cdiv(T_k, N), B * H_kv)](
+            *descs, *strides, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
+            **_band(T_q, T_k, causal, diag_offset), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
+            DOT_PRECISION=dot_precision(q.dtype), DEVICE_DESC=config.device_desc1,
+            num_warps=config.warps1, num_stages=config.stages1,
+        )
+
+    if config.device_desc1:
+        _with_scratch(q.device, launch)
+    else:
+        launch()
+
+
+def _with_scratch(device, launch):
+    """Run ``launch`` with the global scratch that descriptors made on the device need (128 bytes
+    each per program), from torch's allocator. The allocator is set in a copy of the current
+    context only, so a caller's own Triton allocator is left as it was."""
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    contextvars.copy_context().run(lambda: (triton.set_allocator(alloc), launch()))
+
+
+def dq_tma(q, k, v, dout, lse, delta, dq, softmax_scale: float, causal: bool, diag_offset: int,
+           config: TmaBwdConfig):
+    """Launch the dQ kernel alone, writing ``dq`` (the sweep times it on its own)."""
+    B, T_q, H, D = q.shape
+    T_k, H_kv = k.shape[1], k.shape[2]
+    M, N = config.BLOCK_M2, config.BLOCK_N2
+    _bwd_dq_tma_kernel[(cdiv(T_q, M), B * H)](
+        _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dq, M),
+        T_q, T_k, H, H // H_kv, softmax_scale, softmax_scale * LOG2E,
+        **_band(T_q, T_k, causal, diag_offset), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=config.warps2, num_stages=config.stages2,
+    )
+
+
+def _tma_aligned(x: torch.Tensor) -> bool:
+    """What a TMA descriptor needs: last dim contiguous, base and every other stride 16-byte aligned."""
+    elem = x.element_size()
+    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+            and all(s > 0 and s * elem % 16 == 0 for s in x.stride()[:-1]))
+
+
+def tma_bwd_supported(q, k, v, *, window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None,
+                      dropout_p: float = 0.0, seed: int = 0, varlen: bool = False, **other_features) -> bool:
+    """Whether :func:`flash_bwd_tma` applies to these (already validated) inputs: every feature off,
+    fp16/bf16, D in (64, 128, 256), q, k, v TMA-aligned, on a Hopper GPU (capability 9.x) or CPU
+    tensors under the interpreter (tests). ``seed`` matters only with dropout. A feature this
+    function does not know yet (one added to the portable launcher later) counts as on unless it
+    is None, 0 or False."""
+    if tuple(window) != (-1, -1) or softcap or alibi_slopes is not None or attn_mask is not None:
+        return False
+    if dropout_p or varlen or any(x is not None and x is not False and x != 0 for x in other_features.values()):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in _HEAD_DIMS:
+        return False
+    if q.is_cuda:
+        if torch.cuda.get_device_capability(q.device)[0] != 9:
+            return False
+    elif not (q.device.type == "cpu" and _env.interpret()):
+        return False
+    return all(_tma_aligned(x) for x in (q, k, v))
+
+
+def flash_bwd_tma(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int, *,
+                  config: TmaBwdConfig | None = None):
+    """Attention backward with the Hopper TMA kernels: :func:`ioattn.flash.bwd.flash_bwd_triton`'s
+    contract with every feature off, for inputs :func:`tma_bwd_supported` accepts.
+
+    Args:
+        dout: ``[B, Tq, H, D]`` gradient of out, any strides (copied when not TMA-aligned).
+        q, k, v, out, lse, softmax_scale, causal, diag_offset: as for ``flash_bwd_triton``, with D a
+            power of two from 16 to 256 (the kernels tile the whole head dim).
+        config: tiles and launch settings of both passes; :func:`get_tma_bwd_config` picks one
+            when None.
+
+    fp16/bf16 dots accumulate in fp32, P and dS rounded to the inputs' dtype before their dots.
+    fp32 inputs also run (exact ``ieee`` dots; the tests use them), but are not dispatched here.
+
+    Returns:
+        ``(dq, dk, dv)``, contiguous, with the shapes and dtypes of q, k, v. A query row that sees
+        no key gets dq 0 and adds nothing to dk, dv.
+    """
+    B, T_q, H, D = q.shape
+    T_k, H_kv = k.shape[1], k.shape[2]
+    if config is None:
+        config = get_tma_bwd_config(D, q.dtype, causal, interpret=_env.interpret())
+    if dout.dtype != q.dtype or not _tma_aligned(dout):
+        # A copy even when dout is contiguous already (its base may be what is misaligned).
+        dout = dout.to(q.dtype, copy=True, memory_format=torch.contiguous_format)
+    lse = lse.contiguous()
+    delta = empty((B, H, T_q), dtype=torch.float32, device=q.device)
+    dq = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
+    dk = empty((B, T_k, H_kv, D), dtype=k.dtype, device=k.device)
+    dv = empty((B, T_k, H_kv, D), dtype=v.dtype, device=v.device)
+    with device_guard(q):
+        bwd_preprocess(out, dout, delta, D)
+        dkdv_tma(q, k, v, dout, lse, delta, dk, dv, softmax_scale, causal, diag_offset, config)
+        dq_tma(q, k, v, dout, lse, delta, dq, softmax_scale, causal, diag_offset, config)
+    return dq, dk, dv
