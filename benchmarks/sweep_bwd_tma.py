@@ -26,15 +26,17 @@ import tempfile
 import time
 
 # (BLOCK_M1, BLOCK_N1, warps1, stages1[, device_desc1]) for dK/dV and (BLOCK_M2, BLOCK_N2, warps2,
-# stages2) for dQ. With the host's 4D descriptors Triton 3.6 keeps the dK/dV kernel's K and V tiles
-# in registers (dot operand A), where they compete with the fp32 dK, dV accumulators: small
-# BLOCK_M1 keeps the per-step tiles small. With device_desc1 (per-head 2D descriptors made in the
-# kernel) K and V stay in shared memory and larger tiles fit. `--ptxas` prints ptxas's report.
+# stages2) for dQ. The host's 4D descriptors are over the [B, H, T, D] view with [1, 1, BLOCK, D]
+# tiles, which Triton 3.6 lands in shared memory as plain matrices; with [1, BLOCK, 1, D] tiles of
+# [B, T, H, D] it kept the dK/dV kernel's K and V in registers and every D=128 tile spilled (ptxas,
+# sm_90: 32 x 128 44 bytes, now 0; D=256 16 x 64 452, now 0). device_desc1 (per-head 2D
+# descriptors made in the kernel) stays as one candidate each for comparison. `--ptxas` prints
+# ptxas's report of every candidate.
 T = True
 DKDV = {
-    64: [(32, 128, 8, 3), (64, 128, 8, 2), (16, 128, 8, 4), (32, 128, 8, 3, T), (16, 128, 8, 4, T), (64, 128, 8, 2, T)],
-    128: [(32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 3), (32, 128, 8, 2, T), (16, 128, 8, 3, T), (64, 128, 8, 2, T)],
-    256: [(16, 64, 8, 2), (16, 64, 8, 2, T), (32, 64, 8, 2, T)],
+    64: [(32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (16, 128, 8, 4), (32, 128, 4, 3), (16, 128, 8, 4, T)],
+    128: [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 2, T)],
+    256: [(16, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2, T)],
 }
 DQ = {
     64: [(128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4)],
@@ -220,7 +222,7 @@ def ptxas_report(Ds):
                         sig[name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
                     elif name.startswith("desc_"):
                         rows_ = M if name in ("desc_q", "desc_do", "desc_dq") else N
-                        sig[name] = f"tensordesc<bf16[1,{rows_},1,{D}]>"
+                        sig[name] = f"tensordesc<bf16[1,1,{rows_},{D}]>"
                     else:
                         sig[name] = {"LSE": "*fp32", "DELTA": "*fp32", "softmax_scale": "fp32",
                                      "qk_scale": "fp32"}.get(name, "i32")

@@ -7,19 +7,22 @@ the GROUP query heads sharing it, the query blocks that see those keys; a dQ ker
 BLOCK_M2 query rows that visits the key blocks they see. ``P = exp2(q·kᵀ · qk_scale − lse ·
 log2(e))`` is recomputed with the scale folded into one multiply.
 
-Each of q, k, v, dO, dq, dk, dv is described as the 4D tensor ``[B, T, H, D]`` it is, with
-tiles ``[1, BLOCK, 1, D]``: the copy engine checks bounds per dimension, so rows past T load as
-zeros (and are dropped on store) without ever reading the next head's rows, which a flattened
-``[B·T·H, D]`` view would. Only the plain kernels' features-off path exists here: no window,
-softcap, ALiBi, attn_mask, dropout or varlen (:func:`tma_bwd_supported` says when it applies);
-lse and delta, a few bytes per row, keep plain masked loads.
+Each of q, k, v, dO, dq, dk, dv is described as the 4D ``[B, H, T, D]`` view of the ``[B, T, H,
+D]`` tensor it is (strides swapped, nothing copied), with tiles ``[1, 1, BLOCK, D]``: the copy
+engine checks bounds per dimension, so rows past T load as zeros (and are dropped on store)
+without ever reading the next head's rows, which a flattened ``[B·T·H, D]`` view would. Only the
+plain kernels' features-off path exists here: no window, softcap, ALiBi, attn_mask, dropout or
+varlen (:func:`tma_bwd_supported` says when it applies); lse and delta, a few bytes per row, keep
+plain masked loads.
 
-Seen in the compiled code (sm_90, triton 3.6, no GPU needed): the loop's q and dO tiles reach
-the wgmma dots straight from shared memory, but the K and V tiles the dK/dV kernel holds, being
-the dots' A operand after a reshape, are kept in registers, where they compete with the fp32 dK,
-dV accumulators. ``TmaBwdConfig.device_desc1`` makes that kernel build one 2D ``[T, D]``
-descriptor per (batch, head) itself instead (the same bounds, no reshape, K and V stay in shared
-memory); it needs Triton's scratch allocator for the descriptors, which the launcher provides.
+Why the unit dims lead (ptxas for sm_90, triton 3.6, no GPU needed): with ``[1, BLOCK, 1, D]``
+tiles of the ``[B, T, H, D]`` tensors, the K and V tiles that the dK/dV kernel holds (the dots'
+A operand after a reshape) were kept in registers, where they competed with the fp32 dK, dV
+accumulators, and every D=128 tile spilled; with the unit dims first the tiles land in shared
+memory as plain matrices (D=128, 32 x 128: 44 spilled bytes before, 0 now; D=256, 16 x 64: 452
+before, 0 now). ``TmaBwdConfig.device_desc1`` makes the dK/dV kernel build one 2D ``[T, D]``
+descriptor per (batch, head) itself instead (the same bounds); it needs Triton's scratch
+allocator for the descriptors, which the launcher provides.
 """
 import contextvars
 
@@ -45,7 +48,7 @@ def _load_tile(desc, i_b, start, i_h, BLOCK: tl.constexpr, HEAD_DIM: tl.constexp
     if DEVICE_DESC:
         b_x = desc.load([start, 0])
     else:
-        b_x = desc.load([i_b, start, i_h, 0]).reshape(BLOCK, HEAD_DIM)
+        b_x = desc.load([i_b, i_h, start, 0]).reshape(BLOCK, HEAD_DIM)
     return b_x
 
 
@@ -56,7 +59,7 @@ def _store_tile(desc, i_b, start, i_h, b_x, BLOCK: tl.constexpr, HEAD_DIM: tl.co
     if DEVICE_DESC:
         desc.store([start, 0], b_x.to(desc.dtype))
     else:
-        desc.store([i_b, start, i_h, 0], b_x.to(desc.dtype).reshape(1, BLOCK, 1, HEAD_DIM))
+        desc.store([i_b, i_h, start, 0], b_x.to(desc.dtype).reshape(1, 1, BLOCK, HEAD_DIM))
 
 
 @triton.jit
@@ -194,8 +197,9 @@ def _bwd_dq_tma_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dq,
 
 
 def _desc(x, block: int) -> TensorDescriptor:
-    """The 4D descriptor of ``x [B, T, H, D]`` with tiles of ``block`` rows of one head."""
-    return TensorDescriptor.from_tensor(x, [1, block, 1, x.shape[-1]])
+    """The 4D descriptor of ``x [B, T, H, D]``, over its ``[B, H, T, D]`` view (the same memory),
+    with tiles of ``block`` rows of one head: ``[1, 1, block, D]``, unit dims first."""
+    return TensorDescriptor.from_tensor(x.transpose(1, 2), [1, 1, block, x.shape[-1]])
 
 
 def _band(T_q: int, T_k: int, causal: bool, diag_offset: int) -> dict:
