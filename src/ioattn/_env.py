@@ -46,8 +46,9 @@ def check_values() -> bool:
 
 
 def tma() -> bool:
-    """IOATTN_TMA=1: CUDA calls that the Hopper kernels cover (flash/fwd_tma.py's
-    ``tma_supported``, flash/bwd_tma.py's ``tma_bwd_supported``) run them instead of the portable
-    kernels; so do CPU tensors in Triton's interpreter. Off by default until the H200 sweep has
-    measured them."""
-    return os.environ.get("IOATTN_TMA", "0") == "1"
+    """Whether CUDA calls that the Hopper kernels cover (flash/fwd_tma.py's ``tma_supported``,
+    flash/bwd_tma.py's ``tma_bwd_supported``) run them instead of the portable kernels; so do
+    CPU tensors in Triton's interpreter. On by default: on the H200 they ran 1.0–1.2× (forward)
+    and 1.0–1.3× (backward) the portable kernels (benchmarks/LOG.md, v1.5). IOATTN_TMA=0 keeps
+    the portable kernels everywhere."""
+    return os.environ.get("IOATTN_TMA", "1") != "0"

@@ -174,17 +174,17 @@ def _dispatched_bwd(q, k, v, dout, **features):
 
 
 def test_dispatch_switch(monkeypatch):
-    # Off by default; IOATTN_TMA=1 sends the covered calls to the TMA backward; with a feature on
+    # On by default, the covered calls go to the TMA backward; with IOATTN_TMA=0 or a feature on
     # (softcap, dropout) the portable backward runs, bit for bit as when called directly.
     calls = _spy_tma_bwd(monkeypatch)
     monkeypatch.setenv("IOATTN_BACKEND", "triton")
-    monkeypatch.delenv("IOATTN_TMA", raising=False)
+    monkeypatch.setenv("IOATTN_TMA", "0")
     q, k, v = _inputs()
     dout = torch.randn_like(q)
     features = dict(window=(-1, -1), softcap=0.0, alibi_slopes=None, attn_mask=None, dropout_p=0.0, seed=0)
     base = _dispatched_bwd(q, k, v, dout, **features)
     assert calls == []
-    monkeypatch.setenv("IOATTN_TMA", "1")
+    monkeypatch.delenv("IOATTN_TMA")
     got = _dispatched_bwd(q, k, v, dout, **features)
     assert calls == [(0.125, True, 8)]
     for a, b in zip(got, base):
@@ -201,7 +201,7 @@ def test_dispatch_switch(monkeypatch):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_flash_attn_func_with_tma(monkeypatch, causal):
-    # The public function with IOATTN_TMA=1: forward and backward through the ops, dK/dV summed
+    # The public function with the TMA kernels (IOATTN_TMA=1, the default): forward and backward through the ops, dK/dV summed
     # over the GQA group, against the reference.
     monkeypatch.setenv("IOATTN_BACKEND", "triton")
     monkeypatch.setenv("IOATTN_TMA", "1")

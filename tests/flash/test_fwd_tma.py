@@ -110,8 +110,8 @@ def test_tma_supported(dtype, monkeypatch):
 
 
 def test_dispatch_switch(monkeypatch):
-    """IOATTN_TMA=1 routes covered calls to the TMA kernel; off (the default) or with a feature
-    on, the portable kernel runs."""
+    """Covered calls run the TMA kernel by default; with IOATTN_TMA=0 or a feature on, the
+    portable kernel runs."""
     calls = []
     real = fwd_tma.flash_fwd_tma
 
@@ -121,11 +121,11 @@ def test_dispatch_switch(monkeypatch):
 
     monkeypatch.setattr(fwd_tma, "flash_fwd_tma", spy)
     monkeypatch.setenv("IOATTN_BACKEND", "triton")
-    monkeypatch.delenv("IOATTN_TMA", raising=False)
+    monkeypatch.setenv("IOATTN_TMA", "0")
     q, k, v = make_qkv(1, 33, 40, 2, 1, 64, device=DEVICE)
     base = ioattn.flash_attn_func(q, k, v, causal=True)
     assert calls == []
-    monkeypatch.setenv("IOATTN_TMA", "1")
+    monkeypatch.delenv("IOATTN_TMA")
     out = ioattn.flash_attn_func(q, k, v, causal=True)
     assert calls == [(1 / 8, True, 7)]
     want, _ = real(q, k, v, 1 / 8, True, 7)

@@ -114,16 +114,22 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
         # The dispatch never sends fp32 here (its ieee dots run on FMA units); small tiles only
         # keep direct calls and the tests on a GPU within registers and shared memory.
         return TmaFwdConfig(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    # The branches below: benchmarks/sweep_fwd_tma.py on the H200 (bf16, triton 3.6, paper grid
+    # B = 16384 // T, H = 2048 // D, do_bench median), results in
+    # benchmarks/results/2026-11-29_nvidia-h200_sweep-fwd-tma.json; TFLOP/s at T = 16384 (4096).
     if head_dim <= 64:
-        # Starting point, not yet measured with this kernel: a minimal TMA forward ran 438 TFLOP/s
-        # with these tiles at D=64 on the H200 (shared/GPU.md).
+        if causal:
+            # 414 (378); 128 x 128 4 warps 3 stages 403 (363); the portable kernel 387 (361).
+            return TmaFwdConfig(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
+        # 421 (412); 128 x 64 416 (411); the portable kernel 411 (416). 4 stages of 128 x 128
+        # tiles ran 240 (more shared memory than two programs per SM leave).
         return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
     if head_dim <= 128:
-        # Starting point, not yet measured with this kernel: a minimal TMA forward ran 547 TFLOP/s
-        # with these tiles at D=128, T=16384 on the H200 (shared/GPU.md).
-        return TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
-    # Starting point, not yet measured: the portable kernel's D=256 tiles (Q plus two stages of
-    # K and V fill 192 KB of shared memory); the 128 x 256 fp32 accumulator needs 8 warps.
+        # 527 / 522 (516 / 472) full / causal; 128 x 64 with 4 warps and 2 stages 528 / 491
+        # (509 / 446), with 3 stages 440 / 390 at T = 4096; the portable kernel 439 / 450.
+        return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+    # 520 / 527 (508 / 451) full / causal; 64 x 64 with 4 warps and 3 stages 491 / 483; the
+    # portable kernel 510 / 498. Q plus 2 stages of K and V fill 192 KB of shared memory.
     return TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
@@ -149,24 +155,24 @@ class TmaBwdConfig:
 def get_tma_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool) -> TmaBwdConfig:
     """Pick the TMA backward config for D in (64, 128, 256) (fp16/bf16; fp32 in the interpreter).
 
-    Register counts are ptxas's for sm_90 (bf16, causal; `benchmarks/sweep_bwd_tma.py --ptxas`).
-    Triton 3.6 keeps the dK/dV kernel's K and V tiles in registers (they are the A operand of
-    its first two dots), so they compete with the fp32 dK, dV accumulators; small BLOCK_M1 keeps
-    the per-step tiles (qkᵀ, dPᵀ) small.
+    The branches: benchmarks/sweep_bwd_tma.py on the H200 (bf16, triton 3.6, paper grid at
+    T = 4096, each pass timed alone; results in
+    benchmarks/results/2026-11-29_nvidia-h200_sweep-bwd-tma.json), TFLOP/s counted as 2.5× the
+    forward's FLOPs over that pass's time, full / causal. Registers from ptxas for sm_90
+    (`sweep_bwd_tma.py --ptxas`).
     """
     if interpret:
         # Small tiles, fast in numpy; M and N unequal in both passes, so the diagonal crosses
         # blocks at different offsets.
         return TmaBwdConfig(16, 32, 4, 1, 32, 16, 4, 1)
     if head_dim <= 64:
-        # Starting point, not yet measured: the portable kernel's H200 tiles (32 x 128 / 128 x 32,
-        # 8 warps, 3 stages). ptxas: dK/dV 255 registers, 8 bytes spilled; dQ 122, none.
-        return TmaBwdConfig(32, 128, 8, 3, 128, 32, 8, 3)
+        # dK/dV 32 x 128 with 4 warps: 451 / 401 (8 warps 442 / 274; 64 x 128 345 / 324), though
+        # ptxas reports 396 spilled bytes. dQ 128 x 64, 3 stages: 588 / 539 (64 x 64 567 / 530).
+        return TmaBwdConfig(32, 128, 4, 3, 128, 64, 8, 3)
     if head_dim <= 128:
-        # Starting point, not yet measured. ptxas: dK/dV 255 registers, 44 bytes spilled (the
-        # portable kernel's 64 x 128 spills 448 here; 16 x 128 with 3 stages spills none);
-        # dQ 222, none, with a third stage for its 64-key tiles.
-        return TmaBwdConfig(32, 128, 8, 2, 128, 64, 8, 3)
-    # Starting point, not yet measured: every dK/dV candidate spills at D = 256 (its K and V tiles
-    # alone take 128 registers a thread); 16 x 64 spills least (452 bytes). dQ: 250, none.
-    return TmaBwdConfig(16, 64, 8, 2, 64, 32, 8, 2)
+        # dK/dV 64 x 128: 483 / 442 (268 spilled bytes; 32 x 128 with 3 stages 456 / 398, with 2
+        # 362 / 368). dQ 128 x 64, 3 stages: 611 / 537 (128 x 128 580 / 542).
+        return TmaBwdConfig(64, 128, 8, 2, 128, 64, 8, 3)
+    # dK/dV 32 x 64: 216 / 221 (16 x 64 132 / 134); dQ 64 x 64: 284 / 270 (64 x 32 191 / 179).
+    # D = 256 stays the slow case: the dK/dV accumulators alone are 128 registers a thread.
+    return TmaBwdConfig(32, 64, 8, 2, 64, 64, 8, 2)

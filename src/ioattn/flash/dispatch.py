@@ -3,7 +3,8 @@
 CUDA tensors run the Triton kernels; CPU tensors run the CPU backend, or the same Triton
 kernels in Triton's interpreter when IOATTN_BACKEND=triton and TRITON_INTERPRET=1 (this is how
 CI, which has no GPU, tests the GPU code). The Hopper kernels (fwd_tma.py, bwd_tma.py) are
-chosen here too, behind the same launcher signatures, for the calls they cover when IOATTN_TMA=1.
+chosen here too, behind the same launcher signatures, for the calls they cover (unless
+IOATTN_TMA=0).
 """
 import functools
 
