@@ -235,21 +235,22 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rest = [a for a in (argv or []) if a not in ("--suite", "decode")]
     header = machine.header(device, ["bench", "--suite", "decode", *rest])
-    rows = []
-    for case in grid(device, args.quick):
-        print(f"B={case.B} ctx={case.ctx} ...", file=sys.stderr, flush=True)
-        rows += run_case(case, device, quick=args.quick)
     baseline = "sdpa-cudnn" if device == "cuda" else "sdpa"
-    print(f"{header['name']} | torch {header['torch']} | triton {header['triton']} | git {header['git_commit']}")
-    print(format_table(rows, baseline))
     out = Path(args.out) if args.out else machine.REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{datetime.date.today().isoformat()}_{machine.device_slug(device)}_decode.json"
     notes = {"suite": __doc__.split("\n\n")[1].replace("\n", " "),
              "timing": "triton.testing.do_bench median (CUDA); median of wall-clock repetitions (CPU)",
              "tb_s": "2*B*ctx*Hkv*D*itemsize bytes / median time", "baseline": baseline}
-    path.write_text(json.dumps({"header": header, "suite": "decode", "notes": notes, "results": rows},
-                               indent=1) + "\n")
+    rows = []
+    for case in grid(device, args.quick):
+        print(f"B={case.B} ctx={case.ctx} ...", file=sys.stderr, flush=True)
+        rows += run_case(case, device, quick=args.quick)
+        # Written after every case: a run stopped at its time limit keeps what it measured.
+        path.write_text(json.dumps({"header": header, "suite": "decode", "notes": notes, "results": rows},
+                                   indent=1) + "\n")
+    print(f"{header['name']} | torch {header['torch']} | triton {header['triton']} | git {header['git_commit']}")
+    print(format_table(rows, baseline))
     print(f"\nwrote {path}")
     return 1 if any(r["status"] == "MISMATCH" for r in rows) else 0
 
