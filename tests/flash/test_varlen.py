@@ -88,8 +88,10 @@ def test_varlen_features(monkeypatch, backend):
         monkeypatch.setenv("IOATTN_BACKEND", backend)
     dtype = torch.float32 if backend == "cpu" else torch.float16
     seqs = [(9, 20), (0, 2), (12, 7), (1, 1)]
-    q, k, v, cu_q, cu_k = _make(seqs, 4, 1, 32, dtype)
-    slopes = torch.rand(len(seqs), 4, device=DEVICE)
+    # The CPU backend runs CPU tensors on a GPU host too.
+    device = "cpu" if backend == "cpu" else DEVICE
+    q, k, v, cu_q, cu_k = _make(seqs, 4, 1, 32, dtype, device=device)
+    slopes = torch.rand(len(seqs), 4, device=device)
     _check(q, k, v, cu_q, cu_k, causal=True, window=(5, -1), softcap=2.0, alibi_slopes=slopes)
 
 
@@ -112,7 +114,8 @@ def test_varlen_dropout(monkeypatch, backend):
         monkeypatch.setenv("IOATTN_BACKEND", backend)
     dtype = torch.float32 if backend == "cpu" else torch.float16
     seqs, H, p = [(9, 20), (0, 2), (12, 7), (9, 20), (1, 1)], 4, 0.3
-    q, k, v, cu_q, cu_k = _make(seqs, H, 2, 32, dtype)
+    # The CPU backend runs CPU tensors on a GPU host too.
+    q, k, v, cu_q, cu_k = _make(seqs, H, 2, 32, dtype, device="cpu" if backend == "cpu" else DEVICE)
     torch.manual_seed(9)
     seed = draw_seed(p)
     torch.manual_seed(9)
