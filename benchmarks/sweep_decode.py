@@ -1,0 +1,176 @@
+"""Time the split-KV decoding kernel (decode/kernel.py) under candidate configs and split counts.
+
+    PYTHONPATH=src python3 benchmarks/sweep_decode.py --out $OUT/sweep_decode.json
+    PYTHONPATH=src python3 benchmarks/sweep_decode.py --smoke   # no GPU: candidates in the interpreter
+
+One decoding step as the decode benchmark's (bf16, Tq = 1, H = 32, Hkv = 8, D = 128, cache full)
+at each --points (B, ctx). The default config (get_decode_config, heuristic splits) is the
+reference; every candidate config x num_splits is checked against it (max abs difference over max
+abs value <= TOL) and timed with triton.testing.do_bench (median, combine launch included when
+splits > 1). TB/s = K and V bytes read once / time. The default and the fastest candidate are then
+timed on a shuffled 16-token paged copy of the cache. One flushed line per result; past --budget
+seconds no new candidate starts; the JSON is rewritten after every point.
+"""
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict
+
+if "--smoke" in sys.argv:
+    # Before triton is imported: the interpreter runs the kernels on CPU tensors.
+    os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from ioattn.bench.decode import paginate  # noqa: E402
+from ioattn.bench.machine import header  # noqa: E402
+from ioattn.decode.config import DecodeConfig, get_decode_config  # noqa: E402
+from ioattn.decode.kernel import kvcache_fwd_triton  # noqa: E402
+
+# (BLOCK_N, num_warps, num_stages) with BLOCK_M = 16 (a GQA group of 4 rows fills one tile).
+# Pruned from 32/64/128 x 4/8 x 2/3/4: 128-key tiles spill at 4 warps beyond 2 stages (config.py)
+# and need 64 KB of K+V per stage, so 4 stages exceed Hopper's 227 KB; 32-key tiles with 8 warps
+# leave each warp too little of the tile to be worth more than one candidate.
+CANDIDATES = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (64, 8, 4), (32, 4, 2), (32, 4, 3),
+              (32, 4, 4), (32, 8, 4), (128, 4, 2), (128, 8, 2), (128, 8, 3)]
+TOL = 2e-2
+SMS = 132  # H200; the split counts below are tried only while the grid is under two waves
+
+
+def configs():
+    return [DecodeConfig(16, n, w, s) for n, w, s in CANDIDATES]
+
+
+def splits_for(B, Hkv):
+    return (0, 1, 2, 4) if B * Hkv < 2 * SMS else (0,)
+
+
+def name(cfg, splits):
+    return f"{cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages} splits={splits or 'auto'}"
+
+
+def rel_diff(got, ref):
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def inputs(B, ctx, H, Hkv, D, dtype, device):
+    # Fresh random values: zeros would let a kernel that skips keys agree with the reference.
+    q = torch.randn(B, 1, H, D, device=device, dtype=dtype)
+    k = torch.randn(B, ctx, Hkv, D, device=device, dtype=dtype)
+    return q, k, torch.randn_like(k), torch.full((B,), ctx, dtype=torch.int32, device=device)
+
+
+def call(q, k, v, seqlens, cfg, splits, table=None):
+    scale = q.shape[-1] ** -0.5
+    return lambda: kvcache_fwd_triton(q, k, v, seqlens, scale, False, block_table=table,
+                                      num_splits=splits, config=cfg)[0]
+
+
+def check(fn, ref):
+    """"" when fn() agrees with ref, else why (a compile or launch failure included)."""
+    try:
+        d = rel_diff(fn(), ref)
+    except Exception as e:  # out of shared memory, compile errors: reported, the sweep goes on
+        return f"failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+    return "" if d <= TOL else f"differs by {d:.2e} (tolerance {TOL})"
+
+
+def sweep_point(B, ctx, deadline, rows):
+    H, Hkv, D = 32, 8, 128
+    q, k, v, seqlens = inputs(B, ctx, H, Hkv, D, torch.bfloat16, "cuda")
+    default = get_decode_config(H // Hkv, D, torch.bfloat16, interpret=False)
+    ref = call(q, k, v, seqlens, default, 0)()
+    kv_bytes = 2 * B * ctx * Hkv * D * 2
+    base_ms, times = None, {}
+
+    def timed(label, cfg, splits, fn):
+        if time.perf_counter() > deadline:
+            print(f"B={B} ctx={ctx} {label}: skipped (budget)", flush=True)
+            return None
+        meta = dict(B=B, ctx=ctx, kind=label, config=asdict(cfg), num_splits=splits)
+        why = check(fn, ref)
+        if why:
+            print(f"B={B} ctx={ctx} {label} {name(cfg, splits)}: {why}", flush=True)
+            rows.append(dict(meta, error=why))
+            return None
+        ms = triton.testing.do_bench(fn, return_mode="median")
+        tb_s = kv_bytes / (ms * 1e-3) / 1e12
+        ratio = base_ms / ms if base_ms else 1.0
+        print(f"B={B:<3} ctx={ctx:<6} {label:<7} {name(cfg, splits):<30} {tb_s:6.3f} TB/s  {ms * 1e3:8.1f} us"
+              f"  x{ratio:.3f} vs default", flush=True)
+        rows.append(dict(meta, ms=ms, tb_s=tb_s, vs_default=ratio))
+        return ms
+
+    base_ms = timed("contig", default, 0, call(q, k, v, seqlens, default, 0))
+    for cfg in configs():
+        for splits in splits_for(B, Hkv):
+            if (cfg, splits) != (default, 0):
+                ms = timed("contig", cfg, splits, call(q, k, v, seqlens, cfg, splits))
+                if ms is not None:
+                    times[(cfg, splits)] = ms
+    # Paged (16-token pages, shuffled) for the default and the fastest: the cost of the gather.
+    kp, vp, table = paginate(k, v, 16)
+    best = min(times, key=times.get) if times else None
+    for cfg, splits in [(default, 0)] + ([best] if best and best != (default, 0) else []):
+        ms = timed("paged16", cfg, splits, call(q, kp, vp, seqlens, cfg, splits, table))
+        contig = base_ms if (cfg, splits) == (default, 0) else times[(cfg, splits)]
+        if ms is not None and contig:
+            print(f"B={B} ctx={ctx} paged16/contig {name(cfg, splits)}: x{contig / ms:.3f} speed", flush=True)
+            rows[-1]["paged_vs_contig"] = contig / ms
+
+
+def smoke():
+    """Every candidate x split count on a tiny fp16 shape on CPU, against the default config."""
+    B, ctx, H, Hkv, D = 2, 208, 4, 2, 64  # 13 pages of 16 (paginate needs whole pages); 208 % 64 != 0
+    q, k, v, seqlens = inputs(B, ctx, H, Hkv, D, torch.float16, "cpu")
+    default = get_decode_config(H // Hkv, D, torch.float16, interpret=False)
+    ref = call(q, k, v, seqlens, default, 0)()
+    # The default itself against plain softmax attention, so agreeing with it means something.
+    kr, vr = (x.float().repeat_interleave(H // Hkv, dim=2) for x in (k, v))
+    p = torch.einsum("bqhd,bkhd->bhqk", q.float(), kr).mul(D**-0.5).softmax(-1)
+    bad = rel_diff(ref, torch.einsum("bhqk,bkhd->bqhd", p, vr)) > TOL
+    print(f"default {name(default, 0)} vs torch: {'FAILED' if bad else 'ok'}", flush=True)
+    kp, vp, table = paginate(k, v, 16)
+    for cfg in configs():
+        for splits in (0, 1, 2, 4):
+            why = check(call(q, k, v, seqlens, cfg, splits), ref)
+            if not why:
+                paged = check(call(q, kp, vp, seqlens, cfg, splits, table), ref)
+                why = paged and "paged: " + paged
+            bad += bool(why)
+            print(f"{name(cfg, splits)}: {why or 'ok'}", flush=True)
+    return bad
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--points", nargs="+", default=["1,131072", "8,32768", "64,8192", "64,32768"],
+                   help="B,ctx pairs")
+    p.add_argument("--budget", type=float, default=100.0, help="seconds; later candidates are skipped")
+    p.add_argument("--smoke", action="store_true", help="no GPU: check the candidates in the interpreter")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    if args.smoke:
+        bad = smoke()
+        print(f"smoke: {bad} failed; took {time.perf_counter() - t0:.0f} s", flush=True)
+        sys.exit(1 if bad else 0)
+    meta = dict(header("cuda", []), command=shlex.join(["python3", *sys.argv]))
+    rows = []
+    for point in args.points:
+        B, ctx = map(int, point.split(","))
+        sweep_point(B, ctx, t0 + args.budget, rows)
+        torch.cuda.empty_cache()
+        if args.out:  # after every point: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(dict(meta, rows=rows), f, indent=1, default=str)
+    print(f"sweep took {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
