@@ -90,7 +90,7 @@ def sweep_point(B, ctx, deadline, rows):
 
     def timed(label, cfg, splits, fn):
         if time.perf_counter() > deadline:
-            print(f"B={B} ctx={ctx} {label}: skipped (budget)", flush=True)
+            print(f"B={B} ctx={ctx} {label} {name(cfg, splits)}: skipped (budget)", flush=True)
             return None
         meta = dict(B=B, ctx=ctx, kind=label, config=asdict(cfg), num_splits=splits)
         why = check(fn, ref)
