@@ -1,8 +1,8 @@
 """Tiles of the split-KV decoding kernel and the number of splits, chosen by heuristics.
 
-Configs are data: the launcher takes one as an argument, so tests can force any of them. None
-of the GPU branches has been measured yet (the benchmark is `ioattn bench --suite decode`); each
-says what it starts from.
+Configs are data: the launcher takes one as an argument, so tests can force any of them. The
+decoding branch (Tq = 1) rests on an H200 sweep (benchmarks/sweep_decode.py); the others say
+what they start from.
 """
 import functools
 from dataclasses import dataclass
@@ -40,9 +40,12 @@ def get_decode_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret
     if BLOCK_M >= 64:
         # Chunked prefill: 64 x 64 tiles need 232 registers with 4 warps, 176 with 8.
         return DecodeConfig(BLOCK_M=BLOCK_M, BLOCK_N=64, num_warps=8, num_stages=2)
-    # Decoding streams K and V (memory bound at Tq = 1): 64-key tiles in 3 stages keep 70 KB in
-    # flight per program with 118 registers (128 paged), no spills; 128-key tiles spill at 4 warps.
-    return DecodeConfig(BLOCK_M=BLOCK_M, BLOCK_N=64, num_warps=4, num_stages=3)
+    # Decoding streams K and V (memory bound at Tq = 1). benchmarks/sweep_decode.py on the H200
+    # (bf16, H=32, Hkv=8, D=128, eager calls; benchmarks/results/2026-11-29_nvidia-h200_sweep-decode.json),
+    # TB/s at B×ctx = 1×128k / 8×32k / 64×8k / 64×32k: 64-key tiles, 4 warps, 2 stages 3.65 / 4.07
+    # / 4.34 / 4.43; with 3 stages (the first choice) 3.03 / 3.88 / 3.80 / 3.88, with 4 stages
+    # 2.57 / 3.34 / 4.33 / 4.45; 128-key tiles with 8 warps and 3 stages 3.74 / 3.72 / 4.39 / 4.53.
+    return DecodeConfig(BLOCK_M=BLOCK_M, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
 @functools.cache
