@@ -153,7 +153,7 @@ def peers(device: str) -> list:
     if device == "cuda":
         cudnn = ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)
         return ours + [cudnn, ("sdpa-flash", SDPBackend.FLASH_ATTENTION), "flex", "fa4", "ioattn+graph",
-                       ("sdpa-cudnn+graph", SDPBackend.CUDNN_ATTENTION)]
+                       "ioattn-paged16+graph", ("sdpa-cudnn+graph", SDPBackend.CUDNN_ATTENTION)]
     return ours + [("sdpa", SDPBackend.FLASH_ATTENTION), ("sdpa-math", SDPBackend.MATH)]
 
 
@@ -211,13 +211,16 @@ def format_table(rows, baseline: str) -> str:
     for r in rows:
         by_case.setdefault((r["B"], r["ctx"]), {})[r["peer"]] = r
     for (B, ctx), peers_ in by_case.items():
-        base, contig = peers_.get(baseline), peers_.get("ioattn")
+        base = peers_.get(baseline)
         for name, r in peers_.items():
             if r["status"] != "ok":
                 lines.append(f"{B:>3} {ctx:>7}  {name:<16} {r['status']}")
                 continue
             rel = f"{base['us'] / r['us']:.2f}x" if base and base["us"] else "-"
-            paged = f"{contig['us'] / r['us']:.2f}x" if name.startswith("ioattn-paged") and contig["us"] else ""
+            # A paged cache against the contiguous one timed the same way (eager or graph).
+            contig = peers_.get("ioattn+graph" if name.endswith("+graph") else "ioattn")
+            ok = name.startswith("ioattn-paged") and contig and contig["status"] == "ok" and contig["us"]
+            paged = f"{contig['us'] / r['us']:.2f}x" if ok else ""
             lines.append(f"{B:>3} {ctx:>7}  {name:<16} {r['us']:>10.1f} {r['tb_s']:>7.3f}  {rel:>16}  {paged:>9}")
     return "\n".join(lines)
 
