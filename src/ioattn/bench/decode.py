@@ -143,6 +143,9 @@ def _graphed(make):
     def replay():
         graph.replay()
         return out
+    # The graph reads the buffers the call was made over (a paged copy of the cache is made
+    # inside make()): they must live as long as the graph does.
+    replay.inputs = call
     return replay
 
 
