@@ -29,7 +29,7 @@ from .bwd_preprocess import bwd_preprocess
 from .config import BwdConfig, get_bwd_config, padded_head_dim
 from .dropout import _dropout_keep, dropout_args
 from .fwd import (_attn_mask, _key_range, _varlen_seq, _scores, device_guard, diag_band, dot_precision, mask_args,
-                  score_args, varlen_band)
+                  score_args)
 
 
 @triton.jit
@@ -412,6 +412,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     tl.store(p_dq, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=m_qd)
 
 
+def backward_inputs(dout, q, lse, causal: bool, config: BwdConfig | None):
+    """``(config, dout, lse, HEAD_DIM)`` as the backward kernels take them: the default config when
+    None, dout in q's dtype with its last dim contiguous, lse contiguous, the padded head dim."""
+    if config is None:
+        config = get_bwd_config(q.shape[-1], q.dtype, causal, interpret=_env.interpret())
+    if dout.dtype != q.dtype or dout.stride(-1) != 1:
+        dout = dout.to(q.dtype).contiguous()
+    return config, dout, lse.contiguous(), padded_head_dim(q.shape[-1])
+
+
 def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int, *,
                      window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None,
                      dropout_p: float = 0.0, seed: int = 0, config: BwdConfig | None = None):
@@ -435,12 +445,7 @@ def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool
     """
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
-    if config is None:
-        config = get_bwd_config(D, q.dtype, causal, interpret=_env.interpret())
-    if dout.dtype != q.dtype or dout.stride(-1) != 1:
-        dout = dout.to(q.dtype).contiguous()
-    lse = lse.contiguous()
-    HEAD_DIM = padded_head_dim(D)
+    config, dout, lse, HEAD_DIM = backward_inputs(dout, q, lse, causal, config)
     meta = dict(**diag_band(T_q, T_k, causal, diag_offset, window),
                 **score_args(softmax_scale, softcap, alibi_slopes, H, diag_offset),
                 D=D, HEAD_DIM=HEAD_DIM, DOT_PRECISION=dot_precision(q.dtype),
@@ -473,63 +478,6 @@ def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             T_q, T_k, H, H // H_kv, softmax_scale,
-            BLOCK_M=config.BLOCK_M2, BLOCK_N=config.BLOCK_N2, **meta,
-        )
-    return dq, dk, dv
-
-
-def flash_varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
-                            max_seqlen_k: int, softmax_scale: float, causal: bool, *, window=(-1, -1),
-                            softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0, seed: int = 0,
-                            config: BwdConfig | None = None):
-    """:func:`flash_bwd_triton` on packed sequences, from the ``(out, lse)`` of
-    :func:`ioattn.flash.fwd.flash_varlen_fwd_triton` (same arguments; lse ``[H, total_q]``).
-
-    Returns:
-        ``(dq, dk, dv)``, contiguous, packed like q, k, v; rows outside every sequence get 0.
-    """
-    total_q, H, D = q.shape
-    H_kv = k.shape[1]
-    B = cu_seqlens_q.shape[0] - 1
-    if config is None:
-        config = get_bwd_config(D, q.dtype, causal, interpret=_env.interpret())
-    if dout.dtype != q.dtype or dout.stride(-1) != 1:
-        dout = dout.to(q.dtype).contiguous()
-    lse = lse.contiguous()
-    HEAD_DIM = padded_head_dim(D)
-    meta = dict(**varlen_band(causal, window, max_seqlen_q, max_seqlen_k),
-                **score_args(softmax_scale, softcap, alibi_slopes, H, 0),
-                D=D, HEAD_DIM=HEAD_DIM, DOT_PRECISION=dot_precision(q.dtype),
-                CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k, IS_VARLEN=True,
-                **mask_args(None), **dropout_args(dropout_p, seed),
-                num_warps=config.num_warps, num_stages=config.num_stages)
-    # Zeros: the kernels write only the rows of sequences.
-    dq, dk, dv = (torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
-    if B == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
-        return dq, dk, dv
-    # delta [H, total_q], lse's layout: the packed rows are one sequence of total_q rows here.
-    delta = empty((H, total_q), dtype=torch.float32, device=q.device)
-    with device_guard(q):
-        bwd_preprocess(out[None], dout[None], delta, HEAD_DIM)
-        _bwd_dkdv_kernel[(cdiv(max_seqlen_k, config.BLOCK_N1), B * H_kv)](
-            q, k, v, dout, lse, delta, dk, dv,
-            0, q.stride(0), q.stride(1),
-            0, k.stride(0), k.stride(1),
-            0, v.stride(0), v.stride(1),
-            0, dout.stride(0), dout.stride(1),
-            0, dk.stride(0), dk.stride(1),
-            0, dv.stride(0), dv.stride(1),
-            total_q, max_seqlen_k, H, H_kv, H // H_kv, softmax_scale,
-            BLOCK_M=config.BLOCK_M1, BLOCK_N=config.BLOCK_N1, **meta,
-        )
-        _bwd_dq_kernel[(cdiv(max_seqlen_q, config.BLOCK_M2), B * H)](
-            q, k, v, dout, lse, delta, dq,
-            0, q.stride(0), q.stride(1),
-            0, k.stride(0), k.stride(1),
-            0, v.stride(0), v.stride(1),
-            0, dout.stride(0), dout.stride(1),
-            0, dq.stride(0), dq.stride(1),
-            total_q, max_seqlen_k, H, H // H_kv, softmax_scale,
             BLOCK_M=config.BLOCK_M2, BLOCK_N=config.BLOCK_N2, **meta,
         )
     return dq, dk, dv

@@ -66,7 +66,7 @@ def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, m
     cu_k = _seq_bounds(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k", "max_seqlen_k")
     if backend_for(q.device) != "cpu":
         # One launch for the whole batch; the grid is sized by the longest sequences.
-        from .fwd import flash_varlen_fwd_triton
+        from .varlen_launch import flash_varlen_fwd_triton
 
         return flash_varlen_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, _longest(cu_q), _longest(cu_k),
                                        softmax_scale, causal, window=(window_left, window_right),
@@ -98,7 +98,7 @@ def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
               max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, dropout_p, seed):
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     if backend_for(q.device) != "cpu":
-        from .bwd import flash_varlen_bwd_triton
+        from .varlen_launch import flash_varlen_bwd_triton
 
         return flash_varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                        _longest(cu_q), _longest(cu_k), softmax_scale, causal,
