@@ -146,33 +146,38 @@ def check_kvcache_values(k_cache, cache_seqlens, T_new, cache_batch_idx, cache_l
     append, ``max(cache_seqlens) + T_new``. ``rotary_len`` is the rotary tables' length (0 without
     rotary) and ``rotary_q_tokens`` how many positions from ``cache_seqlens[b]`` q uses.
 
-    Every condition is evaluated on the device and read back in one transfer (a block table of a
-    long context holds many thousands of pages, too many to walk on the host); the messages are
-    built only when one fails.
+    The ``[B]`` index vectors come to the host in one transfer, with, for a paged cache, one flag
+    computed on the device (a block table of a long context holds many thousands of pages, too
+    many to walk on the host); the conditions are then evaluated on the host. On the H200 the
+    previous form, every condition a small device op, cost ~0.3 ms a call (decoding at B = 1 × 1k:
+    619 µs with the checks, 304 without). The messages are built only when a check fails.
     """
-    seqlens = cache_seqlens.long()
+    B = cache_seqlens.shape[0]
     cap = capacity(k_cache, block_table)
-    lengths = seqlens + T_new
-    bad = {"seqlens": (seqlens < 0).any(), "append": (lengths > cap).any()}
-    if cache_leftpad is not None:
-        bad["leftpad"] = ((cache_leftpad < 0) | (cache_leftpad > cache_seqlens)).any()
-    if cache_batch_idx is not None:
-        bad["rows"] = ((cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])).any()
-        if T_new:
-            rows = cache_batch_idx.sort().values
-            bad["repeat"] = (rows[1:] == rows[:-1]).any()
+    parts = [x for x in (cache_seqlens, cache_leftpad, cache_batch_idx) if x is not None]
     if block_table is not None:
         # Only the pages that hold keys are read; entries past them may hold anything.
-        page = k_cache.shape[1]
-        bad["pages"] = _bad_pages(block_table, lengths, page, k_cache.shape[0]).any()
+        lengths = cache_seqlens.long() + T_new
+        parts.append(_bad_pages(block_table, lengths, k_cache.shape[1], k_cache.shape[0]).any().view(1))
+    host = (torch.cat([x.long() for x in parts]) if len(parts) > 1 else parts[0]).tolist()
+    seqlens, rest = host[:B], host[B:]
+    bad = {"seqlens": any(x < 0 for x in seqlens), "append": any(x + T_new > cap for x in seqlens)}
+    if cache_leftpad is not None:
+        leftpad, rest = rest[:B], rest[B:]
+        bad["leftpad"] = any(p < 0 or p > x for p, x in zip(leftpad, seqlens))
+    if cache_batch_idx is not None:
+        rows, rest = rest[:B], rest[B:]
+        bad["rows"] = any(r < 0 or r >= k_cache.shape[0] for r in rows)
+        if T_new:
+            bad["repeat"] = len(set(rows)) < len(rows)
+    if block_table is not None:
+        bad["pages"] = bool(rest[0])
     if rotary_len:
-        bad["rotary"] = (seqlens + max(T_new, rotary_q_tokens) > rotary_len).any()
-    longest = lengths.max() if lengths.numel() else lengths.new_zeros(())
-    values = torch.stack([f.long() for f in bad.values()] + [longest]).tolist()
-    if any(values[:-1]):
-        _raise(dict(zip(bad, values)), k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad,
-               block_table, cap, rotary_len, rotary_q_tokens)
-    return max(values[-1], 0)
+        bad["rotary"] = any(x + max(T_new, rotary_q_tokens) > rotary_len for x in seqlens)
+    if any(bad.values()):
+        _raise(bad, k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad, block_table, cap,
+               rotary_len, rotary_q_tokens)
+    return max((x + T_new for x in seqlens), default=0)
 
 
 def _bad_pages(block_table, lengths, page: int, num_pages: int):
