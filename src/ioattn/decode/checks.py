@@ -148,9 +148,10 @@ def check_kvcache_values(k_cache, cache_seqlens, T_new, cache_batch_idx, cache_l
 
     The ``[B]`` index vectors come to the host in one transfer, with, for a paged cache, one flag
     computed on the device (a block table of a long context holds many thousands of pages, too
-    many to walk on the host); the conditions are then evaluated on the host. On the H200 the
-    previous form, every condition a small device op, cost ~0.3 ms a call (decoding at B = 1 × 1k:
-    619 µs with the checks, 304 without). The messages are built only when a check fails.
+    many to walk on the host); the conditions are then evaluated on the host. Measured on the H200,
+    one decoding call at B = 1 × 1k: 619 µs with the previous checks (every condition a small
+    device op) against 304 µs without checks; 272 µs with these. The messages are built only when
+    a check fails.
     """
     B = cache_seqlens.shape[0]
     cap = capacity(k_cache, block_table)
