@@ -15,7 +15,8 @@ import torch
 import ioattn
 from ioattn.flash import fwd_tma
 from ioattn.flash.config import TmaFwdConfig, get_tma_fwd_config
-from ioattn.flash.fwd_tma import TMA_HEAD_DIMS, flash_fwd_tma, tma_supported
+from ioattn.flash.fwd_tma import flash_fwd_tma, tma_supported
+from ioattn.flash.tma import TMA_HEAD_DIMS
 from ioattn.testing import make_qkv
 
 from . import cases

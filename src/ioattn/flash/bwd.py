@@ -422,6 +422,14 @@ def backward_inputs(dout, q, lse, causal: bool, config: BwdConfig | None):
     return config, dout, lse.contiguous(), padded_head_dim(q.shape[-1])
 
 
+def backward_buffers(q, k, v):
+    """``(delta, dq, dk, dv)`` of the dense backward: delta fp32 ``[B, H, Tq]``, the gradients
+    contiguous with the shapes and dtypes of q, k, v; every element is written by the kernels."""
+    B, T_q, H, D = q.shape
+    delta = empty((B, H, T_q), dtype=torch.float32, device=q.device)
+    return (delta, *(empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)))
+
+
 def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int, *,
                      window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None,
                      dropout_p: float = 0.0, seed: int = 0, config: BwdConfig | None = None):
@@ -453,10 +461,7 @@ def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool
                 **dropout_args(dropout_p, seed),
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
-    delta = empty((B, H, T_q), dtype=torch.float32, device=q.device)
-    dq = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
-    dk = empty((B, T_k, H_kv, D), dtype=k.dtype, device=k.device)
-    dv = empty((B, T_k, H_kv, D), dtype=v.dtype, device=v.device)
+    delta, dq, dk, dv = backward_buffers(q, k, v)
     with device_guard(q):
         bwd_preprocess(out, dout, delta, HEAD_DIM)
         _bwd_dkdv_kernel[(cdiv(T_k, config.BLOCK_N1), B * H_kv)](

@@ -29,16 +29,14 @@ import contextvars
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _env
-from .._utils import cdiv, empty
-from .bwd import _load_lse2, _query_range
+from .._utils import cdiv
+from .bwd import _load_lse2, _query_range, backward_buffers
 from .bwd_preprocess import bwd_preprocess
 from .config import TmaBwdConfig, get_tma_bwd_config
 from .fwd import LOG2E, _key_range, device_guard, diag_band, dot_precision
-
-_HEAD_DIMS = (64, 128, 256)
+from .tma import TensorDescriptor, aligned, hopper_inputs
 
 
 @triton.jit
@@ -258,13 +256,6 @@ def dq_tma(q, k, v, dout, lse, delta, dq, softmax_scale: float, causal: bool, di
     )
 
 
-def _tma_aligned(x: torch.Tensor) -> bool:
-    """What a TMA descriptor needs: last dim contiguous, base and every other stride 16-byte aligned."""
-    elem = x.element_size()
-    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
-            and all(s > 0 and s * elem % 16 == 0 for s in x.stride()[:-1]))
-
-
 def tma_bwd_supported(q, k, v, *, window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None,
                       dropout_p: float = 0.0, seed: int = 0, varlen: bool = False, **other_features) -> bool:
     """Whether :func:`flash_bwd_tma` applies to these (already validated) inputs: every feature off,
@@ -276,14 +267,7 @@ def tma_bwd_supported(q, k, v, *, window=(-1, -1), softcap: float = 0.0, alibi_s
         return False
     if dropout_p or varlen or any(x is not None and x is not False and x != 0 for x in other_features.values()):
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in _HEAD_DIMS:
-        return False
-    if q.is_cuda:
-        if torch.cuda.get_device_capability(q.device)[0] != 9:
-            return False
-    elif not (q.device.type == "cpu" and _env.interpret()):
-        return False
-    return all(_tma_aligned(x) for x in (q, k, v))
+    return hopper_inputs(q, k, v)
 
 
 def flash_bwd_tma(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int, *,
@@ -305,18 +289,14 @@ def flash_bwd_tma(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, d
         ``(dq, dk, dv)``, contiguous, with the shapes and dtypes of q, k, v. A query row that sees
         no key gets dq 0 and adds nothing to dk, dv.
     """
-    B, T_q, H, D = q.shape
-    T_k, H_kv = k.shape[1], k.shape[2]
+    D = q.shape[-1]
     if config is None:
         config = get_tma_bwd_config(D, q.dtype, causal, interpret=_env.interpret())
-    if dout.dtype != q.dtype or not _tma_aligned(dout):
+    if dout.dtype != q.dtype or not aligned(dout):
         # A copy even when dout is contiguous already (its base may be what is misaligned).
         dout = dout.to(q.dtype, copy=True, memory_format=torch.contiguous_format)
     lse = lse.contiguous()
-    delta = empty((B, H, T_q), dtype=torch.float32, device=q.device)
-    dq = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
-    dk = empty((B, T_k, H_kv, D), dtype=k.dtype, device=k.device)
-    dv = empty((B, T_k, H_kv, D), dtype=v.dtype, device=v.device)
+    delta, dq, dk, dv = backward_buffers(q, k, v)
     with device_guard(q):
         bwd_preprocess(out, dout, delta, D)
         dkdv_tma(q, k, v, dout, lse, delta, dk, dv, softmax_scale, causal, diag_offset, config)

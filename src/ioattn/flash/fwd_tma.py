@@ -14,29 +14,15 @@ in shared memory as a plain ``[BLOCK, D]`` matrix: with ``[1, BLOCK, 1, D]`` blo
 ``[B, T, H, D]`` tensors it reshaped Q through registers and fed QKᵀ from there, 64 more
 registers a thread at 4 warps (TTGIR and ptxas for sm_90, D=128, 128 x 64 tiles).
 """
-import functools
-import inspect
-
 import torch
 import triton
 import triton.language as tl
-
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
-# Host-side descriptors and tl.range's warp_specialize are recent (pyproject allows triton 3.2);
-# without them the portable kernel runs, and importing this module must not fail.
-_HAS_API = TensorDescriptor is not None and "warp_specialize" in inspect.signature(tl.range).parameters
 
 from .. import _env
 from .._utils import cdiv, empty
 from .config import TmaFwdConfig, get_tma_fwd_config
 from .fwd import LOG2E, _key_range, device_guard, diag_band, dot_precision
-
-# Head dims whose whole row is one TMA box (a power of two, at most 256 elements) and that the
-# H200 sweep covers; other head dims run the portable kernel.
-TMA_HEAD_DIMS = (64, 128, 256)
+from .tma import TensorDescriptor, hopper_inputs
 
 
 @triton.jit
@@ -116,44 +102,19 @@ def _fwd_tma_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, dia
     tl.store(p_lse, lse, mask=o_m < T_q)
 
 
-def _tma_compatible(x: torch.Tensor) -> bool:
-    """TMA's rules for a global tensor: base and every stride but the last 16-byte aligned, the
-    last dim contiguous."""
-    nbytes = x.element_size()
-    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
-            and all(s * nbytes % 16 == 0 for s in x.stride()[:-1]))
-
-
-@functools.cache
-def _is_sm90(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] == 9
-
-
 def tma_supported(q, k, v, softmax_scale: float, *, window=(-1, -1), softcap: float = 0.0,
                   alibi_slopes=None, attn_mask=None, dropout_p: float = 0.0, seed: int = 0,
                   **other_features) -> bool:
     """Whether :func:`flash_fwd_tma` computes this forward call: the plain case (no window, softcap,
     ALiBi, attn_mask, dropout; varlen has its own launcher and never asks), fp16/bf16 ``[B, T, H, D]``
-    with D in :data:`TMA_HEAD_DIMS`, TMA-aligned tensors, a positive scale, on a Hopper GPU or,
+    with D in :data:`ioattn.flash.tma.TMA_HEAD_DIMS`, TMA-aligned tensors, a positive scale, on a Hopper GPU or,
     for tests, on CPU tensors in Triton's interpreter. Any feature keyword this kernel does not
     know means no."""
-    if not _HAS_API or other_features or tuple(window) != (-1, -1) or softcap > 0:
+    if other_features or tuple(window) != (-1, -1) or softcap > 0:
         return False
     if alibi_slopes is not None or attn_mask is not None or dropout_p > 0 or not softmax_scale > 0:
         return False
-    if q.dim() != 4 or q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    D = q.shape[-1]
-    if D not in TMA_HEAD_DIMS or q.numel() == 0 or k.numel() == 0:
-        return False
-    if any(x.dtype != q.dtype or x.shape[-1] != D or x.device != q.device for x in (k, v)):
-        return False
-    if q.is_cuda:
-        if not _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device()):
-            return False
-    elif not (q.device.type == "cpu" and _env.interpret()):
-        return False
-    return all(_tma_compatible(x) for x in (q, k, v))
+    return q.numel() > 0 and k.numel() > 0 and hopper_inputs(q, k, v)
 
 
 def flash_fwd_tma(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,

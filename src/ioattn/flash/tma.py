@@ -1,0 +1,55 @@
+"""What the Hopper TMA kernels (fwd_tma.py, bwd_tma.py) accept, decided once for both.
+
+Host-side tensor descriptors and tl.range's warp_specialize are recent (pyproject allows triton
+3.2); without them the portable kernels run, and importing the TMA modules must not fail.
+"""
+import functools
+import inspect
+
+import torch
+import triton.language as tl
+
+from .. import _env
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
+HAS_API = TensorDescriptor is not None and "warp_specialize" in inspect.signature(tl.range).parameters
+
+# Head dims whose whole row is one TMA box (a power of two, at most 256 elements) and that the
+# H200 sweeps cover; other head dims run the portable kernels.
+TMA_HEAD_DIMS = (64, 128, 256)
+
+
+def aligned(x: torch.Tensor) -> bool:
+    """TMA's rules for a global tensor: the last dim contiguous, the base and every other stride
+    16-byte aligned (and not 0: a broadcast dim is no tensor a descriptor can walk)."""
+    nbytes = x.element_size()
+    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+            and all(s > 0 and s * nbytes % 16 == 0 for s in x.stride()[:-1]))
+
+
+@functools.cache
+def _is_sm90(device_index: int) -> bool:
+    # Cached: this runs on every call's dispatch, and the query costs microseconds.
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def hopper_inputs(q, k, v) -> bool:
+    """Whether q ``[B, Tq, H, D]``, k, v (already validated) suit the TMA kernels: fp16/bf16 of one
+    dtype and device, D in :data:`TMA_HEAD_DIMS`, every tensor :func:`aligned`, on a Hopper GPU or,
+    for tests, CPU tensors in Triton's interpreter."""
+    if not HAS_API or q.dim() != 4 or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    D = q.shape[-1]
+    if D not in TMA_HEAD_DIMS or any(x.dtype != q.dtype or x.shape[-1] != D or x.device != q.device
+                                     for x in (k, v)):
+        return False
+    if q.is_cuda:
+        if not _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device()):
+            return False
+    elif not (q.device.type == "cpu" and _env.interpret()):
+        return False
+    return all(aligned(x) for x in (q, k, v))
