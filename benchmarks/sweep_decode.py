@@ -5,11 +5,12 @@
 
 One decoding step as the decode benchmark's (bf16, Tq = 1, H = 32, Hkv = 8, D = 128, cache full)
 at each --points (B, ctx). The default config (get_decode_config, heuristic splits) is the
-reference; every candidate config x num_splits is checked against it (max abs difference over max
-abs value <= TOL) and timed with triton.testing.do_bench (median, combine launch included when
-splits > 1). TB/s = K and V bytes read once / time. The default and the fastest candidate are then
-timed on a shuffled 16-token paged copy of the cache. One flushed line per result; past --budget
-seconds no new candidate starts; the JSON is rewritten after every point.
+reference; every variant x num_splits is checked against it (max abs difference over max abs
+value <= TOL) and timed replayed from a CUDA graph (triton.testing.do_bench_cudagraph, median;
+a separate combine launch included where the variant has one). TB/s = K and V bytes read once /
+time. Then the same on a shuffled 16-token paged copy of the cache, against the contiguous
+default. One flushed line per result; past --budget seconds no new candidate starts; the JSON is
+rewritten after every point.
 """
 import argparse
 import json
@@ -17,7 +18,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 if "--smoke" in sys.argv:
     # Before triton is imported: the interpreter runs the kernels on CPU tensors.
@@ -29,29 +30,35 @@ import triton  # noqa: E402
 
 from ioattn.bench.decode import paginate  # noqa: E402
 from ioattn.bench.machine import header  # noqa: E402
-from ioattn.decode.config import DecodeConfig, get_decode_config  # noqa: E402
+from ioattn.decode.config import get_decode_config  # noqa: E402
 from ioattn.decode.kernel import kvcache_fwd_triton  # noqa: E402
 
-# (BLOCK_N, num_warps, num_stages) with BLOCK_M = 16 (a GQA group of 4 rows fills one tile).
-# Pruned from 32/64/128 x 4/8 x 2/3/4: 128-key tiles spill at 4 warps beyond 2 stages (config.py)
-# and need 64 KB of K+V per stage, so 4 stages exceed Hopper's 227 KB; 32-key tiles with 8 warps
-# leave each warp too little of the tile to be worth more than one candidate.
-CANDIDATES = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (64, 8, 4), (32, 4, 2), (32, 4, 3),
-              (32, 4, 4), (32, 8, 4), (128, 4, 2), (128, 8, 2), (128, 8, 3)]
+# The questions of this sweep (benchmarks/LOG.md v1.8), as variants of the default config:
+# - contiguous cache: the splits merged by their last program (fused) or by a second launch, at
+#   every split count worth trying (small grids only), and 3 stages (B=1 x 128k ran better with 3);
+# - 16-token pages: 2, 3 or 4 stages, page numbers loaded in the tile or a tile ahead.
+SPLITS = (0, 1, 2, 4, 8, 16, 32, 64)
 TOL = 2e-2
-SMS = 132  # H200; the split counts below are tried only while the grid is under two waves
+SMS = 132  # H200; split counts other than the heuristic's are tried only under two waves
 
 
-def configs():
-    return [DecodeConfig(16, n, w, s) for n, w, s in CANDIDATES]
+def contiguous_variants(default):
+    return [replace(default, fuse_combine=False), replace(default, num_stages=3)]
+
+
+def paged_variants(default):
+    return [replace(default, num_stages=s, prefetch_pages=p) for s in (2, 3, 4) for p in (False, True)
+            if (s, p) != (default.num_stages, default.prefetch_pages)]
 
 
 def splits_for(B, Hkv):
-    return (0, 1, 2, 4) if B * Hkv < 2 * SMS else (0,)
+    return SPLITS if B * Hkv < 2 * SMS else (0,)
 
 
 def name(cfg, splits):
-    return f"{cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages} splits={splits or 'auto'}"
+    return (f"{cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
+            f"{' fused' if cfg.fuse_combine else ' +combine'}{' prefetch' if cfg.prefetch_pages else ''}"
+            f" splits={splits or 'auto'}")
 
 
 def rel_diff(got, ref):
@@ -86,7 +93,7 @@ def sweep_point(B, ctx, deadline, rows):
     default = get_decode_config(H // Hkv, D, torch.bfloat16, interpret=False)
     ref = call(q, k, v, seqlens, default, 0)()
     kv_bytes = 2 * B * ctx * Hkv * D * 2
-    base_ms, times = None, {}
+    base = {}
 
     def timed(label, cfg, splits, fn):
         if time.perf_counter() > deadline:
@@ -98,30 +105,29 @@ def sweep_point(B, ctx, deadline, rows):
             print(f"B={B} ctx={ctx} {label} {name(cfg, splits)}: {why}", flush=True)
             rows.append(dict(meta, error=why))
             return None
-        ms = triton.testing.do_bench(fn, return_mode="median")
+        # Replayed from a CUDA graph, as a decoding server runs it: eager calls at small caches
+        # would time the host's launch overhead instead of the kernel.
+        ms = triton.testing.do_bench_cudagraph(fn, return_mode="median")
         tb_s = kv_bytes / (ms * 1e-3) / 1e12
-        ratio = base_ms / ms if base_ms else 1.0
-        print(f"B={B:<3} ctx={ctx:<6} {label:<7} {name(cfg, splits):<30} {tb_s:6.3f} TB/s  {ms * 1e3:8.1f} us"
+        base.setdefault(label, ms)
+        ratio = base[label] / ms
+        print(f"B={B:<3} ctx={ctx:<6} {label:<7} {name(cfg, splits):<44} {tb_s:6.3f} TB/s  {ms * 1e3:8.1f} us"
               f"  x{ratio:.3f} vs default", flush=True)
         rows.append(dict(meta, ms=ms, tb_s=tb_s, vs_default=ratio))
         return ms
 
-    base_ms = timed("contig", default, 0, call(q, k, v, seqlens, default, 0))
-    for cfg in configs():
+    timed("contig", default, 0, call(q, k, v, seqlens, default, 0))
+    for cfg in [default] + contiguous_variants(default):
         for splits in splits_for(B, Hkv):
             if (cfg, splits) != (default, 0):
-                ms = timed("contig", cfg, splits, call(q, k, v, seqlens, cfg, splits))
-                if ms is not None:
-                    times[(cfg, splits)] = ms
-    # Paged (16-token pages, shuffled) for the default and the fastest: the cost of the gather.
+                timed("contig", cfg, splits, call(q, k, v, seqlens, cfg, splits))
+    # Paged (16-token pages, shuffled): the cost of the gather, against the contiguous default.
     kp, vp, table = paginate(k, v, 16)
-    best = min(times, key=times.get) if times else None
-    for cfg, splits in [(default, 0)] + ([best] if best and best != (default, 0) else []):
-        ms = timed("paged16", cfg, splits, call(q, kp, vp, seqlens, cfg, splits, table))
-        contig = base_ms if (cfg, splits) == (default, 0) else times[(cfg, splits)]
-        if ms is not None and contig:
-            print(f"B={B} ctx={ctx} paged16/contig {name(cfg, splits)}: x{contig / ms:.3f} speed", flush=True)
-            rows[-1]["paged_vs_contig"] = contig / ms
+    for cfg in [default] + paged_variants(default):
+        ms = timed("paged16", cfg, 0, call(q, kp, vp, seqlens, cfg, 0, table))
+        if ms is not None and base.get("contig"):
+            print(f"B={B} ctx={ctx} paged16/contig {name(cfg, 0)}: x{base['contig'] / ms:.3f} speed", flush=True)
+            rows[-1]["paged_vs_contig"] = base["contig"] / ms
 
 
 def smoke():
@@ -136,7 +142,7 @@ def smoke():
     bad = rel_diff(ref, torch.einsum("bhqk,bkhd->bqhd", p, vr)) > TOL
     print(f"default {name(default, 0)} vs torch: {'FAILED' if bad else 'ok'}", flush=True)
     kp, vp, table = paginate(k, v, 16)
-    for cfg in configs():
+    for cfg in [default] + contiguous_variants(default) + paged_variants(default):
         for splits in (0, 1, 2, 4):
             why = check(call(q, k, v, seqlens, cfg, splits), ref)
             if not why:
@@ -149,9 +155,9 @@ def smoke():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--points", nargs="+", default=["1,131072", "8,32768", "64,8192", "64,32768"],
+    p.add_argument("--points", nargs="+", default=["1,1024", "1,8192", "1,131072", "8,1024", "8,32768", "64,8192"],
                    help="B,ctx pairs")
-    p.add_argument("--budget", type=float, default=100.0, help="seconds; later candidates are skipped")
+    p.add_argument("--budget", type=float, default=150.0, help="seconds; later candidates are skipped")
     p.add_argument("--smoke", action="store_true", help="no GPU: check the candidates in the interpreter")
     p.add_argument("--out")
     args = p.parse_args(argv)

@@ -51,14 +51,29 @@ def _launch(config, num_splits):
     return call
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused-combine", "combine-kernel"])
+@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
 @pytest.mark.parametrize("page_size", [16, 64], ids=lambda p: f"page{p}")
-def test_kernel_pages_smaller_and_larger_than_tiles(page_size):
+def test_kernel_pages_smaller_and_larger_than_tiles(page_size, prefetch, fuse):
     # 32-key tiles over 16-key pages gather two pages per tile; over 64-key pages, half a page.
-    # 16-row query tiles split the 2 heads x 12 queries over two programs.
-    call = _launch(DecodeConfig(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1), num_splits=3)
+    # 16-row query tiles split the 2 heads x 12 queries over two programs. Page numbers loaded
+    # in the tile or a tile ahead; the splits merged by their last program or by combine.py.
+    cfg = DecodeConfig(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, fuse_combine=fuse,
+                       prefetch_pages=prefetch)
     kw = make_case(2, 12, 12, 128, 4, 2, 24, [3, 100], dtype=torch.float16, page_size=page_size,
                    causal=True)
-    check_kvcache(kw, call=call)
+    check_kvcache(kw, call=_launch(cfg, num_splits=3))
+
+
+def test_fused_combine_leaves_counters_at_zero(triton_backend):
+    # Each tile's merging program resets its arrival counter, so the next call (here: more
+    # tiles, more splits, some splits empty) starts from 0 without a memset.
+    from ioattn.decode.arrivals import arrival_counters
+
+    for B, splits in ((2, 3), (3, 5)):
+        check_kvcache(make_case(B, 1, 1, 80, 4, 2, 40, [0, 37, 79][:B], dtype=torch.float16,
+                                num_splits=splits))
+        assert torch.all(arrival_counters(1, torch.device(DEVICE)) == 0)
 
 
 def test_kernel_empty_rows_are_zero(triton_backend):
@@ -109,6 +124,27 @@ def test_kernel_gpu(name, dtype, num_splits):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged16"])
+def test_kernel_gpu_fused_combine_under_cuda_graph(paged):
+    # A captured call gets its own zeroed counters; replays match the eager call bit for bit
+    # (the merge runs in split order whichever split finishes last), and eager calls between
+    # replays still count from 0.
+    kw = make_case(2, 1, 0, 4096, 32, 8, 128, [4096, 1000], dtype=torch.bfloat16,
+                   page_size=16 if paged else None, num_splits=16)
+    eager = flash_attn_with_kvcache(**kw)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        captured = flash_attn_with_kvcache(**kw)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)
+        assert torch.equal(flash_attn_with_kvcache(**kw), eager)
+
+
+@pytest.mark.gpu
 def test_kernel_gpu_split_count_does_not_change_results():
     # Splits change the order of the sums only: results agree to rounding.
     kw = make_case(1, 1, 0, 8192, 32, 8, 128, [8192], dtype=torch.bfloat16)
@@ -156,4 +192,4 @@ def test_gpu_configs_compile_without_spills():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     spills = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(spills) == 6 and all(v == 0 for v in spills.values()), spills
+    assert len(spills) == 8 and all(v == 0 for v in spills.values()), spills

@@ -117,28 +117,18 @@ def _fa4(q, k, v):
 
 
 def _graphed(make):
-    """``make()``'s call captured once in a CUDA graph and replayed (value checks off: they read
-    indices back to the host, which a capture cannot do)."""
-    import os
-
-    saved = os.environ.get("IOATTN_CHECK_VALUES")
-    os.environ["IOATTN_CHECK_VALUES"] = "0"
-    try:
-        call = make()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                call()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = call()
-    finally:
-        if saved is None:
-            del os.environ["IOATTN_CHECK_VALUES"]
-        else:
-            os.environ["IOATTN_CHECK_VALUES"] = saved
+    """``make()``'s call captured once in a CUDA graph and replayed (the captured call skips the
+    value checks: they read indices back to the host, which a capture cannot do)."""
+    call = make()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
 
     def replay():
         graph.replay()

@@ -63,7 +63,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Bad arguments raise ValueError/TypeError naming the argument before the cache is changed,
     values included (lengths past the cache, page numbers out of range, rotary tables too
     short): those checks read the index tensors on the host (one synchronization per call,
-    which IOATTN_CHECK_VALUES=0 skips). CUDA tensors run the split-KV Triton kernel, CPU
+    which IOATTN_CHECK_VALUES=0 skips, and a call captured in a CUDA graph skips too: check
+    the values in an eager call first). CUDA tensors run the split-KV Triton kernel, CPU
     tensors the CPU backend (:func:`ioattn.backend_for` says which). No gradients.
     """
     a = check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,

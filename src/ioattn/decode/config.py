@@ -21,6 +21,11 @@ class DecodeConfig:
     BLOCK_N: int
     num_warps: int
     num_stages: int
+    # With several splits, the last one of each tile merges them (kernel.py) instead of a
+    # separate combine launch (combine.py).
+    fuse_combine: bool = True
+    # Paged caches: load each tile's page numbers one tile ahead.
+    prefetch_pages: bool = False
 
 
 def get_decode_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret: bool) -> DecodeConfig:

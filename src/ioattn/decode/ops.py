@@ -39,7 +39,9 @@ def _kvcache_impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     T_new = 0 if k is None else k.shape[1]
     local = causal or (window_left, window_right) != (-1, -1)
     max_seqlen_k = None
-    if _env.check_values():
+    # The checks read the indices back to the host, which a CUDA-graph capture cannot do: a
+    # captured call skips them (as IOATTN_CHECK_VALUES=0 does), the eager calls before it check.
+    if _env.check_values() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         rotary_len = 0 if rotary_cos is None else rotary_cos.shape[0]
         max_seqlen_k = check_kvcache_values(k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad,
                                             block_table, rotary_len, T_q if local else 1)
