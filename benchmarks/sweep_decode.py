@@ -33,17 +33,18 @@ from ioattn.bench.machine import header  # noqa: E402
 from ioattn.decode.config import get_decode_config  # noqa: E402
 from ioattn.decode.kernel import kvcache_fwd_triton  # noqa: E402
 
-# The questions of this sweep (benchmarks/LOG.md v1.8), as variants of the default config:
-# - contiguous cache: the splits merged by their last program (fused) or by a second launch, at
-#   every split count worth trying (small grids only), and 3 stages (B=1 x 128k ran better with 3);
-# - 16-token pages: 2, 3 or 4 stages, page numbers loaded in the tile or a tile ahead.
+# The questions of this sweep, as variants of the default config: on a contiguous cache every
+# split count worth trying (small grids only) and 3 stages; on 16-token pages 2, 3 or 4 stages
+# with page numbers loaded in the tile or a tile ahead. (Its first run, at 73dd0a9, also timed
+# splits merged by their last program inside the kernel instead of the combine launch: 1.1-1.8x
+# slower, since that program loaded the splits one after another; removed.)
 SPLITS = (0, 1, 2, 4, 8, 16, 32, 64)
 TOL = 2e-2
 SMS = 132  # H200; split counts other than the heuristic's are tried only under two waves
 
 
 def contiguous_variants(default):
-    return [replace(default, fuse_combine=False), replace(default, num_stages=3)]
+    return [replace(default, num_stages=3)]
 
 
 def paged_variants(default):
@@ -57,7 +58,7 @@ def splits_for(B, Hkv):
 
 def name(cfg, splits):
     return (f"{cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
-            f"{' fused' if cfg.fuse_combine else ' +combine'}{' prefetch' if cfg.prefetch_pages else ''}"
+            f"{' prefetch' if cfg.prefetch_pages else ''}"
             f" splits={splits or 'auto'}")
 
 

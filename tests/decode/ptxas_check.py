@@ -37,23 +37,21 @@ def spill_bytes(kernel, signature, constexprs, **options) -> int:
 
 def main():
     spills = {}
-    # Every feature on, and the plain path the benchmark runs (all flags off); "split" variants
-    # write fp32 partials and merge them in the kernel (several splits), "prefetch" loads page
-    # numbers a tile ahead.
-    for name, rows, paged, on, split, prefetch in (
-            ("decode", 4, False, True, False, False), ("decode-paged", 4, True, True, False, False),
-            ("prefill-chunk", 1200, False, True, False, False), ("plain", 4, False, False, False, False),
-            ("plain-paged", 4, True, False, False, False), ("plain-split", 4, False, False, True, False),
-            ("decode-paged-split-prefetch", 4, True, True, True, True)):
-        signature = {p: "*bf16" for p in ("Q", "K", "V", "OUT")}
-        signature.update({p: "*i32" for p in ("SEQLENS", "LEFTPAD", "BATCH_IDX", "BLOCK_TABLE", "ARRIVALS")},
-                         O="*fp32" if split else "*bf16", LSE="*fp32", OUT_LSE="*fp32", ALIBI="*fp32",
-                         qk_scale="fp32", softcap2="fp32")
-        cfg = get_decode_config(rows, 128, torch.bfloat16, interpret=False)
+    # Every feature on, and the plain path the benchmark runs (all flags off); the paged ones
+    # with the split config too (page numbers a tile ahead, one more stage).
+    for name, rows, paged, on, split in (
+            ("decode", 4, False, True, False), ("decode-paged", 4, True, True, False),
+            ("prefill-chunk", 1200, False, True, False), ("plain", 4, False, False, False),
+            ("plain-paged", 4, True, False, False), ("decode-paged-split", 4, True, True, True),
+            ("plain-paged-split", 4, True, False, True)):
+        signature = {p: "*bf16" for p in ("Q", "K", "V", "O")}
+        signature.update({p: "*i32" for p in ("SEQLENS", "LEFTPAD", "BATCH_IDX", "BLOCK_TABLE")},
+                         LSE="*fp32", ALIBI="*fp32", qk_scale="fp32", softcap2="fp32")
+        cfg = get_decode_config(rows, 128, torch.bfloat16, interpret=False, paged_split=split)
         constexprs = dict(D=128, HEAD_DIM=128, PAGE_SIZE=16 if paged else 1, IS_PAGED=paged,
                           HAS_LEFTPAD=on, HAS_BATCH_IDX=on and not paged, HAS_LEFT=on, HAS_RIGHT=on,
                           HAS_SOFTCAP=on, HAS_ALIBI=on, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                          DOT_PRECISION="tf32", FUSE_COMBINE=split, PREFETCH_PAGES=prefetch)
+                          DOT_PRECISION="tf32", PREFETCH_PAGES=cfg.prefetch_pages)
         spills[name] = spill_bytes(_splitkv_kernel, signature, constexprs, num_warps=cfg.num_warps,
                                    num_stages=cfg.num_stages)
     combine = {"O_PARTS": "*fp32", "LSE_PARTS": "*fp32", "O": "*bf16", "LSE": "*fp32"}

@@ -4,6 +4,7 @@ Configs are data: the launcher takes one as an argument, so tests can force any 
 decoding branch (Tq = 1) rests on an H200 sweep (benchmarks/sweep_decode.py); the others say
 what they start from.
 """
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -21,15 +22,33 @@ class DecodeConfig:
     BLOCK_N: int
     num_warps: int
     num_stages: int
-    # With several splits, the last one of each tile merges them (kernel.py) instead of a
-    # separate combine launch (combine.py).
-    fuse_combine: bool = True
     # Paged caches: load each tile's page numbers one tile ahead.
     prefetch_pages: bool = False
 
 
-def get_decode_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret: bool) -> DecodeConfig:
-    """Config for ``rows = (H / Hkv) · Tq`` packed query rows per KV head."""
+def get_decode_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret: bool,
+                      paged_split: bool = False) -> DecodeConfig:
+    """Config for ``rows = (H / Hkv) · Tq`` packed query rows per KV head; ``paged_split``: the
+    cache is paged and the key range is split over programs (the grid alone would not fill the
+    GPU), where the block table's latency shows (:func:`paged_split_config`)."""
+    config = _base_config(rows, head_dim, dtype, interpret=interpret)
+    return paged_split_config(config, interpret=interpret) if paged_split else config
+
+
+def paged_split_config(config: DecodeConfig, *, interpret: bool) -> DecodeConfig:
+    """Paged caches read through the block table: each K/V tile's addresses wait on a load of its
+    page numbers. With few programs per SM (the split case) nothing hides that wait, so the
+    numbers are loaded a tile ahead, with one more stage. benchmarks/sweep_decode.py on the H200
+    (16-token pages, graph replay; benchmarks/results/2026-11-29_nvidia-h200_sweep-decode-graph.json),
+    paged / contiguous speed at B×ctx = 1×1k / 1×8k / 1×128k / 8×1k / 8×32k: 2 stages 0.86 / 0.91
+    / 0.82 / 0.84 / 0.89; prefetch with 3 stages 0.91 / 0.95 / 1.07 / 0.92 / 0.93. Unsplit grids
+    (B = 64 × 8k) keep the base config: 0.98, where prefetch ran 0.74 (2 stages), 0.81 (3)."""
+    if interpret:
+        return dataclasses.replace(config, prefetch_pages=True)
+    return dataclasses.replace(config, num_stages=config.num_stages + 1, prefetch_pages=True)
+
+
+def _base_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret: bool) -> DecodeConfig:
     # tl.dot needs every side >= 16; decoding rows (a GQA group of 4-8 heads, Tq = 1) fill one
     # small tile, chunked prefill gets several of 64 rows.
     if interpret:
@@ -59,22 +78,29 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# A split should stream at least this many key blocks: below it, writing and merging the
-# partial results costs about as much as the keys it saves.
-MIN_BLOCKS_PER_SPLIT = 4
+# A split should stream at least this many key blocks. The H200 sweep (graph replay,
+# benchmarks/results/2026-11-29_nvidia-h200_sweep-decode-graph.json, separate combine) ran
+# fastest with one block per split at the shortest caches: B = 1 x 1k keys took 5.6 us with 16
+# splits of one 64-key block, 8.4 us with 4 splits of 4 blocks (the previous minimum).
+MIN_BLOCKS_PER_SPLIT = 1
+# Splits aim at this many waves of programs over the SMs. Fastest split counts in that sweep:
+# B = 1 (8 programs) 16 / 32 / 64 at 1k / 8k / 128k keys, B = 8 (64 programs) 8 at 1k and 32k,
+# i.e. about 4 waves where the length allows (2 waves, the previous aim, gave 134 against 127 us
+# at B = 1 x 128k and 10.9 against 10.2 us at B = 8 x 1k).
+WAVES = 4
 MAX_SPLITS = 128
 
 
 def get_num_splits(programs: int, max_seqlen_k: int, BLOCK_N: int, num_sms: int) -> int:
     """How many splits of the key range to use (flash-decoding) when the caller passes 0.
 
-    ``programs`` is the number of programs without splitting (B · Hkv · query tiles). Aim at
-    about two waves over the SMs: with ``programs >= num_sms`` the grid fills the GPU already
-    and splitting only adds the combine; otherwise split so that ``programs · splits ≈ 2 ·
-    num_sms``, as long as every split keeps ``MIN_BLOCKS_PER_SPLIT`` key blocks.
+    ``programs`` is the number of programs without splitting (B · Hkv · query tiles). With
+    ``programs >= num_sms`` the grid fills the GPU already and splitting only adds the combine;
+    otherwise split so that ``programs · splits ≈ WAVES · num_sms``, as long as every split keeps
+    ``MIN_BLOCKS_PER_SPLIT`` key blocks.
     """
     if programs >= num_sms:
         return 1
-    by_waves = cdiv(2 * num_sms, programs)
+    by_waves = cdiv(WAVES * num_sms, programs)
     by_length = max(1, cdiv(max_seqlen_k, BLOCK_N) // MIN_BLOCKS_PER_SPLIT)
     return max(1, min(by_waves, by_length, MAX_SPLITS))

@@ -7,9 +7,7 @@ The grid is (num_splits, B · Hkv, query tiles). A program packs the query rows 
 the whole group instead of once per head: at Tq = 1 that is what makes decoding with GQA
 memory-bound on the cache alone. The program walks its share of the sequence's visible keys with
 the online softmax in exp2 (as the flash forward does) and writes a partial output and its lse;
-with one split these are the final results; with more, the last split of each tile to finish
-merges them by lse (an arrival counter per tile, arrivals.py), or, with ``fuse_combine`` off,
-combine.py's kernel does in a second launch.
+with one split these are the final results, with more, combine.py merges them by lse.
 
 Sequence b sees keys ``[leftpad[b], seqlens[b])`` of its cache, ``seqlens`` counting the keys
 after the append; query t sits on the diagonal ``t + seqlens[b] - Tq`` (bottom-right), which
@@ -26,21 +24,18 @@ from .._utils import cdiv, empty
 from ..flash.config import padded_head_dim
 from ..flash.fwd import _scores, device_guard, dot_precision, score_args
 from .combine import combine_splits
-from .arrivals import arrival_counters
-from .config import DecodeConfig, get_decode_config, get_num_splits, sm_count
+from .config import DecodeConfig, get_decode_config, get_num_splits, paged_split_config, sm_count
 
 
 @triton.jit
-def _splitkv_kernel(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, OUT, OUT_LSE, ARRIVALS,
+def _splitkv_kernel(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE,
                     stride_qb, stride_qt, stride_qh,
                     stride_kb, stride_kt, stride_kh,
                     stride_vb, stride_vt, stride_vh,
                     stride_os, stride_ob, stride_ot, stride_oh,
                     stride_ls, stride_lb, stride_lt, stride_lh,
-                    stride_bt, stride_fb, stride_ft, stride_fh, stride_flb, stride_flh,
-                    T_q, H_kv, GROUP, diag_lo, diag_hi, qk_scale, softcap2, ALIBI, stride_ab,
-                    D: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                    FUSE_COMBINE: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
+                    stride_bt, T_q, H_kv, GROUP, diag_lo, diag_hi, qk_scale, softcap2, ALIBI, stride_ab,
+                    D: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
                     IS_PAGED: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -156,52 +151,12 @@ def _splitkv_kernel(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, O
     acc = acc / l_safe[:, None]
     lse = tl.where(empty_row, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     o_t64 = o_t.to(tl.int64)
-    m_out = m_r[:, None] & m_d[None, :]
-    p_o = O + i_b * stride_ob + o_t64[:, None] * stride_ot + o_h[:, None] * stride_oh + o_d[None, :]
-    p_lse = LSE + i_b * stride_lb + o_t64 * stride_lt + o_h * stride_lh
-    tl.store(p_o + i_s * stride_os, acc.to(O.dtype.element_ty), mask=m_out)
-    tl.store(p_lse + i_s * stride_ls, lse, mask=m_r)
-    if FUSE_COMBINE:
-        # The last split of this tile to finish merges all of them, which saves the combine
-        # kernel's launch (a sizable part of a decoding step at small batches). The barrier
-        # orders every thread's partial stores before the acq_rel arrival; the winner's
-        # acquire makes the other splits' stores visible to its loads (L2: .cg).
-        tl.debug_barrier()
-        p_arrivals = ARRIVALS + (i_bh * tl.num_programs(2) + i_m)
-        if tl.atomic_add(p_arrivals, 1, sem="acq_rel") == num_splits - 1:
-            tl.debug_barrier()
-            _merge_splits(p_o, p_lse, stride_os, stride_ls, num_splits, m_out, m_r,
-                          OUT + i_b * stride_fb + o_t64[:, None] * stride_ft + o_h[:, None] * stride_fh
-                          + o_d[None, :],
-                          OUT_LSE + i_b * stride_flb + o_h * stride_flh + o_t64,
-                          BLOCK_M, HEAD_DIM)
-            # Back to 0 for the next call, which reuses the counters.
-            tl.atomic_xchg(p_arrivals, 0)
+    p_o = (O + i_s * stride_os + i_b * stride_ob + o_t64[:, None] * stride_ot + o_h[:, None] * stride_oh
+           + o_d[None, :])
+    tl.store(p_o, acc.to(O.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
+    p_lse = LSE + i_s * stride_ls + i_b * stride_lb + o_t64 * stride_lt + o_h * stride_lh
+    tl.store(p_lse, lse, mask=m_r)
 
-
-@triton.jit
-def _merge_splits(p_o, p_lse, stride_os, stride_ls, num_splits, m_out, m_r, p_out, p_out_lse,
-                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Merge the splits' partial (out, lse) of one tile by their lse, in split order (the same
-    result whichever split finishes last), as combine.py does for a separate launch."""
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for s in range(num_splits):
-        b_lse = tl.load(p_lse + s * stride_ls, mask=m_r, other=float("-inf"), cache_modifier=".cg")
-        b_o = tl.load(p_o + s * stride_os, mask=m_out, other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, b_lse)
-        # Rows empty so far (m_new = -inf) shift by 0: their weights are exactly 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_shift)
-        w = tl.exp(b_lse - m_shift)
-        total = total * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * b_o
-        m = m_new
-    empty_row = total == 0.0
-    total_safe = tl.where(empty_row, 1.0, total)
-    tl.store(p_out, (acc / total_safe[:, None]).to(p_out.dtype.element_ty), mask=m_out)
-    tl.store(p_out_lse, tl.where(empty_row, float("-inf"), m + tl.log(total_safe)), mask=m_r)
 
 def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causal: bool, *,
                        leftpad=None, batch_idx=None, block_table=None, window=(-1, -1),
@@ -229,7 +184,9 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
     H_kv = k_cache.shape[2]
     group = H // H_kv
     paged = block_table is not None
-    if config is None:
+    default_config = config is None
+    if default_config:
+        # The paged variant (below) keeps the tiles, so the split count can be chosen first.
         config = get_decode_config(group * T_q, D, q.dtype, interpret=_env.interpret())
     m_tiles = cdiv(group * T_q, config.BLOCK_M)
     if max_seqlen_k is None:
@@ -238,10 +195,11 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
         sms = sm_count(q.device.index or 0) if q.is_cuda else 4
         num_splits = get_num_splits(B * H_kv * m_tiles, max_seqlen_k, config.BLOCK_N, sms)
     num_splits = max(1, min(num_splits, cdiv(max(max_seqlen_k, 1), config.BLOCK_N)))
+    if default_config and paged and num_splits > 1:
+        config = paged_split_config(config, interpret=_env.interpret())
 
     out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
-    fuse = config.fuse_combine and num_splits > 1
     if num_splits == 1:
         # One split: the program's results are final; write them in place.
         out_parts, lse_parts = out, lse
@@ -252,7 +210,6 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
         lse_parts = empty((num_splits, B, T_q, H), dtype=torch.float32, device=q.device)
         o_strides = out_parts.stride()[:4]
         l_strides = lse_parts.stride()
-    arrivals = arrival_counters(B * H_kv * m_tiles, q.device) if fuse else None
     band = _band(causal, window)
     mods = score_args(softmax_scale, softcap, alibi_slopes, H, 0)
     mods.pop("diag_offset")
@@ -260,22 +217,21 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
     with device_guard(q):
         _splitkv_kernel[grid](
             q, k_cache, v_cache, out_parts, lse_parts, seqlens, leftpad, batch_idx, block_table,
-            out, lse, arrivals,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             *o_strides, *l_strides, block_table.stride(0) if paged else 0,
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             T_q, H_kv, group, **band, **mods,
             D=D, HEAD_DIM=padded_head_dim(D), PAGE_SIZE=k_cache.shape[1] if paged else 1,
-            FUSE_COMBINE=fuse, PREFETCH_PAGES=paged and config.prefetch_pages,
+            PREFETCH_PAGES=paged and config.prefetch_pages,
             IS_PAGED=paged, HAS_LEFTPAD=leftpad is not None, HAS_BATCH_IDX=batch_idx is not None,
             BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
-    if num_splits == 1 or fuse:
+    if num_splits == 1:
         return out, lse
     return combine_splits(out_parts, lse_parts, q.dtype)
+
 
 def _band(causal: bool, window) -> dict:
     """Visible diagonals ``diag_lo <= j - diag(t) <= diag_hi`` (causal forces right = 0)."""
