@@ -5,6 +5,7 @@ Without a GPU the kernels run in Triton's interpreter on CPU tensors (which read
 descriptors with their per-dimension bounds); the `gpu` tests run them compiled on the H200.
 """
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -87,10 +88,12 @@ def test_bwd_tma_device_desc_strided():
               bwd=tma_vs_portable)
 
 
+@pytest.mark.parametrize("seqlen", [1024, 0], ids=["short", "long"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_bwd_tma_gpu_configs_run(D):
-    # The configs the GPU will pick (128-row tiles), run here too on a shape shorter than a tile.
-    cfg = get_tma_bwd_config(D, torch.float16, True, interpret=False)
+def test_bwd_tma_gpu_configs_run(D, seqlen):
+    # The configs the GPU will pick for short and long sequences, run here too on a shape
+    # shorter than a tile.
+    cfg = get_tma_bwd_config(D, torch.float16, True, interpret=False, seqlen=seqlen)
     check_bwd(1, 45, 37, 2, 1, D, True, None, torch.float16, config=cfg, bwd=tma_vs_portable)
 
 
@@ -99,8 +102,8 @@ BRANCHES = [(D, dt, c) for D in (64, 128, 256) for dt in ("fp16", "bf16") for c 
 
 @pytest.mark.parametrize("interpret", [False, True], ids=["compiled", "interpret"])
 def test_tma_bwd_config_branches(interpret):
-    for D, dtype, causal in BRANCHES:
-        cfg = get_tma_bwd_config(D, DTYPES[dtype], causal, interpret=interpret)
+    for (D, dtype, causal), seqlen in itertools.product(BRANCHES, (0, 1024, 16384)):
+        cfg = get_tma_bwd_config(D, DTYPES[dtype], causal, interpret=interpret, seqlen=seqlen)
         for block in (cfg.BLOCK_M1, cfg.BLOCK_N1, cfg.BLOCK_M2, cfg.BLOCK_N2):
             assert block >= 16 and block & (block - 1) == 0, cfg
         # dK/dV: K and V once, Q and dO per stage; dQ: Q and dO once, K and V per stage.

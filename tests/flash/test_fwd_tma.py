@@ -142,19 +142,23 @@ def test_tma_config_branches(interpret):
     for D in (16, 32) + TMA_HEAD_DIMS:
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for causal in (False, True):
-                cfg = get_tma_fwd_config(D, dtype, causal, interpret=interpret)
-                for block in (cfg.BLOCK_M, cfg.BLOCK_N):
-                    assert 16 <= block <= 256 and block & (block - 1) == 0, cfg
-                # Q once, K and V once per stage.
-                smem = (cfg.BLOCK_M + 2 * max(cfg.num_stages, 1) * cfg.BLOCK_N) * D * dtype.itemsize
-                assert smem <= SMEM_BYTES, (D, cfg, smem)
+                for seqlen in (0, 1024, 16384):
+                    cfg = get_tma_fwd_config(D, dtype, causal, interpret=interpret, seqlen=seqlen)
+                    for block in (cfg.BLOCK_M, cfg.BLOCK_N):
+                        assert 16 <= block <= 256 and block & (block - 1) == 0, cfg
+                    # Q once, K and V once per stage.
+                    smem = (cfg.BLOCK_M + 2 * max(cfg.num_stages, 1) * cfg.BLOCK_N) * D * dtype.itemsize
+                    assert smem <= SMEM_BYTES, (D, cfg, smem)
 
 
+@pytest.mark.parametrize("seqlen", [1024, 0], ids=["short", "long"])
 @pytest.mark.parametrize("D", TMA_HEAD_DIMS)
-def test_fwd_tma_gpu_configs_run(D):
-    # The tiles the GPU will pick, run here too (in the interpreter without a GPU).
-    cfg = get_tma_fwd_config(D, torch.float16, True, interpret=False)
-    check_tma(1, 130, 150, 1, 1, D, True, None, torch.float16, config=cfg)
+def test_fwd_tma_gpu_configs_run(D, seqlen):
+    # The tiles the GPU will pick for short and long sequences, run here too (in the
+    # interpreter without a GPU).
+    for causal in (False, True):
+        cfg = get_tma_fwd_config(D, torch.float16, causal, interpret=False, seqlen=seqlen)
+        check_tma(1, 130, 150, 1, 1, D, causal, None, torch.float16, config=cfg)
 
 
 # The portable kernel's GPU cases that the TMA kernel covers, and full attention at D 128 and 256.

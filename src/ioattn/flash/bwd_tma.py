@@ -291,7 +291,8 @@ def flash_bwd_tma(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, d
     """
     D = q.shape[-1]
     if config is None:
-        config = get_tma_bwd_config(D, q.dtype, causal, interpret=_env.interpret())
+        config = get_tma_bwd_config(D, q.dtype, causal, interpret=_env.interpret(),
+                                    seqlen=max(q.shape[1], k.shape[1]))
     if dout.dtype != q.dtype or not aligned(dout):
         # A copy even when dout is contiguous already (its base may be what is misaligned).
         dout = dout.to(q.dtype, copy=True, memory_format=torch.contiguous_format)

@@ -105,8 +105,16 @@ class TmaFwdConfig:
     warp_specialize: bool = False
 
 
-def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool) -> TmaFwdConfig:
-    """Pick the Hopper forward config for a power-of-two head dim 16..256 (fp16/bf16 on the GPU)."""
+# At or below this many keys / queries a sequence is "short": 128-row tiles then leave few
+# programs per head and the diagonal block is a large share of each causal program's work, so
+# the tables below have a branch for it (swept at T = 1024 and 2048).
+SHORT_SEQLEN = 1024
+
+
+def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool,
+                       seqlen: int = 0) -> TmaFwdConfig:
+    """Pick the Hopper forward config for a power-of-two head dim 16..256 (fp16/bf16 on the GPU);
+    ``seqlen``: the longer of Tq and Tk (0: unknown, treated as long)."""
     if interpret:
         # Small tiles: the interpreter pays per element, and tiny test shapes still span tiles.
         return TmaFwdConfig(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -114,22 +122,30 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
         # The dispatch never sends fp32 here (its ieee dots run on FMA units); small tiles only
         # keep direct calls and the tests on a GPU within registers and shared memory.
         return TmaFwdConfig(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    short = 0 < seqlen <= SHORT_SEQLEN
     # The branches below: benchmarks/sweep_fwd_tma.py on the H200 (bf16, triton 3.6, paper grid
-    # B = 16384 // T, H = 2048 // D, do_bench median), results in
-    # benchmarks/results/2026-11-29_nvidia-h200_sweep-fwd-tma.json; TFLOP/s at T = 16384 (4096).
+    # B = 16384 // T, H = 2048 // D, do_bench median), results in benchmarks/results/
+    # 2026-11-29_nvidia-h200_sweep-fwd-tma{,-short,-long}.json; TFLOP/s at T = 16384 / 4096 / 1024
+    # (the last from -short; "was" is the config used before the short-sequence sweep).
     if head_dim <= 64:
-        if causal:
-            # 414 (378); 128 x 128 4 warps 3 stages 403 (363); the portable kernel 387 (361).
-            return TmaFwdConfig(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
-        # 421 (412); 128 x 64 416 (411); the portable kernel 411 (416). 4 stages of 128 x 128
-        # tiles ran 240 (more shared memory than two programs per SM leave).
-        return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
+        if causal and short:
+            # 306 at T = 1024; 64 x 128 with 2 stages 294, with 3 (was) 267.
+            return TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+        # full 446 / 441 / 393, causal 429 / 397 / 294; was 128 x 128 with 3 stages (full: 424 /
+        # 411 / 358) and 64 x 128 with 3 stages (causal: 414 / 395 / 267).
+        return TmaFwdConfig(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)
     if head_dim <= 128:
-        # 527 / 522 (516 / 472) full / causal; 128 x 64 with 4 warps and 2 stages 528 / 491
-        # (509 / 446), with 3 stages 440 / 390 at T = 4096; the portable kernel 439 / 450.
+        if short:
+            # 456 full at T = 1024 (128 x 128 with 8 warps 436); causal 64 x 64 with 3 stages
+            # 360 (324). At T = 2048 the 128 x 128 tiles lead again: 497 / 412 full / causal.
+            if causal:
+                return TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+            return TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
+        # 529 / 532 full, 527 / 465 causal; 128 x 64 with 4 warps and 2 stages 517 / 513 and
+        # 485 / 448; the portable kernel 435 / 437 and 460 / 391.
         return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
-    # 520 / 527 (508 / 451) full / causal; 64 x 64 with 4 warps and 3 stages 491 / 483; the
-    # portable kernel 510 / 498. Q plus 2 stages of K and V fill 192 KB of shared memory.
+    # 520 / 527 (508 / 451) full / causal at T = 16384 (4096); 64 x 64 with 4 warps and 3 stages
+    # 491 / 483; the portable kernel 510 / 498. Q plus 2 stages of K and V fill 192 KB of shared memory.
     return TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
@@ -152,27 +168,41 @@ class TmaBwdConfig:
     device_desc1: bool = False
 
 
-def get_tma_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool) -> TmaBwdConfig:
-    """Pick the TMA backward config for D in (64, 128, 256) (fp16/bf16; fp32 in the interpreter).
+def get_tma_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool,
+                       seqlen: int = 0) -> TmaBwdConfig:
+    """Pick the TMA backward config for D in (64, 128, 256) (fp16/bf16; fp32 in the interpreter);
+    ``seqlen``: the longer of Tq and Tk (0: unknown, treated as long).
 
-    The branches: benchmarks/sweep_bwd_tma.py on the H200 (bf16, triton 3.6, paper grid at
-    T = 4096, each pass timed alone; results in
-    benchmarks/results/2026-11-29_nvidia-h200_sweep-bwd-tma.json), TFLOP/s counted as 2.5× the
-    forward's FLOPs over that pass's time, full / causal. Registers from ptxas for sm_90
+    The branches: benchmarks/sweep_bwd_tma.py on the H200 (bf16, triton 3.6, paper grid, each pass
+    timed alone; results in benchmarks/results/2026-11-29_nvidia-h200_sweep-bwd-tma{,-short,-long}.json),
+    TFLOP/s counted as 2.5× the forward's FLOPs over that pass's time (the passes alone: dK/dV
+    2×, dQ 1.5×), full / causal at T = 4096 unless said. Registers from ptxas for sm_90
     (`sweep_bwd_tma.py --ptxas`).
     """
     if interpret:
         # Small tiles, fast in numpy; M and N unequal in both passes, so the diagonal crosses
         # blocks at different offsets.
         return TmaBwdConfig(16, 32, 4, 1, 32, 16, 4, 1)
+    short = 0 < seqlen <= SHORT_SEQLEN
     if head_dim <= 64:
+        if short:
+            # T = 1024, both passes together: 321 / 243 (the long-sequence config 313 / 237).
+            return TmaBwdConfig(32, 64, 4, 3, 64, 64, 4, 3)
         # dK/dV 32 x 128 with 4 warps: 451 / 401 (8 warps 442 / 274; 64 x 128 345 / 324), though
         # ptxas reports 396 spilled bytes. dQ 128 x 64, 3 stages: 588 / 539 (64 x 64 567 / 530).
         return TmaBwdConfig(32, 128, 4, 3, 128, 64, 8, 3)
     if head_dim <= 128:
-        # dK/dV 64 x 128: 483 / 442 (268 spilled bytes; 32 x 128 with 3 stages 456 / 398, with 2
-        # 362 / 368). dQ 128 x 64, 3 stages: 611 / 537 (128 x 128 580 / 542).
-        return TmaBwdConfig(64, 128, 8, 2, 128, 64, 8, 3)
+        # dK/dV 64 x 64 with 4 warps and 2 stages: 568 / 518 (276 spilled bytes); the previous
+        # choice, 64 x 128 with 8 warps, 481 / 442; 32 x 64 with 3 stages 496 / 455. Whole backward
+        # at T = 16384: 430 / 382 against 374 / 379.
+        if short:
+            # T = 1024: dQ 128 x 32 (full, 551 against 527) and 64 x 32 with 4 warps (causal, 412
+            # against 398); both passes together 353 / 277 (the previous config 304 / 238).
+            if causal:
+                return TmaBwdConfig(64, 64, 4, 2, 64, 32, 4, 3)
+            return TmaBwdConfig(64, 64, 4, 2, 128, 32, 8, 3)
+        # dQ 128 x 64, 3 stages: 652 / 549 (128 x 128 587 / 538).
+        return TmaBwdConfig(64, 64, 4, 2, 128, 64, 8, 3)
     # dK/dV 32 x 64: 216 / 221 (16 x 64 132 / 134); dQ 64 x 64: 284 / 270 (64 x 32 191 / 179).
     # D = 256 stays the slow case: the dK/dV accumulators alone are 128 registers a thread.
     return TmaBwdConfig(32, 64, 8, 2, 64, 64, 8, 2)

@@ -137,7 +137,7 @@ def flash_fwd_tma(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     if config is None:
-        config = get_tma_fwd_config(D, q.dtype, causal, interpret=_env.interpret())
+        config = get_tma_fwd_config(D, q.dtype, causal, interpret=_env.interpret(), seqlen=max(T_q, T_k))
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
 
     out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
