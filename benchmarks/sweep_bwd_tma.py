@@ -33,21 +33,26 @@ import time
 # descriptors made in the kernel) stays as one candidate each for comparison. `--ptxas` prints
 # ptxas's report of every candidate.
 T = True
-# The 64-key dK/dV and 64-query dQ tiles at the ends of the D=64 and D=128 lists are for short
-# sequences (--T 1024), where the long tiles leave few programs per head.
+# The 64-key dK/dV and 64-query dQ tiles after the first six of the D=64 and D=128 lists are for
+# short sequences (--T 1024), where the long tiles leave few programs per head; the ones after
+# those, and all but the first three at D=256, came after 64 x 64 dK/dV tiles with 4 warps won at
+# D=128 (more 4-warp tiles; at D=256 ptxas reports 1.3-3 KB of spills for 4 warps, so 8-warp
+# tiles with fewer stages too).
 DKDV = {
     64: [(32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (16, 128, 8, 4), (32, 128, 4, 3), (16, 128, 8, 4, T),
-         (32, 64, 4, 3), (16, 64, 4, 3), (64, 64, 4, 2)],
+         (32, 64, 4, 3), (16, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
     128: [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 2, T),
-          (32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
-    256: [(16, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2, T)],
+          (32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2),
+          (64, 32, 4, 2), (64, 64, 4, 2, T)],
+    256: [(16, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2, T), (64, 64, 8, 2), (32, 64, 8, 1), (32, 32, 4, 2),
+          (16, 32, 4, 2), (64, 32, 4, 2)],
 }
 DQ = {
     64: [(128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4),
          (64, 32, 4, 3), (64, 64, 4, 2)],
     128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (128, 128, 8, 2),
           (64, 32, 4, 3), (64, 64, 4, 2)],
-    256: [(64, 32, 8, 2), (64, 64, 8, 2)],
+    256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
 }
 TOL = 2e-2
 SMOKE_T, SMOKE_T_LONG = 45, 77
