@@ -15,11 +15,14 @@ CHECK_S=${CHECK_S:-120}
 BENCH_S=${BENCH_S:-200}
 COMPILE_S=${COMPILE_S:-150}
 SEQLENS=${SEQLENS:-1024,2048,4096,8192,16384}
-# Suites to time, in order, each NAME or NAME:SECONDS (its own limit instead of BENCH_S);
-# SEQLENS applies to the paper suite, the others keep their own grid.
+# Suites to time, in order, each NAME, NAME:SECONDS (its own limit instead of BENCH_S) or
+# NAME:SECONDS:PEERS (its own peers instead of PEERS); SEQLENS applies to the paper suite, the
+# others keep their own grid.
 BENCH_SUITES=${BENCH_SUITES:-paper}
 # Comma-separated peers (ioattn first); empty = the GPU default of `ioattn bench`
 PEERS=${PEERS:-}
+# What pytest runs (e.g. "-m gpu tests" for the GPU-marked tests only)
+TEST_ARGS=${TEST_ARGS:-tests}
 # Set PLOTS=1 for a PNG per suite too (each is one more file to bring back)
 PLOTS=${PLOTS:-0}
 LOG="$OUT/run.log"
@@ -34,7 +37,7 @@ if [ "$TEST_S" -gt 0 ]; then
     # -v logs each test's outcome as it ends, so a run cut short by the limit still names what
     # failed; -rfE repeats the failures in the summary.
     timeout "$TEST_S" python3 -m pytest -v -rfE --durations=15 $XDIST $PTIMEOUT -p no:cacheprovider \
-        -p no:benchmark tests > "$OUT/pytest.log" 2>&1
+        -p no:benchmark $TEST_ARGS > "$OUT/pytest.log" 2>&1
     echo "pytest rc=$?" >> "$OUT/pytest.log"
 fi
 if [ "$CHECK_S" -gt 0 ]; then
@@ -43,12 +46,12 @@ if [ "$CHECK_S" -gt 0 ]; then
     echo "check rc=$?" >> "$LOG"
 fi
 plot=$([ "$PLOTS" = 1 ] || echo "--no-plot")
-peers=${PEERS:+--peers $PEERS}
 for entry in $BENCH_SUITES; do
     [ "$BENCH_S" -gt 0 ] || break
-    suite=${entry%%:*}
-    limit=${entry#*:}
-    [ "$limit" = "$entry" ] && limit=$BENCH_S
+    IFS=: read -r suite limit suite_peers <<< "$entry"
+    limit=${limit:-$BENCH_S}
+    suite_peers=${suite_peers:-$PEERS}
+    peers=${suite_peers:+--peers $suite_peers}
     if [ "$suite" = paper ]; then lens="--seqlens $SEQLENS"; else lens=""; fi
     echo "== bench $suite (limit $limit s)" >> "$LOG"
     # SIGTERM at the limit: the suite reports what finished; SIGKILL 30 s later if it hangs

@@ -203,6 +203,9 @@ def get_tma_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
             return TmaBwdConfig(64, 64, 4, 2, 128, 32, 8, 3)
         # dQ 128 x 64, 3 stages: 652 / 549 (128 x 128 587 / 538).
         return TmaBwdConfig(64, 64, 4, 2, 128, 64, 8, 3)
-    # dK/dV 32 x 64: 216 / 221 (16 x 64 132 / 134); dQ 64 x 64: 284 / 270 (64 x 32 191 / 179).
-    # D = 256 stays the slow case: the dK/dV accumulators alone are 128 registers a thread.
-    return TmaBwdConfig(32, 64, 8, 2, 64, 64, 8, 2)
+    # dK/dV 64 x 64 with 8 warps: 312 / 255 (328 spilled bytes; the previous 32 x 64 216 / 220;
+    # 4-warp tiles spill 1.3-3 KB and ran 59-217). dQ 64 x 32 with 4 warps and 3 stages: 516 / 467
+    # (the previous 64 x 64 with 8 warps 285 / 271). Whole backward at T = 4096 / 16384: 266 / 222
+    # and 260 / 240 against 171 / 169 and 162 / 176
+    # (benchmarks/results/2026-11-29_nvidia-h200_sweep-bwd-tma-4warp.json).
+    return TmaBwdConfig(64, 64, 8, 2, 64, 32, 4, 3)
