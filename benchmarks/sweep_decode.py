@@ -35,10 +35,11 @@ from ioattn.decode.kernel import kvcache_fwd_triton  # noqa: E402
 
 # The questions of this sweep, as variants of the default config: on a contiguous cache every
 # split count worth trying (small grids only) and 3 stages; on 16-token pages 2, 3 or 4 stages
-# with page numbers loaded in the tile or a tile ahead. (Its first run, at 73dd0a9, also timed
+# with page numbers loaded in the tile or a tile ahead, at several split counts. (Its first run, at 73dd0a9, also timed
 # splits merged by their last program inside the kernel instead of the combine launch: 1.1-1.8x
 # slower, since that program loaded the splits one after another; removed.)
 SPLITS = (0, 1, 2, 4, 8, 16, 32, 64)
+PAGED_SPLITS = (0, 8, 16, 32, 64)
 TOL = 2e-2
 SMS = 132  # H200; split counts other than the heuristic's are tried only under two waves
 
@@ -125,10 +126,12 @@ def sweep_point(B, ctx, deadline, rows):
     # Paged (16-token pages, shuffled): the cost of the gather, against the contiguous default.
     kp, vp, table = paginate(k, v, 16)
     for cfg in [default] + paged_variants(default):
-        ms = timed("paged16", cfg, 0, call(q, kp, vp, seqlens, cfg, 0, table))
-        if ms is not None and base.get("contig"):
-            print(f"B={B} ctx={ctx} paged16/contig {name(cfg, 0)}: x{base['contig'] / ms:.3f} speed", flush=True)
-            rows[-1]["paged_vs_contig"] = base["contig"] / ms
+        for splits in PAGED_SPLITS if B * Hkv < 2 * SMS else (0,):
+            ms = timed("paged16", cfg, splits, call(q, kp, vp, seqlens, cfg, splits, table))
+            if ms is not None and base.get("contig"):
+                print(f"B={B} ctx={ctx} paged16/contig {name(cfg, splits)}: x{base['contig'] / ms:.3f} speed",
+                      flush=True)
+                rows[-1]["paged_vs_contig"] = base["contig"] / ms
 
 
 def smoke():

@@ -74,7 +74,7 @@ def test_num_splits_heuristic():
     # A full GPU does not split; a small batch splits toward two waves, limited by the length.
     assert get_num_splits(132 * 2, 100_000, 64, 132) == 1
     assert get_num_splits(8, 128 * 1024, 64, 132) == 66
-    assert get_num_splits(64, 32 * 1024, 64, 132) == 9
+    assert get_num_splits(64, 32 * 1024, 64, 132) == 8
     assert get_num_splits(8, 1024, 64, 132) == 16
     assert get_num_splits(8, 10, 64, 132) == 1
     assert get_num_splits(1, 10**7, 64, 132) == 128
