@@ -6,7 +6,8 @@ Runs the same callable as `ioattn bench --suite paper` (bench/peers make_call) o
 shape (bf16, B = 16384 // T, H = 2048 // D). Prints: the median GPU time (do_bench, as the
 suite), the host time per call when calls are queued back to back (perf_counter over N calls,
 one synchronize at the end; when this exceeds the GPU time the suite times the host), and
-torch.profiler's table of kernels over 5 calls. Small enough to add to any device call.
+cProfile's table of the host time over N calls, and torch.profiler's table of kernels
+over 5 calls. Small enough to add to any device call.
 """
 import argparse
 import time
@@ -26,6 +27,7 @@ def main(argv=None):
     p.add_argument("--mode", choices=["fwd", "fwdbwd"], default="fwdbwd")
     p.add_argument("--peer", default="ioattn")
     p.add_argument("--calls", type=int, default=50)
+    p.add_argument("--cprofile", type=int, default=25, help="rows of cProfile's table of the host time (0: none)")
     args = p.parse_args(argv)
     H = 2048 // args.D
     case = Case(B=16384 // args.T, T=args.T, H=H, Hkv=H, D=args.D, causal=args.causal, dtype="bf16",
@@ -47,6 +49,17 @@ def main(argv=None):
     wall_ms = (time.perf_counter() - t1) * 1e3 / args.calls
     print(f"{args.peer} D={args.D} T={args.T} causal={args.causal} {args.mode}: do_bench {gpu_ms:.3f} ms, "
           f"host {host_ms:.3f} ms per call queued, wall {wall_ms:.3f} ms per call", flush=True)
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.calls):
+            call()
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.cprofile)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):

@@ -32,20 +32,21 @@ def get_decode_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret
     cache is paged and the key range is split over programs (the grid alone would not fill the
     GPU), where the block table's latency shows (:func:`paged_split_config`)."""
     config = _base_config(rows, head_dim, dtype, interpret=interpret)
-    return paged_split_config(config, interpret=interpret) if paged_split else config
+    return paged_split_config(config) if paged_split else config
 
 
-def paged_split_config(config: DecodeConfig, *, interpret: bool) -> DecodeConfig:
+def paged_split_config(config: DecodeConfig) -> DecodeConfig:
     """Paged caches read through the block table: each K/V tile's addresses wait on a load of its
     page numbers. With few programs per SM (the split case) nothing hides that wait, so the
-    numbers are loaded a tile ahead, with one more stage. benchmarks/sweep_decode.py on the H200
-    (16-token pages, graph replay; benchmarks/results/2026-11-29_nvidia-h200_sweep-decode-graph.json),
-    paged / contiguous speed at B×ctx = 1×1k / 1×8k / 1×128k / 8×1k / 8×32k: 2 stages 0.86 / 0.91
-    / 0.82 / 0.84 / 0.89; prefetch with 3 stages 0.91 / 0.95 / 1.07 / 0.92 / 0.93. Unsplit grids
-    (B = 64 × 8k) keep the base config: 0.98, where prefetch ran 0.74 (2 stages), 0.81 (3)."""
-    if interpret:
-        return dataclasses.replace(config, prefetch_pages=True)
-    return dataclasses.replace(config, num_stages=config.num_stages + 1, prefetch_pages=True)
+    numbers are loaded a tile ahead. benchmarks/sweep_decode.py on the H200 (16-token pages, graph
+    replay, splits as get_num_splits picks them; benchmarks/results/
+    2026-11-29_nvidia-h200_sweep-decode-paged.json), µs at B×ctx = 1×1k / 1×8k / 1×128k / 8×8k /
+    8×32k: contiguous 5.6 / 10.7 / 127.9 / 67.6 / 247.0; paged 6.3 / 12.6 / 132.6 / 70.2 / 253.2,
+    with the prefetch 6.1 / 12.5 / 131.6 / 70.3 / 251.1; one more stage as well (chosen from an
+    earlier sweep with fewer splits) 6.4 / 16.5 / 156.5 / - / 251.4. Unsplit grids (B = 64) keep
+    the base config: the prefetch ran 0.74x there. (The sweep replays without flushing L2, so
+    caches up to 1×8k are timed from L2; the comparison holds, the absolute speed does not.)"""
+    return dataclasses.replace(config, prefetch_pages=True)
 
 
 def _base_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret: bool) -> DecodeConfig:
@@ -78,8 +79,9 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# A split should stream at least this many key blocks. The H200 sweep (graph replay,
-# benchmarks/results/2026-11-29_nvidia-h200_sweep-decode-graph.json, separate combine) ran
+# A split should stream at least this many key blocks. The H200 sweep (graph replays back to
+# back, so caches up to 8k keys at B = 1 were read from L2; the decode benchmark, which flushes
+# L2, is the check; benchmarks/results/2026-11-29_nvidia-h200_sweep-decode-graph.json) ran
 # fastest with one block per split at the shortest caches: B = 1 x 1k keys took 5.6 us with 16
 # splits of one 64-key block, 8.4 us with 4 splits of 4 blocks (the previous minimum).
 MIN_BLOCKS_PER_SPLIT = 1

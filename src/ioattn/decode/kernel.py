@@ -196,7 +196,7 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
         num_splits = get_num_splits(B * H_kv * m_tiles, max_seqlen_k, config.BLOCK_N, sms)
     num_splits = max(1, min(num_splits, cdiv(max(max_seqlen_k, 1), config.BLOCK_N)))
     if default_config and paged and num_splits > 1:
-        config = paged_split_config(config, interpret=_env.interpret())
+        config = paged_split_config(config)
 
     out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
