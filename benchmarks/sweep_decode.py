@@ -105,7 +105,7 @@ def graph_ms(fn) -> float:
     return triton.testing.do_bench(graph.replay, return_mode="median")
 
 
-def sweep_point(B, ctx, deadline, rows):
+def sweep_point(B, ctx, deadline, rows, tiles=()):
     H, Hkv, D = 32, 8, 128
     q, k, v, seqlens = inputs(B, ctx, H, Hkv, D, torch.bfloat16, "cuda")
     default = get_decode_config(H // Hkv, D, torch.bfloat16, interpret=False)
@@ -133,6 +133,13 @@ def sweep_point(B, ctx, deadline, rows):
         return ms
 
     timed("contig", default, 0, call(q, k, v, seqlens, default, 0))
+    if tiles:
+        # --tiles: other (BLOCK_N, warps, stages) on the contiguous cache at the default splits only.
+        for n, w, st in tiles:
+            cfg = replace(default, BLOCK_N=n, num_warps=w, num_stages=st)
+            if cfg != default:
+                timed("contig", cfg, 0, call(q, k, v, seqlens, cfg, 0))
+        return
     for cfg in [default] + contiguous_variants(default):
         for splits in splits_for(B, Hkv):
             if (cfg, splits) != (default, 0):
@@ -177,6 +184,8 @@ def main(argv=None):
                    help="B,ctx pairs")
     p.add_argument("--budget", type=float, default=150.0, help="seconds; later candidates are skipped")
     p.add_argument("--smoke", action="store_true", help="no GPU: check the candidates in the interpreter")
+    p.add_argument("--tiles", nargs="*", default=[],
+                   help="BLOCK_N,warps,stages triples: time only these tiles against the default")
     p.add_argument("--out")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -188,7 +197,7 @@ def main(argv=None):
     rows = []
     for point in args.points:
         B, ctx = map(int, point.split(","))
-        sweep_point(B, ctx, t0 + args.budget, rows)
+        sweep_point(B, ctx, t0 + args.budget, rows, [tuple(map(int, t.split(","))) for t in args.tiles])
         torch.cuda.empty_cache()
         if args.out:  # after every point: a run cut short keeps what it measured
             with open(args.out, "w") as f:
