@@ -63,6 +63,17 @@ def test_kernel_pages_smaller_and_larger_than_tiles(page_size, prefetch):
     check_kvcache(kw, call=_launch(cfg, num_splits=3))
 
 
+@pytest.mark.parametrize("variant", ["base", "paged_split", "full_grid"])
+def test_kernel_gpu_configs_run(variant):
+    # The configs the H200 picks (interpret=False), run here too (in the interpreter without a
+    # GPU) on a cache longer than their 64- and 128-key tiles, paged where the variant is.
+    cfg = get_decode_config(4, 64, torch.float16, interpret=False, paged_split=variant == "paged_split",
+                            full_grid=variant == "full_grid")
+    kw = make_case(2, 1, 1, 320, 8, 2, 64, [300, 77], dtype=torch.float16,
+                   page_size=16 if variant == "paged_split" else None)
+    check_kvcache(kw, call=_launch(cfg, num_splits=2 if variant == "paged_split" else 1))
+
+
 def test_kernel_empty_rows_are_zero(triton_backend):
     # Empty caches and no append: every row sees nothing, in every split.
     kw = make_case(2, 1, 0, 32, 4, 2, 16, [0, 0], dtype=torch.float16, num_splits=3)
@@ -99,6 +110,8 @@ GPU_CASES = {
     "prefill-chunk": (1, 300, 300, 2048, 8, 2, 128, [1200], dict(causal=True)),
     "mqa-window-alibi-rows": (2, 1, 1, 4096, 16, 1, 96, [4000, 333], dict(window_size=(512, 0), alibi=True,
                                                                           batch_rows=5)),
+    # 24 x 8 programs fill the H200's 132 SMs unsplit: the full-grid tiles.
+    "full-grid": (24, 1, 1, 2048, 32, 8, 128, list(range(0, 2048, 89)), {}),
 }
 
 
@@ -178,4 +191,4 @@ def test_gpu_configs_compile_without_spills():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     spills = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(spills) == 8 and all(v == 0 for v in spills.values()), spills
+    assert len(spills) == 10 and all(v == 0 for v in spills.values()), spills

@@ -27,12 +27,22 @@ class DecodeConfig:
 
 
 def get_decode_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret: bool,
-                      paged_split: bool = False) -> DecodeConfig:
-    """Config for ``rows = (H / Hkv) · Tq`` packed query rows per KV head; ``paged_split``: the
+                      paged_split: bool = False, full_grid: bool = False) -> DecodeConfig:
+    """Config for ``rows = (H / Hkv) · Tq`` packed query rows per KV head. ``paged_split``: the
     cache is paged and the key range is split over programs (the grid alone would not fill the
-    GPU), where the block table's latency shows (:func:`paged_split_config`)."""
+    GPU), where the block table's latency shows (:func:`paged_split_config`). ``full_grid``: a
+    contiguous cache whose B · Hkv programs fill the GPU unsplit."""
     config = _base_config(rows, head_dim, dtype, interpret=interpret)
-    return paged_split_config(config) if paged_split else config
+    if paged_split:
+        return paged_split_config(config)
+    if full_grid and not interpret and config == _DECODE:
+        # 128-key tiles with 8 warps and 3 stages (bench sweep with graph replays and L2 flushed,
+        # benchmarks/results/2026-11-29_nvidia-h200_sweep-decode-tiles.json): B = 64 x 8k / 32k
+        # 4.40 / 4.52 TB/s against 4.28 / 4.36 (cuDNN ran 4.36 / 4.47 in the decode benchmark);
+        # where the keys are split they lose: B = 1 x 32k 2.41 against 2.71, B = 8 x 1k 1.17
+        # against 1.59. Paged caches keep 64-key tiles (not timed with 128).
+        return DecodeConfig(BLOCK_M=_DECODE.BLOCK_M, BLOCK_N=128, num_warps=8, num_stages=3)
+    return config
 
 
 def paged_split_config(config: DecodeConfig) -> DecodeConfig:
@@ -71,6 +81,10 @@ def _base_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret: boo
     # / 4.34 / 4.43; with 3 stages (the first choice) 3.03 / 3.88 / 3.80 / 3.88, with 4 stages
     # 2.57 / 3.34 / 4.33 / 4.45; 128-key tiles with 8 warps and 3 stages 3.74 / 3.72 / 4.39 / 4.53.
     return DecodeConfig(BLOCK_M=BLOCK_M, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+# The decoding branch at H / Hkv <= 16 (Tq = 1): the full-grid variant replaces only this one.
+_DECODE = DecodeConfig(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
 @functools.cache

@@ -24,7 +24,7 @@ from .._utils import cdiv, empty
 from ..flash.config import padded_head_dim
 from ..flash.fwd import _scores, device_guard, dot_precision, score_args
 from .combine import combine_splits
-from .config import DecodeConfig, get_decode_config, get_num_splits, paged_split_config, sm_count
+from .config import DecodeConfig, get_decode_config, get_num_splits, sm_count
 
 
 @triton.jit
@@ -186,17 +186,19 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
     paged = block_table is not None
     default_config = config is None
     if default_config:
-        # The paged variant (below) keeps the tiles, so the split count can be chosen first.
+        # The variants for the grid (below) keep BLOCK_M, so the split count can be chosen first.
         config = get_decode_config(group * T_q, D, q.dtype, interpret=_env.interpret())
     m_tiles = cdiv(group * T_q, config.BLOCK_M)
     if max_seqlen_k is None:
         max_seqlen_k = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    sms = sm_count(q.device.index or 0) if q.is_cuda else 4
     if num_splits == 0:
-        sms = sm_count(q.device.index or 0) if q.is_cuda else 4
         num_splits = get_num_splits(B * H_kv * m_tiles, max_seqlen_k, config.BLOCK_N, sms)
     num_splits = max(1, min(num_splits, cdiv(max(max_seqlen_k, 1), config.BLOCK_N)))
-    if default_config and paged and num_splits > 1:
-        config = paged_split_config(config)
+    if default_config:
+        config = get_decode_config(group * T_q, D, q.dtype, interpret=_env.interpret(),
+                                   paged_split=paged and num_splits > 1,
+                                   full_grid=not paged and num_splits == 1 and B * H_kv * m_tiles >= sms)
 
     out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
