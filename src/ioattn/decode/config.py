@@ -31,16 +31,19 @@ def get_decode_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret
     """Config for ``rows = (H / Hkv) · Tq`` packed query rows per KV head. ``paged_split``: the
     cache is paged and the key range is split over programs (the grid alone would not fill the
     GPU), where the block table's latency shows (:func:`paged_split_config`). ``full_grid``: a
-    contiguous cache whose B · Hkv programs fill the GPU unsplit."""
+    contiguous cache of at least FULL_GRID_MIN_KEYS keys whose B · Hkv programs fill the GPU
+    unsplit."""
     config = _base_config(rows, head_dim, dtype, interpret=interpret)
     if paged_split:
         return paged_split_config(config)
     if full_grid and not interpret and config == _DECODE:
-        # 128-key tiles with 8 warps and 3 stages (bench sweep with graph replays and L2 flushed,
-        # benchmarks/results/2026-11-29_nvidia-h200_sweep-decode-tiles.json): B = 64 x 8k / 32k
-        # 4.40 / 4.52 TB/s against 4.28 / 4.36 (cuDNN ran 4.36 / 4.47 in the decode benchmark);
-        # where the keys are split they lose: B = 1 x 32k 2.41 against 2.71, B = 8 x 1k 1.17
-        # against 1.59. Paged caches keep 64-key tiles (not timed with 128).
+        # 128-key tiles with 8 warps and 3 stages (sweep with graph replays and L2 flushed,
+        # benchmarks/results/2026-11-29_nvidia-h200_sweep-decode-tiles{,-grid}.json): B = 64 x
+        # 8k / 32k / 128k 4.39 / 4.52 / 4.57 TB/s against 4.34 / 4.36 / 4.46, B = 32 x 128k 4.51
+        # against 4.13; where the keys are split they lose (B = 1 x 32k 2.41 against 2.71), and
+        # so do short caches (B = 64 x 1k 3.32 against 3.52: 8 tiles a program, one program per
+        # SM at 192 KB of shared memory): full_grid asks for >= 4096 keys. Paged caches keep
+        # 64-key tiles (not timed with 128).
         return DecodeConfig(BLOCK_M=_DECODE.BLOCK_M, BLOCK_N=128, num_warps=8, num_stages=3)
     return config
 
@@ -83,6 +86,8 @@ def _base_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret: boo
     return DecodeConfig(BLOCK_M=BLOCK_M, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
+# Fewer keys than this keep the base tiles on a full grid (see get_decode_config).
+FULL_GRID_MIN_KEYS = 4096
 # The decoding branch at H / Hkv <= 16 (Tq = 1): the full-grid variant replaces only this one.
 _DECODE = DecodeConfig(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)
 

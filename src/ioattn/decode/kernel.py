@@ -24,7 +24,7 @@ from .._utils import cdiv, empty
 from ..flash.config import padded_head_dim
 from ..flash.fwd import _scores, device_guard, dot_precision, score_args
 from .combine import combine_splits
-from .config import DecodeConfig, get_decode_config, get_num_splits, sm_count
+from .config import FULL_GRID_MIN_KEYS, DecodeConfig, get_decode_config, get_num_splits, sm_count
 
 
 @triton.jit
@@ -198,7 +198,8 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
     if default_config:
         config = get_decode_config(group * T_q, D, q.dtype, interpret=_env.interpret(),
                                    paged_split=paged and num_splits > 1,
-                                   full_grid=not paged and num_splits == 1 and B * H_kv * m_tiles >= sms)
+                                   full_grid=(not paged and num_splits == 1 and B * H_kv * m_tiles >= sms
+                                              and max_seqlen_k >= FULL_GRID_MIN_KEYS))
 
     out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
