@@ -110,8 +110,8 @@ GPU_CASES = {
     "prefill-chunk": (1, 300, 300, 2048, 8, 2, 128, [1200], dict(causal=True)),
     "mqa-window-alibi-rows": (2, 1, 1, 4096, 16, 1, 96, [4000, 333], dict(window_size=(512, 0), alibi=True,
                                                                           batch_rows=5)),
-    # 24 x 8 programs fill the H200's 132 SMs unsplit: the full-grid tiles.
-    "full-grid": (24, 1, 1, 2048, 32, 8, 128, list(range(0, 2048, 89)), {}),
+    # 24 x 8 programs fill the H200's 132 SMs unsplit, over >= 4096 keys: the full-grid tiles.
+    "full-grid": (24, 1, 1, 4608, 32, 8, 128, list(range(0, 4608, 193)), {}),
 }
 
 
