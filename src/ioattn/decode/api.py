@@ -52,7 +52,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             ``i + rotary_dim / 2`` (GPT-NeoX).
         alibi_slopes: fp32 ``[H]`` or ``[B, H]``: adds ``−slope · |i + L_b − Tq − j|``.
         num_splits: pieces the key range is split into; 0 picks by a heuristic from B·Hkv, the
-            longest sequence and the GPU's SM count (about two waves); 1 disables splitting.
+            longest sequence and the GPU's SM count (up to four waves of programs); 1 disables
+            splitting.
             Only the Triton backend splits; results agree for every value.
         return_softmax_lse: also return lse, fp32 ``[B, H, Tq]`` (natural log).
 
