@@ -54,13 +54,6 @@ DQ = {
           (64, 32, 4, 3), (64, 64, 4, 2)],
     256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
 }
-# (BLOCK_M1, BLOCK_N1, warps1, stages1) of the one-pass backward with atomic dQ
-# (flash/bwd_fused_tma.py), timed whole against the default two-pass one.
-FUSED = {
-    64: [(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
-    128: [(64, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
-    256: [(32, 64, 8, 2), (16, 64, 8, 2)],
-}
 TOL = 2e-2
 SMOKE_T, SMOKE_T_LONG = 45, 77
 
@@ -72,7 +65,7 @@ def parse_args(argv):
     p.add_argument("--T-long", type=int, default=16384, help="second T for the best configs; 0 skips it")
     p.add_argument("--out", help="JSON file for the results")
     p.add_argument("--whole-only", action="store_true",
-                   help="skip the passes alone: the whole backward, default and one-pass candidates")
+                   help="skip the passes alone: only the whole backward, portable and TMA default")
     p.add_argument("--smoke", action="store_true", help="tiny shape in Triton's interpreter on CPU")
     p.add_argument("--ptxas", action="store_true", help="compile every candidate for sm_90 without a GPU")
     return p.parse_args(argv)
@@ -203,11 +196,9 @@ def _flat(cfg):
     return tuple(dataclasses.astuple(cfg))
 
 
-def compare_full(s, rows, smoke, configs, fused=()):
-    """The whole backward (preprocess and both passes): portable default, then each TMA config,
-    then the one-pass backward with each of the ``fused`` dK/dV tiles (its dq summed by atomics)."""
+def compare_full(s, rows, smoke, configs):
+    """The whole backward (preprocess and both passes): portable default, then each TMA config."""
     from ioattn.flash.bwd import flash_bwd_triton
-    from ioattn.flash.bwd_fused_tma import flash_bwd_fused_tma
     from ioattn.flash.bwd_tma import flash_bwd_tma
 
     args = (s.dout, s.q, s.k, s.v, s.out, s.lse, s.scale, s.causal, 0)
@@ -215,11 +206,6 @@ def compare_full(s, rows, smoke, configs, fused=()):
     rows.append(port)
     for name, cfg in configs.items():
         rows.append(try_config(s, name, _flat(cfg), lambda cfg=cfg: flash_bwd_tma(*args, config=cfg),
-                               lambda g: (g, s.ref), 2.5, smoke, port.get("ms")))
-    base = next(iter(configs.values()))
-    for tiles in fused:
-        cfg = dataclasses.replace(base, BLOCK_M1=tiles[0], BLOCK_N1=tiles[1], warps1=tiles[2], stages1=tiles[3])
-        rows.append(try_config(s, "fused", tiles, lambda cfg=cfg: flash_bwd_fused_tma(*args, config=cfg),
                                lambda g: (g, s.ref), 2.5, smoke, port.get("ms")))
 
 
@@ -229,12 +215,11 @@ def ptxas_report(Ds):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ioattn.flash import bwd_fused_tma, bwd_tma
+    from ioattn.flash import bwd_tma
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     for D in Ds:
-        for kind, fn, cands in (("dkdv", bwd_tma._bwd_dkdv_tma_kernel, DKDV[D]), ("dq", bwd_tma._bwd_dq_tma_kernel, DQ[D]),
-                                ("fused", bwd_fused_tma._bwd_fused_tma_kernel, FUSED[D])):
+        for kind, fn, cands in (("dkdv", bwd_tma._bwd_dkdv_tma_kernel, DKDV[D]), ("dq", bwd_tma._bwd_dq_tma_kernel, DQ[D])):
             for c in cands:
                 M, N, warps, stages = c[:4]
                 device_desc = len(c) > 4 and c[4]
@@ -252,9 +237,9 @@ def ptxas_report(Ds):
                         rows_ = M if name in ("desc_q", "desc_do", "desc_dq") else N
                         sig[name] = f"tensordesc<bf16[1,1,{rows_},{D}]>"
                     else:
-                        sig[name] = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "softmax_scale": "fp32",
+                        sig[name] = {"LSE": "*fp32", "DELTA": "*fp32", "softmax_scale": "fp32",
                                      "qk_scale": "fp32"}.get(name, "i32")
-                        if name.startswith("stride_") or name == "DQ_ACC":
+                        if name.startswith("stride_"):
                             attrs[(i,)] = [["tt.divisibility", 16]]
                 try:
                     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
@@ -307,7 +292,7 @@ def main(argv=None):
             best[D, causal] = None if args.whole_only else sweep_shape(s, rows, args.smoke, DKDV[D], DQ[D])
             default = get_tma_bwd_config(D, s.q.dtype, causal, interpret=False)
             configs = {"tma-best": best[D, causal], "tma-dflt": default} if best[D, causal] else {"tma-dflt": default}
-            compare_full(s, rows, args.smoke, configs, FUSED[D])
+            compare_full(s, rows, args.smoke, configs)
             save()
     if T_long:
         for (D, causal), pair in best.items():
@@ -315,8 +300,7 @@ def main(argv=None):
             torch.manual_seed(0)
             s = Shape(D, T_long, causal, args.smoke)
             default = get_tma_bwd_config(D, s.q.dtype, causal, interpret=False)
-            compare_full(s, rows, args.smoke, {"tma-best": pair, "tma-dflt": default} if pair else {"tma-dflt": default},
-                         FUSED[D])
+            compare_full(s, rows, args.smoke, {"tma-best": pair, "tma-dflt": default} if pair else {"tma-dflt": default})
             save()
     print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
 
