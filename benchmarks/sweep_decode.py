@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from ioattn.bench.decode import paginate  # noqa: E402
+from ioattn.bench.decode import graphed, paginate  # noqa: E402
 from ioattn.bench.machine import header  # noqa: E402
 from ioattn.decode.config import get_decode_config  # noqa: E402
 from ioattn.decode.kernel import kvcache_fwd_triton  # noqa: E402
@@ -90,20 +90,12 @@ def check(fn, ref):
 
 
 def graph_ms(fn) -> float:
-    """Median ms of ``fn`` replayed from a CUDA graph, as a decoding server runs it (eager calls
-    at small caches would time the host's launch overhead), with L2 flushed before each replay
-    by do_bench, as the decode benchmark does: do_bench_cudagraph (the first runs of this sweep)
-    replays back to back, so caches that fit the 60 MB L2 were read from it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, return_mode="median")
-
+    """Median ms of ``fn`` replayed from a CUDA graph (captured as the decode benchmark does), as
+    a decoding server runs it (eager calls at small caches would time the host's launch
+    overhead), with L2 flushed before each replay by do_bench, as the decode benchmark does:
+    do_bench_cudagraph (the first runs of this sweep) replays back to back, so caches that fit
+    the 60 MB L2 were read from it."""
+    return triton.testing.do_bench(graphed(lambda: fn), return_mode="median")
 
 def sweep_point(B, ctx, deadline, rows, tiles=()):
     H, Hkv, D = 32, 8, 128

@@ -40,18 +40,17 @@ def main():
     # Every feature on, and the plain path the benchmark runs (all flags off); the paged ones
     # with the split config too (page numbers a tile ahead), the contiguous ones with the
     # full-grid tiles.
-    for name, rows, paged, on, split in (
-            ("decode", 4, False, True, False), ("decode-paged", 4, True, True, False),
-            ("prefill-chunk", 1200, False, True, False), ("plain", 4, False, False, False),
-            ("plain-paged", 4, True, False, False), ("decode-paged-split", 4, True, True, True),
-            ("plain-paged-split", 4, True, False, True), ("decode-full-grid", 4, False, True, None),
-            ("plain-full-grid", 4, False, False, None)):
+    for name, rows, paged, on, variant in (
+            ("decode", 4, False, True, "base"), ("decode-paged", 4, True, True, "base"),
+            ("prefill-chunk", 1200, False, True, "base"), ("plain", 4, False, False, "base"),
+            ("plain-paged", 4, True, False, "base"), ("decode-paged-split", 4, True, True, "paged_split"),
+            ("plain-paged-split", 4, True, False, "paged_split"), ("decode-full-grid", 4, False, True, "full_grid"),
+            ("plain-full-grid", 4, False, False, "full_grid")):
         signature = {p: "*bf16" for p in ("Q", "K", "V", "O")}
         signature.update({p: "*i32" for p in ("SEQLENS", "LEFTPAD", "BATCH_IDX", "BLOCK_TABLE")},
                          LSE="*fp32", ALIBI="*fp32", qk_scale="fp32", softcap2="fp32")
-        # split None: the unsplit full-grid variant
-        cfg = get_decode_config(rows, 128, torch.bfloat16, interpret=False, paged_split=bool(split),
-                                full_grid=split is None)
+        cfg = get_decode_config(rows, 128, torch.bfloat16, interpret=False, paged_split=variant == "paged_split",
+                                full_grid=variant == "full_grid")
         constexprs = dict(D=128, HEAD_DIM=128, PAGE_SIZE=16 if paged else 1, IS_PAGED=paged,
                           HAS_LEFTPAD=on, HAS_BATCH_IDX=on and not paged, HAS_LEFT=on, HAS_RIGHT=on,
                           HAS_SOFTCAP=on, HAS_ALIBI=on, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,

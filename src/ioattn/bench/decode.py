@@ -116,7 +116,7 @@ def _fa4(q, k, v):
     return call
 
 
-def _graphed(make):
+def graphed(make):
     """``make()``'s call captured once in a CUDA graph and replayed (the captured call skips the
     value checks: they read indices back to the host, which a capture cannot do)."""
     call = make()
@@ -154,7 +154,7 @@ def _make_call(peer, q, k, v, seqlens):
     name = peer[0] if isinstance(peer, tuple) else peer
     if name.endswith("+graph"):
         plain = (name.removesuffix("+graph"), peer[1]) if isinstance(peer, tuple) else name.removesuffix("+graph")
-        return _graphed(lambda: _make_call(plain, q, k, v, seqlens))
+        return graphed(lambda: _make_call(plain, q, k, v, seqlens))
     if isinstance(peer, tuple):
         return _sdpa(q, k, v, peer[1])
     if peer == "ioattn":

@@ -195,11 +195,12 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
     if num_splits == 0:
         num_splits = get_num_splits(B * H_kv * m_tiles, max_seqlen_k, config.BLOCK_N, sms)
     num_splits = max(1, min(num_splits, cdiv(max(max_seqlen_k, 1), config.BLOCK_N)))
-    if default_config:
+    paged_split = paged and num_splits > 1
+    full_grid = (not paged and num_splits == 1 and B * H_kv * m_tiles >= sms
+                 and max_seqlen_k >= FULL_GRID_MIN_KEYS)
+    if default_config and (paged_split or full_grid):
         config = get_decode_config(group * T_q, D, q.dtype, interpret=_env.interpret(),
-                                   paged_split=paged and num_splits > 1,
-                                   full_grid=(not paged and num_splits == 1 and B * H_kv * m_tiles >= sms
-                                              and max_seqlen_k >= FULL_GRID_MIN_KEYS))
+                                   paged_split=paged_split, full_grid=full_grid)
 
     out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
