@@ -10,7 +10,8 @@ causal at T = 4096 it times the portable backward (default config), then the two
 alone, since they are separate launches: every dK/dV candidate, then every dQ candidate
 (N1 + N2 compiles, not N1 x N2), each checked first against the portable result (max abs
 difference over max abs value, at most TOL). The fastest of each pass are then run together as
-one backward (preprocess included) and, with the default TMA config, at T = 16384 too.
+one backward (Δ included: the portable backward launches it apart, the TMA dQ pass computes it)
+and, with the default TMA config, at T = 16384 too.
 TFLOP/s count the backward as 2.5x the forward's FLOPs; the passes alone as what they compute
 (dK/dV four matmuls, 2.0x; dQ three, 1.5x). A failing config prints why and the sweep goes on.
 """
@@ -172,7 +173,9 @@ def sweep_shape(s, rows, smoke, dkdv_list, dq_list):
                 run = lambda cfg=cfg: (dkdv_tma(*ins, dk, dv, s.scale, s.causal, 0, cfg), (dk, dv))[1]
                 check = lambda g: (g, s.ref[1:])
             else:
-                run = lambda cfg=cfg: (dq_tma(*ins, dq, s.scale, s.causal, 0, cfg), (dq,))[1]
+                delta = torch.empty_like(s.delta)  # the dQ pass writes it
+                run = lambda cfg=cfg, delta=delta: (dq_tma(s.q, s.k, s.v, s.dout, s.out, s.lse, delta, dq, s.scale,
+                                                           s.causal, 0, cfg), (dq,))[1]
                 check = lambda g: (g, s.ref[:1])
             r = try_config(s, kind, c, run, check, factor, smoke)
             rows.append(r)
@@ -197,7 +200,7 @@ def _flat(cfg):
 
 
 def compare_full(s, rows, smoke, configs):
-    """The whole backward (preprocess and both passes): portable default, then each TMA config."""
+    """The whole backward (Δ and both passes): portable default, then each TMA config."""
     from ioattn.flash.bwd import flash_bwd_triton
     from ioattn.flash.bwd_tma import flash_bwd_tma
 
@@ -237,9 +240,9 @@ def ptxas_report(Ds):
                         rows_ = M if name in ("desc_q", "desc_do", "desc_dq") else N
                         sig[name] = f"tensordesc<bf16[1,1,{rows_},{D}]>"
                     else:
-                        sig[name] = {"LSE": "*fp32", "DELTA": "*fp32", "softmax_scale": "fp32",
+                        sig[name] = {"O": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "softmax_scale": "fp32",
                                      "qk_scale": "fp32"}.get(name, "i32")
-                        if name.startswith("stride_"):
+                        if name.startswith("stride_") or name == "O":
                             attrs[(i,)] = [["tt.divisibility", 16]]
                 try:
                     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),

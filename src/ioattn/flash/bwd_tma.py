@@ -1,11 +1,12 @@
 """FlashAttention-2 backward for Hopper (sm_90): the kernels of bwd.py with q, k, v, dO read, and
 dq, dk, dv written, through host-side tensor descriptors (TMA).
 
-The same three launches and the same math as bwd.py (deterministic, no atomics): ``delta =
-rowsum(dO ∘ O)``; a dK/dV kernel holding BLOCK_N1 keys of one KV head that visits, for each of
-the GROUP query heads sharing it, the query blocks that see those keys; a dQ kernel holding
-BLOCK_M2 query rows that visits the key blocks they see. ``P = exp2(q·kᵀ · qk_scale − lse ·
-log2(e))`` is recomputed with the scale folded into one multiply.
+The same math as bwd.py (deterministic, no atomics) in two launches instead of its three: a dQ
+kernel holding BLOCK_M2 query rows that visits the key blocks they see, and on the way writes
+``delta = rowsum(dO ∘ O)`` of its rows (bwd.py has a launch of its own for it); then a dK/dV
+kernel holding BLOCK_N1 keys of one KV head that visits, for each of the GROUP query heads
+sharing it, the query blocks that see those keys, reading that delta. ``P = exp2(q·kᵀ ·
+qk_scale − lse · log2(e))`` is recomputed with the scale folded into one multiply.
 
 Each of q, k, v, dO, dq, dk, dv is described as the 4D ``[B, H, T, D]`` view of the ``[B, T, H,
 D]`` tensor it is (strides swapped, nothing copied), with tiles ``[1, 1, BLOCK, D]``: the copy
@@ -33,10 +34,9 @@ import triton.language as tl
 from .. import _env
 from .._utils import cdiv
 from .bwd import _load_lse2, _query_range, backward_buffers
-from .bwd_preprocess import bwd_preprocess
 from .config import TmaBwdConfig, get_tma_bwd_config
 from .fwd import LOG2E, _key_range, device_guard, diag_band, dot_precision
-from .tma import TensorDescriptor, aligned, hopper_inputs
+from .tma import aligned, head_major_desc, hopper_inputs
 
 
 @triton.jit
@@ -167,10 +167,14 @@ def _dq_tma_inner(dq, b_q, b_do, b_lse2, b_delta, desc_k, desc_v, i_b, i_hkv, st
 
 
 @triton.jit
-def _bwd_dq_tma_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dq,
+def _bwd_dq_tma_kernel(desc_q, desc_k, desc_v, desc_do, O, LSE, DELTA, desc_dq,
+                       stride_ob, stride_ot, stride_oh,
                        T_q, T_k, H, GROUP, softmax_scale, qk_scale, diag_hi,
                        HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Also writes ``DELTA = rowsum(dO ∘ O)`` of its rows, which it needs itself and the dK/dV
+    pass, launched after it, reads: the rows of the grid's programs cover every row once, so the
+    separate Δ launch of the portable backward is not needed."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_hkv = i_h // GROUP
@@ -181,7 +185,13 @@ def _bwd_dq_tma_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dq,
     b_do = _load_tile(desc_do, i_b, start_m, i_h, BLOCK_M, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
     row0 = i_bh.to(tl.int64) * T_q
     b_lse2 = _load_lse2(LSE + row0 + o_m, m_m)  # [BLOCK_M]
-    b_delta = tl.load(DELTA + row0 + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+    # O is read once per row, here only: plain masked loads, no descriptor to build on the host.
+    o_d = tl.arange(0, HEAD_DIM)
+    p_o = (O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+           + o_m.to(tl.int64)[:, None] * stride_ot + o_d[None, :])
+    b_o = tl.load(p_o, mask=m_m[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)  # [BLOCK_M]
+    tl.store(DELTA + row0 + o_m, b_delta, mask=m_m)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # No left edge without a window, so n_lo = n_full_lo = 0: whole blocks first, then the
     # blocks crossing the diagonal or Tk, masked.
@@ -192,12 +202,6 @@ def _bwd_dq_tma_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dq,
     dq = _dq_tma_inner(dq, b_q, b_do, b_lse2, b_delta, desc_k, desc_v, i_b, i_hkv, n_full_hi, n_end,
                        o_m, T_k, diag_hi, qk_scale, True, HAS_RIGHT, BLOCK_N, HEAD_DIM, DOT_PRECISION)
     _store_tile(desc_dq, i_b, start_m, i_h, dq * softmax_scale, BLOCK_M, HEAD_DIM)
-
-
-def _desc(x, block: int) -> TensorDescriptor:
-    """The 4D descriptor of ``x [B, T, H, D]``, over its ``[B, H, T, D]`` view (the same memory),
-    with tiles of ``block`` rows of one head: ``[1, 1, block, D]``, unit dims first."""
-    return TensorDescriptor.from_tensor(x.transpose(1, 2), [1, 1, block, x.shape[-1]])
 
 
 def _band(T_q: int, T_k: int, causal: bool, diag_offset: int) -> dict:
@@ -215,7 +219,8 @@ def dkdv_tma(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: bo
     if config.device_desc1:
         descs = (q, k, v, dout, lse, delta, dk, dv)
     else:
-        descs = (_desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N))
+        descs = (head_major_desc(q, M), head_major_desc(k, N), head_major_desc(v, N), head_major_desc(dout, M),
+                 lse, delta, head_major_desc(dk, N), head_major_desc(dv, N))
     strides = [s for x in (q, k, v, dout, dk) for s in x.stride()[:3]]
 
     def launch():
@@ -242,14 +247,15 @@ def _with_scratch(device, launch):
     contextvars.copy_context().run(lambda: (triton.set_allocator(alloc), launch()))
 
 
-def dq_tma(q, k, v, dout, lse, delta, dq, softmax_scale: float, causal: bool, diag_offset: int,
+def dq_tma(q, k, v, dout, out, lse, delta, dq, softmax_scale: float, causal: bool, diag_offset: int,
            config: TmaBwdConfig):
-    """Launch the dQ kernel alone, writing ``dq`` (the sweep times it on its own)."""
+    """Launch the dQ kernel alone, writing ``dq`` and ``delta`` (which the dK/dV kernel reads)."""
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     M, N = config.BLOCK_M2, config.BLOCK_N2
     _bwd_dq_tma_kernel[(cdiv(T_q, M), B * H)](
-        _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dq, M),
+        head_major_desc(q, M), head_major_desc(k, N), head_major_desc(v, N), head_major_desc(dout, M),
+        out, lse, delta, head_major_desc(dq, M), *out.stride()[:3],
         T_q, T_k, H, H // H_kv, softmax_scale, softmax_scale * LOG2E,
         **_band(T_q, T_k, causal, diag_offset), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
         DOT_PRECISION=dot_precision(q.dtype), num_warps=config.warps2, num_stages=config.stages2,
@@ -296,10 +302,12 @@ def flash_bwd_tma(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, d
     if dout.dtype != q.dtype or not aligned(dout):
         # A copy even when dout is contiguous already (its base may be what is misaligned).
         dout = dout.to(q.dtype, copy=True, memory_format=torch.contiguous_format)
+    if out.stride(-1) != 1:
+        out = out.contiguous()  # the dQ kernel reads O with a unit last stride
     lse = lse.contiguous()
     delta, dq, dk, dv = backward_buffers(q, k, v)
     with device_guard(q):
-        bwd_preprocess(out, dout, delta, D)
+        # dQ first: it writes delta, which the dK/dV pass reads (same stream, so in order).
+        dq_tma(q, k, v, dout, out, lse, delta, dq, softmax_scale, causal, diag_offset, config)
         dkdv_tma(q, k, v, dout, lse, delta, dk, dv, softmax_scale, causal, diag_offset, config)
-        dq_tma(q, k, v, dout, lse, delta, dq, softmax_scale, causal, diag_offset, config)
     return dq, dk, dv
