@@ -6,6 +6,7 @@ descriptors, zero-filling out of bounds per dimension), in fp16 and fp32 (bf16 d
 exact there); the `gpu` tests run it compiled in bf16/fp16 on the H200. Outputs are NaN-poisoned
 (conftest), so a tile the TMA store skipped fails.
 """
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import ioattn
 from ioattn.flash import fwd_tma
 from ioattn.flash.config import TmaFwdConfig, get_tma_fwd_config
 from ioattn.flash.fwd_tma import flash_fwd_tma, tma_supported
-from ioattn.flash.tma import TMA_HEAD_DIMS
+from ioattn.flash.tma import TMA_HEAD_DIMS, TensorDescriptor, head_major_desc
 from ioattn.testing import make_qkv
 
 from . import cases
@@ -79,6 +80,23 @@ def test_fwd_tma_strided():
     assert not q.is_contiguous() and tma_supported(q, k, v, 0.125)
     check_tma(2, 37, 37, 2, 2, 64, True, None, torch.float16, qkv=(q, k, v))
     check_tma(1, 45, 37, 4, 2, 32, True, None, torch.float16, layout="bhtd")
+
+
+@pytest.mark.parametrize("layout", ["bthd", "bhtd"])
+def test_head_major_desc_matches_checked_constructor(layout):
+    # head_major_desc fills the descriptor in without the constructor's checks: it must equal the
+    # checked one field by field (a field added to TensorDescriptor would show up here).
+    q, _, _ = make_qkv(2, 37, 45, 4, 2, 64, dtype=torch.float16, device=DEVICE, layout=layout)
+    checked = TensorDescriptor.from_tensor(q.transpose(1, 2), [1, 1, 32, 64])
+    fast = head_major_desc(q, 32)
+    for field in dataclasses.fields(TensorDescriptor):
+        a, b = getattr(fast, field.name), getattr(checked, field.name)
+        if field.name == "base":
+            assert a.data_ptr() == b.data_ptr() and a.dtype == b.dtype
+        else:
+            assert (list(a) if isinstance(a, (list, tuple, torch.Size)) else a) == (
+                list(b) if isinstance(b, (list, tuple, torch.Size)) else b), field.name
+    assert list(fast.shape) == [2, 4, 37, 64]
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

@@ -22,7 +22,7 @@ from .. import _env
 from .._utils import cdiv, empty
 from .config import TmaFwdConfig, get_tma_fwd_config
 from .fwd import LOG2E, _key_range, device_guard, diag_band, dot_precision
-from .tma import TensorDescriptor, hopper_inputs
+from .tma import head_major_desc, hopper_inputs
 
 
 @triton.jit
@@ -142,12 +142,8 @@ def flash_fwd_tma(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
 
     out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
-    def desc(x, block):
-        # [B, T, H, D] -> its [B, H, T, D] view: the same memory, unit dims of the block first.
-        return TensorDescriptor.from_tensor(x.transpose(1, 2), [1, 1, block, D])
-
-    desc_q, desc_o = desc(q, config.BLOCK_M), desc(out, config.BLOCK_M)
-    desc_k, desc_v = desc(k, config.BLOCK_N), desc(v, config.BLOCK_N)
+    desc_q, desc_o = head_major_desc(q, config.BLOCK_M), head_major_desc(out, config.BLOCK_M)
+    desc_k, desc_v = head_major_desc(k, config.BLOCK_N), head_major_desc(v, config.BLOCK_N)
     grid = (cdiv(T_q, config.BLOCK_M), B * H)
     with device_guard(q):
         _fwd_tma_kernel[grid](

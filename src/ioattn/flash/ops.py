@@ -117,6 +117,9 @@ def _setup_context(ctx, inputs, output):
     ctx.options = tuple(options)
     # Gradients flow through `out` only; lse is returned for inspection (as in flash-attn).
     ctx.mark_non_differentiable(lse)
+    # Otherwise autograd fills a zero gradient for lse (an allocation and a fill launch per
+    # backward) that nothing reads; a missing dout becomes zeros in _grads.
+    ctx.set_materialize_grads(False)
 
 
 def _grads(ctx, dout, bwd):
