@@ -30,6 +30,7 @@ import triton  # noqa: E402
 
 from ioattn.bench.decode import graphed, paginate  # noqa: E402
 from ioattn.bench.machine import header  # noqa: E402
+from ioattn.decode import combine  # noqa: E402
 from ioattn.decode.config import get_decode_config  # noqa: E402
 from ioattn.decode.kernel import kvcache_fwd_triton  # noqa: E402
 
@@ -97,7 +98,7 @@ def graph_ms(fn) -> float:
     the 60 MB L2 were read from it."""
     return triton.testing.do_bench(graphed(lambda: fn), return_mode="median")
 
-def sweep_point(B, ctx, deadline, rows, tiles=()):
+def sweep_point(B, ctx, deadline, rows, tiles=(), pdl_ab=False):
     H, Hkv, D = 32, 8, 128
     q, k, v, seqlens = inputs(B, ctx, H, Hkv, D, torch.bfloat16, "cuda")
     default = get_decode_config(H // Hkv, D, torch.bfloat16, interpret=False)
@@ -125,6 +126,17 @@ def sweep_point(B, ctx, deadline, rows, tiles=()):
         return ms
 
     timed("contig", default, 0, call(q, k, v, seqlens, default, 0))
+    if pdl_ab:
+        # --pdl-ab: the default with the combine launched after the split kernel as a plain launch
+        # (combine.PDL off), against the programmatic dependent launch above.
+        combine.PDL = False
+        try:
+            ms_off = timed("no-pdl", default, 0, call(q, k, v, seqlens, default, 0))
+        finally:
+            combine.PDL = True
+        if ms_off and base.get("contig"):
+            print(f"B={B} ctx={ctx} PDL on/off: x{ms_off / base['contig']:.3f} speed", flush=True)
+            rows[-1]["pdl_speedup"] = ms_off / base["contig"]
     if tiles:
         # --tiles: other (BLOCK_N, warps, stages) on the contiguous cache at the default splits only.
         for n, w, st in tiles:
@@ -178,6 +190,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="no GPU: check the candidates in the interpreter")
     p.add_argument("--tiles", nargs="*", default=[],
                    help="BLOCK_N,warps,stages triples: time only these tiles against the default")
+    p.add_argument("--pdl-ab", action="store_true",
+                   help="also time the default with the combine launched without PDL")
     p.add_argument("--out")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -189,7 +203,8 @@ def main(argv=None):
     rows = []
     for point in args.points:
         B, ctx = map(int, point.split(","))
-        sweep_point(B, ctx, t0 + args.budget, rows, [tuple(map(int, t.split(","))) for t in args.tiles])
+        sweep_point(B, ctx, t0 + args.budget, rows, [tuple(map(int, t.split(","))) for t in args.tiles],
+                    pdl_ab=args.pdl_ab)
         torch.cuda.empty_cache()
         if args.out:  # after every point: a run cut short keeps what it measured
             with open(args.out, "w") as f:

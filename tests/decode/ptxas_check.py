@@ -54,11 +54,13 @@ def main():
         constexprs = dict(D=128, HEAD_DIM=128, PAGE_SIZE=16 if paged else 1, IS_PAGED=paged,
                           HAS_LEFTPAD=on, HAS_BATCH_IDX=on and not paged, HAS_LEFT=on, HAS_RIGHT=on,
                           HAS_SOFTCAP=on, HAS_ALIBI=on, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                          DOT_PRECISION="tf32", PREFETCH_PAGES=cfg.prefetch_pages)
+                          DOT_PRECISION="tf32", PREFETCH_PAGES=cfg.prefetch_pages,
+                          LAUNCH_DEPENDENTS=variant != "full_grid")  # split grids launch the combine early
         spills[name] = spill_bytes(_splitkv_kernel, signature, constexprs, num_warps=cfg.num_warps,
                                    num_stages=cfg.num_stages)
     combine = {"O_PARTS": "*fp32", "LSE_PARTS": "*fp32", "O": "*bf16", "LSE": "*fp32"}
-    spills["combine"] = spill_bytes(_combine_kernel, combine, dict(D=128, HEAD_DIM=128, SPLITS=128), num_warps=4)
+    spills["combine"] = spill_bytes(_combine_kernel, combine, dict(D=128, HEAD_DIM=128, SPLITS=128, WAIT_PRIOR=True),
+                                    num_warps=4)
     print(json.dumps(spills))
 
 

@@ -154,6 +154,32 @@ def test_kernel_gpu_split_count_does_not_change_results():
 
 
 
+@pytest.mark.gpu
+def test_kernel_gpu_combine_pdl_matches_plain_launch(monkeypatch):
+    # The combine launched as a programmatic dependent of the split kernel (it may start before
+    # the splits end, and waits for their writes in gdc_wait) gives the plain launch's result bit
+    # for bit: a combine reading partials too early would differ. Repeated, since a race need not
+    # show every time.
+    from ioattn.decode import combine
+
+    kw = make_case(8, 1, 0, 32768, 32, 8, 128, [32768, 30000, 1, 0, 777, 32768, 16000, 5], dtype=torch.bfloat16,
+                   num_splits=8)
+    assert combine.use_pdl(kw["q"])
+    with_pdl = [flash_attn_with_kvcache(**kw) for _ in range(5)]
+    monkeypatch.setattr(combine, "PDL", False)
+    assert not combine.use_pdl(kw["q"])
+    plain = flash_attn_with_kvcache(**kw)
+    for out in with_pdl:
+        assert torch.equal(out, plain)
+
+
+def test_combine_pdl_only_when_compiled():
+    # The interpreter has no grid dependency control, and CPU tensors no GPU to launch on.
+    from ioattn.decode import combine
+
+    assert not combine.use_pdl(torch.zeros(1))
+
+
 @pytest.mark.parametrize("S", [2, 3, 17])
 def test_combine_equals_merge_partials_many(S):
     # The Triton combine and the torch merge that ring attention uses agree; rows empty in

@@ -23,7 +23,7 @@ from .. import _env
 from .._utils import cdiv, empty
 from ..flash.config import padded_head_dim
 from ..flash.fwd import _scores, device_guard, dot_precision, score_args
-from .combine import combine_splits
+from .combine import combine_splits, gdc_launch_dependents, use_pdl
 from .config import FULL_GRID_MIN_KEYS, DecodeConfig, get_decode_config, get_num_splits, sm_count
 
 
@@ -39,7 +39,11 @@ def _splitkv_kernel(Q, K, V, O, LSE, SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE,
                     IS_PAGED: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+    if LAUNCH_DEPENDENTS:
+        # The combine (a programmatic dependent launch) may start once every program has begun:
+        # it waits for this kernel's writes itself (combine.py).
+        gdc_launch_dependents()
     i_s, i_bh, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_splits = tl.num_programs(0)
     i_b, i_hkv = (i_bh // H_kv).to(tl.int64), (i_bh % H_kv).to(tl.int64)
@@ -218,6 +222,7 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
     mods = score_args(softmax_scale, softcap, alibi_slopes, H, 0)
     mods.pop("diag_offset")
     grid = (num_splits, B * H_kv, m_tiles)
+    pdl = num_splits > 1 and use_pdl(q)
     with device_guard(q):
         _splitkv_kernel[grid](
             q, k_cache, v_cache, out_parts, lse_parts, seqlens, leftpad, batch_idx, block_table,
@@ -230,11 +235,11 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
             PREFETCH_PAGES=paged and config.prefetch_pages,
             IS_PAGED=paged, HAS_LEFTPAD=leftpad is not None, HAS_BATCH_IDX=batch_idx is not None,
             BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype),
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            LAUNCH_DEPENDENTS=pdl, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     if num_splits == 1:
         return out, lse
-    return combine_splits(out_parts, lse_parts, q.dtype)
+    return combine_splits(out_parts, lse_parts, q.dtype, pdl=pdl)
 
 
 def _band(causal: bool, window) -> dict:
