@@ -30,6 +30,7 @@ from ioattn.bench.flops import attention_flops, tflops  # noqa: E402
 from ioattn.bench.machine import header  # noqa: E402
 from ioattn.flash.config import TmaFwdConfig, get_tma_fwd_config  # noqa: E402
 from ioattn.flash.fwd import flash_fwd_triton  # noqa: E402
+from ioattn.flash.fwd_gluon import flash_fwd_gluon  # noqa: E402
 from ioattn.flash.fwd_tma import flash_fwd_tma  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, the default first. Each compiles for
@@ -51,12 +52,28 @@ CANDIDATES = {
 }
 
 
+# The Gluon kernel (flash/fwd_gluon.py, --gluon): 64 rows per 4 warps; every one compiles for
+# sm_90 without spills (128 x 128 with 3 stages at D=128 takes 224 of the 227 KB).
+GLUON_CANDIDATES = {
+    64: [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 3)],
+    128: [(128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 2)],
+}
+
+
+class Gluon(TmaFwdConfig):
+    """A config run by the Gluon kernel instead of the Triton TMA one (same fields)."""
+
+
+def launcher(cfg):
+    return flash_fwd_gluon if isinstance(cfg, Gluon) else flash_fwd_tma
+
+
 def candidates(D: int) -> list:
     return [TmaFwdConfig(*c) for c in CANDIDATES[D]]
 
 
 def short(cfg: TmaFwdConfig) -> str:
-    return (f"tma {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
+    return (f"{'gluon' if isinstance(cfg, Gluon) else 'tma'} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
             + (" ws" if cfg.warp_specialize else ""))
 
 
@@ -125,8 +142,9 @@ def sweep_case(sweep, D, causal, T, configs):
                         dict(meta, kernel="portable"))
     times = {}
     for cfg in configs:
-        ms = sweep.run(label, short(cfg), lambda: flash_fwd_tma(q, k, v, scale, causal, 0, config=cfg), want,
-                       flops, dict(meta, kernel="tma", tma_config=asdict(cfg)), base_ms)
+        ms = sweep.run(label, short(cfg), lambda: launcher(cfg)(q, k, v, scale, causal, 0, config=cfg), want,
+                       flops, dict(meta, kernel="gluon" if isinstance(cfg, Gluon) else "tma", tma_config=asdict(cfg)),
+                       base_ms)
         if ms is not None:
             times[cfg] = ms
     return times
@@ -155,6 +173,8 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=140.0, help="seconds; later candidates are skipped")
     p.add_argument("--configs", nargs="*", default=None, metavar="M,N,WARPS,STAGES",
                    help="time these (beside the default) instead of the candidate list")
+    p.add_argument("--gluon", action="store_true",
+                   help="time the Gluon kernel's candidates (GLUON_CANDIDATES) beside the TMA default")
     p.add_argument("--smoke", action="store_true", help="no GPU: check the candidates in the interpreter")
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -165,8 +185,12 @@ def main(argv=None):
     for D in args.D:
         for causal in (False, True):
             default = get_tma_fwd_config(D, torch.bfloat16, causal, interpret=False)
-            chosen = ([TmaFwdConfig(*map(int, c.split(","))) for c in args.configs] if args.configs is not None
-                      else candidates(D))
+            if args.gluon:
+                chosen = [Gluon(*c) for c in GLUON_CANDIDATES[D]]
+            elif args.configs is not None:
+                chosen = [TmaFwdConfig(*map(int, c.split(","))) for c in args.configs]
+            else:
+                chosen = candidates(D)
             configs = [default] + [c for c in chosen if c != default]
             times = sweep_case(sweep, D, causal, args.T[0], configs)
             best = sorted(times, key=times.get)[:args.top]

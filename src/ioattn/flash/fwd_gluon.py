@@ -1,0 +1,214 @@
+"""FlashAttention forward for Hopper written in Gluon: the same contract as fwd_tma.py's kernel,
+with the tensor-core work scheduled by hand.
+
+Why Gluon: triton's ``tl.dot`` on sm_90 waits for every QKᵀ wgmma right after issuing it
+(``wgmma.wait_group 0``, benchmarks/LOG.md v1.9), so the softmax of a key block never overlaps
+a matrix multiply and the forward stalls at 0.85-0.9x cuDNN. Here each step issues block j's
+QKᵀ and block j-1's P·V asynchronously, waits for the QKᵀ alone (``warpgroup_mma_wait(1)``),
+runs block j's softmax while P·V is still on the tensor cores, and only then waits for it and
+rescales the accumulator (FlashAttention-3's intra-warpgroup overlap). K and V tiles stream
+through a ring of NUM_STAGES shared-memory slots filled by TMA, each with its own mbarrier; a
+slot is refilled once both warpgroups are past the matrix multiplies that read it.
+
+Layout: BLOCK_M query rows per program, 4 warps (one warpgroup) per 64 rows; the accumulators
+use the wgmma (NVMMA v3) register layout, and P goes from the scores' layout to the A-operand
+layout of the P·V wgmma without leaving registers. Descriptors are fwd_tma.py's: 4D over the
+``[B, H, T, D]`` view with ``[1, 1, BLOCK, D]`` tiles, so rows past T read as zeros and stores
+past Tq are dropped, per (batch, head).
+
+GPU only (Gluon has no interpreter); tests/flash/test_fwd_gluon.py compiles it for sm_90
+without a GPU and compares it with the reference on the H200.
+"""
+import torch
+
+from .._utils import cdiv, empty
+from .fwd import LOG2E, diag_band, device_guard
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                   warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+    HAS_GLUON = True
+except ImportError:  # older triton: the Triton TMA kernel runs instead
+    HAS_GLUON = False
+
+
+if HAS_GLUON:
+
+    @gluon.jit
+    def _issue_kv(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, j, n_blocks, i_b, i_hkv,
+                  BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """Start the TMA loads of key block ``j`` (if it exists) into slot ``j % NUM_STAGES``."""
+        slot = j % NUM_STAGES
+        pred = j < n_blocks
+        mbarrier.expect(k_bars.index(slot), desc_k.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(desc_k, [i_b, i_hkv, j * BLOCK_N, 0], k_bars.index(slot),
+                                        k_smem.index(slot), pred=pred)
+        mbarrier.expect(v_bars.index(slot), desc_v.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(desc_v, [i_b, i_hkv, j * BLOCK_N, 0], v_bars.index(slot),
+                                        v_smem.index(slot), pred=pred)
+
+    @gluon.jit
+    def _softmax_step(s, m_i, l_i, start_n, mask_from, o_m, T_k, diag_hi, qk_scale,
+                      HAS_RIGHT: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """Scores ``s`` (raw q·kᵀ) of key block ``start_n`` → (p, new max, alpha, new sum), in the
+        log2 domain with the scale folded into one FMA (as fwd_tma.py). Blocks from ``mask_from``
+        on hide keys past Tk and, causal, right of the diagonal."""
+        if start_n >= mask_from:
+            o_n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            visible = (o_n < T_k)[None, :]
+            if HAS_RIGHT:
+                visible = visible & (o_n[None, :] <= o_m[:, None] + diag_hi)
+            s = gl.where(visible, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        # Rows that have seen no visible key keep m = -inf; shift them by 0 (p = alpha = 0).
+        m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_shift)
+        p = gl.exp2(s * qk_scale - m_shift[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, m_new, alpha, l_i
+
+    @gluon.jit
+    def _fwd_gluon_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
+                          HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
+                          BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+        dtype: gl.constexpr = desc_q.dtype
+        # wgmma layouts: warps stacked along M (16 rows each), instruction N = the tile's width.
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+        i_m, i_bh = gl.program_id(0), gl.program_id(1)
+        if HAS_RIGHT:
+            # Longest causal tiles first (see fwd_tma.py).
+            i_m = gl.num_programs(0) - 1 - i_m
+        i_b, i_h = i_bh // H, i_bh % H
+        i_hkv = i_h // GROUP
+        start_m = i_m * BLOCK_M
+
+        # Key range: every row of the tile sees keys [0, n_end); blocks from mask_from on need
+        # a mask (fwd.py's _key_range without a left edge).
+        last_m = gl.minimum(start_m + BLOCK_M, T_q) - 1
+        if HAS_RIGHT:
+            n_end = gl.maximum(gl.minimum(last_m + diag_hi + 1, T_k), 0)
+            mask_from = gl.maximum(gl.minimum(start_m + diag_hi + 1, T_k), 0) // BLOCK_N * BLOCK_N
+        else:
+            n_end = T_k
+            mask_from = T_k // BLOCK_N * BLOCK_N
+        n_blocks = (n_end + BLOCK_N - 1) // BLOCK_N
+
+        q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(k_bars.index(i), count=1)
+            mbarrier.init(v_bars.index(i), count=1)
+        fence_async_shared()
+
+        mbarrier.expect(q_bar, desc_q.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_q, [i_b, i_h, start_m, 0], q_bar, q_smem)
+        for i in gl.static_range(NUM_STAGES):
+            _issue_kv(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, i, n_blocks, i_b, i_hkv, BLOCK_N, NUM_STAGES)
+
+        o_m = start_m + gl.arange(0, BLOCK_M, layout=row_s)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_s)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        q = q_smem.reshape([BLOCK_M, HEAD_DIM])
+        mbarrier.wait(q_bar, phase=0)
+
+        if n_blocks > 0:
+            # Block 0: its scores alone, nothing to overlap with yet.
+            mbarrier.wait(k_bars.index(0), phase=0)
+            s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                                  use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s_tok, ))
+            p, m_i, alpha, l_i = _softmax_step(s, m_i, l_i, 0, mask_from, o_m, T_k, diag_hi, qk_scale,
+                                               HAS_RIGHT, BLOCK_N, s_layout)
+            for j in range(1, n_blocks):
+                slot = j % NUM_STAGES
+                prev = (j - 1) % NUM_STAGES
+                # Block j's scores, then block j-1's P·V, both in flight.
+                mbarrier.wait(k_bars.index(slot), phase=(j // NUM_STAGES) & 1)
+                s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                                      use_acc=False, is_async=True)
+                mbarrier.wait(v_bars.index(prev), phase=((j - 1) // NUM_STAGES) & 1)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                o_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+                # The scores are ready once at most one wgmma (the P·V) is in flight.
+                s = warpgroup_mma_wait(1, deps=(s_tok, ))
+                p, m_i, alpha, l_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, mask_from, o_m, T_k, diag_hi,
+                                                   qk_scale, HAS_RIGHT, BLOCK_N, s_layout)
+                acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                # Slot prev's K and V have been read by both warpgroups' wgmmas: refill it with
+                # block j - 1 + NUM_STAGES.
+                gl.thread_barrier()
+                _issue_kv(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, j - 1 + NUM_STAGES, n_blocks, i_b,
+                          i_hkv, BLOCK_N, NUM_STAGES)
+            last = (n_blocks - 1) % NUM_STAGES
+            mbarrier.wait(v_bars.index(last), phase=((n_blocks - 1) // NUM_STAGES) & 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            o_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(k_bars.index(i))
+            mbarrier.invalidate(v_bars.index(i))
+
+        # Rows that saw no key have l = 0 (and acc = 0): output 0 and lse -inf, not NaN.
+        l_o = gl.convert_layout(l_i, row_o)
+        empty_row = l_o == 0.0
+        l_safe = gl.where(empty_row, 1.0, l_o)
+        acc = acc / l_safe[:, None]
+        m_o = gl.convert_layout(m_i, row_o)
+        lse = gl.where(empty_row, float("-inf"), (m_o + gl.log2(l_safe)) * 0.6931471805599453)
+        o_mo = start_m + gl.arange(0, BLOCK_M, layout=row_o)
+        gl.store(LSE + i_bh.to(gl.int64) * T_q + o_mo, lse, mask=o_mo < T_q)
+        # O through shared memory (Q's slot, no longer read) and one TMA store, clipped at Tq.
+        q_smem.reshape([BLOCK_M, HEAD_DIM]).store(acc.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc_o, [i_b, i_h, start_m, 0], q_smem)
+        tma.store_wait(pendings=0)
+
+
+def _desc(x: torch.Tensor, block: int):
+    """Gluon's 4D descriptor of ``x [B, T, H, D]`` over its ``[B, H, T, D]`` view, ``[1, 1, block,
+    D]`` tiles in the default (widest-swizzle) shared layout."""
+    B, T, H, D = x.shape
+    s_b, s_t, s_h, s_d = x.stride()
+    dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([1, 1, block, D], dtype)
+    return GluonDescriptor(x, [B, H, T, D], [s_b, s_h, s_t, s_d], [1, 1, block, D], layout)
+
+
+def flash_fwd_gluon(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *, config):
+    """Attention forward with the Gluon kernel: :func:`ioattn.flash.fwd_tma.flash_fwd_tma`'s
+    arguments and results (fp16/bf16, D in 64/128, TMA-aligned, every feature off); ``config`` a
+    :class:`ioattn.flash.config.TmaFwdConfig` (BLOCK_M = 64 per 4 warps)."""
+    B, T_q, H, D = q.shape
+    T_k, H_kv = k.shape[1], k.shape[2]
+    band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
+    out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
+    lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
+    M, N = config.BLOCK_M, config.BLOCK_N
+    grid = (cdiv(T_q, M), B * H)
+    with device_guard(q):
+        _fwd_gluon_kernel[grid](
+            _desc(q, M), _desc(k, N), _desc(v, N), _desc(out, M), lse, T_q, T_k, H, H // H_kv,
+            band["diag_hi"], softmax_scale * LOG2E, HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"], BLOCK_M=M,
+            BLOCK_N=N, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
+        )
+    return out, lse
