@@ -16,13 +16,14 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from ioattn.flash import fwd_gluon
+from ioattn.flash.config import TmaFwdConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 from sweep_fwd_tma import GLUON_CANDIDATES  # noqa: E402
 
 
-def compile_report(D, M, N, warps, stages, causal):
-    fn = fwd_gluon._fwd_gluon_kernel
+def compile_report(D, M, N, warps, stages, causal, ws=False):
+    fn = fwd_gluon._fwd_gluon_ws_kernel if ws else fwd_gluon._fwd_gluon_kernel
     x = torch.empty(1, 256, 2, D, dtype=torch.bfloat16)  # only its dtype, shape and strides matter
     descs = dict(desc_q=fwd_gluon._desc(x, M), desc_o=fwd_gluon._desc(x, M), desc_k=fwd_gluon._desc(x, N),
                  desc_v=fwd_gluon._desc(x, N))
@@ -37,8 +38,9 @@ def compile_report(D, M, N, warps, stages, causal):
             sig[name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name == "qk_scale" else "i32"
+    extra = dict(maxnreg=fwd_gluon.ws_maxnreg(TmaFwdConfig(M, N, warps, stages, ws))) if ws else {}
     kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages, **extra))
     ptx = kernel.asm["ptx"]
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,10 +57,10 @@ def compile_report(D, M, N, warps, stages, causal):
 def main():
     report = {}
     for D, configs in GLUON_CANDIDATES.items():
-        for M, N, warps, stages in configs:
+        for M, N, warps, stages, *ws in configs:
             for causal in (False, True):
-                report[f"D{D} {M}x{N} w{warps} s{stages} causal={causal}"] = compile_report(
-                    D, M, N, warps, stages, causal)
+                report[f"D{D} {M}x{N} w{warps} s{stages}{' ws' if ws else ''} causal={causal}"] = compile_report(
+                    D, M, N, warps, stages, causal, bool(ws and ws[0]))
     print(json.dumps(report))
 
 

@@ -66,17 +66,25 @@ GPU_CASES = [c for c in cases.GPU_CASES if c[5] in (64, 128)] + [
 ]
 
 
+# Both kernels: without warp specialization (128-row tiles, 8 warps) and with it (one loader
+# warp, 64-row tiles).
+KERNELS = {"plain": CONFIG, "ws": TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, warp_specialize=True)}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
-def test_fwd_gluon_gpu(case, dtype):
-    check_fwd(*case, DTYPES[dtype], fwd=gluon_fwd)
+def test_fwd_gluon_gpu(case, dtype, kernel):
+    check_fwd(*case, DTYPES[dtype], fwd=gluon_fwd, config=KERNELS[kernel])
 
 
 @pytest.mark.gpu
-def test_fwd_gluon_gpu_strided():
-    check_fwd(2, 1000, 1200, 8, 2, 64, True, None, torch.bfloat16, layout="bhtd", fwd=gluon_fwd)
-    check_fwd(2, 1000, 1000, 8, 8, 128, False, None, torch.bfloat16, layout="bhtd", fwd=gluon_fwd)
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_fwd_gluon_gpu_strided(kernel):
+    cfg = KERNELS[kernel]
+    check_fwd(2, 1000, 1200, 8, 2, 64, True, None, torch.bfloat16, layout="bhtd", fwd=gluon_fwd, config=cfg)
+    check_fwd(2, 1000, 1000, 8, 8, 128, False, None, torch.bfloat16, layout="bhtd", fwd=gluon_fwd, config=cfg)
 
 
 @pytest.mark.gpu

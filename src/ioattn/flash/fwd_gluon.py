@@ -184,6 +184,152 @@ if HAS_GLUON:
         tma.store_wait(pendings=0)
 
 
+if HAS_GLUON:
+
+    @gluon.jit
+    def _ws_loader(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b, i_hkv,
+                   BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """Loader partition (one warp): streams key blocks [0, n_blocks) into the slot ring, each
+        slot refilled once the consumer has released it (its ``*_empty`` barrier)."""
+        for j in range(n_blocks):
+            slot = j % NUM_STAGES
+            # Barriers start as if phase 1 had completed: the first pass through the ring waits
+            # for nothing.
+            phase = ((j // NUM_STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(slot), phase)
+            mbarrier.expect(k_ready.index(slot), desc_k.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_k, [i_b, i_hkv, j * BLOCK_N, 0], k_ready.index(slot),
+                                            k_smem.index(slot))
+            mbarrier.wait(v_empty.index(slot), phase)
+            mbarrier.expect(v_ready.index(slot), desc_v.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_v, [i_b, i_hkv, j * BLOCK_N, 0], v_ready.index(slot),
+                                            v_smem.index(slot))
+
+    @gluon.jit
+    def _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, n_blocks, mask_from,
+                     start_m, T_k, diag_hi, qk_scale, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                     NUM_WARPS: gl.constexpr):
+        """Default partition: _fwd_gluon_kernel's loop, releasing each K slot once its QKᵀ has
+        completed and each V slot once its P·V has, instead of loading and syncing itself."""
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        o_m = start_m + gl.arange(0, BLOCK_M, layout=row_s)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_s)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        q = q_smem.reshape([BLOCK_M, HEAD_DIM])
+        mbarrier.wait(q_bar, phase=0)
+        if n_blocks > 0:
+            mbarrier.wait(k_ready.index(0), phase=0)
+            s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                                  use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(0), count=1)
+            p, m_i, alpha, l_i = _softmax_step(s, m_i, l_i, 0, mask_from, o_m, T_k, diag_hi, qk_scale,
+                                               HAS_RIGHT, BLOCK_N, s_layout)
+            for j in range(1, n_blocks):
+                slot = j % NUM_STAGES
+                prev = (j - 1) % NUM_STAGES
+                mbarrier.wait(k_ready.index(slot), phase=(j // NUM_STAGES) & 1)
+                s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                                      use_acc=False, is_async=True)
+                mbarrier.wait(v_ready.index(prev), phase=((j - 1) // NUM_STAGES) & 1)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                o_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s_tok, ))
+                mbarrier.arrive(k_empty.index(slot), count=1)
+                p, m_i, alpha, l_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, mask_from, o_m, T_k, diag_hi,
+                                                   qk_scale, HAS_RIGHT, BLOCK_N, s_layout)
+                acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+                mbarrier.arrive(v_empty.index(prev), count=1)
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            last = (n_blocks - 1) % NUM_STAGES
+            mbarrier.wait(v_ready.index(last), phase=((n_blocks - 1) // NUM_STAGES) & 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            o_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+        return acc, m_i, l_i
+
+    @gluon.jit
+    def _fwd_gluon_ws_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
+                             HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
+                             BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """:func:`_fwd_gluon_kernel` with warp specialization: one loader warp issues the TMA loads
+        of K and V (FlashAttention-3's producer), the ``num_warps`` of the default partition only
+        compute, so no load waits on a matrix multiply and no barrier spans the whole program."""
+        dtype: gl.constexpr = desc_q.dtype
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        i_m, i_bh = gl.program_id(0), gl.program_id(1)
+        if HAS_RIGHT:
+            i_m = gl.num_programs(0) - 1 - i_m
+        i_b, i_h = i_bh // H, i_bh % H
+        i_hkv = i_h // GROUP
+        start_m = i_m * BLOCK_M
+        last_m = gl.minimum(start_m + BLOCK_M, T_q) - 1
+        if HAS_RIGHT:
+            n_end = gl.maximum(gl.minimum(last_m + diag_hi + 1, T_k), 0)
+            mask_from = gl.maximum(gl.minimum(start_m + diag_hi + 1, T_k), 0) // BLOCK_N * BLOCK_N
+        else:
+            n_end = T_k
+            mask_from = T_k // BLOCK_N * BLOCK_N
+        n_blocks = (n_end + BLOCK_N - 1) // BLOCK_N
+
+        q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=1)
+            mbarrier.init(v_empty.index(i), count=1)
+        fence_async_shared()
+        mbarrier.expect(q_bar, desc_q.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_q, [i_b, i_h, start_m, 0], q_bar, q_smem)
+
+        acc, m_i, l_i = gl.warp_specialize([
+            (_ws_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, n_blocks, mask_from,
+                            start_m, T_k, diag_hi, qk_scale, HAS_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
+                            num_warps)),
+            (_ws_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b, i_hkv,
+                          BLOCK_N, NUM_STAGES)),
+        ], [1], [24])
+
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(k_ready.index(i))
+            mbarrier.invalidate(v_ready.index(i))
+            mbarrier.invalidate(k_empty.index(i))
+            mbarrier.invalidate(v_empty.index(i))
+        l_o = gl.convert_layout(l_i, row_o)
+        empty_row = l_o == 0.0
+        l_safe = gl.where(empty_row, 1.0, l_o)
+        acc = acc / l_safe[:, None]
+        m_o = gl.convert_layout(m_i, row_o)
+        lse = gl.where(empty_row, float("-inf"), (m_o + gl.log2(l_safe)) * 0.6931471805599453)
+        o_mo = start_m + gl.arange(0, BLOCK_M, layout=row_o)
+        gl.store(LSE + i_bh.to(gl.int64) * T_q + o_mo, lse, mask=o_mo < T_q)
+        q_smem.reshape([BLOCK_M, HEAD_DIM]).store(acc.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc_o, [i_b, i_h, start_m, 0], q_smem)
+        tma.store_wait(pendings=0)
+
+
 def _desc(x: torch.Tensor, block: int):
     """Gluon's 4D descriptor of ``x [B, T, H, D]`` over its ``[B, H, T, D]`` view, ``[1, 1, block,
     D]`` tiles in the default (widest-swizzle) shared layout."""
@@ -194,10 +340,20 @@ def _desc(x: torch.Tensor, block: int):
     return GluonDescriptor(x, [B, H, T, D], [s_b, s_h, s_t, s_d], [1, 1, block, D], layout)
 
 
+def ws_maxnreg(config) -> int:
+    """Register cap per thread for the warp-specialized kernel: its warps are the default
+    partition's plus a warpgroup for the loader warp, and 64-row tiles should fit two programs
+    per SM (their shared memory does), so the cap is what the register file allows for that;
+    the compiler then hands the loader 24 and the compute warps the rest."""
+    programs_per_sm = 2 if config.BLOCK_M <= 64 else 1
+    return min(256, 65536 // (32 * (config.num_warps + 4) * programs_per_sm) // 8 * 8)
+
+
 def flash_fwd_gluon(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *, config):
-    """Attention forward with the Gluon kernel: :func:`ioattn.flash.fwd_tma.flash_fwd_tma`'s
+    """Attention forward with a Gluon kernel: :func:`ioattn.flash.fwd_tma.flash_fwd_tma`'s
     arguments and results (fp16/bf16, D in 64/128, TMA-aligned, every feature off); ``config`` a
-    :class:`ioattn.flash.config.TmaFwdConfig` (BLOCK_M = 64 per 4 warps)."""
+    :class:`ioattn.flash.config.TmaFwdConfig` (BLOCK_M = 64 per 4 warps); its
+    ``warp_specialize`` picks :func:`_fwd_gluon_ws_kernel`."""
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
@@ -205,10 +361,12 @@ def flash_fwd_gluon(q, k, v, softmax_scale: float, causal: bool, diag_offset: in
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
     M, N = config.BLOCK_M, config.BLOCK_N
     grid = (cdiv(T_q, M), B * H)
+    kernel, extra = ((_fwd_gluon_ws_kernel, dict(maxnreg=ws_maxnreg(config))) if config.warp_specialize
+                     else (_fwd_gluon_kernel, {}))
     with device_guard(q):
-        _fwd_gluon_kernel[grid](
+        kernel[grid](
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(out, M), lse, T_q, T_k, H, H // H_kv,
             band["diag_hi"], softmax_scale * LOG2E, HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"], BLOCK_M=M,
-            BLOCK_N=N, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
+            BLOCK_N=N, NUM_STAGES=config.num_stages, num_warps=config.num_warps, **extra,
         )
     return out, lse
