@@ -52,3 +52,11 @@ def tma() -> bool:
     and 1.0–1.3× (backward) the portable kernels (benchmarks/LOG.md, v1.5). IOATTN_TMA=0 keeps
     the portable kernels everywhere."""
     return os.environ.get("IOATTN_TMA", "1") != "0"
+
+
+def gluon() -> bool:
+    """Whether the calls that flash/config.py's ``get_gluon_fwd_config`` gives a config run the
+    Gluon forward (flash/fwd_gluon.py) instead of the Triton TMA kernel: on by default, on Hopper
+    GPUs with a triton that ships Gluon (never in the interpreter). IOATTN_GLUON=0 keeps the
+    Triton kernel."""
+    return os.environ.get("IOATTN_GLUON", "1") != "0"

@@ -149,6 +149,25 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
     return TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
+# The Gluon forward (fwd_gluon.py) replaces the Triton TMA kernel where it was faster on the H200.
+# Its warp-specialized kernel with 64 x 64 tiles and 2 stages, D = 128, TFLOP/s against the Triton
+# kernel's default at T = 1024 / 2048 / 4096 / 16384 (sweep_fwd_tma.py --gluon at 6fd07c3,
+# benchmarks/results/2026-11-29_nvidia-h200_sweep-fwd-gluon{,-short}.json): causal 390 / 440 / 484
+# / 525 against 360 / 411 / 472 / 529; full 469 / 496 / 525 / 526 against 456 / 492 / 533 / 536.
+# At D = 64 it won nowhere by more than noise; not used there.
+GLUON_FWD_MAX_SEQLEN = {True: 4096, False: 1024}  # by causal
+
+
+def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int) -> TmaFwdConfig | None:
+    """The Gluon forward's config where it beats the Triton TMA kernel (see above), else None.
+    ``seqlen``: the longer of Tq and Tk."""
+    if head_dim != 128 or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if not 0 < seqlen <= GLUON_FWD_MAX_SEQLEN[bool(causal)]:
+        return None
+    return TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, warp_specialize=True)
+
+
 @dataclass(frozen=True)
 class TmaBwdConfig:
     """Hopper TMA backward (bwd_tma.py). Its two passes are separate launches, so each has its own

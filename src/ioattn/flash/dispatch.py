@@ -4,7 +4,8 @@ CUDA tensors run the Triton kernels; CPU tensors run the CPU backend, or the sam
 kernels in Triton's interpreter when IOATTN_BACKEND=triton and TRITON_INTERPRET=1 (this is how
 CI, which has no GPU, tests the GPU code). The Hopper kernels (fwd_tma.py, bwd_tma.py) are
 chosen here too, behind the same launcher signatures, for the calls they cover (unless
-IOATTN_TMA=0).
+IOATTN_TMA=0), and among them the Gluon forward (fwd_gluon.py) where config.py's table says it is
+faster (unless IOATTN_GLUON=0).
 """
 import functools
 
@@ -48,11 +49,16 @@ def _kernels(backend: str):
         return flash_fwd_cpu, flash_bwd_cpu
     from .bwd import flash_bwd_triton
     from .fwd import flash_fwd_triton
-    from . import bwd_tma, fwd_tma
+    from . import bwd_tma, fwd_gluon, fwd_tma
+    from .config import get_gluon_fwd_config
 
     def fwd(q, k, v, softmax_scale, causal, diag_offset, **features):
         # Looked up on the modules at each call, so that a test can watch which kernel runs.
         if _env.tma() and fwd_tma.tma_supported(q, k, v, softmax_scale, **features):
+            if _env.gluon() and fwd_gluon.gluon_supported(q):
+                config = get_gluon_fwd_config(q.shape[-1], q.dtype, causal, max(q.shape[1], k.shape[1]))
+                if config is not None:
+                    return fwd_gluon.flash_fwd_gluon(q, k, v, softmax_scale, causal, diag_offset, config=config)
             return fwd_tma.flash_fwd_tma(q, k, v, softmax_scale, causal, diag_offset)
         return flash_fwd_triton(q, k, v, softmax_scale, causal, diag_offset, **features)
 

@@ -330,6 +330,12 @@ if HAS_GLUON:
         tma.store_wait(pendings=0)
 
 
+def gluon_supported(q) -> bool:
+    """Whether the Gluon kernel can run on inputs fwd_tma.py's ``tma_supported`` accepted:
+    compiled on a CUDA device (Gluon has no interpreter) by a triton that has it."""
+    return HAS_GLUON and q.is_cuda
+
+
 def _desc(x: torch.Tensor, block: int):
     """Gluon's 4D descriptor of ``x [B, T, H, D]`` over its ``[B, H, T, D]`` view, ``[1, 1, block,
     D]`` tiles in the default (widest-swizzle) shared layout."""
