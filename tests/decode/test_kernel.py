@@ -112,6 +112,8 @@ GPU_CASES = {
                                                                           batch_rows=5)),
     # 24 x 8 programs fill the H200's 132 SMs unsplit, over >= 4096 keys: the full-grid tiles.
     "full-grid": (24, 1, 1, 4608, 32, 8, 128, list(range(0, 4608, 193)), {}),
+    # With 4 splits each streams 16384 keys: the same tiles, split.
+    "long-splits": (2, 1, 1, 65536, 32, 8, 128, [65535, 40001], {}),
 }
 
 

@@ -30,9 +30,9 @@ def get_decode_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret
                       paged_split: bool = False, full_grid: bool = False) -> DecodeConfig:
     """Config for ``rows = (H / Hkv) · Tq`` packed query rows per KV head. ``paged_split``: the
     cache is paged and the key range is split over programs (the grid alone would not fill the
-    GPU), where the block table's latency shows (:func:`paged_split_config`). ``full_grid``: a
-    contiguous cache of at least FULL_GRID_MIN_KEYS keys whose B · Hkv programs fill the GPU
-    unsplit."""
+    GPU), where the block table's latency shows (:func:`paged_split_config`). ``full_grid``: every
+    program streams a long range of a contiguous cache: at least FULL_GRID_MIN_KEYS keys with B ·
+    Hkv programs that fill the GPU unsplit, or splits of at least LONG_SPLIT_MIN_KEYS keys each."""
     config = _base_config(rows, head_dim, dtype, interpret=interpret)
     if paged_split:
         return paged_split_config(config)
@@ -88,6 +88,11 @@ def _base_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret: boo
 
 # Fewer keys than this keep the base tiles on a full grid (see get_decode_config).
 FULL_GRID_MIN_KEYS = 4096
+# Split programs that each stream at least this many keys take the full-grid tiles too (the same
+# long loops): B = 8 x 128k (8 splits of 16k keys) 4.56 against 4.50 TB/s with them, B = 8 x 32k
+# (4k keys a split) 0.99x, B = 1 (~2k keys a split) 0.72-0.95x (sweep_decode --tiles at dbe4827,
+# benchmarks/LOG.md v1.10; the decode suite's run in v1.11 times the adopted rule).
+LONG_SPLIT_MIN_KEYS = 16384
 # The decoding branch at H / Hkv <= 16 (Tq = 1): the full-grid variant replaces only this one.
 _DECODE = DecodeConfig(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)
 
