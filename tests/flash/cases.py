@@ -1,5 +1,7 @@
 """Shared vocabulary of the Triton kernel tests (test_fwd.py, test_bwd.py): devices, dtypes,
 parameter ids and the feature cases both files run."""
+import dataclasses
+
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,3 +87,17 @@ GPU_CASES = [
 
 GPU_FP32_CASES = [(1, 700, 900, 4, 2, 64, True, None), (1, 513, 513, 2, 2, 128, False, None),
                   (1, 300, 300, 2, 1, 256, True, 0)]
+
+
+def assert_same_descriptor(fast, checked, cls):
+    """``fast``, a tensor descriptor filled in without its constructor's checks, equals the
+    checked ``checked`` field by field over ``cls``'s dataclass fields (so a field added to the
+    class shows up): the same base memory and dtype, and equal shapes, strides, blocks, layout."""
+    for field in dataclasses.fields(cls):
+        a, b = getattr(fast, field.name), getattr(checked, field.name)
+        if field.name == "base":
+            assert a.data_ptr() == b.data_ptr() and a.dtype == b.dtype
+        else:
+            assert (list(a) if isinstance(a, (list, tuple, torch.Size)) else a) == (
+                list(b) if isinstance(b, (list, tuple, torch.Size)) else b), field.name
+

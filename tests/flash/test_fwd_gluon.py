@@ -102,21 +102,13 @@ def test_fwd_gluon_gpu_sweep_configs(D, causal):
 def test_gluon_desc_matches_checked_constructor(layout, dtype):
     # _desc fills the descriptor in without the dataclass's checks: it must equal the checked one
     # field by field (a field added to the dataclass would show up here). No GPU needed.
-    import dataclasses
-
     q, _, _ = make_qkv(2, 37, 45, 4, 2, 64, dtype=DTYPES[dtype], device="cpu", layout=layout)
     layout64 = fwd_gluon._smem_layout(32, 64, q.dtype)
     checked = fwd_gluon.GluonDescriptor.from_tensor(q.transpose(1, 2), [1, 1, 32, 64], layout64)
     fast = fwd_gluon._desc(q, 32)
     assert layout64 == fwd_gluon.gl.NVMMASharedLayout.get_default_for(
         [1, 1, 32, 64], fwd_gluon.gl.bfloat16 if dtype == "bf16" else fwd_gluon.gl.float16)
-    for field in dataclasses.fields(fwd_gluon.GluonDescriptor):
-        a, b = getattr(fast, field.name), getattr(checked, field.name)
-        if field.name == "base":
-            assert a.data_ptr() == b.data_ptr() and a.dtype == b.dtype
-        else:
-            assert (list(a) if isinstance(a, (list, tuple, torch.Size)) else a) == (
-                list(b) if isinstance(b, (list, tuple, torch.Size)) else b), field.name
+    cases.assert_same_descriptor(fast, checked, fwd_gluon.GluonDescriptor)
     assert list(fast.shape) == [2, 4, 37, 64]
 
 

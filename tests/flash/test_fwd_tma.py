@@ -6,7 +6,6 @@ descriptors, zero-filling out of bounds per dimension), in fp16 and fp32 (bf16 d
 exact there); the `gpu` tests run it compiled in bf16/fp16 on the H200. Outputs are NaN-poisoned
 (conftest), so a tile the TMA store skipped fails.
 """
-import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -89,13 +88,7 @@ def test_head_major_desc_matches_checked_constructor(layout):
     q, _, _ = make_qkv(2, 37, 45, 4, 2, 64, dtype=torch.float16, device=DEVICE, layout=layout)
     checked = TensorDescriptor.from_tensor(q.transpose(1, 2), [1, 1, 32, 64])
     fast = head_major_desc(q, 32)
-    for field in dataclasses.fields(TensorDescriptor):
-        a, b = getattr(fast, field.name), getattr(checked, field.name)
-        if field.name == "base":
-            assert a.data_ptr() == b.data_ptr() and a.dtype == b.dtype
-        else:
-            assert (list(a) if isinstance(a, (list, tuple, torch.Size)) else a) == (
-                list(b) if isinstance(b, (list, tuple, torch.Size)) else b), field.name
+    cases.assert_same_descriptor(fast, checked, TensorDescriptor)
     assert list(fast.shape) == [2, 4, 37, 64]
 
 
