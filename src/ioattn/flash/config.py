@@ -150,10 +150,15 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
 
 
 # The Gluon forward (fwd_gluon.py) replaces the Triton TMA kernel where it was faster on the H200.
-# Its warp-specialized kernel with 64 x 64 tiles and 2 stages, D = 128, TFLOP/s against the Triton
-# kernel's default at T = 1024 / 2048 / 4096 / 16384 (sweep_fwd_tma.py --gluon at 6fd07c3,
-# benchmarks/results/2026-11-29_nvidia-h200_sweep-fwd-gluon{,-short}.json): causal 390 / 440 / 484
-# / 525 against 360 / 411 / 472 / 529; full 469 / 496 / 525 / 526 against 456 / 492 / 533 / 536.
+# Its warp-specialized kernel with 64 x 64 tiles and 2 stages, D = 128, kernel time against the
+# Triton TMA kernel at the paper grid's shapes (benchmarks/logs/2026-12-03_h200_gluon_probe_7bc51c7.log,
+# do_bench medians of 4 runs): causal T = 1024 175-179 us against 209, T = 2048 289-312 against
+# 335-349, T = 4096 539-576 against 592-641; full T = 1024 275-298 against 311-312. Beyond these
+# lengths the Triton kernel led (sweep_fwd_tma.py --gluon, benchmarks/results/
+# 2026-12-03_nvidia-h200_sweep-fwd-gluon.json: causal T = 16384 496 against 536 TFLOP/s, full
+# T = 4096 506 against 517). Through the public function, in the same process
+# (results/2026-12-03_nvidia-h200_paper-v1.10.json against logs/2026-12-03_h200_paper_nogluon_7bc51c7.log):
+# causal T = 1024 / 2048 / 4096 0.94 / 0.95 / 0.93x cuDNN with it, 0.86 / 0.86 / 0.91x without.
 # At D = 64 it won nowhere by more than noise; not used there.
 GLUON_FWD_MAX_SEQLEN = {True: 4096, False: 1024}  # by causal
 
