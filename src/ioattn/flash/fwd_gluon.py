@@ -10,6 +10,11 @@ rescales the accumulator (FlashAttention-3's intra-warpgroup overlap). K and V t
 through a ring of NUM_STAGES shared-memory slots filled by TMA, each with its own mbarrier; a
 slot is refilled once both warpgroups are past the matrix multiplies that read it.
 
+Two kernels: :func:`_fwd_gluon_kernel` refills the slots from the compute warps themselves;
+:func:`_fwd_gluon_ws_kernel`, the one config.py dispatches to, gives the loads to one loader warp
+(warp specialization) with a ready and an empty mbarrier per slot, so compute warps never wait
+on a barrier over the whole program.
+
 Layout: BLOCK_M query rows per program, 4 warps (one warpgroup) per 64 rows; the accumulators
 use the wgmma (NVMMA v3) register layout, and P goes from the scores' layout to the A-operand
 layout of the P·V wgmma without leaving registers. Descriptors are fwd_tma.py's: 4D over the
