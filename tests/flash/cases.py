@@ -1,5 +1,5 @@
 """Shared vocabulary of the Triton kernel tests (test_fwd.py, test_bwd.py): devices, dtypes,
-parameter ids and the feature cases both files run."""
+parameter ids, the feature cases both files run, and a check of the fast descriptors."""
 import dataclasses
 
 import torch
@@ -100,4 +100,3 @@ def assert_same_descriptor(fast, checked, cls):
         else:
             assert (list(a) if isinstance(a, (list, tuple, torch.Size)) else a) == (
                 list(b) if isinstance(b, (list, tuple, torch.Size)) else b), field.name
-

@@ -31,21 +31,26 @@ def aligned(x: torch.Tensor) -> bool:
             and all(s > 0 and s * nbytes % 16 == 0 for s in x.stride()[:-1]))
 
 
-def head_major_desc(x: torch.Tensor, block: int):
+def head_major_desc(x: torch.Tensor, block: int, *, desc_type=None, layout=None):
     """The 4D descriptor of ``x [B, T, H, D]`` over its ``[B, H, T, D]`` view (the same memory,
     strides swapped), with tiles of ``block`` rows of one head, ``[1, 1, block, D]``: unit dims
     first, which lands each tile in shared memory as a plain matrix (fwd_tma.py says why).
+    ``desc_type`` (default triton's TensorDescriptor) and ``layout``: Gluon's descriptor class and
+    its shared-memory layout, for fwd_gluon.py.
 
     ``x`` must be :func:`aligned` (every launcher's dispatch checked it) and ``block`` a power of
     two (configs are). The descriptor is therefore filled in without its constructor's checks of
     the same: a launch builds 4-6 of them, and ``from_tensor`` of a transposed view took 4.9 µs
-    each on a CPU, this 1.4 µs; host time is what short training calls wait on
-    (benchmarks/LOG.md, v1.8). tests/flash/test_fwd_tma.py compares it with the checked one."""
+    each on a CPU, this 1.4 µs (Gluon's checked constructor 10.5 µs); host time is what short
+    training calls wait on (benchmarks/LOG.md, v1.8). tests/flash/test_fwd_tma.py and
+    test_fwd_gluon.py compare it with the checked ones."""
     B, T, H, D = x.shape
     s_b, s_t, s_h, s_d = x.stride()
-    desc = object.__new__(TensorDescriptor)
+    desc = object.__new__(desc_type or TensorDescriptor)
     desc.base, desc.shape, desc.strides = x, [B, H, T, D], [s_b, s_h, s_t, s_d]
     desc.block_shape, desc.padding = [1, 1, block, D], "zero"
+    if layout is not None:
+        desc.layout = layout
     return desc
 
 
