@@ -21,6 +21,7 @@ The flash-attn 2.x features are constexpr flags that compile to nothing when off
 """
 import contextlib
 import math
+import threading
 
 import torch
 import triton
@@ -28,6 +29,7 @@ import triton.language as tl
 
 from .. import _env
 from .._utils import cdiv, empty
+from ..launch import launch
 from .config import FwdConfig, get_fwd_config, padded_head_dim
 from .dropout import _dropout_keep, dropout_args
 
@@ -326,9 +328,34 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+_context_bound = threading.local()
+
+
+def _bind_context(device: torch.device) -> None:
+    """Make the device's CUDA context current on this thread, once per thread and device.
+
+    Triton fills the TMA descriptors (a driver call that needs a current context) before its
+    launcher binds one. A thread whose first CUDA work is such a launch has none: autograd's
+    device thread, whose device is already "selected", so selecting it again binds nothing, ran
+    the Hopper backward into "Failed to create tensor map descriptor: invalid device context"
+    on the H200 when the backward of ioattn's call was the first GPU work of that thread. Any
+    runtime call that needs the context binds it; this one neither waits nor touches a stream
+    (so it is safe during CUDA-graph capture)."""
+    seen = getattr(_context_bound, "devices", None)
+    if seen is None:
+        seen = _context_bound.devices = set()
+    if device.index not in seen:
+        torch.cuda.mem_get_info(device)
+        seen.add(device.index)
+
+
 def device_guard(t: torch.Tensor):
-    """Launch on the tensor's own GPU; nothing to select for CPU tensors under the interpreter."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on the tensor's own GPU, with its context current on this thread (see
+    :func:`_bind_context`); nothing to select for CPU tensors under the interpreter."""
+    if not t.is_cuda:
+        return contextlib.nullcontext()
+    _bind_context(t.device)
+    return torch.cuda.device(t.device)
 
 
 def diag_band(T_q: int, T_k: int, causal: bool, diag_offset: int, window) -> dict:
@@ -419,7 +446,8 @@ def flash_fwd_triton(q, k, v, softmax_scale: float, causal: bool, diag_offset: i
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
     grid = (cdiv(T_q, config.BLOCK_M), B * H)
     with device_guard(q):
-        _fwd_kernel[grid](
+        launch(
+            _fwd_kernel, grid,
             q, k, v, out, lse,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
