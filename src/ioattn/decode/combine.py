@@ -18,6 +18,7 @@ import triton.language as tl
 
 from .. import _env
 from .._utils import empty, next_pow2
+from ..launch import launch
 from ..flash.config import padded_head_dim
 from ..flash.fwd import device_guard
 
@@ -83,7 +84,8 @@ def combine_splits(out_parts, lse_parts, dtype, *, pdl: bool = False):
     out = empty((B, T_q, H, D), dtype=dtype, device=out_parts.device)
     lse = empty((B, H, T_q), dtype=lse_parts.dtype, device=out_parts.device)
     with device_guard(out_parts):
-        _combine_kernel[(B * T_q * H,)](
+        launch(
+            _combine_kernel, (B * T_q * H,),
             out_parts, lse_parts, out, lse, S, out_parts.stride(0), lse_parts.stride(0), T_q, H,
             out.stride(0), out.stride(1), out.stride(2), D=D, HEAD_DIM=padded_head_dim(D),
             SPLITS=max(2, next_pow2(S)), WAIT_PRIOR=pdl, num_warps=1 if D <= 64 else 4,

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .. import _env
 from .._utils import cdiv, empty
+from ..launch import launch
 from ..flash.config import padded_head_dim
 from ..flash.fwd import _scores, device_guard, dot_precision, score_args
 from .combine import combine_splits, gdc_launch_dependents, use_pdl
@@ -226,7 +227,8 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
     grid = (num_splits, B * H_kv, m_tiles)
     pdl = num_splits > 1 and use_pdl(q)
     with device_guard(q):
-        _splitkv_kernel[grid](
+        launch(
+            _splitkv_kernel, grid,
             q, k_cache, v_cache, out_parts, lse_parts, seqlens, leftpad, batch_idx, block_table,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

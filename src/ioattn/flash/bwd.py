@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .. import _env
 from .._utils import cdiv, empty
+from ..launch import launch
 from .bwd_preprocess import bwd_preprocess
 from .config import BwdConfig, get_bwd_config, padded_head_dim
 from .dropout import _dropout_keep, dropout_args
@@ -464,7 +465,8 @@ def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool
     delta, dq, dk, dv = backward_buffers(q, k, v)
     with device_guard(q):
         bwd_preprocess(out, dout, delta, HEAD_DIM)
-        _bwd_dkdv_kernel[(cdiv(T_k, config.BLOCK_N1), B * H_kv)](
+        launch(
+            _bwd_dkdv_kernel, (cdiv(T_k, config.BLOCK_N1), B * H_kv),
             q, k, v, dout, lse, delta, dk, dv,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -475,7 +477,8 @@ def flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale: float, causal: bool
             T_q, T_k, H, H_kv, H // H_kv, softmax_scale,
             BLOCK_M=config.BLOCK_M1, BLOCK_N=config.BLOCK_N1, **meta,
         )
-        _bwd_dq_kernel[(cdiv(T_q, config.BLOCK_M2), B * H)](
+        launch(
+            _bwd_dq_kernel, (cdiv(T_q, config.BLOCK_M2), B * H),
             q, k, v, dout, lse, delta, dq,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .._utils import cdiv
+from ..launch import launch
 
 
 @triton.jit
@@ -34,7 +35,8 @@ def bwd_preprocess(out, dout, delta, HEAD_DIM: int):
     # Memory-bound: about 4096 elements of each input per program, whatever the head dim.
     BLOCK_M = max(16, 4096 // HEAD_DIM)
     grid = (cdiv(T_q, BLOCK_M), B * H)
-    _bwd_preprocess_kernel[grid](
+    launch(
+        _bwd_preprocess_kernel, grid,
         out, dout, delta,
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .. import _env
 from .._utils import cdiv
+from ..launch import launch
 from .bwd import _load_lse2, _query_range, backward_buffers
 from .config import TmaBwdConfig, get_tma_bwd_config
 from .fwd import LOG2E, _key_range, device_guard, diag_band, dot_precision
@@ -223,8 +224,9 @@ def dkdv_tma(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: bo
                  lse, delta, head_major_desc(dk, N), head_major_desc(dv, N))
     strides = [s for x in (q, k, v, dout, dk) for s in x.stride()[:3]]
 
-    def launch():
-        _bwd_dkdv_tma_kernel[(cdiv(T_k, N), B * H_kv)](
+    def run():
+        launch(
+            _bwd_dkdv_tma_kernel, (cdiv(T_k, N), B * H_kv),
             *descs, *strides, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
             **_band(T_q, T_k, causal, diag_offset), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
             DOT_PRECISION=dot_precision(q.dtype), DEVICE_DESC=config.device_desc1,
@@ -232,19 +234,19 @@ def dkdv_tma(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: bo
         )
 
     if config.device_desc1:
-        _with_scratch(q.device, launch)
+        _with_scratch(q.device, run)
     else:
-        launch()
+        run()
 
 
-def _with_scratch(device, launch):
-    """Run ``launch`` with the global scratch that descriptors made on the device need (128 bytes
+def _with_scratch(device, run):
+    """Call ``run`` with the global scratch that descriptors made on the device need (128 bytes
     each per program), from torch's allocator. The allocator is set in a copy of the current
     context only, so a caller's own Triton allocator is left as it was."""
     def alloc(size: int, alignment: int, stream):
         return torch.empty(size, dtype=torch.int8, device=device)
 
-    contextvars.copy_context().run(lambda: (triton.set_allocator(alloc), launch()))
+    contextvars.copy_context().run(lambda: (triton.set_allocator(alloc), run()))
 
 
 def dq_tma(q, k, v, dout, out, lse, delta, dq, softmax_scale: float, causal: bool, diag_offset: int,
@@ -253,7 +255,8 @@ def dq_tma(q, k, v, dout, out, lse, delta, dq, softmax_scale: float, causal: boo
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     M, N = config.BLOCK_M2, config.BLOCK_N2
-    _bwd_dq_tma_kernel[(cdiv(T_q, M), B * H)](
+    launch(
+        _bwd_dq_tma_kernel, (cdiv(T_q, M), B * H),
         head_major_desc(q, M), head_major_desc(k, N), head_major_desc(v, N), head_major_desc(dout, M),
         out, lse, delta, head_major_desc(dq, M), *out.stride()[:3],
         T_q, T_k, H, H // H_kv, softmax_scale, softmax_scale * LOG2E,

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .._utils import cdiv
+from ..launch import launch
 
 
 def dropout_args(dropout_p: float, seed: int) -> dict:
@@ -61,6 +62,7 @@ def dropout_mask_triton(seed: int, B: int, H: int, T_q: int, T_k: int, dropout_p
     # Large tiles: the interpreter pays per program (32 x 32 tiles took 21 s for 1M entries).
     BLOCK_M, BLOCK_N = 64, 128
     with device_guard(keep):
-        _dropout_mask_kernel[(cdiv(T_q, BLOCK_M), cdiv(T_k, BLOCK_N), B * H)](
+        launch(
+            _dropout_mask_kernel, (cdiv(T_q, BLOCK_M), cdiv(T_k, BLOCK_N), B * H),
             keep, seed, dropout_p, T_q, T_k, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     return keep.bool()

@@ -29,6 +29,7 @@ import functools
 import torch
 
 from .._utils import cdiv, empty
+from ..launch import launch
 from .fwd import LOG2E, diag_band, device_guard
 from .tma import head_major_desc
 
@@ -382,7 +383,8 @@ def flash_fwd_gluon(q, k, v, softmax_scale: float, causal: bool, diag_offset: in
     kernel, extra = ((_fwd_gluon_ws_kernel, dict(maxnreg=ws_maxnreg(config))) if config.warp_specialize
                      else (_fwd_gluon_kernel, {}))
     with device_guard(q):
-        kernel[grid](
+        launch(
+            kernel, grid,
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(out, M), lse, T_q, T_k, H, H // H_kv,
             band["diag_hi"], softmax_scale * LOG2E, HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"], BLOCK_M=M,
             BLOCK_N=N, NUM_STAGES=config.num_stages, num_warps=config.num_warps, **extra,

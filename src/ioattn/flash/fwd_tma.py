@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .. import _env
 from .._utils import cdiv, empty
+from ..launch import launch
 from .config import TmaFwdConfig, get_tma_fwd_config
 from .fwd import LOG2E, _key_range, device_guard, diag_band, dot_precision
 from .tma import head_major_desc, hopper_inputs
@@ -146,7 +147,8 @@ def flash_fwd_tma(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
     desc_k, desc_v = head_major_desc(k, config.BLOCK_N), head_major_desc(v, config.BLOCK_N)
     grid = (cdiv(T_q, config.BLOCK_M), B * H)
     with device_guard(q):
-        _fwd_tma_kernel[grid](
+        launch(
+            _fwd_tma_kernel, grid,
             desc_q, desc_k, desc_v, desc_o, lse, T_q, T_k, H, H // H_kv, band["diag_hi"],
             softmax_scale * LOG2E, HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"], BLOCK_M=config.BLOCK_M,
             BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype), NUM_STAGES=config.num_stages,

@@ -5,6 +5,7 @@ import torch
 
 from .. import _env
 from .._utils import cdiv, empty
+from ..launch import launch
 from .bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, backward_inputs
 from .bwd_preprocess import bwd_preprocess
 from .config import BwdConfig, FwdConfig, get_fwd_config, padded_head_dim
@@ -59,7 +60,8 @@ def flash_varlen_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: i
         return out, lse
     grid = (cdiv(max_seqlen_q, config.BLOCK_M), B * H)
     with device_guard(q):
-        _fwd_kernel[grid](
+        launch(
+            _fwd_kernel, grid,
             q, k, v, out, lse,
             0, q.stride(0), q.stride(1),
             0, k.stride(0), k.stride(1),
@@ -103,7 +105,8 @@ def flash_varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
     delta = empty((H, total_q), dtype=torch.float32, device=q.device)
     with device_guard(q):
         bwd_preprocess(out[None], dout[None], delta, HEAD_DIM)
-        _bwd_dkdv_kernel[(cdiv(max_seqlen_k, config.BLOCK_N1), B * H_kv)](
+        launch(
+            _bwd_dkdv_kernel, (cdiv(max_seqlen_k, config.BLOCK_N1), B * H_kv),
             q, k, v, dout, lse, delta, dk, dv,
             0, q.stride(0), q.stride(1),
             0, k.stride(0), k.stride(1),
@@ -114,7 +117,8 @@ def flash_varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
             total_q, max_seqlen_k, H, H_kv, H // H_kv, softmax_scale,
             BLOCK_M=config.BLOCK_M1, BLOCK_N=config.BLOCK_N1, **meta,
         )
-        _bwd_dq_kernel[(cdiv(max_seqlen_q, config.BLOCK_M2), B * H)](
+        launch(
+            _bwd_dq_kernel, (cdiv(max_seqlen_q, config.BLOCK_M2), B * H),
             q, k, v, dout, lse, delta, dq,
             0, q.stride(0), q.stride(1),
             0, k.stride(0), k.stride(1),

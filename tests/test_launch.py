@@ -1,0 +1,220 @@
+"""launch.py's cache key against Triton's own specialization.
+
+A launch through the cache reuses the compiled kernel of an earlier call with the same key, so
+the key must tell apart every pair of calls that Triton would compile differently. Without a
+GPU this runs Triton's binder (the function ``JITFunction.run`` uses to specialize a call) for
+sm_90 on the argument lists that every launcher passes to ``launch``, and on variants of them
+that keep the key (tensors and descriptor bases moved to other alignments, shapes and strides):
+equal keys must give equal specializations and options. A key that ignored alignment is shown
+to fail the same check. On the GPU the launches themselves are compared with Triton's path.
+"""
+import pytest
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from ioattn import flash_attn_func, flash_attn_with_kvcache, launch as launch_mod
+from ioattn.decode import combine as decode_combine
+from ioattn.decode import kernel as decode_kernel
+from ioattn.flash import bwd, bwd_preprocess, bwd_tma, dropout, fwd, fwd_gluon, fwd_tma, varlen_launch
+from ioattn.flash.config import get_gluon_fwd_config, get_tma_bwd_config, get_tma_fwd_config
+from ioattn.testing import make_qkv
+
+LAUNCHERS = (fwd, bwd, bwd_preprocess, dropout, varlen_launch, fwd_tma, bwd_tma, fwd_gluon, decode_kernel,
+             decode_combine)
+_BACKEND = make_backend(GPUTarget("cuda", 90, 32))
+_BINDERS = {}
+
+
+def _binder(kernel):
+    """Triton's binder for ``kernel`` compiled for sm_90 (an interpreted kernel's function is
+    wrapped in a JITFunction, which compiles nothing until launched)."""
+    if kernel not in _BINDERS:
+        jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+        _BINDERS[kernel] = create_function_from_signature(jit.signature, jit.params, _BACKEND)
+    return _BINDERS[kernel]
+
+
+def triton_spec(kernel, args, kwargs):
+    # JITFunction.run adds these two options before binding.
+    _, specialization, options = _binder(kernel)(*args, **kwargs, debug=False, instrumentation_mode="")
+    return tuple(specialization), options
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The (kernel, args, kwargs) of every ``launch`` the launchers make; the launches still run
+    (in the interpreter) unless the list's ``run`` is set False."""
+    calls = []
+    calls_run = {"run": True}
+
+    def record(kernel, grid, *args, **kwargs):
+        calls.append((kernel, args, kwargs))
+        if calls_run["run"]:
+            launch_mod.launch(kernel, grid, *args, **kwargs)
+
+    for module in LAUNCHERS:
+        monkeypatch.setattr(module, "launch", record)
+    return calls, calls_run
+
+
+def _misaligned(x: torch.Tensor) -> torch.Tensor:
+    """A tensor of x's shape and dtype whose base is not 16-byte aligned."""
+    buf = torch.empty(x.numel() + 16, dtype=x.dtype)
+    return buf[1:1 + x.numel()].view(x.shape)
+
+
+def _variants(args):
+    """Argument lists with the same key as ``args``, by construction: one tensor replaced by a
+    copy at the same alignment, or one descriptor moved onto another base (misaligned, other
+    shape and strides) with the same block, dtype and layout."""
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            same = _misaligned(a) if a.data_ptr() % 16 else torch.empty_like(a, memory_format=torch.contiguous_format)
+            yield args[:i] + (same,) + args[i + 1:]
+        elif hasattr(a, "block_shape") and isinstance(getattr(a, "base", None), torch.Tensor):
+            other = object.__new__(type(a))
+            other.__dict__.update(a.__dict__)
+            base = _misaligned(torch.empty(3, 5, 7, a.shape[-1], dtype=a.base.dtype))
+            other.base, other.shape, other.strides = base, [3, 7, 5, a.shape[-1]], [base.stride(i) for i in (0, 2, 1, 3)]
+            yield args[:i] + (other,) + args[i + 1:]
+
+
+def _misaligned_variants(args):
+    """Argument lists that differ from ``args`` in one tensor's alignment only."""
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.data_ptr() % 16 == 0:
+            yield args[:i] + (_misaligned(a),) + args[i + 1:]
+
+
+def check_key_refines_spec(calls, key_fn):
+    """Every recorded call and each variant: equal keys, equal Triton specializations."""
+    seen = {}
+    checked = 0
+    for kernel, args, kwargs in calls:
+        for variant in (args, *_variants(args), *_misaligned_variants(args)):
+            key = key_fn(kernel, 0, variant, kwargs)
+            assert key is not None, f"{kernel}: a launcher passes an argument the key does not cover"
+            spec = triton_spec(kernel, variant, kwargs)
+            if key in seen:
+                assert seen[key] == spec, f"{kernel}: one key, two specializations:\n{seen[key]}\n{spec}"
+                checked += 1
+            seen[key] = spec
+    return checked
+
+
+def _flash_calls(dtype):
+    # Odd and 16-multiple lengths, MHA, GQA and MQA, both causal alignments, forward and backward.
+    for B, Tq, Tk, H, Hkv, D, causal in [(1, 37, 37, 2, 2, 64, True), (2, 48, 32, 4, 2, 64, False),
+                                         (1, 33, 64, 4, 1, 128, True), (1, 16, 16, 2, 1, 32, False)]:
+        q, k, v = make_qkv(B, Tq, Tk, H, Hkv, D, dtype=dtype, requires_grad=True)
+        out = flash_attn_func(q, k, v, causal=causal)
+        out.backward(torch.randn_like(out))
+    # The portable kernels' features: a window, ALiBi slopes (a tensor where None was), dropout (a seed).
+    q, k, v = make_qkv(1, 40, 40, 2, 1, 64, dtype=dtype, requires_grad=True)
+    out = flash_attn_func(q, k, v, window_size=(8, 0), alibi_slopes=torch.rand(2), dropout_p=0.2)
+    out.backward(torch.randn_like(out))
+
+
+@pytest.mark.parametrize("backend", ["tma", "portable"])
+def test_key_refines_triton_specialization_flash(recorded, monkeypatch, backend):
+    if backend == "portable":
+        monkeypatch.setenv("IOATTN_TMA", "0")
+    monkeypatch.setenv("IOATTN_BACKEND", "triton")
+    calls, _ = recorded
+    _flash_calls(torch.float16 if backend == "tma" else torch.float32)
+    assert len({c[0] for c in calls}) >= 2, "both the forward and the backward kernels launch"
+    assert check_key_refines_spec(calls, launch_mod._key) > 0
+
+
+def test_key_refines_triton_specialization_gpu_configs(recorded):
+    # The launchers with the GPU's configs (bf16; the interpreter's configs are other tiles) and the
+    # Gluon forward, recorded without running: only their argument lists are needed.
+    calls, calls_run = recorded
+    calls_run["run"] = False
+    for D, T, causal in [(64, 37, True), (128, 512, False), (128, 4096, True)]:
+        q, k, v = make_qkv(1, T, T, 4, 2, D, dtype=torch.bfloat16)
+        out, lse = torch.empty_like(q), torch.empty(1, 4, T)
+        fwd_tma.flash_fwd_tma(q, k, v, 0.1, causal, 0,
+                              config=get_tma_fwd_config(D, q.dtype, causal, interpret=False, seqlen=T))
+        bwd_tma.flash_bwd_tma(torch.randn_like(q), q, k, v, out, lse, 0.1, causal, 0,
+                              config=get_tma_bwd_config(D, q.dtype, causal, interpret=False, seqlen=T))
+        gluon = get_gluon_fwd_config(D, q.dtype, causal, T)
+        if fwd_gluon.HAS_GLUON and gluon is not None:
+            fwd_gluon.flash_fwd_gluon(q, k, v, 0.1, causal, 0, config=gluon)
+    kernels = {c[0] for c in calls}
+    assert {bwd_tma._bwd_dq_tma_kernel, bwd_tma._bwd_dkdv_tma_kernel, fwd_tma._fwd_tma_kernel} <= kernels
+    assert check_key_refines_spec(calls, launch_mod._key) > 0
+
+
+def test_key_refines_triton_specialization_decode(recorded, monkeypatch):
+    monkeypatch.setenv("IOATTN_BACKEND", "triton")
+    calls, _ = recorded
+    B, H, Hkv, D = 2, 4, 2, 64
+    for T_cache, num_splits in [(40, 1), (64, 3)]:
+        q = torch.randn(B, 1, H, D, dtype=torch.float16)
+        k_cache, v_cache = (torch.randn(B, T_cache, Hkv, D, dtype=torch.float16) for _ in range(2))
+        seqlens = torch.tensor([T_cache - 5, 7], dtype=torch.int32)
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=num_splits)
+    assert decode_kernel._splitkv_kernel in {c[0] for c in calls}
+    assert check_key_refines_spec(calls, launch_mod._key) > 0
+
+
+def test_a_key_without_alignment_fails_the_check(recorded, monkeypatch):
+    # The check can fail: a key that drops the tensors' alignment maps two specializations to one key.
+    monkeypatch.setenv("IOATTN_BACKEND", "triton")
+    calls, _ = recorded
+    _flash_calls(torch.float16)
+
+    def weak_key(kernel, device, args, kwargs):
+        return (kernel, tuple(a.dtype if isinstance(a, torch.Tensor) else launch_mod._arg_key(a) for a in args),
+                tuple(kwargs.items()))
+
+    with pytest.raises(AssertionError, match="one key, two specializations"):
+        check_key_refines_spec(calls, weak_key)
+
+
+def test_keys_of_arguments():
+    t = torch.empty(4, dtype=torch.float16)
+    assert launch_mod._arg_key(1) != launch_mod._arg_key(True), "Triton types bools as i1, 1 as a constant"
+    assert launch_mod._arg_key(0.5) == launch_mod._arg_key(2.0), "floats are fp32 whatever the value"
+    assert launch_mod._arg_key(t) != launch_mod._arg_key(_misaligned(t))
+    assert launch_mod._arg_key(t) != launch_mod._arg_key(t.to(torch.bfloat16))
+    assert launch_mod._arg_key(object()) is ..., "an unknown type is not keyed"
+    assert launch_mod._key("kernel", 0, (object(),), {}) is None
+
+
+@pytest.mark.gpu
+def test_cached_launches_match_triton_path(monkeypatch):
+    # Each call twice through the cache (the first fills it, the second must not reach
+    # JITFunction.run), then through Triton's path: the same bits. The Gluon and TMA forwards,
+    # the TMA backward, the portable kernels (a window), and decoding with splits.
+    runs = []
+    run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **kw: runs.append(self) or run(self, *a, **kw))
+    q, k, v = make_qkv(2, 300, 300, 4, 2, 128, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn_like(q)
+    k_cache, v_cache = (torch.randn(2, 1000, 2, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    seqlens = torch.tensor([999, 500], dtype=torch.int32, device="cuda")
+
+    def calls():
+        results = []
+        for kwargs in (dict(causal=True), dict(causal=False), dict(window_size=(64, 0))):
+            out = flash_attn_func(q, k, v, **kwargs)
+            results += [out, *torch.autograd.grad(out, (q, k, v), dout)]
+        results.append(flash_attn_with_kvcache(q[:, :1].detach(), k_cache, v_cache, cache_seqlens=seqlens,
+                                               num_splits=4))
+        return results
+
+    launch_mod._PLANS.clear()
+    first = calls()
+    assert launch_mod._PLANS, "the first calls leave plans"
+    runs.clear()
+    cached = calls()
+    assert not runs, f"cached launches went through Triton: {runs}"
+    monkeypatch.setenv("IOATTN_FAST_LAUNCH", "0")
+    triton_path = calls()
+    assert runs, "IOATTN_FAST_LAUNCH=0 launches through Triton"
+    for a, b, c in zip(first, cached, triton_path):
+        assert torch.equal(a, b) and torch.equal(b, c)
