@@ -107,7 +107,10 @@ class TmaFwdConfig:
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few
 # programs per head and the diagonal block is a large share of each causal program's work, so
-# the tables below have a branch for it (swept at T = 1024 and 2048).
+# the tables below have a branch for it (swept at T = 1024 and 2048). At T = 512 the configs
+# these tables pick, the Gluon one included, were again the fastest candidates, or within 2%
+# of them (results/2026-12-03_nvidia-h200_sweep-fwd-{tma,gluon}-512.json), so there is no
+# branch for shorter sequences.
 SHORT_SEQLEN = 1024
 
 
