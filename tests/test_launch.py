@@ -24,28 +24,35 @@ from ioattn.testing import make_qkv
 LAUNCHERS = (fwd, bwd, bwd_preprocess, dropout, varlen_launch, fwd_tma, bwd_tma, fwd_gluon, decode_kernel,
              decode_combine)
 _BACKEND = make_backend(GPUTarget("cuda", 90, 32))
-_BINDERS = {}
+_JITS, _BINDERS = {}, {}
 
 
-def _binder(kernel):
-    """Triton's binder for ``kernel`` compiled for sm_90 (an interpreted kernel's function is
-    wrapped in a JITFunction, which compiles nothing until launched)."""
-    if kernel not in _BINDERS:
-        jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
-        _BINDERS[kernel] = create_function_from_signature(jit.signature, jit.params, _BACKEND)
-    return _BINDERS[kernel]
+def _jit(kernel):
+    """The kernel as a JITFunction (an interpreted kernel's function wrapped in one, which
+    compiles nothing until launched): what ``launch`` keys and Triton binds."""
+    if kernel not in _JITS:
+        _JITS[kernel] = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+    return _JITS[kernel]
 
 
 def triton_spec(kernel, args, kwargs):
-    # JITFunction.run adds these two options before binding.
-    _, specialization, options = _binder(kernel)(*args, **kwargs, debug=False, instrumentation_mode="")
+    """Triton's specialization and options of one call, for sm_90 (JITFunction.run adds the
+    last two options before binding)."""
+    jit = _jit(kernel)
+    if id(jit) not in _BINDERS:  # by id: a JITFunction's hash is its source's cache key
+        _BINDERS[id(jit)] = create_function_from_signature(jit.signature, jit.params, _BACKEND)
+    _, specialization, options = _BINDERS[id(jit)](*args, **kwargs, debug=False, instrumentation_mode="")
     return tuple(specialization), options
+
+
+def key_of(kernel, args, kwargs):
+    return launch_mod._key(_jit(kernel), 0, args, kwargs)
 
 
 @pytest.fixture
 def recorded(monkeypatch):
     """The (kernel, args, kwargs) of every ``launch`` the launchers make; the launches still run
-    (in the interpreter) unless the list's ``run`` is set False."""
+    (in the interpreter) unless ``run`` is set False."""
     calls = []
     calls_run = {"run": True}
 
@@ -65,38 +72,56 @@ def _misaligned(x: torch.Tensor) -> torch.Tensor:
     return buf[1:1 + x.numel()].view(x.shape)
 
 
-def _variants(args):
-    """Argument lists with the same key as ``args``, by construction: one tensor replaced by a
-    copy at the same alignment, or one descriptor moved onto another base (misaligned, other
-    shape and strides) with the same block, dtype and layout."""
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor):
-            same = _misaligned(a) if a.data_ptr() % 16 else torch.empty_like(a, memory_format=torch.contiguous_format)
-            yield args[:i] + (same,) + args[i + 1:]
-        elif hasattr(a, "block_shape") and isinstance(getattr(a, "base", None), torch.Tensor):
-            other = object.__new__(type(a))
-            other.__dict__.update(a.__dict__)
-            base = _misaligned(torch.empty(3, 5, 7, a.shape[-1], dtype=a.base.dtype))
-            other.base, other.shape, other.strides = base, [3, 7, 5, a.shape[-1]], [base.stride(i) for i in (0, 2, 1, 3)]
-            yield args[:i] + (other,) + args[i + 1:]
+def _same_class_int(a: int) -> int:
+    # Another int that Triton types and specializes alike: 1 stays 1; a multiple of 16 (0 too)
+    # becomes another one, any other int another non-multiple.
+    return a if a == 1 else a + 112 if a % 16 == 0 else a + 16
 
 
-def _misaligned_variants(args):
-    """Argument lists that differ from ``args`` in one tensor's alignment only."""
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor) and a.data_ptr() % 16 == 0:
-            yield args[:i] + (_misaligned(a),) + args[i + 1:]
+def _replace(x, same: bool):
+    """A stand-in for one argument: ``same`` keeps everything Triton specializes on (the key's
+    claim), otherwise one such property changes. None when there is nothing to replace."""
+    if type(x) is int:
+        return _same_class_int(x) if same else (x + 1 if x != 0 else 3)
+    if isinstance(x, torch.Tensor):
+        if same:
+            return _misaligned(x) if x.data_ptr() % 16 else torch.empty_like(x, memory_format=torch.contiguous_format)
+        return _misaligned(x) if x.data_ptr() % 16 == 0 else None
+    if same and hasattr(x, "block_shape") and isinstance(getattr(x, "base", None), torch.Tensor):
+        # The descriptor moved onto another base (misaligned, other shape and strides), same block.
+        other = object.__new__(type(x))
+        other.__dict__.update(x.__dict__)
+        base = _misaligned(torch.empty(3, 5, 7, x.shape[-1], dtype=x.base.dtype))
+        other.base, other.shape, other.strides = base, [3, 7, 5, x.shape[-1]], [base.stride(i) for i in (0, 2, 1, 3)]
+        return other
+    return None
 
 
-def check_key_refines_spec(calls, key_fn):
-    """Every recorded call and each variant: equal keys, equal Triton specializations."""
+def _variants(kernel, args, kwargs, same: bool):
+    """Calls that differ from ``(args, kwargs)`` in one runtime argument, replaced by
+    :func:`_replace` (constexprs and options are keyed by value and left alone)."""
+    names, _, constexprs, _ = launch_mod._signature(_jit(kernel))
+    for i, (name, a) in enumerate(zip(names, args)):
+        r = None if name in constexprs else _replace(a, same)
+        if r is not None:
+            yield args[:i] + (r,) + args[i + 1:], kwargs
+    for name, a in kwargs.items():
+        r = None if name in constexprs or name not in names else _replace(a, same)
+        if r is not None:
+            yield args, dict(kwargs, **{name: r})
+
+
+def check_key_refines_spec(calls, key_fn=key_of):
+    """Every recorded call and its variants (both kinds): equal keys, equal Triton
+    specializations. Returns how many pairs with equal keys were compared."""
     seen = {}
     checked = 0
     for kernel, args, kwargs in calls:
-        for variant in (args, *_variants(args), *_misaligned_variants(args)):
-            key = key_fn(kernel, 0, variant, kwargs)
+        variants = [(args, kwargs), *_variants(kernel, args, kwargs, True), *_variants(kernel, args, kwargs, False)]
+        for v_args, v_kwargs in variants:
+            key = key_fn(kernel, v_args, v_kwargs)
             assert key is not None, f"{kernel}: a launcher passes an argument the key does not cover"
-            spec = triton_spec(kernel, variant, kwargs)
+            spec = triton_spec(kernel, v_args, v_kwargs)
             if key in seen:
                 assert seen[key] == spec, f"{kernel}: one key, two specializations:\n{seen[key]}\n{spec}"
                 checked += 1
@@ -125,7 +150,7 @@ def test_key_refines_triton_specialization_flash(recorded, monkeypatch, backend)
     calls, _ = recorded
     _flash_calls(torch.float16 if backend == "tma" else torch.float32)
     assert len({c[0] for c in calls}) >= 2, "both the forward and the backward kernels launch"
-    assert check_key_refines_spec(calls, launch_mod._key) > 0
+    assert check_key_refines_spec(calls) > 0
 
 
 def test_key_refines_triton_specialization_gpu_configs(recorded):
@@ -145,7 +170,7 @@ def test_key_refines_triton_specialization_gpu_configs(recorded):
             fwd_gluon.flash_fwd_gluon(q, k, v, 0.1, causal, 0, config=gluon)
     kernels = {c[0] for c in calls}
     assert {bwd_tma._bwd_dq_tma_kernel, bwd_tma._bwd_dkdv_tma_kernel, fwd_tma._fwd_tma_kernel} <= kernels
-    assert check_key_refines_spec(calls, launch_mod._key) > 0
+    assert check_key_refines_spec(calls) > 0
 
 
 def test_key_refines_triton_specialization_decode(recorded, monkeypatch):
@@ -158,38 +183,65 @@ def test_key_refines_triton_specialization_decode(recorded, monkeypatch):
         seqlens = torch.tensor([T_cache - 5, 7], dtype=torch.int32)
         flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=num_splits)
     assert decode_kernel._splitkv_kernel in {c[0] for c in calls}
-    assert check_key_refines_spec(calls, launch_mod._key) > 0
+    assert check_key_refines_spec(calls) > 0
 
 
-def test_a_key_without_alignment_fails_the_check(recorded, monkeypatch):
-    # The check can fail: a key that drops the tensors' alignment maps two specializations to one key.
+@pytest.mark.parametrize("drop", ["alignment", "divisibility"])
+def test_a_weaker_key_fails_the_check(recorded, monkeypatch, drop):
+    # The check can fail: a key that drops the tensors' alignment, or the ints' divisibility by
+    # 16, maps two specializations to one key.
     monkeypatch.setenv("IOATTN_BACKEND", "triton")
     calls, _ = recorded
     _flash_calls(torch.float16)
 
-    def weak_key(kernel, device, args, kwargs):
-        return (kernel, tuple(a.dtype if isinstance(a, torch.Tensor) else launch_mod._arg_key(a) for a in args),
-                tuple(kwargs.items()))
+    def weaker(a):
+        if drop == "alignment" and isinstance(a, torch.Tensor):
+            return a.dtype
+        if drop == "divisibility" and type(a) is int:
+            return a == 1
+        return launch_mod._arg_key(a)
+
+    def weak_key(kernel, args, kwargs):
+        names, _, constexprs, _ = launch_mod._signature(_jit(kernel))
+        return (kernel, tuple(a if n in constexprs else weaker(a) for n, a in zip(names, args)),
+                tuple((n, a if n in constexprs or n not in names else weaker(a)) for n, a in kwargs.items()))
 
     with pytest.raises(AssertionError, match="one key, two specializations"):
         check_key_refines_spec(calls, weak_key)
 
 
+def test_per_call_values_share_a_key(recorded, monkeypatch):
+    # A fresh dropout seed, other lengths of the same divisibility, another tensor: one key, so
+    # one compiled kernel reused (the key keeps nothing that differs call to call).
+    monkeypatch.setenv("IOATTN_BACKEND", "triton")
+    calls, _ = recorded
+    for T in (37, 53):
+        q, k, v = make_qkv(1, T, T, 2, 1, 64, dtype=torch.float16)
+        flash_attn_func(q, k, v, dropout_p=0.2, alibi_slopes=torch.rand(2))
+    assert len(calls) == 2
+    (kernel, a1, k1), (_, a2, k2) = calls
+    assert k1["seed"] != k2["seed"] and k1["ALIBI"] is not k2["ALIBI"]
+    assert key_of(kernel, a1, k1) == key_of(kernel, a2, k2)
+
+
 def test_keys_of_arguments():
     t = torch.empty(4, dtype=torch.float16)
-    assert launch_mod._arg_key(1) != launch_mod._arg_key(True), "Triton types bools as i1, 1 as a constant"
-    assert launch_mod._arg_key(0.5) == launch_mod._arg_key(2.0), "floats are fp32 whatever the value"
-    assert launch_mod._arg_key(t) != launch_mod._arg_key(_misaligned(t))
-    assert launch_mod._arg_key(t) != launch_mod._arg_key(t.to(torch.bfloat16))
-    assert launch_mod._arg_key(object()) is ..., "an unknown type is not keyed"
-    assert launch_mod._key("kernel", 0, (object(),), {}) is None
+    key = launch_mod._arg_key
+    assert key(1) != key(True), "Triton types bools as i1, 1 as a constant"
+    assert key(1) != key(17) and key(16) != key(17) and key(16) == key(32) and key(0) == key(48)
+    assert key(17) == key(33) and key(2**31 + 1) != key(17) and key(2**63 + 1) != key(2**31 + 1)
+    assert key(0.5) == key(2.0), "floats are fp32 whatever the value"
+    assert key(t) != key(_misaligned(t))
+    assert key(t) != key(t.to(torch.bfloat16))
+    assert key(object()) is ..., "an unknown type is not keyed"
 
 
 @pytest.mark.gpu
 def test_cached_launches_match_triton_path(monkeypatch):
     # Each call twice through the cache (the first fills it, the second must not reach
-    # JITFunction.run), then through Triton's path: the same bits. The Gluon and TMA forwards,
-    # the TMA backward, the portable kernels (a window), and decoding with splits.
+    # JITFunction.run, with new dropout seeds too), then through Triton's path: the same bits.
+    # The Gluon and TMA forwards, the TMA backward, the portable kernels (a window; dropout with
+    # ALiBi), and decoding with splits.
     runs = []
     run = JITFunction.run
     monkeypatch.setattr(JITFunction, "run", lambda self, *a, **kw: runs.append(self) or run(self, *a, **kw))
@@ -197,10 +249,13 @@ def test_cached_launches_match_triton_path(monkeypatch):
     dout = torch.randn_like(q)
     k_cache, v_cache = (torch.randn(2, 1000, 2, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
     seqlens = torch.tensor([999, 500], dtype=torch.int32, device="cuda")
+    slopes = torch.rand(4, device="cuda")
 
     def calls():
+        torch.manual_seed(0)  # the same dropout seeds in every round
         results = []
-        for kwargs in (dict(causal=True), dict(causal=False), dict(window_size=(64, 0))):
+        for kwargs in (dict(causal=True), dict(causal=False), dict(window_size=(64, 0)),
+                       dict(dropout_p=0.1, alibi_slopes=slopes)):
             out = flash_attn_func(q, k, v, **kwargs)
             results += [out, *torch.autograd.grad(out, (q, k, v), dout)]
         results.append(flash_attn_with_kvcache(q[:, :1].detach(), k_cache, v_cache, cache_seqlens=seqlens,
@@ -211,6 +266,8 @@ def test_cached_launches_match_triton_path(monkeypatch):
     first = calls()
     assert launch_mod._PLANS, "the first calls leave plans"
     runs.clear()
+    torch.manual_seed(1)
+    flash_attn_func(q, k, v, dropout_p=0.1, alibi_slopes=slopes)  # another seed, the same plan
     cached = calls()
     assert not runs, f"cached launches went through Triton: {runs}"
     monkeypatch.setenv("IOATTN_FAST_LAUNCH", "0")

@@ -4,17 +4,19 @@
 specializes each one (type, 16-byte alignment, value 1, divisibility by 16), builds a cache key
 from them and the options, and only then calls the compiled kernel's launcher. On the H200's
 host that cost 13 µs a launch for the Triton kernels and 45-60 µs for the Gluon forward (its
-descriptors' layouts are printed into the key), against 22-30 µs for the launcher itself
+descriptors' layouts are printed into the key), against 17-30 µs for the launcher itself
 (benchmarks/host_cost.py, benchmarks/LOG.md v1.12). A short training call makes three
 launches, and at T <= 1024 the GPU waits on that host time.
 
 :func:`launch` keys each call by what can change Triton's choice of compiled kernel: the kernel,
-the device, every int by its exact value (a superset of what Triton derives from it), every
-tensor by dtype and 16-byte alignment, every descriptor by class, dtype, block shape, layout and
-padding, and the keyword arguments (constexprs, options) by value. The first call with a key
-goes through Triton (compiling if needed); the next ones call the compiled kernel's launcher
-with the same argument list Triton would build. Calls this cannot key (another argument type,
-Triton's launch hooks installed, the interpreter) take Triton's path every time.
+the device, the options, every constexpr parameter by value, and every other argument by what
+Triton specializes on: an int by its type range, whether it is 1 and whether 16 divides it; a
+tensor by dtype and 16-byte alignment; a descriptor by class, dtype, block shape, layout and
+padding. Per-call values that specialize nothing (lengths, strides, a dropout seed, a mask's
+pointer) are therefore not in the key, and a run with ever-new shapes or seeds reuses one entry.
+The first call with a key goes through Triton (compiling if needed); the next ones call the
+compiled kernel's launcher with the argument list Triton would build. Calls this cannot key
+(another argument type, Triton's launch hooks installed, the interpreter) take Triton's path.
 tests/test_launch.py checks against Triton's own binder that equal keys mean equal
 specializations, for the argument lists of every kernel launched through here.
 """
@@ -24,47 +26,111 @@ from triton.runtime.jit import JITFunction
 
 from . import _env
 
-# key -> (compiled kernel, launcher arguments after the positional ones). Bounded: each distinct
-# shape adds an entry (ints are keyed by value), so a long run of ever-new shapes restarts it.
+_I32, _I64 = 2**31, 2**63
+
+# key -> compiled kernel. Bounded for safety; keys do not grow with shapes (see above).
 _PLANS: dict = {}
 _MAX_PLANS = 4096
+# id(kernel) -> (kernel, parameter names, constexpr flags in that order, names of the constexpr
+# ones, defaults by name). By id: a JITFunction's own hash computes its source's cache key. The
+# entry keeps the kernel alive, so its id, which the plans' keys hold too, is never reused.
+_SIGNATURES: dict = {}
+
+
+def _signature(kernel):
+    """``(names, constexpr flags, constexpr names, defaults)`` of the kernel's parameters."""
+    entry = _SIGNATURES.get(id(kernel))
+    if entry is None or entry[0] is not kernel:
+        params = kernel.params
+        entry = (kernel, tuple(p.name for p in params), tuple(p.is_constexpr for p in params),
+                 frozenset(p.name for p in params if p.is_constexpr),
+                 {p.name: p.default for p in params if p.has_default})
+        _SIGNATURES[id(kernel)] = entry
+    return entry[1:]
+
+
+def _descriptor_classes():
+    """Triton's host tensor descriptor and Gluon's (when this triton has them)."""
+    classes = []
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        classes.append(TensorDescriptor)
+    except ImportError:
+        pass
+    try:
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+        classes.append(GluonDescriptor)
+    except ImportError:
+        pass
+    return classes
+
+
+def _tensor_key(a):
+    return a.dtype, a.data_ptr() % 16 == 0
+
+
+def _desc_key(a):
+    return (type(a), a.base.dtype, *a.block_shape, a.padding, getattr(a, "layout", None))
+
+
+def _int_key(a):
+    # Typed i32, i64 or u64 by range; value 1 becomes a constant; "divisible by 16" is kept.
+    kind = 1 if a == 1 else 16 if a % 16 == 0 else 0
+    return kind if -_I32 <= a < _I32 else (kind, a >= _I64)
+
+
+# Keys of the argument types the launchers pass, by exact type (one dict lookup a call); other
+# types, subclasses included, go through the checks in _arg_key.
+_KEYS = {int: _int_key, float: lambda a: float, bool: lambda a: (bool, a), str: lambda a: (str, a),
+         type(None): lambda a: None, torch.Tensor: _tensor_key, torch.nn.Parameter: _tensor_key}
+for _cls in _descriptor_classes():
+    _KEYS[_cls] = _desc_key
 
 
 def _arg_key(a):
-    """What Triton's specialization of one positional argument can depend on; ``...`` when
-    unknown (the call then takes Triton's path)."""
-    t = type(a)
-    if t is int:
-        return a
-    if t is float:
-        return float  # typed fp32 whatever the value
-    if t is bool or a is None or t is str:
-        return (t, a)
+    """What Triton's specialization of one runtime (not constexpr) argument can depend on;
+    ``...`` when unknown (the call then takes Triton's path). Floats are typed fp32 whatever
+    their value; bools i1."""
+    key = _KEYS.get(type(a))
+    if key is not None:
+        return key(a)
     if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    base = getattr(a, "base", None)
-    if isinstance(base, torch.Tensor) and hasattr(a, "block_shape"):
-        return (t, base.dtype, tuple(a.block_shape), getattr(a, "layout", None), getattr(a, "padding", None))
+        return _tensor_key(a)
+    if isinstance(getattr(a, "base", None), torch.Tensor) and hasattr(a, "block_shape"):
+        return (type(a), a.base.dtype, *a.block_shape, getattr(a, "padding", None), getattr(a, "layout", None))
     return ...
 
 
 def _key(kernel, device: int, args, kwargs):
-    parts = [kernel, device]
-    for a in args:
-        k = _arg_key(a)
+    """The call's key (module docstring), or None if an argument cannot be keyed."""
+    names, flags, constexprs, _ = _signature(kernel)
+    parts = [id(kernel), device]
+    append = parts.append
+    keys = _KEYS
+    for a, const in zip(args, flags):
+        if const:
+            append(a)
+            continue
+        key = keys.get(type(a))
+        k = key(a) if key is not None else _arg_key(a)
         if k is ...:
             return None
-        parts.append(k)
-    parts.append(tuple(kwargs.items()))
+        append(k)
+    for name, a in kwargs.items():
+        # Launch options (num_warps, ...) are no parameters: by value, like constexprs.
+        k = a if name in constexprs or name not in names else _arg_key(a)
+        if k is ...:
+            return None
+        append(name)
+        append(k)
     return tuple(parts)
 
 
-def _bound_tail(kernel, device: int, args, kwargs) -> tuple:
-    """The launcher's arguments after ``args``: the kernel's other parameters, in signature
-    order, as Triton's binder fills them in (keywords, then defaults)."""
-    binder = kernel.device_caches[device][4]
-    bound, _, _ = binder(*args, **kwargs)
-    return tuple(bound.values())[len(args):]
+def _tail(kernel, n_args: int, kwargs) -> list:
+    """The launcher's arguments after the ``n_args`` positional ones: the kernel's other
+    parameters in signature order, from ``kwargs`` or their defaults (as Triton's binder)."""
+    names, _, _, defaults = _signature(kernel)
+    return [kwargs[n] if n in kwargs else defaults[n] for n in names[n_args:]]
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
@@ -78,18 +144,20 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         return
     device = torch.cuda.current_device()
     key = _key(kernel, device, args, kwargs)
-    plan = _PLANS.get(key) if key is not None else None
-    if plan is None:
+    try:
+        compiled = _PLANS.get(key) if key is not None else None
+    except TypeError:  # an unhashable constexpr or option: no key
+        key = compiled = None
+    if compiled is None:
         compiled = kernel[grid](*args, **kwargs)
         if key is not None and compiled is not None and not hasattr(compiled, "result"):
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
             compiled._init_handles()
-            _PLANS[key] = (compiled, _bound_tail(kernel, device, args, kwargs))
+            _PLANS[key] = compiled
         return
-    compiled, tail = plan
-    g0 = grid[0]
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     stream = torch._C._cuda_getCurrentRawStream(device)
-    compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+    compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                 *args, *_tail(kernel, len(args), kwargs))
