@@ -37,11 +37,16 @@ def _jit(kernel):
 
 def triton_spec(kernel, args, kwargs):
     """Triton's specialization and options of one call, for sm_90 (JITFunction.run adds the
-    last two options before binding)."""
+    last two options before binding). Also checks that the arguments ``launch`` passes to the
+    compiled kernel after ``args`` are the ones Triton's binder passes."""
     jit = _jit(kernel)
     if id(jit) not in _BINDERS:  # by id: a JITFunction's hash is its source's cache key
         _BINDERS[id(jit)] = create_function_from_signature(jit.signature, jit.params, _BACKEND)
-    _, specialization, options = _BINDERS[id(jit)](*args, **kwargs, debug=False, instrumentation_mode="")
+    bound, specialization, options = _BINDERS[id(jit)](*args, **kwargs, debug=False, instrumentation_mode="")
+    want = list(bound.values())[len(args):]
+    got = launch_mod._tail(jit, len(args), kwargs)
+    assert len(got) == len(want) and all(x is y or (type(x) is type(y) and not isinstance(x, torch.Tensor) and x == y)
+                                         for x, y in zip(got, want)), f"{kernel}: launcher arguments differ from Triton's"
     return tuple(specialization), options
 
 
