@@ -241,6 +241,12 @@ def test_keys_of_arguments():
     assert key(object()) is ..., "an unknown type is not keyed"
 
 
+def test_constexpr_bool_and_int_differ():
+    # True == 1 in Python; as constexprs they are two specializations, so two keys.
+    kernel = _jit(bwd_tma._bwd_dq_tma_kernel)
+    assert launch_mod._key(kernel, 0, (), {"HEAD_DIM": 1}) != launch_mod._key(kernel, 0, (), {"HEAD_DIM": True})
+
+
 @pytest.mark.gpu
 def test_cached_launches_match_triton_path(monkeypatch):
     # Each call twice through the cache (the first fills it, the second must not reach

@@ -109,7 +109,7 @@ def _key(kernel, device: int, args, kwargs):
     keys = _KEYS
     for a, const in zip(args, flags):
         if const:
-            append(a)
+            append(a if type(a) is not bool else (bool, a))  # True == 1, but not as a constexpr
             continue
         key = keys.get(type(a))
         k = key(a) if key is not None else _arg_key(a)
@@ -118,7 +118,10 @@ def _key(kernel, device: int, args, kwargs):
         append(k)
     for name, a in kwargs.items():
         # Launch options (num_warps, ...) are no parameters: by value, like constexprs.
-        k = a if name in constexprs or name not in names else _arg_key(a)
+        if name in constexprs or name not in names:
+            k = a if type(a) is not bool else (bool, a)
+        else:
+            k = _arg_key(a)
         if k is ...:
             return None
         append(name)

@@ -339,8 +339,9 @@ def _bind_context(device: torch.device) -> None:
     device thread, whose device is already "selected", so selecting it again binds nothing, ran
     the Hopper backward into "Failed to create tensor map descriptor: invalid device context"
     on the H200 when the backward of ioattn's call was the first GPU work of that thread. Any
-    runtime call that needs the context binds it; this one neither waits nor touches a stream
-    (so it is safe during CUDA-graph capture)."""
+    runtime call that needs the context binds it; this one neither waits for the GPU nor
+    enqueues work on a stream. Once per thread, so it runs in a CUDA-graph capture only when a
+    thread's very first ioattn launch is captured (not tried)."""
     seen = getattr(_context_bound, "devices", None)
     if seen is None:
         seen = _context_bound.devices = set()
