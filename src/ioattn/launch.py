@@ -70,7 +70,7 @@ def _tensor_key(a):
 
 
 def _desc_key(a):
-    return (type(a), a.base.dtype, *a.block_shape, a.padding, getattr(a, "layout", None))
+    return (type(a), a.base.dtype, *a.block_shape, getattr(a, "padding", None), getattr(a, "layout", None))
 
 
 def _int_key(a):
@@ -97,7 +97,7 @@ def _arg_key(a):
     if isinstance(a, torch.Tensor):
         return _tensor_key(a)
     if isinstance(getattr(a, "base", None), torch.Tensor) and hasattr(a, "block_shape"):
-        return (type(a), a.base.dtype, *a.block_shape, getattr(a, "padding", None), getattr(a, "layout", None))
+        return _desc_key(a)
     return ...
 
 
