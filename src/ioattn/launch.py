@@ -13,7 +13,8 @@ the device, the options, every constexpr parameter by value, and every other arg
 Triton specializes on: an int by its type range, whether it is 1 and whether 16 divides it; a
 tensor by dtype and 16-byte alignment; a descriptor by class, dtype, block shape, layout and
 padding. Per-call values that specialize nothing (lengths, strides, a dropout seed, a mask's
-pointer) are therefore not in the key, and a run with ever-new shapes or seeds reuses one entry.
+pointer) are therefore not in the key: a run with ever-new shapes or seeds adds an entry only
+where Triton compiles another specialization (a seed that 16 divides, for one).
 The first call with a key goes through Triton (compiling if needed); the next ones call the
 compiled kernel's launcher with the argument list Triton would build. Calls this cannot key
 (another argument type, Triton's launch hooks installed, the interpreter) take Triton's path.
