@@ -212,51 +212,59 @@ def compare_full(s, rows, smoke, configs):
                                lambda g: (g, s.ref), 2.5, smoke, port.get("ms")))
 
 
-def ptxas_report(Ds):
-    """Compile each candidate for sm_90 (no GPU needed) and print ptxas's registers and spills."""
+def ptxas_compile(fn, D, M, N, warps, stages, values, device_desc=False, reduce_dq=False):
+    """Compile a backward kernel for sm_90 (no GPU needed) and return ptxas's report and the PTX.
+    Descriptors of query rows (q, dO, dQ) have M-row tiles, of keys (k, v, dK, dV) N-row ones; with
+    ``device_desc`` the kernel takes the tensors (16-byte aligned, as checked); ``reduce_dq``: dQ
+    is added through an fp32 host descriptor (bwd_fused.py's bulk reduction)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    values = dict(values, HAS_RIGHT=True, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, DOT_PRECISION="tf32")
+    pointers = {"O": "*bf16", "DQ": "*fp32", "LSE": "*fp32", "DELTA": "*fp32"}
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in values:
+            sig[name], constexprs[(i,)] = "constexpr", values[name]
+        elif name == "desc_dq" and reduce_dq and not device_desc:
+            sig[name] = f"tensordesc<fp32[1,1,{M},{D}]>"
+        elif name.startswith("desc_") and (device_desc or name == "desc_dq" and fn.__name__.startswith("_bwd_dkdv")):
+            sig[name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
+        elif name.startswith("desc_"):
+            rows_ = M if name in ("desc_q", "desc_do", "desc_dq") else N
+            sig[name] = f"tensordesc<bf16[1,1,{rows_},{D}]>"
+        else:
+            sig[name] = pointers.get(name, {"softmax_scale": "fp32", "qk_scale": "fp32"}.get(name, "i32"))
+            if name.startswith("stride_") or name in pointers:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(k.asm["ptx"])
+        info = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", path + ".o"],
+                              capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", info).group(1)
+    spill = re.search(r"(\d+) bytes spill stores", info).group(1)
+    return f"regs {regs:>3}  spill {spill:>5} B  smem {k.metadata.shared // 1024} KiB", k.asm["ptx"]
+
+
+def ptxas_report(Ds):
+    """Compile each candidate for sm_90 (no GPU needed) and print ptxas's registers and spills."""
     from ioattn.flash import bwd_tma
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     for D in Ds:
         for kind, fn, cands in (("dkdv", bwd_tma._bwd_dkdv_tma_kernel, DKDV[D]), ("dq", bwd_tma._bwd_dq_tma_kernel, DQ[D])):
             for c in cands:
                 M, N, warps, stages = c[:4]
                 device_desc = len(c) > 4 and c[4]
-                # Descriptors of query rows (q, dO, dQ) have M-row tiles, of keys (k, v, dK, dV) N-row
-                # ones; with device_desc the kernel takes the tensors (16-byte aligned, as checked).
-                values = dict(HAS_RIGHT=True, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, DOT_PRECISION="tf32",
-                              DEVICE_DESC=device_desc)
-                sig, constexprs, attrs = {}, {}, {}
-                for i, name in enumerate(fn.arg_names):
-                    if name in values:
-                        sig[name], constexprs[(i,)] = "constexpr", values[name]
-                    elif name.startswith("desc_") and device_desc:
-                        sig[name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
-                    elif name.startswith("desc_"):
-                        rows_ = M if name in ("desc_q", "desc_do", "desc_dq") else N
-                        sig[name] = f"tensordesc<bf16[1,1,{rows_},{D}]>"
-                    else:
-                        sig[name] = {"O": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "softmax_scale": "fp32",
-                                     "qk_scale": "fp32"}.get(name, "i32")
-                        if name.startswith("stride_") or name == "O":
-                            attrs[(i,)] = [["tt.divisibility", 16]]
+                values = dict(DEVICE_DESC=device_desc, ADD_DQ=False, TMA_REDUCE=False) if kind == "dkdv" else {}
                 try:
-                    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-                    with tempfile.TemporaryDirectory() as tmp:
-                        path = os.path.join(tmp, "k.ptx")
-                        with open(path, "w") as f:
-                            f.write(k.asm["ptx"])
-                        info = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", path + ".o"],
-                                              capture_output=True, text=True).stderr
-                    regs = re.search(r"Used (\d+) registers", info).group(1)
-                    spill = re.search(r"(\d+) bytes spill stores", info).group(1)
-                    print(f"D={D:<3} {kind:<4} {c!s:<24} regs {regs:>3}  spill {spill:>5} B  "
-                          f"smem {k.metadata.shared // 1024} KiB", flush=True)
+                    report, _ = ptxas_compile(fn, D, M, N, warps, stages, values, device_desc)
+                    print(f"D={D:<3} {kind:<4} {c!s:<24} {report}", flush=True)
                 except Exception as e:
                     print(f"D={D:<3} {kind:<4} {c!s:<24} FAILED: {str(e).splitlines()[0][:120]}",
                           flush=True)

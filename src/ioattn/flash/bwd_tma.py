@@ -71,11 +71,33 @@ def _head_desc(X, i_b, i_h, T, stride_b, stride_t, stride_h, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _dkdv_tma_inner(dk, dv, b_k, b_v, desc_q, desc_do, p_lse, p_delta, i_b, i_h, start_m, end_m,
-                    o_n, T_q, diag_hi, qk_scale, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, DEVICE_DESC: tl.constexpr):
-    """Add query rows ``[start_m, end_m)`` of head ``i_h`` into dK/dV of the keys ``o_n``.
-    ``MASK`` applies the causal mask; rows past Tq load q = dO = 0 and lse = +inf, so add nothing."""
+def _add_dq(desc_dq, p_dq, i_b, i_h, start, o_m, T_q, stride_dqt, b_dq, BLOCK_M: tl.constexpr,
+            HEAD_DIM: tl.constexpr, TMA_REDUCE: tl.constexpr, DEVICE_DESC: tl.constexpr):
+    """Add ``b_dq [BLOCK_M, HEAD_DIM]`` into rows ``[start, start + BLOCK_M)`` of head ``i_h``'s fp32
+    dQ buffer; rows past Tq are dropped (by the descriptor's bounds, or the mask). ``TMA_REDUCE``:
+    the copy engine's bulk reduction, a whole tile per instruction (no interpreter path);
+    otherwise element-wise atomics, relaxed (only the final sum matters, and the next launch
+    reads it)."""
+    if TMA_REDUCE:
+        if DEVICE_DESC:
+            desc_dq.atomic_add([start, 0], b_dq)
+        else:
+            desc_dq.atomic_add([i_b, i_h, start, 0], b_dq.reshape(1, 1, BLOCK_M, HEAD_DIM))
+    else:
+        o_d = tl.arange(0, HEAD_DIM)
+        p = p_dq + o_m.to(tl.int64)[:, None] * stride_dqt + o_d[None, :]
+        tl.atomic_add(p, b_dq, mask=(o_m < T_q)[:, None], sem="relaxed")
+
+
+@triton.jit
+def _dkdv_tma_inner(dk, dv, b_k, b_v, desc_q, desc_do, desc_dq, p_dq, p_lse, p_delta, i_b, i_h, start_m, end_m,
+                    o_n, T_q, stride_dqt, diag_hi, qk_scale, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, DEVICE_DESC: tl.constexpr,
+                    ADD_DQ: tl.constexpr, TMA_REDUCE: tl.constexpr):
+    """Add query rows ``[start_m, end_m)`` of head ``i_h`` into dK/dV of the keys ``o_n`` (and with
+    ``ADD_DQ`` their ``dS·k`` into dQ of those rows). ``MASK`` applies the causal mask. Rows past
+    Tq load q = dO = 0 and lse = +inf, so add nothing; keys past Tk load k = v = 0, so their dS,
+    which is not 0 (P = exp2(−lse) > 0), meets a zero row of k and adds nothing to dQ."""
     o_m0 = tl.arange(0, BLOCK_M)
     for start in range(start_m, end_m, BLOCK_M):
         o_m = start + o_m0
@@ -90,21 +112,30 @@ def _dkdv_tma_inner(dk, dv, b_k, b_v, desc_q, desc_do, p_lse, p_delta, i_b, i_h,
             b_pT = tl.where(o_n[:, None] <= o_m[None, :] + diag_hi, b_pT, 0.0)
         dv = tl.dot(b_pT.to(b_do.dtype), b_do, dv, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM]
         b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        b_dsT = b_pT * (b_dpT - b_delta[None, :])
-        dk = tl.dot(b_dsT.to(b_q.dtype), b_q, dk, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM]
+        b_dsT = (b_pT * (b_dpT - b_delta[None, :])).to(b_q.dtype)
+        dk = tl.dot(b_dsT, b_q, dk, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM]
+        if ADD_DQ:
+            b_dq = tl.dot(tl.trans(b_dsT), b_k, input_precision=DOT_PRECISION)  # [BLOCK_M, HEAD_DIM]
+            _add_dq(desc_dq, p_dq, i_b, i_h, start, o_m, T_q, stride_dqt, b_dq, BLOCK_M, HEAD_DIM, TMA_REDUCE,
+                    DEVICE_DESC)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_tma_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv,
+def _bwd_dkdv_tma_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, desc_dq, DQ,
                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                          stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
-                         stride_dkb, stride_dkt, stride_dkh,
+                         stride_dkb, stride_dkt, stride_dkh, stride_dqb, stride_dqt, stride_dqh,
                          T_q, T_k, H, H_kv, GROUP, softmax_scale, qk_scale, diag_hi,
                          HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DEVICE_DESC: tl.constexpr):
+                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DEVICE_DESC: tl.constexpr,
+                         ADD_DQ: tl.constexpr = False, TMA_REDUCE: tl.constexpr = False):
     """``desc_*`` are the host's 4D descriptors, or with ``DEVICE_DESC`` the tensors themselves (then
-    the strides, unused otherwise, build per-head 2D descriptors here; dk and dv share theirs)."""
+    the strides, unused otherwise, build per-head 2D descriptors here; dk and dv share theirs).
+    With ``ADD_DQ`` (the one-pass backward, bwd_fused.py) each query block's ``dS·k`` is added
+    into ``DQ``, the fp32 dQ buffer ``[B, Tq, H, D]``, through ``desc_dq``, its host descriptor,
+    when ``TMA_REDUCE`` without ``DEVICE_DESC``; otherwise ``desc_dq``, ``DQ`` and their strides
+    are unused."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hkv = i_bh // H_kv, i_bh % H_kv
     start_n = i_n * BLOCK_N
@@ -123,19 +154,23 @@ def _bwd_dkdv_tma_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, d
     # The GROUP query heads that read this KV head add into the same dK/dV: no atomics needed.
     for g in range(GROUP):
         i_h = i_hkv * GROUP + g
+        p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+        desc_dqh = desc_dq
         if DEVICE_DESC:
             desc_qh = _head_desc(desc_q, i_b, i_h, T_q, stride_qb, stride_qt, stride_qh, BLOCK_M, HEAD_DIM)
             desc_doh = _head_desc(desc_do, i_b, i_h, T_q, stride_dob, stride_dot, stride_doh, BLOCK_M, HEAD_DIM)
+            if ADD_DQ and TMA_REDUCE:
+                desc_dqh = _head_desc(DQ, i_b, i_h, T_q, stride_dqb, stride_dqt, stride_dqh, BLOCK_M, HEAD_DIM)
         else:
             desc_qh, desc_doh = desc_q, desc_do
         # lse and delta are [B, H, Tq], contiguous.
         row0 = (i_b * H + i_h).to(tl.int64) * T_q
-        dk, dv = _dkdv_tma_inner(dk, dv, b_k, b_v, desc_qh, desc_doh, LSE + row0, DELTA + row0, i_b, i_h,
-                                 m_lo, m_full_lo, o_n, T_q, diag_hi, qk_scale, True, BLOCK_M, HEAD_DIM,
-                                 DOT_PRECISION, DEVICE_DESC)
-        dk, dv = _dkdv_tma_inner(dk, dv, b_k, b_v, desc_qh, desc_doh, LSE + row0, DELTA + row0, i_b, i_h,
-                                 m_full_lo, m_full_hi, o_n, T_q, diag_hi, qk_scale, False, BLOCK_M,
-                                 HEAD_DIM, DOT_PRECISION, DEVICE_DESC)
+        dk, dv = _dkdv_tma_inner(dk, dv, b_k, b_v, desc_qh, desc_doh, desc_dqh, p_dq, LSE + row0, DELTA + row0,
+                                 i_b, i_h, m_lo, m_full_lo, o_n, T_q, stride_dqt, diag_hi, qk_scale, True, BLOCK_M,
+                                 HEAD_DIM, DOT_PRECISION, DEVICE_DESC, ADD_DQ, TMA_REDUCE)
+        dk, dv = _dkdv_tma_inner(dk, dv, b_k, b_v, desc_qh, desc_doh, desc_dqh, p_dq, LSE + row0, DELTA + row0,
+                                 i_b, i_h, m_full_lo, m_full_hi, o_n, T_q, stride_dqt, diag_hi, qk_scale, False,
+                                 BLOCK_M, HEAD_DIM, DOT_PRECISION, DEVICE_DESC, ADD_DQ, TMA_REDUCE)
     if DEVICE_DESC:
         desc_dk = _head_desc(desc_dk, i_b, i_hkv, T_k, stride_dkb, stride_dkt, stride_dkh, BLOCK_N, HEAD_DIM)
         desc_dv = _head_desc(desc_dv, i_b, i_hkv, T_k, stride_dkb, stride_dkt, stride_dkh, BLOCK_N, HEAD_DIM)
@@ -213,27 +248,38 @@ def _band(T_q: int, T_k: int, causal: bool, diag_offset: int) -> dict:
 def dkdv_tma(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: bool, diag_offset: int,
              config: TmaBwdConfig):
     """Launch the dK/dV kernel alone, writing ``dk``, ``dv`` (the sweep times it on its own)."""
+    dkdv_launch(q, k, v, dout, lse, delta, dk, dv, softmax_scale, causal, diag_offset, config.BLOCK_M1,
+                config.BLOCK_N1, config.warps1, config.stages1, config.device_desc1)
+
+
+def dkdv_launch(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: bool, diag_offset: int,
+                M: int, N: int, num_warps: int, num_stages: int, device_desc: bool, dq_acc=None,
+                tma_reduce: bool = False):
+    """The dK/dV kernel with M-row query tiles and N-key programs; with ``dq_acc`` (fp32, q's shape,
+    holding zeros or what to add to) it also adds each query block's unscaled ``dS·k`` there."""
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
-    M, N = config.BLOCK_M1, config.BLOCK_N1
     assert dk.stride() == dv.stride()
-    if config.device_desc1:
-        descs = (q, k, v, dout, lse, delta, dk, dv)
+    add_dq = dq_acc is not None
+    dq_buf = dq_acc if add_dq else dk  # a stand-in the kernel never touches without ADD_DQ
+    if device_desc:
+        descs = (q, k, v, dout, lse, delta, dk, dv, dq_buf)
     else:
+        desc_dq = head_major_desc(dq_acc, M) if add_dq and tma_reduce else dq_buf
         descs = (head_major_desc(q, M), head_major_desc(k, N), head_major_desc(v, N), head_major_desc(dout, M),
-                 lse, delta, head_major_desc(dk, N), head_major_desc(dv, N))
-    strides = [s for x in (q, k, v, dout, dk) for s in x.stride()[:3]]
+                 lse, delta, head_major_desc(dk, N), head_major_desc(dv, N), desc_dq)
+    strides = [s for x in (q, k, v, dout, dk, dq_buf) for s in x.stride()[:3]]
 
     def run():
         launch(
             _bwd_dkdv_tma_kernel, (cdiv(T_k, N), B * H_kv),
-            *descs, *strides, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
+            *descs, dq_buf, *strides, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
             **_band(T_q, T_k, causal, diag_offset), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
-            DOT_PRECISION=dot_precision(q.dtype), DEVICE_DESC=config.device_desc1,
-            num_warps=config.warps1, num_stages=config.stages1,
+            DOT_PRECISION=dot_precision(q.dtype), DEVICE_DESC=device_desc, ADD_DQ=add_dq,
+            TMA_REDUCE=add_dq and tma_reduce, num_warps=num_warps, num_stages=num_stages,
         )
 
-    if config.device_desc1:
+    if device_desc:
         _with_scratch(q.device, run)
     else:
         run()

@@ -236,3 +236,28 @@ def get_tma_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
     # and 260 / 240 against 171 / 169 and 162 / 176
     # (benchmarks/results/2026-11-29_nvidia-h200_sweep-bwd-tma-4warp.json).
     return TmaBwdConfig(64, 64, 8, 2, 64, 32, 4, 3)
+
+
+@dataclass(frozen=True)
+class FusedBwdConfig:
+    """Hopper one-pass backward (bwd_fused.py): a program holds BLOCK_N keys and steps over BLOCK_M
+    query rows; ``device_desc`` as :class:`TmaBwdConfig`'s ``device_desc1``; ``tma_reduce`` adds
+    the dQ tiles with the copy engine's bulk reduction instead of element-wise atomics."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+    device_desc: bool = False
+    tma_reduce: bool = False
+
+
+def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool,
+                         seqlen: int = 0) -> FusedBwdConfig | None:
+    """The one-pass backward's config where it beats the two-pass one, else None (then the
+    two-pass backward runs). ``seqlen``: the longer of Tq and Tk (0: unknown, treated as long).
+    Not yet measured on a GPU: the interpreter's config only."""
+    if interpret:
+        # Element-wise atomics: the interpreter has no bulk reduction.
+        return FusedBwdConfig(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+    return None

@@ -1,0 +1,63 @@
+"""FlashAttention-2 backward for Hopper in one pass over the scores: dQ added with atomics.
+
+The two-pass backward (bwd_tma.py) is deterministic but recomputes ``S = q·kᵀ`` and
+``dP = dO·vᵀ`` in both of its passes: seven matmuls where the math needs five. Here one launch of
+bwd_tma.py's dK/dV kernel (a program holds BLOCK_N keys of one KV head and visits the query
+blocks that see them) does it all, with ``ADD_DQ``: from each block's ``dS`` it also forms that
+block's share of dQ, ``dS·k``, and adds it into an fp32 buffer that every key block of the head
+adds into. The order of those adds
+varies from run to run, so dQ is not bit-reproducible (flash-attn's ``deterministic=False``);
+dK and dV are, and ``deterministic=True`` keeps the two-pass kernels.
+
+Three more launches than the kernel itself: the fp32 buffer is zeroed, ``delta = rowsum(dO ∘ O)``
+comes from bwd_preprocess.py (the dQ pass computed it in the two-pass backward), and the buffer
+is scaled and cast into dq at the end. On short sequences that host time is a large share of the
+call, which is why config.py chooses per sequence length.
+
+How dQ is added (``FusedBwdConfig.tma_reduce``): element-wise ``tl.atomic_add`` runs everywhere,
+Triton's interpreter included; the copy engine's bulk reduction (``desc.atomic_add``,
+``cp.reduce.async.bulk.tensor`` on sm_90) adds a whole tile per instruction but has no
+interpreter path, so only GPU tests cover it.
+"""
+import torch
+
+from .bwd_preprocess import bwd_preprocess
+from .bwd_tma import dkdv_launch
+from .config import FusedBwdConfig
+from .fwd import device_guard
+from .tma import aligned
+
+
+def fused_pass(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: float, causal: bool, diag_offset: int,
+               config: FusedBwdConfig):
+    """Launch the kernel alone: writes ``dk``, ``dv`` and adds ``dS·k`` (not yet scaled) into
+    ``dq_acc``, fp32 with q's shape, which must hold zeros (or what to add to)."""
+    dkdv_launch(q, k, v, dout, lse, delta, dk, dv, softmax_scale, causal, diag_offset, config.BLOCK_M,
+                config.BLOCK_N, config.num_warps, config.num_stages, config.device_desc, dq_acc, config.tma_reduce)
+
+
+def flash_bwd_fused(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int, *,
+                    config: FusedBwdConfig):
+    """Attention backward in one pass with dQ added atomically: :func:`ioattn.flash.bwd_tma.flash_bwd_tma`'s
+    contract and inputs (every feature off, Hopper or the interpreter), except that dq's last bits
+    may differ between runs.
+
+    Returns:
+        ``(dq, dk, dv)``, contiguous, with the shapes and dtypes of q, k, v.
+    """
+    if dout.dtype != q.dtype or not aligned(dout):
+        dout = dout.to(q.dtype, copy=True, memory_format=torch.contiguous_format)
+    if out.stride(-1) != 1:
+        out = out.contiguous()  # the delta kernel reads O with a unit last stride
+    lse = lse.contiguous()
+    B, T_q, H, D = q.shape
+    # Linear in T, like everything else: one fp32 copy of dq's shape.
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    delta = torch.empty((B, H, T_q), dtype=torch.float32, device=q.device)
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    with device_guard(q):
+        bwd_preprocess(out, dout, delta, D)
+        fused_pass(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, config)
+    # The scale dK takes at the end in the kernel, dQ takes here, in the cast to q's dtype.
+    torch.mul(dq_acc, softmax_scale, out=dq)
+    return dq, dk, dv

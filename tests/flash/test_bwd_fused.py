@@ -1,0 +1,124 @@
+"""The one-pass backward (src/ioattn/flash/bwd_fused.py): accuracy against the dense reference and
+agreement with the portable backward, and where the dispatch sends a call.
+
+Without a GPU the kernel runs in Triton's interpreter on CPU tensors with element-wise atomics
+(the interpreter has no bulk reduction); the `gpu` tests run both ways of adding dQ compiled.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from ioattn.flash.bwd import flash_bwd_triton
+from ioattn.flash.bwd_fused import flash_bwd_fused
+from ioattn.flash.config import FusedBwdConfig, get_fused_bwd_config
+from ioattn.flash.fwd import flash_fwd_triton
+from ioattn.testing import make_qkv
+
+from .cases import DEVICE, DTYPES, SMEM_BYTES, case_id
+from .test_bwd import check_bwd
+from .test_bwd_tma import CASES as TMA_CASES, GPU_CASES as TMA_GPU_CASES
+
+# Small tiles for the interpreter: M < N, so a key block meets the diagonal in two row blocks.
+SMALL = FusedBwdConfig(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
+def fused_vs_portable(dout, q, k, v, out, lse, scale, causal, offset, *, config, window, softcap, alibi_slopes):
+    """flash_bwd_triton's signature for check_bwd: the one-pass backward, also checked against the
+    portable one on the same inputs (the same math, summed in another order)."""
+    assert tuple(window) == (-1, -1) and not softcap and alibi_slopes is None
+    got = flash_bwd_fused(dout, q, k, v, out, lse, scale, causal, offset, config=config)
+    portable = flash_bwd_triton(dout, q, k, v, out, lse, scale, causal, offset)
+    tol = 1e-5 if q.dtype == torch.float32 else 2e-2
+    for name, a, b in zip(("dq", "dk", "dv"), got, portable):
+        diff = float((a.float() - b.float()).abs().max())
+        assert diff <= tol * float(b.float().abs().max()) + 1e-6, f"{name}: differs from portable by {diff:.2e}"
+    return got
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("case", TMA_CASES, ids=case_id)
+def test_bwd_fused(case, dtype):
+    check_bwd(*case, DTYPES[dtype], config=SMALL, bwd=fused_vs_portable)
+
+
+@pytest.mark.parametrize("device_desc", [False, True], ids=["host-desc", "device-desc"])
+def test_bwd_fused_strided(device_desc):
+    # q, k, v views of [B, H, T, D] storage, dout every other D-block of a wider tensor; with
+    # per-head descriptors made in the kernel too.
+    cfg = dataclasses.replace(SMALL, device_desc=device_desc)
+    check_bwd(2, 37, 45, 4, 2, 64, True, None, torch.float16, layout="bhtd", dout_strided=True, config=cfg,
+              bwd=fused_vs_portable)
+
+
+def test_bwd_fused_empty_rows():
+    # Tq > Tk, bottom-right: rows 0..34 see no key, so nothing is added to their dq.
+    dq, _, _ = check_bwd(1, 45, 10, 2, 1, 32, True, None, torch.float16, config=SMALL, bwd=fused_vs_portable)
+    assert torch.all(dq[:, :35] == 0)
+
+
+def test_bwd_fused_nan_in_nan_out():
+    # A NaN in one key row reaches the dq of every row that sees it, not a silent number.
+    q, k, v = make_qkv(1, 37, 45, 2, 1, 32, dtype=torch.float16, device=DEVICE)
+    k[0, 40, 0, 3] = float("nan")
+    dout = torch.randn_like(q)
+    out, lse = flash_fwd_triton(q, k, v, 32**-0.5, True, 8)
+    dq, dk, dv = flash_bwd_fused(dout, q, k, v, out, lse, 32**-0.5, True, 8, config=SMALL)
+    # Row i sees key 40 iff 40 <= i + 8. Rows that share a tile with it but do not see it may
+    # be NaN too (their P is 0, and 0 · NaN in the dot is NaN), as in the portable kernels;
+    # rows 0..15 never meet its key block.
+    assert torch.isnan(dq[0, 32:]).any(dim=-1).all() and not torch.isnan(dq[0, :16]).any()
+    assert torch.isnan(dk[0, 40]).any() and torch.isnan(dv[0]).any()
+
+
+BRANCHES = [(D, dt, c, T) for D in (64, 128, 256) for dt in ("fp16", "bf16") for c in (False, True)
+            for T in (0, 512, 1024, 2048, 4096, 16384, 131072)]
+
+
+@pytest.mark.parametrize("interpret", [False, True], ids=["compiled", "interpret"])
+def test_fused_bwd_config_branches(interpret):
+    for D, dtype, causal, seqlen in BRANCHES:
+        cfg = get_fused_bwd_config(D, DTYPES[dtype], causal, interpret=interpret, seqlen=seqlen)
+        if cfg is None:
+            continue
+        assert not (interpret and cfg.tma_reduce), "the interpreter has no bulk reduction"
+        for block in (cfg.BLOCK_M, cfg.BLOCK_N):
+            assert block >= 16 and block & (block - 1) == 0, cfg
+        # K and V once, Q and dO per stage, the dQ tile (fp32) once.
+        smem = (2 * cfg.BLOCK_N + 2 * cfg.num_stages * cfg.BLOCK_M) * D * 2 + cfg.BLOCK_M * D * 4
+        assert smem <= SMEM_BYTES, (D, dtype, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma_reduce", [False, True], ids=["atomic", "bulk"])
+@pytest.mark.parametrize("case", TMA_GPU_CASES, ids=case_id)
+def test_bwd_fused_gpu(case, tma_reduce):
+    D = case[5]
+    cfg = get_fused_bwd_config(D, torch.bfloat16, case[6], interpret=False, seqlen=0) or \
+        FusedBwdConfig(64, 64, 4, 2)
+    cfg = dataclasses.replace(cfg, tma_reduce=tma_reduce)
+    check_bwd(*case, torch.bfloat16, config=cfg, bwd=fused_vs_portable)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_bwd_fused_gpu_device_desc(D):
+    for tma_reduce in (False, True):
+        cfg = FusedBwdConfig(64, 128 if D == 64 else 64, 8 if D == 64 else 4, 2, device_desc=True,
+                             tma_reduce=tma_reduce)
+        check_bwd(2, 1000, 1100, 8, 2, D, True, None, torch.bfloat16, config=cfg, bwd=fused_vs_portable)
+
+
+@pytest.mark.gpu
+def test_bwd_fused_gpu_dkdv_deterministic():
+    # Only dQ's adds race; dK and dV are each written once by one program, so they repeat bit
+    # for bit, and dQ agrees to fp32 rounding of the sums (then one rounding to bf16).
+    q, k, v = make_qkv(2, 1000, 1000, 8, 2, 128, dtype=torch.bfloat16, device=DEVICE)
+    dout = torch.randn_like(q)
+    out, lse = flash_fwd_triton(q, k, v, 128**-0.5, True, 0)
+    cfg = get_fused_bwd_config(128, torch.bfloat16, True, interpret=False, seqlen=0) or FusedBwdConfig(64, 64, 4, 2)
+    first = flash_bwd_fused(dout, q, k, v, out, lse, 128**-0.5, True, 0, config=cfg)
+    for _ in range(5):
+        dq, dk, dv = flash_bwd_fused(dout, q, k, v, out, lse, 128**-0.5, True, 0, config=cfg)
+        assert torch.equal(dk, first[1]) and torch.equal(dv, first[2])
+        assert (dq.float() - first[0].float()).abs().max() <= 1e-2 * first[0].float().abs().max()
