@@ -261,7 +261,7 @@ def ptxas_report(Ds):
             for c in cands:
                 M, N, warps, stages = c[:4]
                 device_desc = len(c) > 4 and c[4]
-                values = dict(DEVICE_DESC=device_desc, ADD_DQ=False, TMA_REDUCE=False) if kind == "dkdv" else {}
+                values = dict(DEVICE_DESC=device_desc, ADD_DQ=False, TMA_REDUCE=False, DQ_T=False) if kind == "dkdv" else {}
                 try:
                     report, _ = ptxas_compile(fn, D, M, N, warps, stages, values, device_desc)
                     print(f"D={D:<3} {kind:<4} {c!s:<24} {report}", flush=True)

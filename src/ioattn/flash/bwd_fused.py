@@ -33,7 +33,8 @@ def fused_pass(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: float, 
     """Launch the kernel alone: writes ``dk``, ``dv`` and adds ``dS·k`` (not yet scaled) into
     ``dq_acc``, fp32 with q's shape, which must hold zeros (or what to add to)."""
     dkdv_launch(q, k, v, dout, lse, delta, dk, dv, softmax_scale, causal, diag_offset, config.BLOCK_M,
-                config.BLOCK_N, config.num_warps, config.num_stages, config.device_desc, dq_acc, config.tma_reduce)
+                config.BLOCK_N, config.num_warps, config.num_stages, config.device_desc, dq_acc, config.tma_reduce,
+                config.dq_t)
 
 
 def flash_bwd_fused(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int, *,

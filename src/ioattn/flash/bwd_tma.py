@@ -72,17 +72,23 @@ def _head_desc(X, i_b, i_h, T, stride_b, stride_t, stride_h, BLOCK: tl.constexpr
 
 @triton.jit
 def _add_dq(desc_dq, p_dq, i_b, i_h, start, o_m, T_q, stride_dqt, b_dq, BLOCK_M: tl.constexpr,
-            HEAD_DIM: tl.constexpr, TMA_REDUCE: tl.constexpr, DEVICE_DESC: tl.constexpr):
+            HEAD_DIM: tl.constexpr, TMA_REDUCE: tl.constexpr, DEVICE_DESC: tl.constexpr, DQ_T: tl.constexpr):
     """Add ``b_dq [BLOCK_M, HEAD_DIM]`` into rows ``[start, start + BLOCK_M)`` of head ``i_h``'s fp32
     dQ buffer; rows past Tq are dropped (by the descriptor's bounds, or the mask). ``TMA_REDUCE``:
     the copy engine's bulk reduction, a whole tile per instruction (no interpreter path);
     otherwise element-wise atomics, relaxed (only the final sum matters, and the next launch
-    reads it)."""
+    reads it). With ``DQ_T`` the tile comes transposed, ``[HEAD_DIM, BLOCK_M]``."""
     if TMA_REDUCE:
+        if DQ_T:
+            b_dq = tl.trans(b_dq)
         if DEVICE_DESC:
             desc_dq.atomic_add([start, 0], b_dq)
         else:
             desc_dq.atomic_add([i_b, i_h, start, 0], b_dq.reshape(1, 1, BLOCK_M, HEAD_DIM))
+    elif DQ_T:
+        o_d = tl.arange(0, HEAD_DIM)
+        p = p_dq + o_m.to(tl.int64)[None, :] * stride_dqt + o_d[:, None]
+        tl.atomic_add(p, b_dq, mask=(o_m < T_q)[None, :], sem="relaxed")
     else:
         o_d = tl.arange(0, HEAD_DIM)
         p = p_dq + o_m.to(tl.int64)[:, None] * stride_dqt + o_d[None, :]
@@ -93,7 +99,7 @@ def _add_dq(desc_dq, p_dq, i_b, i_h, start, o_m, T_q, stride_dqt, b_dq, BLOCK_M:
 def _dkdv_tma_inner(dk, dv, b_k, b_v, desc_q, desc_do, desc_dq, p_dq, p_lse, p_delta, i_b, i_h, start_m, end_m,
                     o_n, T_q, stride_dqt, diag_hi, qk_scale, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
                     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, DEVICE_DESC: tl.constexpr,
-                    ADD_DQ: tl.constexpr, TMA_REDUCE: tl.constexpr):
+                    ADD_DQ: tl.constexpr, TMA_REDUCE: tl.constexpr, DQ_T: tl.constexpr):
     """Add query rows ``[start_m, end_m)`` of head ``i_h`` into dK/dV of the keys ``o_n`` (and with
     ``ADD_DQ`` their ``dS·k`` into dQ of those rows). ``MASK`` applies the causal mask. Rows past
     Tq load q = dO = 0 and lse = +inf, so add nothing; keys past Tk load k = v = 0, so their dS,
@@ -115,9 +121,14 @@ def _dkdv_tma_inner(dk, dv, b_k, b_v, desc_q, desc_do, desc_dq, p_dq, p_lse, p_d
         b_dsT = (b_pT * (b_dpT - b_delta[None, :])).to(b_q.dtype)
         dk = tl.dot(b_dsT, b_q, dk, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM]
         if ADD_DQ:
-            b_dq = tl.dot(tl.trans(b_dsT), b_k, input_precision=DOT_PRECISION)  # [BLOCK_M, HEAD_DIM]
+            if DQ_T:
+                # dQᵀ = kᵀ·dSᵀ: kᵀ is a view of the tile in shared memory and dSᵀ is stored there
+                # as it is, where dS·k would transpose dSᵀ through shared memory first.
+                b_dq = tl.dot(tl.trans(b_k), b_dsT, input_precision=DOT_PRECISION)  # [HEAD_DIM, BLOCK_M]
+            else:
+                b_dq = tl.dot(tl.trans(b_dsT), b_k, input_precision=DOT_PRECISION)  # [BLOCK_M, HEAD_DIM]
             _add_dq(desc_dq, p_dq, i_b, i_h, start, o_m, T_q, stride_dqt, b_dq, BLOCK_M, HEAD_DIM, TMA_REDUCE,
-                    DEVICE_DESC)
+                    DEVICE_DESC, DQ_T)
     return dk, dv
 
 
@@ -129,7 +140,8 @@ def _bwd_dkdv_tma_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, d
                          T_q, T_k, H, H_kv, GROUP, softmax_scale, qk_scale, diag_hi,
                          HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DEVICE_DESC: tl.constexpr,
-                         ADD_DQ: tl.constexpr = False, TMA_REDUCE: tl.constexpr = False):
+                         ADD_DQ: tl.constexpr = False, TMA_REDUCE: tl.constexpr = False,
+                         DQ_T: tl.constexpr = False):
     """``desc_*`` are the host's 4D descriptors, or with ``DEVICE_DESC`` the tensors themselves (then
     the strides, unused otherwise, build per-head 2D descriptors here; dk and dv share theirs).
     With ``ADD_DQ`` (the one-pass backward, bwd_fused.py) each query block's ``dS·k`` is added
@@ -167,10 +179,10 @@ def _bwd_dkdv_tma_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, d
         row0 = (i_b * H + i_h).to(tl.int64) * T_q
         dk, dv = _dkdv_tma_inner(dk, dv, b_k, b_v, desc_qh, desc_doh, desc_dqh, p_dq, LSE + row0, DELTA + row0,
                                  i_b, i_h, m_lo, m_full_lo, o_n, T_q, stride_dqt, diag_hi, qk_scale, True, BLOCK_M,
-                                 HEAD_DIM, DOT_PRECISION, DEVICE_DESC, ADD_DQ, TMA_REDUCE)
+                                 HEAD_DIM, DOT_PRECISION, DEVICE_DESC, ADD_DQ, TMA_REDUCE, DQ_T)
         dk, dv = _dkdv_tma_inner(dk, dv, b_k, b_v, desc_qh, desc_doh, desc_dqh, p_dq, LSE + row0, DELTA + row0,
                                  i_b, i_h, m_full_lo, m_full_hi, o_n, T_q, stride_dqt, diag_hi, qk_scale, False,
-                                 BLOCK_M, HEAD_DIM, DOT_PRECISION, DEVICE_DESC, ADD_DQ, TMA_REDUCE)
+                                 BLOCK_M, HEAD_DIM, DOT_PRECISION, DEVICE_DESC, ADD_DQ, TMA_REDUCE, DQ_T)
     if DEVICE_DESC:
         desc_dk = _head_desc(desc_dk, i_b, i_hkv, T_k, stride_dkb, stride_dkt, stride_dkh, BLOCK_N, HEAD_DIM)
         desc_dv = _head_desc(desc_dv, i_b, i_hkv, T_k, stride_dkb, stride_dkt, stride_dkh, BLOCK_N, HEAD_DIM)
@@ -254,7 +266,7 @@ def dkdv_tma(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: bo
 
 def dkdv_launch(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: bool, diag_offset: int,
                 M: int, N: int, num_warps: int, num_stages: int, device_desc: bool, dq_acc=None,
-                tma_reduce: bool = False):
+                tma_reduce: bool = False, dq_t: bool = False):
     """The dK/dV kernel with M-row query tiles and N-key programs; with ``dq_acc`` (fp32, q's shape,
     holding zeros or what to add to) it also adds each query block's unscaled ``dS·k`` there."""
     B, T_q, H, D = q.shape
@@ -276,7 +288,7 @@ def dkdv_launch(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal:
             *descs, dq_buf, *strides, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
             **_band(T_q, T_k, causal, diag_offset), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
             DOT_PRECISION=dot_precision(q.dtype), DEVICE_DESC=device_desc, ADD_DQ=add_dq,
-            TMA_REDUCE=add_dq and tma_reduce, num_warps=num_warps, num_stages=num_stages,
+            TMA_REDUCE=add_dq and tma_reduce, DQ_T=add_dq and dq_t, num_warps=num_warps, num_stages=num_stages,
         )
 
     if device_desc:

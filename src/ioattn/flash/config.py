@@ -242,7 +242,8 @@ def get_tma_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
 class FusedBwdConfig:
     """Hopper one-pass backward (bwd_fused.py): a program holds BLOCK_N keys and steps over BLOCK_M
     query rows; ``device_desc`` as :class:`TmaBwdConfig`'s ``device_desc1``; ``tma_reduce`` adds
-    the dQ tiles with the copy engine's bulk reduction instead of element-wise atomics."""
+    the dQ tiles with the copy engine's bulk reduction instead of element-wise atomics; ``dq_t``
+    forms each dQ tile transposed (``kᵀ·dSᵀ``)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -250,6 +251,7 @@ class FusedBwdConfig:
     num_stages: int
     device_desc: bool = False
     tma_reduce: bool = False
+    dq_t: bool = False
 
 
 def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool,
