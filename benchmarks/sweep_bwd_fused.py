@@ -88,10 +88,7 @@ def ptxas_report(Ds):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    Ds = [int(d) for d in args.D.split(",")]
+    Ds = tma_sweep.setup(args)
     if args.ptxas:
         return ptxas_report(Ds)
     import torch

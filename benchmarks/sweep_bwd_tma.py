@@ -270,13 +270,18 @@ def ptxas_report(Ds):
                           flush=True)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def setup(args):
+    """The head dims asked for, after the interpreter flag (before triton is imported: the kernels
+    then run in numpy on CPU tensors) and the source tree's path are set."""
     if args.smoke:
-        # Before triton is imported: the kernels then run in numpy on CPU tensors.
         os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    Ds = [int(d) for d in args.D.split(",")]
+    return [int(d) for d in args.D.split(",")]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    Ds = setup(args)
     if args.ptxas:
         return ptxas_report(Ds)
     import torch

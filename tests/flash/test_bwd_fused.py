@@ -9,7 +9,6 @@ import dataclasses
 import pytest
 import torch
 
-from ioattn.flash.bwd import flash_bwd_triton
 from ioattn.flash.bwd_fused import flash_bwd_fused
 from ioattn.flash.config import FusedBwdConfig, get_fused_bwd_config
 from ioattn.flash.fwd import flash_fwd_triton
@@ -17,29 +16,20 @@ from ioattn.testing import make_qkv
 
 from .cases import DEVICE, DTYPES, SMEM_BYTES, case_id
 from .test_bwd import check_bwd
-from .test_bwd_tma import CASES as TMA_CASES, GPU_CASES as TMA_GPU_CASES
+from .test_bwd_tma import CASES as TMA_CASES, GPU_CASES as TMA_GPU_CASES, versus_portable
 
 # Small tiles for the interpreter: M < N, so a key block meets the diagonal in two row blocks.
 SMALL = FusedBwdConfig(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
-def fused_vs_portable(dout, q, k, v, out, lse, scale, causal, offset, *, config, window, softcap, alibi_slopes):
-    """flash_bwd_triton's signature for check_bwd: the one-pass backward, also checked against the
-    portable one on the same inputs (the same math, summed in another order)."""
-    assert tuple(window) == (-1, -1) and not softcap and alibi_slopes is None
-    got = flash_bwd_fused(dout, q, k, v, out, lse, scale, causal, offset, config=config)
-    portable = flash_bwd_triton(dout, q, k, v, out, lse, scale, causal, offset)
-    tol = 1e-5 if q.dtype == torch.float32 else 2e-2
-    for name, a, b in zip(("dq", "dk", "dv"), got, portable):
-        diff = float((a.float() - b.float()).abs().max())
-        assert diff <= tol * float(b.float().abs().max()) + 1e-6, f"{name}: differs from portable by {diff:.2e}"
-    return got
+fused_vs_portable = versus_portable(flash_bwd_fused)
 
 
+@pytest.mark.parametrize("dq_t", [False, True], ids=["dS.k", "kT.dST"])
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 @pytest.mark.parametrize("case", TMA_CASES, ids=case_id)
-def test_bwd_fused(case, dtype):
-    check_bwd(*case, DTYPES[dtype], config=SMALL, bwd=fused_vs_portable)
+def test_bwd_fused(case, dtype, dq_t):
+    check_bwd(*case, DTYPES[dtype], config=dataclasses.replace(SMALL, dq_t=dq_t), bwd=fused_vs_portable)
 
 
 @pytest.mark.parametrize("device_desc", [False, True], ids=["host-desc", "device-desc"])
@@ -89,14 +79,19 @@ def test_fused_bwd_config_branches(interpret):
         assert smem <= SMEM_BYTES, (D, dtype, cfg)
 
 
+def _gpu_config(D, causal):
+    """The config the GPU picks for long sequences, or where it picks none (D = 128) the
+    fastest one the sweep found."""
+    return (get_fused_bwd_config(D, torch.bfloat16, causal, interpret=False, seqlen=0)
+            or FusedBwdConfig(64, 128, 8, 2, tma_reduce=True))
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("dq_t", [False, True], ids=["dS.k", "kT.dST"])
 @pytest.mark.parametrize("tma_reduce", [False, True], ids=["atomic", "bulk"])
-@pytest.mark.parametrize("case", TMA_GPU_CASES, ids=case_id)
-def test_bwd_fused_gpu(case, tma_reduce):
-    D = case[5]
-    cfg = get_fused_bwd_config(D, torch.bfloat16, case[6], interpret=False, seqlen=0) or \
-        FusedBwdConfig(64, 64, 4, 2)
-    cfg = dataclasses.replace(cfg, tma_reduce=tma_reduce)
+@pytest.mark.parametrize("case", [c for c in TMA_GPU_CASES if c[5] in (64, 128)], ids=case_id)
+def test_bwd_fused_gpu(case, tma_reduce, dq_t):
+    cfg = dataclasses.replace(_gpu_config(case[5], case[6]), tma_reduce=tma_reduce, dq_t=dq_t)
     check_bwd(*case, torch.bfloat16, config=cfg, bwd=fused_vs_portable)
 
 
@@ -104,8 +99,7 @@ def test_bwd_fused_gpu(case, tma_reduce):
 @pytest.mark.parametrize("D", [64, 128])
 def test_bwd_fused_gpu_device_desc(D):
     for tma_reduce in (False, True):
-        cfg = FusedBwdConfig(64, 128 if D == 64 else 64, 8 if D == 64 else 4, 2, device_desc=True,
-                             tma_reduce=tma_reduce)
+        cfg = dataclasses.replace(_gpu_config(D, True), device_desc=True, tma_reduce=tma_reduce)
         check_bwd(2, 1000, 1100, 8, 2, D, True, None, torch.bfloat16, config=cfg, bwd=fused_vs_portable)
 
 
@@ -116,9 +110,63 @@ def test_bwd_fused_gpu_dkdv_deterministic():
     q, k, v = make_qkv(2, 1000, 1000, 8, 2, 128, dtype=torch.bfloat16, device=DEVICE)
     dout = torch.randn_like(q)
     out, lse = flash_fwd_triton(q, k, v, 128**-0.5, True, 0)
-    cfg = get_fused_bwd_config(128, torch.bfloat16, True, interpret=False, seqlen=0) or FusedBwdConfig(64, 64, 4, 2)
+    cfg = _gpu_config(128, True)
     first = flash_bwd_fused(dout, q, k, v, out, lse, 128**-0.5, True, 0, config=cfg)
     for _ in range(5):
         dq, dk, dv = flash_bwd_fused(dout, q, k, v, out, lse, 128**-0.5, True, 0, config=cfg)
         assert torch.equal(dk, first[1]) and torch.equal(dv, first[2])
         assert (dq.float() - first[0].float()).abs().max() <= 1e-2 * first[0].float().abs().max()
+
+
+def _spy(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*args, **kw):
+        calls.append(kw.get("config"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("api", ["flash_attn_func", "sdpa"])
+def test_dispatch_deterministic(monkeypatch, api):
+    # flash_attn_func's default (deterministic=False) and SDPA's (torch's deterministic-algorithms
+    # flag off) may take the one-pass backward; deterministic=True, or the flag on, never do.
+    # Either way the gradients pass the accuracy rule.
+    from ioattn import flash_attn_func, scaled_dot_product_attention
+    from ioattn.flash import bwd_fused, bwd_tma
+    from ioattn.flash.reference import attention_ref
+    from ioattn.testing import assert_close
+
+    monkeypatch.setenv("IOATTN_BACKEND", "triton")
+    fused, two_pass = _spy(monkeypatch, bwd_fused, "flash_bwd_fused"), _spy(monkeypatch, bwd_tma, "flash_bwd_tma")
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    # On the GPU a sequence long enough for the table (D = 64, full: T >= 4096).
+    T = 4096 if DEVICE == "cuda" else 45
+    q, k, v = make_qkv(1, T, T, 2, 1, 64, dtype=dtype, device=DEVICE, requires_grad=True)
+    dout = torch.randn_like(q)
+    ref, _ = attention_ref(q, k, v)
+    base, _ = attention_ref(q, k, v, upcast=False)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    base_grads = torch.autograd.grad(base, (q, k, v), dout)
+
+    def grads(**deterministic):
+        if api == "flash_attn_func":
+            out = flash_attn_func(q, k, v, **deterministic)
+        else:
+            flag = deterministic.get("deterministic", False)
+            monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: flag)
+            out = scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), enable_gqa=True)
+            out = out.transpose(1, 2)
+        for name, g, r, b in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout), ref_grads,
+                                 base_grads):
+            assert_close(name, g, r, b, factor=3)
+
+    grads()  # the default
+    assert len(fused) == 1 and two_pass == []
+    grads(deterministic=False)
+    assert len(fused) == 2 and two_pass == []
+    grads(deterministic=True)
+    assert len(fused) == 2 and len(two_pass) == 1

@@ -23,20 +23,26 @@ from .cases import DEVICE, DTYPES, SMEM_BYTES, case_id
 from .test_bwd import check_bwd
 
 
-def tma_vs_portable(dout, q, k, v, out, lse, scale, causal, offset, *, config=None, window, softcap,
-                    alibi_slopes):
-    """flash_bwd_triton's signature for check_bwd: the TMA backward, also checked against the
-    portable one on the same inputs (same math, so they agree to rounding)."""
-    assert tuple(window) == (-1, -1) and not softcap and alibi_slopes is None
-    got = flash_bwd_tma(dout, q, k, v, out, lse, scale, causal, offset, config=config)
-    portable = flash_bwd_triton(dout, q, k, v, out, lse, scale, causal, offset)
-    # fp32 dots are exact in both; fp16 gradients are rounded once at the end, after sums whose
-    # order differs with the tiles.
-    tol = 1e-5 if q.dtype == torch.float32 else 2e-2
-    for name, a, b in zip(("dq", "dk", "dv"), got, portable):
-        diff = float((a.float() - b.float()).abs().max())
-        assert diff <= tol * float(b.float().abs().max()) + 1e-6, f"{name}: differs from portable by {diff:.2e}"
-    return got
+def versus_portable(launcher):
+    """flash_bwd_triton's signature for check_bwd: ``launcher`` (a Hopper backward, every feature
+    off), also checked against the portable backward on the same inputs (same math, so they agree
+    to rounding)."""
+    def bwd(dout, q, k, v, out, lse, scale, causal, offset, *, config=None, window, softcap, alibi_slopes):
+        assert tuple(window) == (-1, -1) and not softcap and alibi_slopes is None
+        got = launcher(dout, q, k, v, out, lse, scale, causal, offset, config=config)
+        portable = flash_bwd_triton(dout, q, k, v, out, lse, scale, causal, offset)
+        # fp32 dots are exact in both; fp16 gradients are rounded once at the end, after sums
+        # whose order differs with the tiles.
+        tol = 1e-5 if q.dtype == torch.float32 else 2e-2
+        for name, a, b in zip(("dq", "dk", "dv"), got, portable):
+            diff = float((a.float() - b.float()).abs().max())
+            assert diff <= tol * float(b.float().abs().max()) + 1e-6, f"{name}: differs from portable by {diff:.2e}"
+        return got
+
+    return bwd
+
+
+tma_vs_portable = versus_portable(flash_bwd_tma)
 
 
 # (B, Tq, Tk, H, Hkv, D, causal, diag_offset): odd T, Tq > Tk with rows that see no key, Tq < Tk,

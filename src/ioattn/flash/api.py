@@ -55,8 +55,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             (Gemma-2/Grok style), with its derivative in the backward.
         alibi_slopes: fp32 ``[H]`` or ``[B, H]``: adds ``−slope · |i + Tk − Tq − j|`` to the
             scores (after softcap). No gradient flows to the slopes.
-        deterministic: accepted for compatibility. The backward is always deterministic: dK/dV
-            and dQ are computed by separate passes without atomics, so this flag costs nothing.
+        deterministic: as in flash-attn. False (the default) lets the backward add dQ with
+            atomics where that is faster (on Hopper, the shapes listed in config.py's
+            ``get_fused_bwd_config``): dq may then differ in its last bits from run to run,
+            while dk and dv never do. True always runs the backward without atomics, bit for
+            bit repeatable. The CPU backend is deterministic either way.
         return_attn_probs: if True return ``(out, lse, None)`` with lse the fp32 natural-log
             log-sum-exp of each row's scaled scores, ``[B, H, Tq]``. The attention probabilities
             are never materialized, with dropout neither: the third item is always None
@@ -78,7 +81,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     scale = check_scale(softmax_scale, q.shape[-1])
     Tq, Tk = q.shape[1], k.shape[1]
     out, lse = attention(q, k, v, scale, bool(causal), Tk - Tq, window=window, softcap=softcap,
-                         alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+                         alibi_slopes=alibi_slopes, dropout_p=dropout_p, deterministic=bool(deterministic))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -123,5 +126,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q, k, v = check_qkv(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), names=names)
     scale = check_scale(scale, q.shape[-1], name="scale")
     attn_mask = check_attn_mask(attn_mask, q, k)
-    out, _ = attention(q, k, v, scale, bool(is_causal), 0, attn_mask=attn_mask, dropout_p=dropout_p)
+    # As torch's own SDPA: its backward is repeatable when torch.use_deterministic_algorithms is on.
+    out, _ = attention(q, k, v, scale, bool(is_causal), 0, attn_mask=attn_mask, dropout_p=dropout_p,
+                       deterministic=torch.are_deterministic_algorithms_enabled())
     return out.transpose(1, 2)

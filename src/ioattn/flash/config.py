@@ -254,12 +254,30 @@ class FusedBwdConfig:
     dq_t: bool = False
 
 
+# Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
+# (zeroing, delta, the kernel, dQ's cast) against the whole two-pass backward with its default
+# config, bf16, paper grid (B = 16384 // T, H = 2048 // D), benchmarks/sweep_bwd_fused.py. With
+# dQ = dS·k every candidate lost (0.53-0.99x, results/2026-12-03_nvidia-h200_sweep-bwd-fused.json);
+# with dQᵀ = kᵀ·dSᵀ and the bulk reduction (results/2026-12-03_nvidia-h200_sweep-bwd-fused-t.json)
+# D = 64 won: full 32 x 128 tiles with 4 warps and 3 stages 1.05 / 1.09x at T = 4096 / 16384
+# (392 / 401 against 374 / 369 TFLOP/s), causal 64 x 64 tiles 0.97 / 1.03x. At D = 128 the best
+# stayed at 0.75-0.86x (64 x 128 tiles with 8 warps; 64 x 64 tiles with 4 warps 0.55-0.71x):
+# not used there. Shorter sequences were not timed, and pay three more launches.
+FUSED_BWD_MIN_SEQLEN = {False: 4096, True: 16384}  # by causal
+
+
 def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool,
                          seqlen: int = 0) -> FusedBwdConfig | None:
-    """The one-pass backward's config where it beats the two-pass one, else None (then the
-    two-pass backward runs). ``seqlen``: the longer of Tq and Tk (0: unknown, treated as long).
-    Not yet measured on a GPU: the interpreter's config only."""
+    """The one-pass backward's config where it beats the two-pass one (see above), else None (then
+    the two-pass backward runs). ``seqlen``: the longer of Tq and Tk (0: unknown, treated as long)."""
     if interpret:
-        # Element-wise atomics: the interpreter has no bulk reduction.
-        return FusedBwdConfig(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
-    return None
+        # Element-wise atomics (the interpreter has no bulk reduction), so that CI runs the
+        # one-pass backward through the public functions too.
+        return FusedBwdConfig(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, dq_t=True)
+    if head_dim != 64 or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if 0 < seqlen < FUSED_BWD_MIN_SEQLEN[bool(causal)]:
+        return None
+    if causal:
+        return FusedBwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, tma_reduce=True, dq_t=True)
+    return FusedBwdConfig(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3, tma_reduce=True, dq_t=True)

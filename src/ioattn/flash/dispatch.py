@@ -5,7 +5,9 @@ kernels in Triton's interpreter when IOATTN_BACKEND=triton and TRITON_INTERPRET=
 CI, which has no GPU, tests the GPU code). The Hopper kernels (fwd_tma.py, bwd_tma.py) are
 chosen here too, behind the same launcher signatures, for the calls they cover (unless
 IOATTN_TMA=0), and among them the Gluon forward (fwd_gluon.py) where config.py's table says it is
-faster (unless IOATTN_GLUON=0).
+faster (unless IOATTN_GLUON=0). A backward that may be non-deterministic (flash-attn's
+``deterministic=False``, the default) runs the one-pass kernel (bwd_fused.py) where config.py's
+table says it is faster.
 """
 import functools
 
@@ -46,11 +48,15 @@ def _kernels(backend: str):
     if backend == "cpu":
         from .cpu import flash_bwd_cpu, flash_fwd_cpu
 
-        return flash_fwd_cpu, flash_bwd_cpu
+        def cpu_bwd(*args, deterministic=True, **features):
+            # The CPU backward has no atomics: deterministic either way.
+            return flash_bwd_cpu(*args, **features)
+
+        return flash_fwd_cpu, cpu_bwd
     from .bwd import flash_bwd_triton
     from .fwd import flash_fwd_triton
-    from . import bwd_tma, fwd_gluon, fwd_tma
-    from .config import get_gluon_fwd_config
+    from . import bwd_fused, bwd_tma, fwd_gluon, fwd_tma
+    from .config import get_fused_bwd_config, get_gluon_fwd_config
 
     def fwd(q, k, v, softmax_scale, causal, diag_offset, **features):
         # Looked up on the modules at each call, so that a test can watch which kernel runs.
@@ -62,8 +68,14 @@ def _kernels(backend: str):
             return fwd_tma.flash_fwd_tma(q, k, v, softmax_scale, causal, diag_offset)
         return flash_fwd_triton(q, k, v, softmax_scale, causal, diag_offset, **features)
 
-    def bwd(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset, **features):
+    def bwd(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset, deterministic=True, **features):
         if _env.tma() and bwd_tma.tma_bwd_supported(q, k, v, **features):
+            if not deterministic:
+                config = get_fused_bwd_config(q.shape[-1], q.dtype, causal, interpret=_env.interpret(),
+                                              seqlen=max(q.shape[1], k.shape[1]))
+                if config is not None:
+                    return bwd_fused.flash_bwd_fused(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset,
+                                                     config=config)
             return bwd_tma.flash_bwd_tma(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset)
         return flash_bwd_triton(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset, **features)
 

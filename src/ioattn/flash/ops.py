@@ -13,7 +13,8 @@ causal, diag_offset, window_left, window_right, softcap, dropout_p (see the laun
 meaning), then the dropout seed: a 0-d int64 CPU tensor from :func:`draw_seed`, or None without
 dropout. A tensor and not an int, so that torch.compile keeps the draw in the graph and each call
 gets a fresh seed instead of one baked in as a constant; it is saved for the backward, which
-regenerates the forward's mask from it.
+regenerates the forward's mask from it. Last comes ``deterministic``, the backward's: False lets
+it add dQ with atomics where that is faster (bwd_fused.py).
 """
 from typing import Optional
 
@@ -54,7 +55,8 @@ def _seed_value(seed) -> int:
 
 
 def _fwd_impl(q, k, v, alibi_slopes, attn_mask, softmax_scale, causal, diag_offset, window_left,
-              window_right, softcap, dropout_p, seed):
+              window_right, softcap, dropout_p, seed, deterministic=True):
+    # ``deterministic`` is the backward's (saved with the options); the forward has no atomics.
     B, Tq, H, D = q.shape
     if q.numel() == 0 or k.shape[1] == 0:
         out = torch.zeros(B, Tq, H, D, dtype=q.dtype, device=q.device)
@@ -69,7 +71,7 @@ def _fwd_impl(q, k, v, alibi_slopes, attn_mask, softmax_scale, causal, diag_offs
 
 
 def _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, attn_mask, softmax_scale, causal, diag_offset,
-              window_left, window_right, softcap, dropout_p, seed):
+              window_left, window_right, softcap, dropout_p, seed, deterministic=True):
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     _, bwd = kernels_for(q.device)
@@ -77,7 +79,7 @@ def _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, attn_mask, softmax_scale, c
         dout = dout.contiguous()
     dq, dk, dv = bwd(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset,
                      window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes,
-                     attn_mask=attn_mask, dropout_p=dropout_p, seed=_seed_value(seed))
+                     attn_mask=attn_mask, dropout_p=dropout_p, seed=_seed_value(seed), deterministic=deterministic)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
@@ -85,9 +87,9 @@ def _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, attn_mask, softmax_scale, c
 def flash_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor],
               attn_mask: Optional[Tensor], softmax_scale: float, causal: bool, diag_offset: int,
               window_left: int, window_right: int, softcap: float, dropout_p: float,
-              dropout_seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+              dropout_seed: Optional[Tensor], deterministic: bool) -> tuple[Tensor, Tensor]:
     return _fwd_impl(q, k, v, alibi_slopes, attn_mask, softmax_scale, causal, diag_offset, window_left,
-                     window_right, softcap, dropout_p, dropout_seed)
+                     window_right, softcap, dropout_p, dropout_seed, deterministic)
 
 
 @flash_fwd.register_fake
@@ -100,9 +102,9 @@ def _(q, k, v, alibi_slopes, attn_mask, *options):
 def flash_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               alibi_slopes: Optional[Tensor], attn_mask: Optional[Tensor], softmax_scale: float,
               causal: bool, diag_offset: int, window_left: int, window_right: int, softcap: float,
-              dropout_p: float, dropout_seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+              dropout_p: float, dropout_seed: Optional[Tensor], deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _bwd_impl(dout, q, k, v, out, lse, alibi_slopes, attn_mask, softmax_scale, causal,
-                     diag_offset, window_left, window_right, softcap, dropout_p, dropout_seed)
+                     diag_offset, window_left, window_right, softcap, dropout_p, dropout_seed, deterministic)
 
 
 @flash_bwd.register_fake
@@ -111,10 +113,11 @@ def _(dout, q, k, v, out, lse, alibi_slopes, attn_mask, *options):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, alibi_slopes, attn_mask, *options, seed = inputs
+    q, k, v, alibi_slopes, attn_mask, *options, seed, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_mask, seed)
     ctx.options = tuple(options)
+    ctx.deterministic = deterministic
     # Gradients flow through `out` only; lse is returned for inspection (as in flash-attn).
     ctx.mark_non_differentiable(lse)
     # Otherwise autograd fills a zero gradient for lse (an allocation and a fill launch per
@@ -126,10 +129,10 @@ def _grads(ctx, dout, bwd):
     q, k, v, out, lse, alibi_slopes, attn_mask, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, alibi_slopes, attn_mask, *ctx.options, seed)
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, alibi_slopes, attn_mask, *ctx.options, seed, ctx.deterministic)
     # No gradient for the ALiBi slopes (flash-attn gives none either), the mask (checks.py
-    # rejects one that requires grad), the scalar options or the seed.
-    return (dq, dk, dv, None, None) + (None,) * len(ctx.options) + (None,)
+    # rejects one that requires grad), the scalar options, the seed or the deterministic flag.
+    return (dq, dk, dv, None, None) + (None,) * len(ctx.options) + (None, None)
 
 
 def _backward(ctx, dout, dlse):
@@ -155,9 +158,10 @@ class _EagerAttention(torch.autograd.Function):
 
 def attention(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
               window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None,
-              dropout_p: float = 0.0):
+              dropout_p: float = 0.0, deterministic: bool = True):
     """``(out, lse)`` of validated inputs, differentiable in q, k, v. With ``dropout_p > 0`` a
-    fresh seed is drawn per call (:func:`draw_seed`), in inference too.
+    fresh seed is drawn per call (:func:`draw_seed`), in inference too. ``deterministic=False``
+    lets the backward add dQ with atomics where that is faster (bwd_fused.py).
 
     Under torch.compile this is the custom op, which the compiler can trace. In eager mode the
     op's dispatch costs ~60 µs a call (measured on CPU, torch 2.13: 85 µs vs 25 µs for the
@@ -166,7 +170,8 @@ def attention(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
     implementation when no gradient is wanted.
     """
     args = (q, k, v, alibi_slopes, attn_mask, float(softmax_scale), bool(causal), int(diag_offset),
-            int(window[0]), int(window[1]), float(softcap), float(dropout_p), draw_seed(dropout_p))
+            int(window[0]), int(window[1]), float(softcap), float(dropout_p), draw_seed(dropout_p),
+            bool(deterministic))
     if torch.compiler.is_compiling():
         return flash_fwd(*args)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
