@@ -108,6 +108,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Returns:
         ``[B, H, Tq, D]`` with query's dtype.
+
+    The backward may add dQ with atomics (see ``deterministic`` in :func:`flash_attn_func`)
+    unless ``torch.use_deterministic_algorithms(True)`` is on, as with torch's own SDPA.
     """
     names = ("query", "key", "value")
     for name, t in zip(names, (query, key, value)):
