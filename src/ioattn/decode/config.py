@@ -88,6 +88,11 @@ def _base_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret: boo
 
 # Fewer keys than this keep the base tiles on a full grid (see get_decode_config).
 FULL_GRID_MIN_KEYS = 4096
+# Split paged caches of fewer keys keep the base config, without the page-number prefetch
+# (paged_split_config): at B = 8 x 1k (8 splits of 2 tiles) it ran 24.1 against 23.3 us, 0.87
+# against 0.90x the contiguous cache, and at B = 1 x 1k 11.9 against 12.0 us
+# (benchmarks/results/2026-12-03_nvidia-h200_sweep-decode-paged-1k.json, 16-token pages).
+PAGED_PREFETCH_MIN_KEYS = 2048
 # Split programs that each stream at least this many keys take the full-grid tiles too (the same
 # long loops): B = 8 x 128k (8 splits of 16k keys) 4.56 against 4.50 TB/s with them, B = 8 x 32k
 # (4k keys a split) 0.99x, B = 1 (~2k keys a split) 0.72-0.95x (sweep_decode --tiles at dbe4827,

@@ -25,8 +25,8 @@ from ..launch import launch
 from ..flash.config import padded_head_dim
 from ..flash.fwd import _scores, device_guard, dot_precision, score_args
 from .combine import combine_splits, gdc_launch_dependents, use_pdl
-from .config import (FULL_GRID_MIN_KEYS, LONG_SPLIT_MIN_KEYS, DecodeConfig, get_decode_config, get_num_splits,
-                     sm_count)
+from .config import (FULL_GRID_MIN_KEYS, LONG_SPLIT_MIN_KEYS, PAGED_PREFETCH_MIN_KEYS, DecodeConfig,
+                     get_decode_config, get_num_splits, sm_count)
 
 
 @triton.jit
@@ -201,7 +201,7 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
     if num_splits == 0:
         num_splits = get_num_splits(B * H_kv * m_tiles, max_seqlen_k, config.BLOCK_N, sms)
     num_splits = max(1, min(num_splits, cdiv(max(max_seqlen_k, 1), config.BLOCK_N)))
-    paged_split = paged and num_splits > 1
+    paged_split = paged and num_splits > 1 and max_seqlen_k >= PAGED_PREFETCH_MIN_KEYS
     full_grid = not paged and (
         (num_splits == 1 and B * H_kv * m_tiles >= sms and max_seqlen_k >= FULL_GRID_MIN_KEYS)
         or (num_splits > 1 and cdiv(max_seqlen_k, num_splits) >= LONG_SPLIT_MIN_KEYS))
