@@ -4,10 +4,11 @@ The two-pass backward (bwd_tma.py) is deterministic but recomputes ``S = q·kᵀ
 ``dP = dO·vᵀ`` in both of its passes: seven matmuls where the math needs five. Here one launch of
 bwd_tma.py's dK/dV kernel (a program holds BLOCK_N keys of one KV head and visits the query
 blocks that see them) does it all, with ``ADD_DQ``: from each block's ``dS`` it also forms that
-block's share of dQ, ``dS·k``, and adds it into an fp32 buffer that every key block of the head
-adds into. The order of those adds
-varies from run to run, so dQ is not bit-reproducible (flash-attn's ``deterministic=False``);
-dK and dV are, and ``deterministic=True`` keeps the two-pass kernels.
+block's share of dQ, ``dS·k`` (or its transpose ``kᵀ·dSᵀ``, ``FusedBwdConfig.dq_t``, which Triton
+compiles without moving dSᵀ through shared memory first), and adds it into an fp32 buffer that
+every key block of the head adds into. The order of those adds varies from run to run, so dQ is
+not bit-reproducible (flash-attn's ``deterministic=False``); dK and dV are, and
+``deterministic=True`` keeps the two-pass kernels.
 
 Three more launches than the kernel itself: the fp32 buffer is zeroed, ``delta = rowsum(dO ∘ O)``
 comes from bwd_preprocess.py (the dQ pass computed it in the two-pass backward), and the buffer
