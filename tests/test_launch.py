@@ -8,6 +8,7 @@ that keep the key (tensors and descriptor bases moved to other alignments, shape
 equal keys must give equal specializations and options. A key that ignored alignment is shown
 to fail the same check. On the GPU the launches themselves are compared with Triton's path.
 """
+import dataclasses
 import pytest
 import torch
 from triton.backends.compiler import GPUTarget
@@ -15,14 +16,16 @@ from triton.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from ioattn import flash_attn_func, flash_attn_with_kvcache, launch as launch_mod
+from ioattn.decode import append as decode_append
 from ioattn.decode import combine as decode_combine
 from ioattn.decode import kernel as decode_kernel
-from ioattn.flash import bwd, bwd_preprocess, bwd_tma, dropout, fwd, fwd_gluon, fwd_tma, ops, varlen_launch
-from ioattn.flash.config import get_gluon_fwd_config, get_tma_bwd_config, get_tma_fwd_config
+from ioattn.flash import bwd, bwd_fused, bwd_preprocess, bwd_tma, dropout, fwd, fwd_gluon, fwd_tma, ops, varlen_launch
+from ioattn.flash.config import (FusedBwdConfig, get_fused_bwd_config, get_gluon_fwd_config, get_tma_bwd_config,
+                                 get_tma_fwd_config)
 from ioattn.testing import make_qkv
 
 LAUNCHERS = (fwd, bwd, bwd_preprocess, dropout, varlen_launch, fwd_tma, bwd_tma, fwd_gluon, decode_kernel,
-             decode_combine)
+             decode_combine, decode_append)
 _BACKEND = make_backend(GPUTarget("cuda", 90, 32))
 _JITS, _BINDERS = {}, {}
 
@@ -173,6 +176,11 @@ def test_key_refines_triton_specialization_gpu_configs(recorded):
         gluon = get_gluon_fwd_config(D, q.dtype, causal, T)
         if fwd_gluon.HAS_GLUON and gluon is not None:
             fwd_gluon.flash_fwd_gluon(q, k, v, 0.1, causal, 0, config=gluon)
+        # The one-pass backward: the GPU's config where it has one, both ways of adding dQ.
+        fused = get_fused_bwd_config(D, q.dtype, causal, interpret=False, seqlen=0) or FusedBwdConfig(64, 128, 8, 2)
+        for tma_reduce in (False, True):
+            bwd_fused.flash_bwd_fused(torch.randn_like(q), q, k, v, out, lse, 0.1, causal, 0,
+                                      config=dataclasses.replace(fused, tma_reduce=tma_reduce))
     kernels = {c[0] for c in calls}
     assert {bwd_tma._bwd_dq_tma_kernel, bwd_tma._bwd_dkdv_tma_kernel, fwd_tma._fwd_tma_kernel} <= kernels
     assert check_key_refines_spec(calls) > 0
@@ -187,7 +195,15 @@ def test_key_refines_triton_specialization_decode(recorded, monkeypatch):
         k_cache, v_cache = (torch.randn(B, T_cache, Hkv, D, dtype=torch.float16) for _ in range(2))
         seqlens = torch.tensor([T_cache - 5, 7], dtype=torch.int32)
         flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=num_splits)
-    assert decode_kernel._splitkv_kernel in {c[0] for c in calls}
+        # With new rows appended, into the contiguous cache and into a paged one.
+        new = torch.randn(B, 2, Hkv, D, dtype=torch.float16)
+        flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=seqlens - 2, num_splits=num_splits)
+        per_seq = T_cache // 16
+        table = torch.arange(B * per_seq, dtype=torch.int32).view(B, per_seq)
+        pages = k_cache[:, :per_seq * 16].reshape(-1, 16, Hkv, D)
+        flash_attn_with_kvcache(q, pages, pages.clone(), new, new, cache_seqlens=torch.tensor([3, 9], dtype=torch.int32),
+                                block_table=table, num_splits=num_splits)
+    assert {decode_kernel._splitkv_kernel, decode_append._append_kernel} <= {c[0] for c in calls}
     assert check_key_refines_spec(calls) > 0
 
 
@@ -275,6 +291,11 @@ def test_cached_launches_match_triton_path(monkeypatch):
             results += [out, *torch.autograd.grad(out, (q, k, v), dout)]
         results.append(flash_attn_with_kvcache(q[:, :1].detach(), k_cache, v_cache, cache_seqlens=seqlens,
                                                num_splits=4))
+        # An append (into copies: each round starts from the same caches).
+        kc, vc = k_cache.clone(), v_cache.clone()
+        results.append(flash_attn_with_kvcache(q[:, :1].detach(), kc, vc, k_cache[:, :1], v_cache[:, :1],
+                                               cache_seqlens=seqlens - 1))
+        results += [kc, vc]
         return results
 
     launch_mod._PLANS.clear()

@@ -19,7 +19,8 @@ from .rotary import apply_rotary, rotary_positions
 
 def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, batch_idx=None, block_table=None):
     """Write ``k``/``v [B, Tnew, Hkv, D]`` into the caches at rows ``cache_seqlens[b] + i`` of
-    each sequence, in place, with one indexed copy per cache (no host synchronization)."""
+    each sequence, in place, with one indexed copy per cache (no host synchronization). The CPU
+    backend's append; the Triton backends use append.py's single launch."""
     B, T_new = k.shape[:2]
     pos = cache_seqlens.long()[:, None] + torch.arange(T_new, device=k.device)  # [B, Tnew]
     if block_table is None:
@@ -52,14 +53,22 @@ def _kvcache_impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         q = apply_rotary(q, rotary_cos, rotary_sin, pos_q, interleaved=rotary_interleaved)
         k = apply_rotary(k, rotary_cos, rotary_sin, rotary_positions(cache_seqlens, T_new),
                          interleaved=rotary_interleaved)
+    on_cpu = backend_for(q.device) == "cpu"
+    seqlens = cache_seqlens  # each sequence's keys after the append
     if k is not None:
-        append_kv(k_cache, v_cache, k, v, cache_seqlens, batch_idx=cache_batch_idx, block_table=block_table)
+        if on_cpu:
+            append_kv(k_cache, v_cache, k, v, cache_seqlens, batch_idx=cache_batch_idx, block_table=block_table)
+        else:
+            from .append import append_kv_triton
+
+            seqlens = append_kv_triton(k_cache, v_cache, k, v, cache_seqlens, batch_idx=cache_batch_idx,
+                                       block_table=block_table)
     if q.numel() == 0:
         B, _, H, D = q.shape
         return q.new_zeros(B, T_q, H, D), q.new_zeros(B, H, T_q, dtype=torch.float32)
     window = (window_left, window_right)
     opts = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes)
-    if backend_for(q.device) == "cpu":
+    if on_cpu:
         from .cpu import kvcache_fwd_cpu
 
         lengths = (cache_seqlens + T_new).tolist()
@@ -68,7 +77,6 @@ def _kvcache_impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
                                batch_idx=host[1], block_table=block_table, **opts)
     from .kernel import kvcache_fwd_triton
 
-    seqlens = cache_seqlens + T_new if T_new else cache_seqlens
     return kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale, causal,
                               leftpad=cache_leftpad, batch_idx=cache_batch_idx, block_table=block_table,
                               num_splits=num_splits, max_seqlen_k=max_seqlen_k,
