@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 
 from ioattn import flash_attn_func, flash_attn_with_kvcache
+from ioattn.decode.append import append_kv_triton
+from ioattn.decode.ops import append_kv
 from ioattn.flash import bwd_tma, fwd_gluon, fwd_tma, ops
 from ioattn.flash.config import get_gluon_fwd_config, get_tma_bwd_config
 from ioattn.flash.tma import head_major_desc
@@ -170,6 +172,15 @@ def steps(B, T, H, D, causal):
         os.environ["IOATTN_CHECK_VALUES"] = "1"
 
     rows["decode B1 1k, IOATTN_CHECK_VALUES=0"] = decode_unchecked
+    # A decoding step as generation loops make it: one new token appended at 1023, then attended.
+    # The append alone two ways: the torch ops it was before append.py (still the CPU backend's),
+    # with the new lengths they fed the kernel, and append.py's single launch.
+    knew, vnew = (torch.randn(1, 1, 8, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lens_before = lens - 1
+    rows["decode B1 1k + append, index checks"] = lambda: flash_attn_with_kvcache(qdec, kc, vc, knew, vnew,
+                                                                                  cache_seqlens=lens_before)
+    rows["decode append: torch ops"] = lambda: (append_kv(kc, vc, knew, vnew, lens_before), lens_before + 1)
+    rows["decode append: append.py"] = lambda: append_kv_triton(kc, vc, knew, vnew, lens_before)
     if gcfg is not None:
         rows["fwd: Gluon launcher"] = lambda: fwd_gluon.flash_fwd_gluon(qd, k.detach(), v.detach(), scale, causal,
                                                                           0, config=gcfg)
