@@ -24,6 +24,8 @@ import triton.language as tl
 from ioattn import flash_attn_func, flash_attn_with_kvcache
 from ioattn.decode.append import append_kv_triton
 from ioattn.decode.ops import append_kv
+from ioattn.decode.rotary import apply_rotary, rotary_positions
+from ioattn.decode.rotary_kernel import rotary_q_triton
 from ioattn.flash import bwd_tma, fwd_gluon, fwd_tma, ops
 from ioattn.flash.config import get_gluon_fwd_config, get_tma_bwd_config
 from ioattn.flash.tma import head_major_desc
@@ -181,6 +183,17 @@ def steps(B, T, H, D, causal):
                                                                                   cache_seqlens=lens_before)
     rows["decode append: torch ops"] = lambda: (append_kv(kc, vc, knew, vnew, lens_before), lens_before + 1)
     rows["decode append: append.py"] = lambda: append_kv_triton(kc, vc, knew, vnew, lens_before)
+    # With rotary tables (rotary_dim = D): the step, and the rotation of q and the new k as the
+    # torch ops the CPU backend runs against rotary_kernel.py's launch for q (k's rotation rides
+    # in the append's launch).
+    cos, sin = (torch.rand(2048, D // 2, device="cuda").to(torch.bfloat16) for _ in range(2))
+    rows["decode B1 1k + append + rotary"] = lambda: flash_attn_with_kvcache(
+        qdec, kc, vc, knew, vnew, cos, sin, cache_seqlens=lens_before, causal=True)
+    rows["rotary q and k: torch ops"] = lambda: (
+        apply_rotary(qdec, cos, sin, rotary_positions(lens_before, 1), interleaved=True),
+        apply_rotary(knew, cos, sin, rotary_positions(lens_before, 1), interleaved=True))
+    rows["rotary q: rotary_kernel.py"] = lambda: rotary_q_triton(qdec, cos, sin, lens_before, interleaved=True,
+                                                                 same_position=False)
     if gcfg is not None:
         rows["fwd: Gluon launcher"] = lambda: fwd_gluon.flash_fwd_gluon(qd, k.detach(), v.detach(), scale, causal,
                                                                           0, config=gcfg)

@@ -19,13 +19,14 @@ from ioattn import flash_attn_func, flash_attn_with_kvcache, launch as launch_mo
 from ioattn.decode import append as decode_append
 from ioattn.decode import combine as decode_combine
 from ioattn.decode import kernel as decode_kernel
+from ioattn.decode import rotary_kernel as decode_rotary
 from ioattn.flash import bwd, bwd_fused, bwd_preprocess, bwd_tma, dropout, fwd, fwd_gluon, fwd_tma, ops, varlen_launch
 from ioattn.flash.config import (FusedBwdConfig, get_fused_bwd_config, get_gluon_fwd_config, get_tma_bwd_config,
                                  get_tma_fwd_config)
 from ioattn.testing import make_qkv
 
 LAUNCHERS = (fwd, bwd, bwd_preprocess, dropout, varlen_launch, fwd_tma, bwd_tma, fwd_gluon, decode_kernel,
-             decode_combine, decode_append)
+             decode_combine, decode_append, decode_rotary)
 _BACKEND = make_backend(GPUTarget("cuda", 90, 32))
 _JITS, _BINDERS = {}, {}
 
@@ -203,7 +204,12 @@ def test_key_refines_triton_specialization_decode(recorded, monkeypatch):
         pages = k_cache[:, :per_seq * 16].reshape(-1, 16, Hkv, D)
         flash_attn_with_kvcache(q, pages, pages.clone(), new, new, cache_seqlens=torch.tensor([3, 9], dtype=torch.int32),
                                 block_table=table, num_splits=num_splits)
-    assert {decode_kernel._splitkv_kernel, decode_append._append_kernel} <= {c[0] for c in calls}
+        # With rotary tables: q rotated in its own launch, k inside the append's.
+        cos, sin = (torch.rand(T_cache, 8, dtype=torch.float16) for _ in range(2))
+        flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cos, sin, cache_seqlens=seqlens - 2, causal=True,
+                                num_splits=num_splits)
+    assert {decode_kernel._splitkv_kernel, decode_append._append_kernel,
+            decode_rotary._rotary_q_kernel} <= {c[0] for c in calls}
     assert check_key_refines_spec(calls) > 0
 
 
@@ -281,6 +287,7 @@ def test_cached_launches_match_triton_path(monkeypatch):
     k_cache, v_cache = (torch.randn(2, 1000, 2, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
     seqlens = torch.tensor([999, 500], dtype=torch.int32, device="cuda")
     slopes = torch.rand(4, device="cuda")
+    cos, sin = (torch.rand(1000, 32, device="cuda").to(torch.bfloat16) for _ in range(2))
 
     def calls():
         torch.manual_seed(0)  # the same dropout seeds in every round
@@ -295,6 +302,9 @@ def test_cached_launches_match_triton_path(monkeypatch):
         kc, vc = k_cache.clone(), v_cache.clone()
         results.append(flash_attn_with_kvcache(q[:, :1].detach(), kc, vc, k_cache[:, :1], v_cache[:, :1],
                                                cache_seqlens=seqlens - 1))
+        # And with rotary tables (q and the new k rotated in the kernels).
+        results.append(flash_attn_with_kvcache(q[:, :1].detach(), kc, vc, k_cache[:, :1], v_cache[:, :1], cos, sin,
+                                               cache_seqlens=seqlens - 1, causal=True))
         results += [kc, vc]
         return results
 

@@ -1,11 +1,14 @@
-"""The append kernel (src/ioattn/decode/append.py) against the CPU backend's torch append
-(ops.py's ``append_kv``): the same caches bit for bit, the rest of the cache untouched, and the
-new lengths. In Triton's interpreter without a GPU, compiled on one."""
+"""The append kernel (src/ioattn/decode/append.py) and the rotary kernel (rotary_kernel.py)
+against the CPU backend's torch versions (ops.py's ``append_kv``, rotary.py): the same caches
+bit for bit (rotated keys to rounding), the rest of the cache untouched, and the new lengths.
+In Triton's interpreter without a GPU, compiled on one."""
 import pytest
 import torch
 
 from ioattn.decode.append import append_kv_triton
 from ioattn.decode.ops import append_kv
+from ioattn.decode.rotary import apply_rotary, rotary_positions
+from ioattn.decode.rotary_kernel import rotary_q_triton
 
 from .cases import DEVICE
 
@@ -78,3 +81,54 @@ def test_append_nothing_new():
     seqlens = torch.tensor([1, 5], dtype=torch.int32, device=DEVICE)
     new = append_kv_triton(k_cache, v_cache, k, k, seqlens)
     assert torch.equal(k_cache, before) and torch.equal(new, seqlens)
+
+
+def _tables(T_ro, rot_half, dtype):
+    angle = torch.rand(T_ro, rot_half, device=DEVICE) * 6.3
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+# (B, T, H, D, rotary_dim): decoding and several tokens, rotary over part of the head and all of
+# it, head counts and dims that are not powers of two.
+ROTARY_CASES = [(2, 1, 4, 64, 64), (2, 3, 3, 40, 16), (1, 5, 2, 72, 24)]
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["gptj", "neox"])
+@pytest.mark.parametrize("same_position", [False, True], ids=["per-token", "same"])
+@pytest.mark.parametrize("case", ROTARY_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_rotary_q_matches_torch(case, same_position, interleaved):
+    B, T, H, D, rot = case
+    dtype = torch.float16
+    cos, sin = _tables(40, rot // 2, dtype)
+    q = torch.randn(B, T, H, D, device=DEVICE).to(dtype)
+    seqlens = torch.randint(0, 40 - T, (B,), device=DEVICE).int()
+    want = apply_rotary(q, cos, sin, rotary_positions(seqlens, T, same_position=same_position),
+                        interleaved=interleaved)
+    got = rotary_q_triton(q, cos, sin, seqlens, interleaved=interleaved, same_position=same_position)
+    torch.testing.assert_close(got, want)
+    # The features past rotary_dim pass through untouched.
+    assert torch.equal(got[..., rot:], q[..., rot:])
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["gptj", "neox"])
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_append_rotary_matches_torch(layout, interleaved):
+    # The new keys rotated at cache_seqlens[b] + i as they are written; v as it is.
+    B, T_new, H_kv, D, rot = 2, 3, 3, 40, 16
+    dtype = torch.float16
+    cos, sin = _tables(64, rot // 2, dtype)
+    k = torch.randn(B, T_new, H_kv, D, device=DEVICE).to(dtype)
+    v = torch.randn_like(k)
+    kw = {}
+    if layout == "paged":
+        k_cache, v_cache = _caches(6, 16, H_kv, D, dtype)
+        kw["block_table"] = torch.randperm(6, device=DEVICE)[:4].view(B, 2).int().contiguous()
+    else:
+        k_cache, v_cache = _caches(B, 32, H_kv, D, dtype)
+    seqlens = torch.tensor([0, 32 - T_new], dtype=torch.int32, device=DEVICE)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    k_rot = apply_rotary(k, cos, sin, rotary_positions(seqlens, T_new), interleaved=interleaved)
+    append_kv(want_k, want_v, k_rot, v, seqlens, **kw)
+    append_kv_triton(k_cache, v_cache, k, v, seqlens, rotary=(cos, sin, interleaved), **kw)
+    torch.testing.assert_close(k_cache, want_k)
+    assert torch.equal(v_cache, want_v)

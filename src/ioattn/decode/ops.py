@@ -46,23 +46,31 @@ def _kvcache_impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         rotary_len = 0 if rotary_cos is None else rotary_cos.shape[0]
         max_seqlen_k = check_kvcache_values(k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad,
                                             block_table, rotary_len, T_q if local else 1)
-    if rotary_cos is not None:
-        # flash-attn's positions: the new keys at cache_seqlens[b] + i; the queries there too
-        # when causal or local, else all of them at cache_seqlens[b].
-        pos_q = rotary_positions(cache_seqlens, T_q, same_position=not local)
-        q = apply_rotary(q, rotary_cos, rotary_sin, pos_q, interleaved=rotary_interleaved)
-        k = apply_rotary(k, rotary_cos, rotary_sin, rotary_positions(cache_seqlens, T_new),
-                         interleaved=rotary_interleaved)
     on_cpu = backend_for(q.device) == "cpu"
+    # flash-attn's rotary positions: the new keys at cache_seqlens[b] + i; the queries there too
+    # when causal or local, else all of them at cache_seqlens[b]. The Triton backends rotate q in
+    # one launch and k inside the append's launch; the CPU backend with torch ops.
+    rotary = None if rotary_cos is None else (rotary_cos, rotary_sin, rotary_interleaved)
     seqlens = cache_seqlens  # each sequence's keys after the append
-    if k is not None:
-        if on_cpu:
+    if on_cpu:
+        if rotary is not None:
+            pos_q = rotary_positions(cache_seqlens, T_q, same_position=not local)
+            q = apply_rotary(q, rotary_cos, rotary_sin, pos_q, interleaved=rotary_interleaved)
+            k = apply_rotary(k, rotary_cos, rotary_sin, rotary_positions(cache_seqlens, T_new),
+                             interleaved=rotary_interleaved)
+        if k is not None:
             append_kv(k_cache, v_cache, k, v, cache_seqlens, batch_idx=cache_batch_idx, block_table=block_table)
-        else:
+    else:
+        if rotary is not None:
+            from .rotary_kernel import rotary_q_triton
+
+            q = rotary_q_triton(q, rotary_cos, rotary_sin, cache_seqlens, interleaved=rotary_interleaved,
+                                same_position=not local)
+        if k is not None:
             from .append import append_kv_triton
 
             seqlens = append_kv_triton(k_cache, v_cache, k, v, cache_seqlens, batch_idx=cache_batch_idx,
-                                       block_table=block_table)
+                                       block_table=block_table, rotary=rotary)
     if q.numel() == 0:
         B, _, H, D = q.shape
         return q.new_zeros(B, T_q, H, D), q.new_zeros(B, H, T_q, dtype=torch.float32)

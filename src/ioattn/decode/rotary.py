@@ -8,7 +8,8 @@ the token's position; the rest pass through. Two pairings of the features:
 
 A pair ``(x1, x2)`` at position p becomes ``(x1·cos − x2·sin, x1·sin + x2·cos)`` with the
 ``cos[p]``, ``sin[p]`` of the pair. This is O(T·H·D) elementwise work next to attention's
-O(Tq·Tk·H·D), so plain torch does it.
+O(Tq·Tk·H·D); plain torch does it for the CPU backend (and the tests' references), where its
+ops cost no launches. The Triton backends run rotary_kernel.py's kernels instead.
 """
 import torch
 
