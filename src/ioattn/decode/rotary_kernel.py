@@ -8,11 +8,10 @@ paired (interleaved ``(2j, 2j + 1)`` or ``(j, j + ROT_HALF)``), each pair ``(x1,
 fp32 and rounded once; the other features pass through. The CPU backend keeps rotary.py; the
 tests compare the two.
 """
-import torch
 import triton
 import triton.language as tl
 
-from .._utils import next_pow2
+from .._utils import empty, next_pow2
 from ..flash.fwd import device_guard
 from ..launch import launch
 
@@ -74,7 +73,7 @@ def rotary_q_triton(q, cos, sin, cache_seqlens, *, interleaved: bool, same_posit
     in one launch: a new ``[B, Tq, H, D]`` tensor in q's dtype. Arguments already validated:
     q with a unit last stride, the tables ``[T_ro, rotary_dim / 2]`` contiguous in q's dtype."""
     B, T_q, H, D = q.shape
-    out = torch.empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
+    out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     rot_half = cos.shape[1]

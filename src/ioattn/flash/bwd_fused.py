@@ -22,11 +22,11 @@ interpreter path, so only GPU tests cover it.
 """
 import torch
 
+from .bwd import backward_buffers
 from .bwd_preprocess import bwd_preprocess
-from .bwd_tma import dkdv_launch
+from .bwd_tma import dkdv_launch, hopper_bwd_inputs
 from .config import FusedBwdConfig
 from .fwd import device_guard
-from .tma import aligned
 
 
 def fused_pass(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: float, causal: bool, diag_offset: int,
@@ -47,18 +47,12 @@ def flash_bwd_fused(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
     Returns:
         ``(dq, dk, dv)``, contiguous, with the shapes and dtypes of q, k, v.
     """
-    if dout.dtype != q.dtype or not aligned(dout):
-        dout = dout.to(q.dtype, copy=True, memory_format=torch.contiguous_format)
-    if out.stride(-1) != 1:
-        out = out.contiguous()  # the delta kernel reads O with a unit last stride
-    lse = lse.contiguous()
-    B, T_q, H, D = q.shape
+    dout, out, lse = hopper_bwd_inputs(dout, q, out, lse)
     # Linear in T, like everything else: one fp32 copy of dq's shape.
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    delta = torch.empty((B, H, T_q), dtype=torch.float32, device=q.device)
-    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    delta, dq, dk, dv = backward_buffers(q, k, v)
     with device_guard(q):
-        bwd_preprocess(out, dout, delta, D)
+        bwd_preprocess(out, dout, delta, q.shape[-1])
         fused_pass(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, config)
     # The scale dK takes at the end in the kernel, dQ takes here, in the cast to q's dtype.
     torch.mul(dq_acc, softmax_scale, out=dq)

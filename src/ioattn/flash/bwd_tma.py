@@ -323,6 +323,18 @@ def dq_tma(q, k, v, dout, out, lse, delta, dq, softmax_scale: float, causal: boo
     )
 
 
+def hopper_bwd_inputs(dout, q, out, lse):
+    """``(dout, out, lse)`` as the Hopper backwards (this one and bwd_fused.py) read them: dout
+    TMA-aligned in q's dtype, out with a unit last stride (read with plain loads for Δ), lse
+    contiguous; copied only where they are not."""
+    if dout.dtype != q.dtype or not aligned(dout):
+        # A copy even when dout is contiguous already (its base may be what is misaligned).
+        dout = dout.to(q.dtype, copy=True, memory_format=torch.contiguous_format)
+    if out.stride(-1) != 1:
+        out = out.contiguous()
+    return dout, out, lse.contiguous()
+
+
 def tma_bwd_supported(q, k, v, *, window=(-1, -1), softcap: float = 0.0, alibi_slopes=None, attn_mask=None,
                       dropout_p: float = 0.0, seed: int = 0, varlen: bool = False, **other_features) -> bool:
     """Whether :func:`flash_bwd_tma` applies to these (already validated) inputs: every feature off,
@@ -360,12 +372,7 @@ def flash_bwd_tma(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, d
     if config is None:
         config = get_tma_bwd_config(D, q.dtype, causal, interpret=_env.interpret(),
                                     seqlen=max(q.shape[1], k.shape[1]))
-    if dout.dtype != q.dtype or not aligned(dout):
-        # A copy even when dout is contiguous already (its base may be what is misaligned).
-        dout = dout.to(q.dtype, copy=True, memory_format=torch.contiguous_format)
-    if out.stride(-1) != 1:
-        out = out.contiguous()  # the dQ kernel reads O with a unit last stride
-    lse = lse.contiguous()
+    dout, out, lse = hopper_bwd_inputs(dout, q, out, lse)
     delta, dq, dk, dv = backward_buffers(q, k, v)
     with device_guard(q):
         # dQ first: it writes delta, which the dK/dV pass reads (same stream, so in order).
