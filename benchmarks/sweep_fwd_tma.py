@@ -30,7 +30,7 @@ from ioattn.bench.flops import attention_flops, tflops  # noqa: E402
 from ioattn.bench.machine import header  # noqa: E402
 from ioattn.flash.config import TmaFwdConfig, get_tma_fwd_config  # noqa: E402
 from ioattn.flash.fwd import flash_fwd_triton  # noqa: E402
-from ioattn.flash.fwd_gluon import flash_fwd_gluon  # noqa: E402
+from ioattn.flash.fwd_pingpong import gluon_launcher  # noqa: E402
 from ioattn.flash.fwd_tma import flash_fwd_tma  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, the default first. Each compiles for
@@ -59,9 +59,16 @@ CANDIDATES = {
 # 487 against 513, causal 464 against 465; D=64 64 x 128 s3 425 against 449; ahead only at short
 # causal lengths (D=128 T=1024 64 x 64 s3 370 against the Triton kernel's 360 there). The tiles
 # that lost by more than 10% were dropped; the warp-specialized kernel's were added after.
+# The ping-pong kernel's (flash/fwd_pingpong.py; TmaFwdConfig's fields, so (M, N, 4, stages, False,
+# True[, turns])): 128 rows per program in two warpgroups; the entries with turns=False time the
+# same kernel without its turn-taking, to show what the schedule alone moves.
 GLUON_CANDIDATES = {
-    64: [(64, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3, True), (64, 128, 4, 2, True), (64, 64, 4, 4, True)],
-    128: [(64, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, True), (64, 64, 4, 2, True), (128, 64, 8, 3, True)],
+    64: [(64, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3, True), (64, 128, 4, 2, True), (64, 64, 4, 4, True),
+         (128, 128, 4, 2, False, True), (128, 128, 4, 3, False, True), (128, 128, 4, 4, False, True),
+         (128, 64, 4, 4, False, True)],
+    128: [(64, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, True), (64, 64, 4, 2, True), (128, 64, 8, 3, True),
+          (128, 128, 4, 2, False, True), (128, 128, 4, 2, False, True, False), (128, 64, 4, 3, False, True),
+          (128, 64, 4, 4, False, True)],
 }
 
 
@@ -70,7 +77,7 @@ class Gluon(TmaFwdConfig):
 
 
 def launcher(cfg):
-    return flash_fwd_gluon if isinstance(cfg, Gluon) else flash_fwd_tma
+    return gluon_launcher(cfg) if isinstance(cfg, Gluon) else flash_fwd_tma
 
 
 def candidates(D: int) -> list:
@@ -79,7 +86,8 @@ def candidates(D: int) -> list:
 
 def short(cfg: TmaFwdConfig) -> str:
     return (f"{'gluon' if isinstance(cfg, Gluon) else 'tma'} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
-            + (" ws" if cfg.warp_specialize else ""))
+            + (" ws" if cfg.warp_specialize else "") + (" pp" if cfg.pingpong else "")
+            + ("" if cfg.turns else " free"))
 
 
 def disagreement(got, want) -> str:

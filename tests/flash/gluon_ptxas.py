@@ -1,4 +1,4 @@
-"""Compile flash/fwd_gluon.py's kernel for sm_90 (no GPU needed) under every candidate of
+"""Compile flash/fwd_gluon.py's and flash/fwd_pingpong.py's kernels for sm_90 (no GPU needed) under every candidate of
 benchmarks/sweep_fwd_tma.py's GLUON_CANDIDATES, causal and not, and print one JSON line: per
 config, ptxas's spilled bytes and registers and the wgmma waits in the PTX (a "1" is the wait
 that leaves P·V in flight while the softmax runs). Run by tests/flash/test_fwd_gluon.py."""
@@ -15,19 +15,29 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from ioattn.flash import fwd_gluon
+from ioattn.flash import fwd_gluon, fwd_pingpong
 from ioattn.flash.config import TmaFwdConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 from sweep_fwd_tma import GLUON_CANDIDATES  # noqa: E402
 
 
-def compile_report(D, M, N, warps, stages, causal, ws=False):
-    fn = fwd_gluon._fwd_gluon_ws_kernel if ws else fwd_gluon._fwd_gluon_kernel
+def compile_report(D, cfg: TmaFwdConfig, causal):
+    M, N, warps, stages = cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps, cfg.num_stages
+    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, BLOCK_N=N, NUM_STAGES=stages)
+    if cfg.pingpong:
+        # Two warpgroups of M // 2 rows; registers set by the kernel's warp_specialize.
+        fn, M, extra = fwd_pingpong._fwd_pingpong_kernel, M // 2, {}
+        values.update(PINGPONG=cfg.turns, BLOCK_M=M)
+    elif cfg.warp_specialize:
+        fn, extra = fwd_gluon._fwd_gluon_ws_kernel, dict(maxnreg=fwd_gluon.ws_maxnreg(cfg))
+        values.update(BLOCK_M=M, num_warps=warps)
+    else:
+        fn, extra = fwd_gluon._fwd_gluon_kernel, {}
+        values.update(BLOCK_M=M, num_warps=warps)
     x = torch.empty(1, 256, 2, D, dtype=torch.bfloat16)  # only its dtype, shape and strides matter
     descs = dict(desc_q=fwd_gluon._desc(x, M), desc_o=fwd_gluon._desc(x, M), desc_k=fwd_gluon._desc(x, N),
                  desc_v=fwd_gluon._desc(x, N))
-    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=stages, num_warps=warps)
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in values:
@@ -38,7 +48,6 @@ def compile_report(D, M, N, warps, stages, causal, ws=False):
             sig[name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name == "qk_scale" else "i32"
-    extra = dict(maxnreg=fwd_gluon.ws_maxnreg(TmaFwdConfig(M, N, warps, stages, ws))) if ws else {}
     kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages, **extra))
     ptx = kernel.asm["ptx"]
@@ -51,16 +60,20 @@ def compile_report(D, M, N, warps, stages, causal, ws=False):
                               text=True, check=True).stderr
     return dict(regs=int(re.search(r"Used (\d+) registers", info).group(1)),
                 spills=int(re.search(r"(\d+) bytes spill stores", info).group(1)),
-                smem=kernel.metadata.shared, waits="".join(re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx)))
+                smem=kernel.metadata.shared, waits="".join(re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx)),
+                setmaxnreg=re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx))
 
 
 def main():
     report = {}
     for D, configs in GLUON_CANDIDATES.items():
-        for M, N, warps, stages, *ws in configs:
+        for c in configs:
+            cfg = TmaFwdConfig(*c)
+            kind = " pp" if cfg.pingpong else " ws" if cfg.warp_specialize else ""
+            kind += "" if cfg.turns else " free"
             for causal in (False, True):
-                report[f"D{D} {M}x{N} w{warps} s{stages}{' ws' if ws else ''} causal={causal}"] = compile_report(
-                    D, M, N, warps, stages, causal, bool(ws and ws[0]))
+                name = f"D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}{kind} causal={causal}"
+                report[name] = compile_report(D, cfg, causal)
     print(json.dumps(report))
 
 

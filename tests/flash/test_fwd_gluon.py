@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ioattn.flash import fwd_gluon
+from ioattn.flash import fwd_gluon, fwd_pingpong
 from ioattn.flash.config import TmaFwdConfig
 from ioattn.testing import make_qkv
 
@@ -37,9 +37,11 @@ def _sweep_candidates():
 
 
 def gluon_fwd(q, k, v, scale, causal, offset, *, config=None, window, softcap, alibi_slopes):
-    """flash_fwd_gluon behind check_fwd's launcher signature (it has none of the features)."""
+    """The Gluon forward that runs ``config`` behind check_fwd's launcher signature (it has none
+    of the features)."""
     assert tuple(window) == (-1, -1) and not softcap and alibi_slopes is None
-    return fwd_gluon.flash_fwd_gluon(q, k, v, scale, causal, offset, config=config or CONFIG)
+    config = config or CONFIG
+    return fwd_pingpong.gluon_launcher(config)(q, k, v, scale, causal, offset, config=config)
 
 
 CONFIG = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
@@ -56,6 +58,11 @@ def test_gluon_compiles_for_sm90_without_spills():
     expected = sum(len(c) for c in _sweep_candidates().values()) * 2
     assert len(report) == expected, report
     assert all(r["spills"] == 0 and r["waits"].count("1") >= 1 for r in report.values()), report
+    # Within Hopper's 227 KB of shared memory per block.
+    assert all(r["smem"] <= 232448 for r in report.values()), report
+    # The ping-pong kernel's two compute warpgroups get 240 registers each, its loader 24.
+    pingpong = [r for name, r in report.items() if " pp" in name]
+    assert pingpong and all({"240", "24"} <= set(r["setmaxnreg"]) for r in pingpong), pingpong
 
 
 GPU_CASES = [c for c in cases.GPU_CASES if c[5] in (64, 128)] + [
@@ -66,9 +73,14 @@ GPU_CASES = [c for c in cases.GPU_CASES if c[5] in (64, 128)] + [
 ]
 
 
-# Both kernels: without warp specialization (128-row tiles, 8 warps) and with it (one loader
-# warp, 64-row tiles).
-KERNELS = {"plain": CONFIG, "ws": TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, warp_specialize=True)}
+# Every kernel: without warp specialization (128-row tiles, 8 warps), with it (one loader warp,
+# 64-row tiles), and the ping-pong one (two warpgroups of 64 rows) with and without its turns.
+KERNELS = {
+    "plain": CONFIG,
+    "ws": TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, warp_specialize=True),
+    "pingpong": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True),
+    "free": TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True, turns=False),
+}
 
 
 @pytest.mark.gpu

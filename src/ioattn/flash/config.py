@@ -96,13 +96,18 @@ def get_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret
 class TmaFwdConfig:
     """Hopper forward kernel (fwd_tma.py): tiles as in :class:`FwdConfig`; ``num_stages`` is the
     depth of the K/V pipeline of its key loop; ``warp_specialize`` asks triton to split that loop
-    into producer and consumer warps (on sm_90 triton 3.6 emits the same PTX either way)."""
+    into producer and consumer warps (on sm_90 triton 3.6 emits the same PTX either way).
+    For the Gluon kernels: ``warp_specialize`` picks fwd_gluon.py's loader-warp kernel;
+    ``pingpong`` fwd_pingpong.py's (``BLOCK_M`` rows shared by two warpgroups, ``num_warps`` 4
+    per warpgroup), whose warpgroups take turns on the tensor cores unless ``turns`` is off."""
 
     BLOCK_M: int
     BLOCK_N: int
     num_warps: int
     num_stages: int
     warp_specialize: bool = False
+    pingpong: bool = False
+    turns: bool = True
 
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few

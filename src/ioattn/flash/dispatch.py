@@ -55,7 +55,7 @@ def _kernels(backend: str):
         return flash_fwd_cpu, cpu_bwd
     from .bwd import flash_bwd_triton
     from .fwd import flash_fwd_triton
-    from . import bwd_fused, bwd_tma, fwd_gluon, fwd_tma
+    from . import bwd_fused, bwd_tma, fwd_gluon, fwd_pingpong, fwd_tma
     from .config import get_fused_bwd_config, get_gluon_fwd_config
 
     def fwd(q, k, v, softmax_scale, causal, diag_offset, **features):
@@ -64,7 +64,8 @@ def _kernels(backend: str):
             if _env.gluon() and fwd_gluon.gluon_supported(q):
                 config = get_gluon_fwd_config(q.shape[-1], q.dtype, causal, max(q.shape[1], k.shape[1]))
                 if config is not None:
-                    return fwd_gluon.flash_fwd_gluon(q, k, v, softmax_scale, causal, diag_offset, config=config)
+                    launcher = fwd_pingpong.gluon_launcher(config)
+                    return launcher(q, k, v, softmax_scale, causal, diag_offset, config=config)
             return fwd_tma.flash_fwd_tma(q, k, v, softmax_scale, causal, diag_offset)
         return flash_fwd_triton(q, k, v, softmax_scale, causal, diag_offset, **features)
 

@@ -80,6 +80,51 @@ if HAS_GLUON:
         return p, m_new, alpha, l_i
 
     @gluon.jit
+    def _key_blocks(start_m, rows, T_q, T_k, diag_hi, HAS_RIGHT: gl.constexpr, BLOCK_N: gl.constexpr):
+        """(key blocks to visit, first block that needs a mask) for query rows ``[start_m, +
+        rows)``: every row sees keys [0, n_end), and blocks from mask_from on hide keys past Tk
+        or, causal, right of the diagonal (fwd.py's _key_range without a left edge)."""
+        last_m = gl.minimum(start_m + rows, T_q) - 1
+        if HAS_RIGHT:
+            n_end = gl.maximum(gl.minimum(last_m + diag_hi + 1, T_k), 0)
+            mask_from = gl.maximum(gl.minimum(start_m + diag_hi + 1, T_k), 0) // BLOCK_N * BLOCK_N
+        else:
+            n_end = T_k
+            mask_from = T_k // BLOCK_N * BLOCK_N
+        return (n_end + BLOCK_N - 1) // BLOCK_N, mask_from
+
+    @gluon.jit
+    def _epilogue(acc, m_i, l_i, o_smem, desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, row_o: gl.constexpr):
+        """Rows ``[start_m, + BLOCK_M)`` from the loop's accumulator, max and sum (log2 domain):
+        lse stored directly, O through ``o_smem`` (a Q slot no longer read) and one TMA store,
+        clipped at Tq. Rows that saw no key have l = 0 (and acc = 0): output 0 and lse -inf, not NaN."""
+        l_o = gl.convert_layout(l_i, row_o)
+        empty_row = l_o == 0.0
+        l_safe = gl.where(empty_row, 1.0, l_o)
+        m_o = gl.convert_layout(m_i, row_o)
+        lse = gl.where(empty_row, float("-inf"), (m_o + gl.log2(l_safe)) * 0.6931471805599453)
+        o_mo = start_m + gl.arange(0, BLOCK_M, layout=row_o)
+        gl.store(LSE + i_bh.to(gl.int64) * T_q + o_mo, lse, mask=o_mo < T_q)
+        o_smem.reshape([BLOCK_M, HEAD_DIM]).store((acc / l_safe[:, None]).to(o_smem.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc_o, [i_b, i_h, start_m, 0], o_smem)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _take_turn(turn, step, WG: gl.constexpr, PINGPONG: gl.constexpr):
+        """Wait until warpgroup ``WG`` may issue the wgmmas of its ``step`` (fwd_pingpong.py's
+        turns; nothing without them)."""
+        if PINGPONG:
+            mbarrier.wait(turn.index(WG), step & 1)
+
+    @gluon.jit
+    def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+        """Hand the tensor cores to the other warpgroup, once this one's wgmmas are issued."""
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - WG), count=1)
+
+    @gluon.jit
     def _fwd_gluon_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
                           HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
@@ -101,16 +146,7 @@ if HAS_GLUON:
         i_hkv = i_h // GROUP
         start_m = i_m * BLOCK_M
 
-        # Key range: every row of the tile sees keys [0, n_end); blocks from mask_from on need
-        # a mask (fwd.py's _key_range without a left edge).
-        last_m = gl.minimum(start_m + BLOCK_M, T_q) - 1
-        if HAS_RIGHT:
-            n_end = gl.maximum(gl.minimum(last_m + diag_hi + 1, T_k), 0)
-            mask_from = gl.maximum(gl.minimum(start_m + diag_hi + 1, T_k), 0) // BLOCK_N * BLOCK_N
-        else:
-            n_end = T_k
-            mask_from = T_k // BLOCK_N * BLOCK_N
-        n_blocks = (n_end + BLOCK_N - 1) // BLOCK_N
+        n_blocks, mask_from = _key_blocks(start_m, BLOCK_M, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_N)
 
         q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
         k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
@@ -177,20 +213,7 @@ if HAS_GLUON:
             mbarrier.invalidate(k_bars.index(i))
             mbarrier.invalidate(v_bars.index(i))
 
-        # Rows that saw no key have l = 0 (and acc = 0): output 0 and lse -inf, not NaN.
-        l_o = gl.convert_layout(l_i, row_o)
-        empty_row = l_o == 0.0
-        l_safe = gl.where(empty_row, 1.0, l_o)
-        acc = acc / l_safe[:, None]
-        m_o = gl.convert_layout(m_i, row_o)
-        lse = gl.where(empty_row, float("-inf"), (m_o + gl.log2(l_safe)) * 0.6931471805599453)
-        o_mo = start_m + gl.arange(0, BLOCK_M, layout=row_o)
-        gl.store(LSE + i_bh.to(gl.int64) * T_q + o_mo, lse, mask=o_mo < T_q)
-        # O through shared memory (Q's slot, no longer read) and one TMA store, clipped at Tq.
-        q_smem.reshape([BLOCK_M, HEAD_DIM]).store(acc.to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(desc_o, [i_b, i_h, start_m, 0], q_smem)
-        tma.store_wait(pendings=0)
+        _epilogue(acc, m_i, l_i, q_smem, desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M, HEAD_DIM, row_o)
 
 
 if HAS_GLUON:
@@ -215,12 +238,14 @@ if HAS_GLUON:
                                             v_smem.index(slot))
 
     @gluon.jit
-    def _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, n_blocks, mask_from,
+    def _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, n_blocks, mask_from,
                      start_m, T_k, diag_hi, qk_scale, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                     NUM_WARPS: gl.constexpr):
-        """Default partition: _fwd_gluon_kernel's loop, releasing each K slot once its QKᵀ has
-        completed and each V slot once its P·V has, instead of loading and syncing itself."""
+                     NUM_WARPS: gl.constexpr, WG: gl.constexpr = 0, PINGPONG: gl.constexpr = False):
+        """Compute partition: _fwd_gluon_kernel's loop, releasing each K slot once its QKᵀ has
+        completed and each V slot once its P·V has, instead of loading and syncing itself.
+        fwd_pingpong.py runs two of these (warpgroup ``WG`` of two) with ``PINGPONG``: each step's
+        wgmma issues then sit between a wait for this warpgroup's turn and a hand-over."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -237,9 +262,11 @@ if HAS_GLUON:
         q = q_smem.reshape([BLOCK_M, HEAD_DIM])
         mbarrier.wait(q_bar, phase=0)
         if n_blocks > 0:
+            _take_turn(turn, 0, WG, PINGPONG)
             mbarrier.wait(k_ready.index(0), phase=0)
             s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
+            _pass_turn(turn, WG, PINGPONG)
             s = warpgroup_mma_wait(0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(0), count=1)
             p, m_i, alpha, l_i = _softmax_step(s, m_i, l_i, 0, mask_from, o_m, T_k, diag_hi, qk_scale,
@@ -247,12 +274,14 @@ if HAS_GLUON:
             for j in range(1, n_blocks):
                 slot = j % NUM_STAGES
                 prev = (j - 1) % NUM_STAGES
+                _take_turn(turn, j, WG, PINGPONG)
                 mbarrier.wait(k_ready.index(slot), phase=(j // NUM_STAGES) & 1)
                 s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
                 mbarrier.wait(v_ready.index(prev), phase=((j - 1) // NUM_STAGES) & 1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 o_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+                _pass_turn(turn, WG, PINGPONG)
                 s = warpgroup_mma_wait(1, deps=(s_tok, ))
                 mbarrier.arrive(k_empty.index(slot), count=1)
                 p, m_i, alpha, l_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, mask_from, o_m, T_k, diag_hi,
@@ -261,9 +290,11 @@ if HAS_GLUON:
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             last = (n_blocks - 1) % NUM_STAGES
+            _take_turn(turn, n_blocks, WG, PINGPONG)
             mbarrier.wait(v_ready.index(last), phase=((n_blocks - 1) // NUM_STAGES) & 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             o_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            _pass_turn(turn, WG, PINGPONG)
             acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
         return acc, m_i, l_i
 
@@ -284,14 +315,7 @@ if HAS_GLUON:
         i_b, i_h = i_bh // H, i_bh % H
         i_hkv = i_h // GROUP
         start_m = i_m * BLOCK_M
-        last_m = gl.minimum(start_m + BLOCK_M, T_q) - 1
-        if HAS_RIGHT:
-            n_end = gl.maximum(gl.minimum(last_m + diag_hi + 1, T_k), 0)
-            mask_from = gl.maximum(gl.minimum(start_m + diag_hi + 1, T_k), 0) // BLOCK_N * BLOCK_N
-        else:
-            n_end = T_k
-            mask_from = T_k // BLOCK_N * BLOCK_N
-        n_blocks = (n_end + BLOCK_N - 1) // BLOCK_N
+        n_blocks, mask_from = _key_blocks(start_m, BLOCK_M, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_N)
 
         q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
         k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
@@ -312,8 +336,9 @@ if HAS_GLUON:
         tma.async_copy_global_to_shared(desc_q, [i_b, i_h, start_m, 0], q_bar, q_smem)
 
         acc, m_i, l_i = gl.warp_specialize([
-            (_ws_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, n_blocks, mask_from,
-                            start_m, T_k, diag_hi, qk_scale, HAS_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
+            # No turns (one compute partition): q_bar stands in for the turn barriers.
+            (_ws_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, q_bar, n_blocks,
+                            mask_from, start_m, T_k, diag_hi, qk_scale, HAS_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
                             num_warps)),
             (_ws_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b, i_hkv,
                           BLOCK_N, NUM_STAGES)),
@@ -325,18 +350,7 @@ if HAS_GLUON:
             mbarrier.invalidate(v_ready.index(i))
             mbarrier.invalidate(k_empty.index(i))
             mbarrier.invalidate(v_empty.index(i))
-        l_o = gl.convert_layout(l_i, row_o)
-        empty_row = l_o == 0.0
-        l_safe = gl.where(empty_row, 1.0, l_o)
-        acc = acc / l_safe[:, None]
-        m_o = gl.convert_layout(m_i, row_o)
-        lse = gl.where(empty_row, float("-inf"), (m_o + gl.log2(l_safe)) * 0.6931471805599453)
-        o_mo = start_m + gl.arange(0, BLOCK_M, layout=row_o)
-        gl.store(LSE + i_bh.to(gl.int64) * T_q + o_mo, lse, mask=o_mo < T_q)
-        q_smem.reshape([BLOCK_M, HEAD_DIM]).store(acc.to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(desc_o, [i_b, i_h, start_m, 0], q_smem)
-        tma.store_wait(pendings=0)
+        _epilogue(acc, m_i, l_i, q_smem, desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M, HEAD_DIM, row_o)
 
 
 def gluon_supported(q) -> bool:

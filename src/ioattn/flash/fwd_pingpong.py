@@ -1,0 +1,160 @@
+"""FlashAttention forward for Hopper with two compute warpgroups taking turns on the tensor
+cores (FlashAttention-3's "ping-pong" schedule), written in Gluon.
+
+Why: fwd_gluon.py's warp-specialized kernel overlaps one warpgroup's softmax with its own P·V
+(intra-warpgroup overlap) but stays at ~530 TFLOP/s at D = 128 (cuDNN ~617): with 64-row tiles
+each K/V tile feeds only 64 query rows, and the softmax still leaves the tensor cores idle for
+the part of it that the one P·V in flight does not cover. Here one program holds 128 query
+rows: two warpgroups of 64 rows each share every K/V tile of the ring (half the shared-memory
+traffic per FLOP), and a pair of mbarriers hands the right to issue matrix multiplies from one
+warpgroup to the other, so that while one runs its exponentials the other's QKᵀ and P·V keep
+the tensor cores busy. Each warpgroup keeps fwd_gluon.py's intra-warpgroup overlap inside its
+turn.
+
+Partitions (``gl.warp_specialize``): warpgroup 0 is the default partition, warpgroup 1 a 4-warp
+worker, and fwd_gluon.py's loader warp streams K and V; a slot is released when both
+warpgroups have arrived at its "empty" barrier (count 2). With 4 + 4 + 1 warps (padded to three
+warpgroups) the compute warpgroups get 240 registers each and the loader 24.
+
+The turn: warpgroup w's step s (one step issues block s's QKᵀ and block s-1's P·V) waits on
+``turn[w]`` and, once its wgmmas are issued, arrives at ``turn[1 - w]``. The prologue arrives at
+``turn[0]`` once, so warpgroup 0 starts; warpgroup 0's step s then waits for phase s of
+``turn[0]`` (warpgroup 1's step s - 1) and warpgroup 1's step s for phase s of ``turn[1]``
+(warpgroup 0's step s). Both run the same number of steps (the program's key range), so no
+barrier is more than one phase ahead of its waiter. ``PINGPONG=False`` drops the turns (both
+warpgroups free-running on shared tiles), for the sweep to show what the schedule alone moves.
+
+Contract: fwd_gluon.py's (fp16/bf16, D 64/128, TMA-aligned, every feature off; 4D descriptors
+per (batch, head), rows past T read as zeros and stores past Tq dropped). GPU only; tests in
+tests/flash/test_fwd_gluon.py.
+"""
+import torch
+
+from .._utils import cdiv, empty
+from ..launch import launch
+from . import fwd_gluon
+from .fwd import LOG2E, diag_band, device_guard
+from .fwd_gluon import HAS_GLUON
+
+if HAS_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+
+    from .fwd_gluon import _desc, _epilogue, _key_blocks, _ws_consumer, _ws_loader
+
+
+if HAS_GLUON:
+    # Registers per thread of the compute warpgroups and of the loader's (padded) warpgroup.
+    COMPUTE_REGS = gl.constexpr(240)
+    LOADER_REGS = gl.constexpr(24)
+
+    @gluon.jit
+    def _pp_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
+                     n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale,
+                     WG: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """One compute warpgroup: rows ``[tile_m + WG * BLOCK_M, + BLOCK_M)``, fwd_gluon.py's
+        overlapped loop with its wgmma issues inside turns, then its own epilogue (lse, and O
+        through its Q slot and one TMA store: a worker partition returns nothing)."""
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        start_m = tile_m + WG * BLOCK_M
+        q_slot = q_smem.index(WG)
+        acc, m_i, l_i = _ws_consumer(q_slot, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                                     n_blocks, mask_from, start_m, T_k, diag_hi, qk_scale, HAS_RIGHT, BLOCK_M,
+                                     BLOCK_N, HEAD_DIM, NUM_STAGES, 4, WG, PINGPONG)
+        _epilogue(acc, m_i, l_i, q_slot, desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M, HEAD_DIM, row_o)
+
+    @gluon.jit
+    def _fwd_pingpong_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
+                             HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
+                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """One program: 2 * BLOCK_M query rows of one (batch, head), two compute warpgroups of
+        BLOCK_M rows (launched with num_warps=4: the default partition is warpgroup 0)."""
+        dtype: gl.constexpr = desc_q.dtype
+        i_m, i_bh = gl.program_id(0), gl.program_id(1)
+        if HAS_RIGHT:
+            # Longest causal tiles first (see fwd_tma.py).
+            i_m = gl.num_programs(0) - 1 - i_m
+        i_b, i_h = i_bh // H, i_bh % H
+        i_hkv = i_h // GROUP
+        tile_m = i_m * (2 * BLOCK_M)
+        # Key range of the whole program: both warpgroups step through the same blocks (the
+        # turns need equal step counts); the first warpgroup's rows set where masking starts.
+        n_blocks, mask_from = _key_blocks(tile_m, 2 * BLOCK_M, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_N)
+
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            # Released by both warpgroups.
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
+        fence_async_shared()
+        # Warpgroup 0 takes the first turn.
+        mbarrier.arrive(turn.index(0), count=1)
+        mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_q, [i_b, i_h, tile_m, 0], q_bar, q_smem.index(0))
+        tma.async_copy_global_to_shared(desc_q, [i_b, i_h, tile_m + BLOCK_M, 0], q_bar, q_smem.index(1))
+
+        gl.warp_specialize([
+            (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
+                            n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 0, HAS_RIGHT,
+                            PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+            (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
+                            n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 1, HAS_RIGHT,
+                            PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+            (_ws_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b, i_hkv,
+                          BLOCK_N, NUM_STAGES)),
+        ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
+
+        mbarrier.invalidate(q_bar)
+        mbarrier.invalidate(turn.index(0))
+        mbarrier.invalidate(turn.index(1))
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(k_ready.index(i))
+            mbarrier.invalidate(v_ready.index(i))
+            mbarrier.invalidate(k_empty.index(i))
+            mbarrier.invalidate(v_empty.index(i))
+
+
+def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *, config):
+    """Attention forward with the ping-pong Gluon kernel: :func:`ioattn.flash.fwd_gluon.flash_fwd_gluon`'s
+    arguments and results; ``config`` a :class:`ioattn.flash.config.TmaFwdConfig` with
+    ``pingpong`` set, ``BLOCK_M`` the program's rows (two warpgroups of ``BLOCK_M // 2``),
+    ``num_warps`` 4 (per warpgroup); ``turns=False`` runs the two warpgroups without turns."""
+    B, T_q, H, D = q.shape
+    T_k, H_kv = k.shape[1], k.shape[2]
+    band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
+    out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
+    lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
+    M, N = config.BLOCK_M // 2, config.BLOCK_N
+    grid = (cdiv(T_q, 2 * M), B * H)
+    with device_guard(q):
+        launch(
+            _fwd_pingpong_kernel, grid,
+            _desc(q, M), _desc(k, N), _desc(v, N), _desc(out, M), lse, T_q, T_k, H, H // H_kv,
+            band["diag_hi"], softmax_scale * LOG2E, HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"],
+            PINGPONG=config.turns, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.num_stages,
+            num_warps=4,
+        )
+    return out, lse
+
+
+def gluon_launcher(config):
+    """The Gluon forward that runs ``config``: this module's for ``pingpong`` configs, else
+    fwd_gluon.py's (same arguments and results). Looked up at each call, so a test can watch it."""
+    return flash_fwd_pingpong if config.pingpong else fwd_gluon.flash_fwd_gluon
