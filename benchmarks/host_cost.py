@@ -26,7 +26,7 @@ from ioattn.decode.append import append_kv_triton
 from ioattn.decode.ops import append_kv
 from ioattn.decode.rotary import apply_rotary, rotary_positions
 from ioattn.decode.rotary_kernel import rotary_q_triton
-from ioattn.flash import bwd_tma, fwd_gluon, fwd_tma, ops
+from ioattn.flash import bwd_tma, fwd_gluon, fwd_pingpong, fwd_tma, ops
 from ioattn.flash.config import get_gluon_fwd_config, get_tma_bwd_config
 from ioattn.flash.tma import head_major_desc
 
@@ -195,9 +195,10 @@ def steps(B, T, H, D, causal):
     rows["rotary q: rotary_kernel.py"] = lambda: rotary_q_triton(qdec, cos, sin, lens_before, interleaved=True,
                                                                  same_position=False)
     if gcfg is not None:
-        rows["fwd: Gluon launcher"] = lambda: fwd_gluon.flash_fwd_gluon(qd, k.detach(), v.detach(), scale, causal,
-                                                                          0, config=gcfg)
-        kernel = fwd_gluon._fwd_gluon_ws_kernel if gcfg.warp_specialize else fwd_gluon._fwd_gluon_kernel
+        gluon_fwd = fwd_pingpong.gluon_launcher(gcfg)
+        rows["fwd: Gluon launcher"] = lambda: gluon_fwd(qd, k.detach(), v.detach(), scale, causal, 0, config=gcfg)
+        kernel = (fwd_pingpong._fwd_pingpong_kernel if gcfg.pingpong else
+                  fwd_gluon._fwd_gluon_ws_kernel if gcfg.warp_specialize else fwd_gluon._fwd_gluon_kernel)
         rows["fwd: Gluon launcher only"] = launcher_only(kernel, rows["fwd: Gluon launcher"])
     return rows
 

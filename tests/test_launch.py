@@ -22,8 +22,8 @@ from ioattn.decode import kernel as decode_kernel
 from ioattn.decode import rotary_kernel as decode_rotary
 from ioattn.flash import (bwd, bwd_fused, bwd_preprocess, bwd_tma, dropout, fwd, fwd_gluon, fwd_pingpong, fwd_tma, ops,
                           varlen_launch)
-from ioattn.flash.config import (FusedBwdConfig, TmaFwdConfig, get_fused_bwd_config, get_gluon_fwd_config, get_tma_bwd_config,
-                                 get_tma_fwd_config)
+from ioattn.flash.config import (FusedBwdConfig, TmaFwdConfig, get_fused_bwd_config, get_gluon_fwd_config,
+                                 get_tma_bwd_config, get_tma_fwd_config)
 from ioattn.testing import make_qkv
 
 LAUNCHERS = (fwd, bwd, bwd_preprocess, dropout, varlen_launch, fwd_tma, bwd_tma, fwd_gluon, fwd_pingpong, decode_kernel,

@@ -76,9 +76,9 @@ def tma() -> bool:
 
 def gluon() -> bool:
     """Whether the calls that flash/config.py's ``get_gluon_fwd_config`` gives a config run the
-    Gluon forward (flash/fwd_gluon.py) instead of the Triton TMA kernel: on by default, on Hopper
-    GPUs with a triton that ships Gluon (never in the interpreter). IOATTN_GLUON=0 keeps the
-    Triton kernel."""
+    Gluon forward (flash/fwd_pingpong.py, flash/fwd_gluon.py) instead of the Triton TMA kernel:
+    on by default, on Hopper GPUs with a triton that ships Gluon (never in the interpreter).
+    IOATTN_GLUON=0 keeps the Triton kernel."""
     return _get("IOATTN_GLUON", "1") != "0"
 
 

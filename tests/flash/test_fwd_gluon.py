@@ -5,6 +5,7 @@ no spills for the configs the sweep times; on the H200 its results are checked a
 reference with the accuracy rule, on odd sizes, GQA / MQA, causal with Tq != Tk (both
 alignments, rows that see no key) and strided inputs.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -127,13 +128,11 @@ def test_gluon_desc_matches_checked_constructor(layout, dtype):
 def test_gluon_config_table():
     from ioattn.flash.config import get_gluon_fwd_config
 
-    ws = TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, warp_specialize=True)
+    pp = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True)
     for dtype in (torch.bfloat16, torch.float16):
-        assert get_gluon_fwd_config(128, dtype, True, 1024) == ws
-        assert get_gluon_fwd_config(128, dtype, True, 4096) == ws
-        assert get_gluon_fwd_config(128, dtype, False, 1024) == ws
-        assert get_gluon_fwd_config(128, dtype, True, 4097) is None
-        assert get_gluon_fwd_config(128, dtype, False, 1025) is None
+        for T in (1, 1024, 4097, 131072):
+            assert get_gluon_fwd_config(128, dtype, False, T) == pp
+            assert get_gluon_fwd_config(128, dtype, True, T) == dataclasses.replace(pp, turns=False)
     assert get_gluon_fwd_config(64, torch.bfloat16, True, 1024) is None
     assert get_gluon_fwd_config(256, torch.bfloat16, True, 1024) is None
     assert get_gluon_fwd_config(128, torch.float32, True, 1024) is None
@@ -154,17 +153,18 @@ def test_dispatch_picks_gluon_where_the_table_says(monkeypatch):
         return fwd_tma.flash_fwd_tma(q, k, v, scale, causal, offset)
 
     monkeypatch.setattr(fwd_gluon, "flash_fwd_gluon", spy)
+    monkeypatch.setattr(fwd_pingpong, "flash_fwd_pingpong", spy)
     monkeypatch.setattr(fwd_gluon, "gluon_supported", lambda q: True)
     monkeypatch.setenv("IOATTN_BACKEND", "triton")
     q, k, v = make_qkv(1, 33, 40, 2, 1, 128, device=DEVICE)
     out = ioattn.flash_attn_func(q, k, v, causal=True)
-    assert len(calls) == 1 and calls[0][:2] == (128, True) and calls[0][2].warp_specialize
+    assert len(calls) == 1 and calls[0][:2] == (128, True) and calls[0][2].pingpong
     want, _ = fwd_tma.flash_fwd_tma(q, k, v, 128**-0.5, True, 7)
     assert torch.equal(out, want)
     monkeypatch.setenv("IOATTN_GLUON", "0")
     ioattn.flash_attn_func(q, k, v, causal=True)
     monkeypatch.delenv("IOATTN_GLUON")
-    # Not at D = 64, not with a feature on, not past the table's lengths.
+    # Not at D = 64, not with a feature on.
     ioattn.flash_attn_func(*make_qkv(1, 33, 40, 2, 1, 64, device=DEVICE), causal=True)
     ioattn.flash_attn_func(q, k, v, causal=True, softcap=5.0)
     assert len(calls) == 1
@@ -172,18 +172,18 @@ def test_dispatch_picks_gluon_where_the_table_says(monkeypatch):
 
 @pytest.mark.gpu
 def test_dispatch_runs_gluon_on_the_gpu(monkeypatch):
-    # On the H200 a D = 128 causal call of the table's lengths runs the Gluon kernel, and its
+    # On the H200 a D = 128 causal call runs the ping-pong Gluon kernel, and its
     # result passes the accuracy rule through the public function.
     import ioattn
 
     calls = []
-    real = fwd_gluon.flash_fwd_gluon
+    real = fwd_pingpong.flash_fwd_pingpong
 
     def spy(*args, **kw):
         calls.append(kw["config"])
         return real(*args, **kw)
 
-    monkeypatch.setattr(fwd_gluon, "flash_fwd_gluon", spy)
+    monkeypatch.setattr(fwd_pingpong, "flash_fwd_pingpong", spy)
     check_fwd(2, 1000, 1100, 8, 2, 128, True, None, torch.bfloat16,
               fwd=lambda q, k, v, scale, causal, offset, *, config=None, **features:
               ioattn.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, return_attn_probs=True)[:2])

@@ -157,28 +157,26 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
     return TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
-# The Gluon forward (fwd_gluon.py) replaces the Triton TMA kernel where it was faster on the H200.
-# Its warp-specialized kernel with 64 x 64 tiles and 2 stages, D = 128, kernel time against the
-# Triton TMA kernel at the paper grid's shapes (benchmarks/logs/2026-12-03_h200_gluon_probe_7bc51c7.log,
-# do_bench medians of 4 runs): causal T = 1024 175-179 us against 209, T = 2048 289-312 against
-# 335-349, T = 4096 539-576 against 592-641; full T = 1024 275-298 against 311-312. Beyond these
-# lengths the Triton kernel led (sweep_fwd_tma.py --gluon, benchmarks/results/
-# 2026-12-03_nvidia-h200_sweep-fwd-gluon.json: causal T = 16384 496 against 536 TFLOP/s, full
-# T = 4096 506 against 517). Through the public function, in the same process
-# (results/2026-12-03_nvidia-h200_paper-v1.10.json against logs/2026-12-03_h200_paper_nogluon_7bc51c7.log):
-# causal T = 1024 / 2048 / 4096 0.94 / 0.95 / 0.93x cuDNN with it, 0.86 / 0.86 / 0.91x without.
-# At D = 64 it won nowhere by more than noise; not used there.
-GLUON_FWD_MAX_SEQLEN = {True: 4096, False: 1024}  # by causal
+# The Gluon forward replaces the Triton TMA kernel at D = 128, where it was faster on the H200.
+# The ping-pong kernel (fwd_pingpong.py, 128 x 128 tiles, 2 stages) against the Triton TMA
+# kernel's default (128 x 128, 8 warps, 3 stages) and fwd_gluon.py's loader-warp kernel (64 x 64),
+# TFLOP/s at T = 1024 / 4096 / 16384 (sweep_fwd_tma.py --gluon, bf16, paper grid shapes,
+# benchmarks/results/2026-12-03_nvidia-h200_sweep-fwd-pingpong.json):
+#   full, with turns 501 / 607 / 626, without 494 / 619 / 614; Triton TMA 438 / 516 / 529.
+#   causal, without turns 362 / 573 / 610, with 375 / 515 / 607; Triton TMA 326 / 462 / 532;
+#   64 x 64 loader-warp kernel 369 / 497 / 520.
+# So full attention takes turns and causal does not (T = 4096 decides it; elsewhere the two are
+# within 4%). At D = 64 the ping-pong kernel was within 2% of the Triton kernel at T >= 4096 and
+# 5% behind at T = 1024 (372 against 353 full), and fwd_gluon.py's kernels won nowhere by more
+# than noise (v1.10): D = 64 keeps the Triton kernel.
 
 
 def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int) -> TmaFwdConfig | None:
     """The Gluon forward's config where it beats the Triton TMA kernel (see above), else None.
-    ``seqlen``: the longer of Tq and Tk."""
+    ``seqlen``: the longer of Tq and Tk (kept for a length-dependent table; unused now)."""
     if head_dim != 128 or dtype not in (torch.float16, torch.bfloat16):
         return None
-    if not 0 < seqlen <= GLUON_FWD_MAX_SEQLEN[bool(causal)]:
-        return None
-    return TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, warp_specialize=True)
+    return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=not causal)
 
 
 @dataclass(frozen=True)
