@@ -55,6 +55,13 @@ DQ = {
           (64, 32, 4, 3), (64, 64, 4, 2)],
     256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
 }
+# The Gluon dK/dV kernel (flash/bwd_gluon.py, --gluon): (BLOCK_M1, BLOCK_N1, stages1), BLOCK_N1
+# keys in two warpgroups. ptxas (sm_90, 240 registers a compute thread): at D=128 64-row query
+# steps spill 56-208 bytes and 32-row ones none; at D=64 64-row steps do not spill.
+GLUON_DKDV = {
+    64: [(64, 128, 2), (64, 128, 3), (32, 128, 3)],
+    128: [(32, 128, 2), (32, 128, 3), (32, 128, 4), (64, 128, 2), (64, 128, 3)],
+}
 TOL = 2e-2
 SMOKE_T, SMOKE_T_LONG = 45, 77
 
@@ -69,6 +76,8 @@ def parse_args(argv):
                    help="skip the passes alone: only the whole backward, portable and TMA default")
     p.add_argument("--smoke", action="store_true", help="tiny shape in Triton's interpreter on CPU")
     p.add_argument("--ptxas", action="store_true", help="compile every candidate for sm_90 without a GPU")
+    p.add_argument("--gluon", action="store_true",
+                   help="dK/dV: the Gluon kernel's candidates (GLUON_DKDV) only; dQ: the default only")
     return p.parse_args(argv)
 
 
@@ -181,15 +190,18 @@ def sweep_shape(s, rows, smoke, dkdv_list, dq_list):
             rows.append(r)
             if "ms" in r and (kind not in best or r["ms"] < best[kind][1]):
                 best[kind] = (c, r["ms"])
-    if len(best) < 2:
+    if "dkdv" not in best or (dq_list and "dq" not in best):
         return None
-    return with_pass(with_pass(default, "dkdv", best["dkdv"][0]), "dq", best["dq"][0])
+    chosen = with_pass(default, "dkdv", best["dkdv"][0])
+    return with_pass(chosen, "dq", best["dq"][0]) if dq_list else chosen
 
 
 def with_pass(cfg, kind, c):
     """``cfg`` with one pass's (BLOCK_M, BLOCK_N, warps, stages) replaced by ``c``."""
-    if kind == "dkdv":
-        names, c = ("BLOCK_M1", "BLOCK_N1", "warps1", "stages1", "device_desc1"), (tuple(c) + (False,))[:5]
+    if kind == "dkdv" and len(c) == 3:  # a GLUON_DKDV entry
+        names, c = ("BLOCK_M1", "BLOCK_N1", "stages1", "gluon1"), tuple(c) + (True,)
+    elif kind == "dkdv":
+        names, c = ("BLOCK_M1", "BLOCK_N1", "warps1", "stages1", "device_desc1", "gluon1"), (tuple(c) + (False,))[:5] + (False,)
     else:
         names = ("BLOCK_M2", "BLOCK_N2", "warps2", "stages2")
     return dataclasses.replace(cfg, **dict(zip(names, c)))
@@ -305,7 +317,8 @@ def main(argv=None):
         for causal in (False, True):
             torch.manual_seed(0)
             s = Shape(D, T, causal, args.smoke)
-            best[D, causal] = None if args.whole_only else sweep_shape(s, rows, args.smoke, DKDV[D], DQ[D])
+            dkdv_list, dq_list = (GLUON_DKDV[D], []) if args.gluon else (DKDV[D], DQ[D])
+            best[D, causal] = None if args.whole_only else sweep_shape(s, rows, args.smoke, dkdv_list, dq_list)
             default = get_tma_bwd_config(D, s.q.dtype, causal, interpret=False)
             configs = {"tma-best": best[D, causal], "tma-dflt": default} if best[D, causal] else {"tma-dflt": default}
             compare_full(s, rows, args.smoke, configs)

@@ -20,14 +20,14 @@ from ioattn.decode import append as decode_append
 from ioattn.decode import combine as decode_combine
 from ioattn.decode import kernel as decode_kernel
 from ioattn.decode import rotary_kernel as decode_rotary
-from ioattn.flash import (bwd, bwd_fused, bwd_preprocess, bwd_tma, dropout, fwd, fwd_gluon, fwd_pingpong, fwd_tma, ops,
+from ioattn.flash import (bwd, bwd_fused, bwd_gluon, bwd_preprocess, bwd_tma, dropout, fwd, fwd_gluon, fwd_pingpong, fwd_tma, ops,
                           varlen_launch)
 from ioattn.flash.config import (FusedBwdConfig, TmaFwdConfig, get_fused_bwd_config, get_gluon_fwd_config,
                                  get_tma_bwd_config, get_tma_fwd_config)
 from ioattn.testing import make_qkv
 
-LAUNCHERS = (fwd, bwd, bwd_preprocess, dropout, varlen_launch, fwd_tma, bwd_tma, fwd_gluon, fwd_pingpong, decode_kernel,
-             decode_combine, decode_append, decode_rotary)
+LAUNCHERS = (fwd, bwd, bwd_preprocess, dropout, varlen_launch, fwd_tma, bwd_tma, fwd_gluon, fwd_pingpong, bwd_gluon,
+             decode_kernel, decode_combine, decode_append, decode_rotary)
 _BACKEND = make_backend(GPUTarget("cuda", 90, 32))
 _JITS, _BINDERS = {}, {}
 
@@ -181,6 +181,10 @@ def test_key_refines_triton_specialization_gpu_configs(recorded):
         if fwd_gluon.HAS_GLUON:
             fwd_pingpong.flash_fwd_pingpong(q, k, v, 0.1, causal, 0,
                                             config=TmaFwdConfig(128, 128, 4, 2, pingpong=True))
+            bwd_gluon.dkdv_gluon(q, k, v, torch.randn_like(q), lse, torch.empty(1, 4, T), torch.empty_like(k),
+                                 torch.empty_like(v), 0.1, causal, 0,
+                                 dataclasses.replace(get_tma_bwd_config(D, q.dtype, causal, interpret=False),
+                                                     gluon1=True))
         # The one-pass backward: the GPU's config where it has one, both ways of adding dQ.
         fused = get_fused_bwd_config(D, q.dtype, causal, interpret=False, seqlen=0) or FusedBwdConfig(64, 128, 8, 2)
         for tma_reduce in (False, True):

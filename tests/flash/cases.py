@@ -1,6 +1,9 @@
 """Shared vocabulary of the Triton kernel tests (test_fwd.py, test_bwd.py): devices, dtypes,
 parameter ids, the feature cases both files run, and a check of the fast descriptors."""
 import dataclasses
+import importlib
+import sys
+from pathlib import Path
 
 import torch
 
@@ -100,3 +103,12 @@ def assert_same_descriptor(fast, checked, cls):
         else:
             assert (list(a) if isinstance(a, (list, tuple, torch.Size)) else a) == (
                 list(b) if isinstance(b, (list, tuple, torch.Size)) else b), field.name
+
+
+def benchmark_module(name: str):
+    """A script of benchmarks/ imported as a module (its candidate lists are what tests check)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)

@@ -1,4 +1,4 @@
-"""Compile flash/fwd_gluon.py's and flash/fwd_pingpong.py's kernels for sm_90 (no GPU needed) under every candidate of
+"""Compile the Gluon kernels (flash/fwd_gluon.py, fwd_pingpong.py, bwd_gluon.py) for sm_90 (no GPU needed) under every candidate of
 benchmarks/sweep_fwd_tma.py's GLUON_CANDIDATES, causal and not, and print one JSON line: per
 config, ptxas's spilled bytes and registers and the wgmma waits in the PTX (a "1" is the wait
 that leaves P·V in flight while the softmax runs). Run by tests/flash/test_fwd_gluon.py."""
@@ -15,10 +15,11 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from ioattn.flash import fwd_gluon, fwd_pingpong
+from ioattn.flash import bwd_gluon, fwd_gluon, fwd_pingpong
 from ioattn.flash.config import TmaFwdConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+from sweep_bwd_tma import GLUON_DKDV  # noqa: E402
 from sweep_fwd_tma import GLUON_CANDIDATES  # noqa: E402
 
 
@@ -38,18 +39,33 @@ def compile_report(D, cfg: TmaFwdConfig, causal):
     x = torch.empty(1, 256, 2, D, dtype=torch.bfloat16)  # only its dtype, shape and strides matter
     descs = dict(desc_q=fwd_gluon._desc(x, M), desc_o=fwd_gluon._desc(x, M), desc_k=fwd_gluon._desc(x, N),
                  desc_v=fwd_gluon._desc(x, N))
+    return ptxas(fn, descs, values, dict(num_warps=warps, num_stages=stages, **extra))
+
+
+def compile_dkdv_report(D, M, N, stages, causal):
+    """bwd_gluon.py's kernel: ``N`` keys a program in two warpgroups, ``M`` query rows a step."""
+    x = torch.empty(1, 256, 2, D, dtype=torch.bfloat16)
+    descs = {f"desc_{n}": fwd_gluon._desc(x, M if n in ("q", "do") else N // 2) for n in ("q", "k", "v", "do", "dk", "dv")}
+    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, BLOCK_M=M, BLOCK_N=N // 2, NUM_STAGES=stages)
+    return ptxas(bwd_gluon._bwd_dkdv_gluon_kernel, descs, values, dict(num_warps=4, num_stages=stages))
+
+
+def ptxas(fn, descs, values, options):
+    """Compile ``fn`` with these descriptors and constexprs (pointers fp32, other scalars i32 but
+    the scales) and report ptxas's registers and spills, shared memory, wgmma waits and
+    register reallocations."""
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in values:
             sig[name], constexprs[(i,)] = "constexpr", values[name]
         elif name in descs:
             sig[name] = native_specialize_impl(BaseBackend, descs[name], False, True, True)[0]
-        elif name == "LSE":
+        elif name in ("LSE", "DELTA"):
             sig[name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
         else:
-            sig[name] = "fp32" if name == "qk_scale" else "i32"
+            sig[name] = "fp32" if name in ("qk_scale", "softmax_scale") else "i32"
     kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages, **extra))
+                            target=GPUTarget("cuda", 90, 32), options=options)
     ptx = kernel.asm["ptx"]
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,6 +90,10 @@ def main():
             for causal in (False, True):
                 name = f"D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}{kind} causal={causal}"
                 report[name] = compile_report(D, cfg, causal)
+    for D, configs in GLUON_DKDV.items():
+        for M, N, stages in configs:
+            for causal in (False, True):
+                report[f"dkdv D{D} {M}x{N} s{stages} causal={causal}"] = compile_dkdv_report(D, M, N, stages, causal)
     print(json.dumps(report))
 
 

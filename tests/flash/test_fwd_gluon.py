@@ -28,13 +28,12 @@ pytestmark = pytest.mark.skipif(not fwd_gluon.HAS_GLUON, reason="this triton has
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _dkdv_candidates():
+    return cases.benchmark_module("sweep_bwd_tma").GLUON_DKDV
+
+
 def _sweep_candidates():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from sweep_fwd_tma import GLUON_CANDIDATES
-    finally:
-        sys.path.pop(0)
-    return GLUON_CANDIDATES
+    return cases.benchmark_module("sweep_fwd_tma").GLUON_CANDIDATES
 
 
 def gluon_fwd(q, k, v, scale, causal, offset, *, config=None, window, softcap, alibi_slopes):
@@ -48,7 +47,7 @@ def gluon_fwd(q, k, v, scale, causal, offset, *, config=None, window, softcap, a
 CONFIG = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
 
 
-def test_gluon_compiles_for_sm90_without_spills():
+def test_gluon_kernels_compile_for_sm90_without_spills():
     # In a child process without TRITON_INTERPRET (the interpreter has no compiler).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + str(ROOT)
@@ -56,14 +55,20 @@ def test_gluon_compiles_for_sm90_without_spills():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    expected = sum(len(c) for c in _sweep_candidates().values()) * 2
+    # bwd_gluon.py's dK/dV kernel too (one child process compiles every Gluon kernel).
+    expected = sum(len(c) for c in _sweep_candidates().values()) * 2 + sum(len(c) for c in _dkdv_candidates().values()) * 2
     assert len(report) == expected, report
-    assert all(r["spills"] == 0 and r["waits"].count("1") >= 1 for r in report.values()), report
+    # No spills, except the dK/dV kernel's 64-row query steps at D = 128, kept in the sweep
+    # with their few spilled bytes (sweep_bwd_tma.py's GLUON_DKDV says why).
+    assert all(r["spills"] <= (256 if name.startswith("dkdv D128 64x") else 0) and r["waits"].count("1") >= 1
+               for name, r in report.items()), report
     # Within Hopper's 227 KB of shared memory per block.
     assert all(r["smem"] <= 232448 for r in report.values()), report
     # The ping-pong kernel's two compute warpgroups get 240 registers each, its loader 24.
     pingpong = [r for name, r in report.items() if " pp" in name]
     assert pingpong and all({"240", "24"} <= set(r["setmaxnreg"]) for r in pingpong), pingpong
+    dkdv = [r for name, r in report.items() if name.startswith("dkdv")]
+    assert dkdv and all({"240", "24"} <= set(r["setmaxnreg"]) for r in dkdv), dkdv
 
 
 GPU_CASES = [c for c in cases.GPU_CASES if c[5] in (64, 128)] + [

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .. import _env
+from . import bwd_gluon
 from .._utils import cdiv
 from ..launch import launch
 from .bwd import _load_lse2, _query_range, backward_buffers
@@ -259,7 +260,12 @@ def _band(T_q: int, T_k: int, causal: bool, diag_offset: int) -> dict:
 
 def dkdv_tma(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: bool, diag_offset: int,
              config: TmaBwdConfig):
-    """Launch the dK/dV kernel alone, writing ``dk``, ``dv`` (the sweep times it on its own)."""
+    """Launch the dK/dV kernel alone, writing ``dk``, ``dv`` (the sweep times it on its own): the
+    Gluon one (bwd_gluon.py) where ``config.gluon1`` asks for it and it can run (IOATTN_GLUON=0
+    keeps the Triton one)."""
+    if config.gluon1 and _env.gluon() and bwd_gluon.gluon_dkdv_supported(q):
+        bwd_gluon.dkdv_gluon(q, k, v, dout, lse, delta, dk, dv, softmax_scale, causal, diag_offset, config)
+        return
     dkdv_launch(q, k, v, dout, lse, delta, dk, dv, softmax_scale, causal, diag_offset, config.BLOCK_M1,
                 config.BLOCK_N1, config.warps1, config.stages1, config.device_desc1)
 

@@ -6,6 +6,7 @@ any of them. Each branch says what it rests on: a short sweep of these kernels o
 starting point is based on. Autotuning is left out on purpose: it cannot run under the
 interpreter, and one pinned config keeps results reproducible.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -185,7 +186,9 @@ class TmaBwdConfig:
     tiles, warps and pipeline depth: 1 = dK/dV (holds BLOCK_N1 keys, steps over BLOCK_M1 queries),
     2 = dQ (holds BLOCK_M2 queries, steps over BLOCK_N2 keys). ``device_desc1``: the dK/dV kernel
     builds per-(batch, head) 2D descriptors itself instead of taking the host's 4D ones (same
-    bounds), which keeps its K and V tiles in shared memory rather than registers."""
+    bounds), which keeps its K and V tiles in shared memory rather than registers. ``gluon1``:
+    the dK/dV pass is bwd_gluon.py's kernel instead (BLOCK_N1 keys in two warpgroups, BLOCK_M1
+    query rows a step, a ring of stages1 Q/dO slots; warps1 unused), on GPUs that run Gluon."""
 
     BLOCK_M1: int
     BLOCK_N1: int
@@ -196,6 +199,7 @@ class TmaBwdConfig:
     warps2: int
     stages2: int
     device_desc1: bool = False
+    gluon1: bool = False
 
 
 def get_tma_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool,
@@ -228,11 +232,16 @@ def get_tma_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
         if short:
             # T = 1024: dQ 128 x 32 (full, 551 against 527) and 64 x 32 with 4 warps (causal, 412
             # against 398); both passes together 353 / 277 (the previous config 304 / 238).
-            if causal:
-                return TmaBwdConfig(64, 64, 4, 2, 64, 32, 4, 3)
-            return TmaBwdConfig(64, 64, 4, 2, 128, 32, 8, 3)
-        # dQ 128 x 64, 3 stages: 652 / 549 (128 x 128 587 / 538).
-        return TmaBwdConfig(64, 64, 4, 2, 128, 64, 8, 3)
+            config = TmaBwdConfig(64, 64, 4, 2, 64, 32, 4, 3) if causal else TmaBwdConfig(64, 64, 4, 2, 128, 32, 8, 3)
+        else:
+            # dQ 128 x 64, 3 stages: 652 / 549 (128 x 128 587 / 538).
+            config = TmaBwdConfig(64, 64, 4, 2, 128, 64, 8, 3)
+        if head_dim == 128 and dtype in (torch.float16, torch.bfloat16):
+            # The Gluon dK/dV kernel (bwd_gluon.py): 128 keys in two warpgroups, 32-row query
+            # steps (64-row ones spill at D = 128), 3 Q/dO slots; not yet timed against the
+            # Triton kernel.
+            config = dataclasses.replace(config, BLOCK_M1=32, BLOCK_N1=128, stages1=3, gluon1=True)
+        return config
     # dK/dV 64 x 64 with 8 warps: 312 / 255 (328 spilled bytes; the previous 32 x 64 216 / 220;
     # 4-warp tiles spill 1.3-3 KB and ran 59-217). dQ 64 x 32 with 4 warps and 3 stages: 516 / 467
     # (the previous 64 x 64 with 8 warps 285 / 271). Whole backward at T = 4096 / 16384: 266 / 222

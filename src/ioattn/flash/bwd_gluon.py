@@ -1,0 +1,233 @@
+"""The dK/dV pass of the Hopper backward written in Gluon: bwd_tma.py's dK/dV kernel with its
+matrix multiplies issued asynchronously by two warpgroups that share every Q and dO tile.
+
+Why: triton's ``tl.dot`` waits for each wgmma right after issuing it, so the dK/dV kernel
+(four matrix multiplies per query block, and the exponentials between them) leaves the tensor
+cores idle while its warps compute P and dS: at D = 128 it ran at 568 TFLOP/s-equivalent where
+the dQ pass ran 652 (config.py). Here a program holds 128 keys of one KV head in two
+warpgroups of 64 (fwd_pingpong.py's layout turned around: K and V stay, Q and dO stream), and
+a loader warp streams the query blocks' Q and dO tiles through a ring of shared-memory slots
+(released when both warpgroups are done with them, count 2). Per query block each warpgroup
+issues Sᵀ = k·qᵀ and dPᵀ = v·dOᵀ together, forms Pᵀ once Sᵀ is done (dPᵀ still running), issues
+dV += Pᵀ·dO, forms dSᵀ once dPᵀ is done (dV running), issues dK += dSᵀ·q and waits; the
+other warpgroup's exponentials fill the tensor cores' remaining gaps.
+
+The math is bwd_tma.py's: ``Pᵀ = exp2(k·qᵀ · qk_scale − lse · log2 e)``, ``dSᵀ = Pᵀ ∘ (dPᵀ − Δ)``,
+dK scaled by the softmax scale on store; rows past Tq read q = dO = 0 and lse = +inf (P = 0),
+keys past Tk are dropped by the stores' bounds. For GQA the program visits, head after head,
+the query blocks of every query head that reads its KV head, in one sequence of steps that the
+loader and both warpgroups walk alike. Δ comes from the dQ pass (launched first, as in
+bwd_tma.py).
+
+GPU only (Gluon has no interpreter); tests/flash/test_bwd_gluon.py compiles it for sm_90
+without a GPU and compares it with the reference on the H200.
+"""
+import torch
+
+from .._utils import cdiv
+from ..launch import launch
+from .fwd import LOG2E, diag_band, device_guard
+from .fwd_gluon import HAS_GLUON
+
+if HAS_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                   warpgroup_mma, warpgroup_mma_wait)
+
+    from .fwd_gluon import _desc
+
+    # Registers per thread of the compute warpgroups and of the loader's (padded) warpgroup.
+    COMPUTE_REGS = gl.constexpr(240)
+    LOADER_REGS = gl.constexpr(24)
+
+
+if HAS_GLUON:
+
+    @gluon.jit
+    def _query_blocks(start_n, T_q, T_k, diag_hi, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr):
+        """(first row, query blocks per head, rows below which blocks need the causal mask) for
+        keys ``[start_n, + BLOCK_N)``: bwd.py's ``_query_range`` without a left edge. Row i sees
+        key j iff ``j <= i + diag_hi``."""
+        last_n = gl.minimum(start_n + BLOCK_N, T_k) - 1
+        if HAS_RIGHT:
+            m_first = gl.maximum(start_n - diag_hi, 0)
+            m_lo = m_first // BLOCK_M * BLOCK_M
+            m_full_lo = (gl.maximum(last_n - diag_hi, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+            # Keys that no row sees (right of the band): no block.
+            m_lo = gl.where(m_first < T_q, m_lo, T_q)
+        else:
+            m_lo = 0
+            m_full_lo = 0
+        n_m = (gl.maximum(T_q - m_lo, 0) + BLOCK_M - 1) // BLOCK_M
+        return m_lo, n_m, m_full_lo
+
+    @gluon.jit
+    def _dkdv_loader(desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
+                     m_lo, n_m, BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """Loader partition (one warp): Q and dO tiles of steps ``[0, GROUP * n_m)`` (head
+        ``i_hkv * GROUP + t // n_m``, rows ``m_lo + (t % n_m) * BLOCK_M``) into the slot ring."""
+        for t in range(GROUP * n_m):
+            slot = t % NUM_STAGES
+            g = t // n_m
+            i_h = i_hkv * GROUP + g
+            start_m = m_lo + (t - g * n_m) * BLOCK_M
+            # Barriers start as if phase 1 had completed: the first pass waits for nothing.
+            phase = ((t // NUM_STAGES) & 1) ^ 1
+            mbarrier.wait(q_empty.index(slot), phase)
+            mbarrier.expect(q_ready.index(slot), desc_q.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_q, [i_b, i_h, start_m, 0], q_ready.index(slot), q_smem.index(slot))
+            mbarrier.wait(do_empty.index(slot), phase)
+            mbarrier.expect(do_ready.index(slot), desc_do.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_do, [i_b, i_h, start_m, 0], do_ready.index(slot),
+                                            do_smem.index(slot))
+
+    @gluon.jit
+    def _dkdv_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
+                       desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
+                       qk_scale, softmax_scale, WG: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                       NUM_STAGES: gl.constexpr):
+        """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
+        step, then their stores (through this warpgroup's K and V slots, no longer read)."""
+        dtype: gl.constexpr = q_smem.dtype
+        # Sᵀ, dPᵀ: [keys, query rows]; dK, dV: [keys, HEAD_DIM]; warps stacked along the keys.
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        o_n = start_n + WG * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_s)
+        o_m0 = gl.arange(0, BLOCK_M, layout=col_s)
+        k = k_smem.index(WG).reshape([BLOCK_N, HEAD_DIM])
+        v = v_smem.index(WG).reshape([BLOCK_N, HEAD_DIM])
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+        dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+        s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
+        mbarrier.wait(kv_bar, phase=0)
+        n_steps = GROUP * n_m
+        for t in range(n_steps):
+            slot = t % NUM_STAGES
+            phase = (t // NUM_STAGES) & 1
+            g = t // n_m
+            start_m = m_lo + (t - g * n_m) * BLOCK_M
+            o_m = start_m + o_m0
+            m_m = o_m < T_q
+            # lse and delta are [B, H, Tq], contiguous; loaded before the waits, to overlap.
+            row0 = (i_b * H + i_hkv * GROUP + g).to(gl.int64) * T_q
+            lse = gl.load(LSE + row0 + o_m, mask=m_m, other=float("inf"))
+            # A row that saw no key (lse -inf) gets P = 0, as a padded row does.
+            lse2 = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+            delta = gl.load(DELTA + row0 + o_m, mask=m_m, other=0.0)
+            q_t = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+            do_t = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+            mbarrier.wait(q_ready.index(slot), phase)
+            s_tok = warpgroup_mma(k, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(do_ready.index(slot), phase)
+            dp_tok = warpgroup_mma(v, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            # Pᵀ while dPᵀ is still on the tensor cores, then dSᵀ while dV += Pᵀ·dO is.
+            s_t = warpgroup_mma_wait(1, deps=(s_tok, ))
+            p_t = gl.exp2(s_t * qk_scale - lse2[None, :])
+            if HAS_RIGHT:
+                if start_m < m_full_lo:
+                    p_t = gl.where(o_n[:, None] <= o_m[None, :] + diag_hi, p_t, 0.0)
+            p_op = gl.convert_layout(p_t.to(dtype), a_layout)
+            dv_tok = warpgroup_mma(p_op, do_t, dv, is_async=True)
+            dp_t = warpgroup_mma_wait(1, deps=(dp_tok, ))
+            ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), a_layout)
+            dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
+            # Both warpgroups must be done with a slot before the loader refills it (count 2).
+            mbarrier.arrive(q_empty.index(slot), count=1)
+            mbarrier.arrive(do_empty.index(slot), count=1)
+        # Every wgmma reading K and V has completed: their slots take dK and dV on the way out.
+        k_out = k_smem.index(WG)
+        v_out = v_smem.index(WG)
+        k_out.reshape([BLOCK_N, HEAD_DIM]).store((dk * softmax_scale).to(dtype))
+        v_out.reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc_dk, [i_b, i_hkv, start_n + WG * BLOCK_N, 0], k_out)
+        tma.async_copy_shared_to_global(desc_dv, [i_b, i_hkv, start_n + WG * BLOCK_N, 0], v_out)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _bwd_dkdv_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, T_q, T_k, H, H_kv,
+                               GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
+                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                               NUM_STAGES: gl.constexpr):
+        """One program: 2 * BLOCK_N keys of one (batch, KV head) in two warpgroups of BLOCK_N keys
+        (launched with num_warps=4: the default partition is warpgroup 0)."""
+        dtype: gl.constexpr = desc_q.dtype
+        i_n, i_bh = gl.program_id(0), gl.program_id(1)
+        i_b, i_hkv = i_bh // H_kv, i_bh % H_kv
+        start_n = i_n * (2 * BLOCK_N)
+        # One query range for both warpgroups (they walk the same steps): that of all 2 * BLOCK_N keys.
+        m_lo, n_m, m_full_lo = _query_blocks(start_n, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M, 2 * BLOCK_N)
+
+        k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_do.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        do_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(do_ready.index(i), count=1)
+            # Released by both warpgroups.
+            mbarrier.init(q_empty.index(i), count=2)
+            mbarrier.init(do_empty.index(i), count=2)
+        fence_async_shared()
+        mbarrier.expect(kv_bar, 4 * desc_k.block_type.nbytes)
+        for w in gl.static_range(2):
+            tma.async_copy_global_to_shared(desc_k, [i_b, i_hkv, start_n + w * BLOCK_N, 0], kv_bar, k_smem.index(w))
+            tma.async_copy_global_to_shared(desc_v, [i_b, i_hkv, start_n + w * BLOCK_N, 0], kv_bar, v_smem.index(w))
+
+        gl.warp_specialize([
+            (_dkdv_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
+                              desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
+                              qk_scale, softmax_scale, 0, HAS_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+            (_dkdv_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
+                              desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
+                              qk_scale, softmax_scale, 1, HAS_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+            (_dkdv_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
+                            m_lo, n_m, BLOCK_M, NUM_STAGES)),
+        ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
+
+        mbarrier.invalidate(kv_bar)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(q_ready.index(i))
+            mbarrier.invalidate(do_ready.index(i))
+            mbarrier.invalidate(q_empty.index(i))
+            mbarrier.invalidate(do_empty.index(i))
+
+
+def dkdv_gluon(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: bool, diag_offset: int, config):
+    """Launch the Gluon dK/dV kernel, writing ``dk``, ``dv`` (contiguous, k's shape) from ``delta``
+    (the dQ pass's); ``config`` a :class:`ioattn.flash.config.TmaBwdConfig` with ``gluon1``:
+    ``BLOCK_N1`` keys per program in two warpgroups, ``BLOCK_M1`` query rows per step,
+    ``stages1`` slots in the Q/dO ring."""
+    B, T_q, H, D = q.shape
+    T_k, H_kv = k.shape[1], k.shape[2]
+    band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
+    M, N = config.BLOCK_M1, config.BLOCK_N1 // 2
+    with device_guard(q):
+        launch(
+            _bwd_dkdv_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
+            _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
+            T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E, band["diag_hi"],
+            HAS_RIGHT=band["HAS_RIGHT"], HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.stages1, num_warps=4,
+        )
+
+
+def gluon_dkdv_supported(q) -> bool:
+    """Whether :func:`dkdv_gluon` can run where bwd_tma.py's kernels do: fp16/bf16 (its wgmmas),
+    D = 64 or 128 (two warpgroups' dK, dV in registers), compiled on a CUDA device by a triton
+    that has Gluon (bwd_tma.py's checks already asked for a Hopper GPU)."""
+    return HAS_GLUON and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128)
