@@ -62,6 +62,9 @@ GLUON_DKDV = {
     64: [(64, 128, 2), (64, 128, 3), (32, 128, 3)],
     128: [(32, 128, 2), (32, 128, 3), (32, 128, 4), (64, 128, 2), (64, 128, 3)],
 }
+# The Triton dK/dV kernel's tiles that config.py used before the Gluon kernel: timed beside
+# GLUON_DKDV with --gluon, alone and in the whole backward ("triton-dkdv").
+TRITON_DKDV = {64: (32, 128, 4, 3), 128: (64, 64, 4, 2)}
 TOL = 2e-2
 SMOKE_T, SMOKE_T_LONG = 45, 77
 
@@ -207,6 +210,19 @@ def with_pass(cfg, kind, c):
     return dataclasses.replace(cfg, **dict(zip(names, c)))
 
 
+def whole_configs(D, s, causal, best, gluon):
+    """The whole backwards to time: the best pair of passes (if any), the default, and with
+    ``gluon`` the default with the Triton dK/dV kernel instead."""
+    from ioattn.flash.config import get_tma_bwd_config
+
+    default = get_tma_bwd_config(D, s.q.dtype, causal, interpret=False)
+    configs = {"tma-best": best} if best else {}
+    configs["tma-dflt"] = default
+    if gluon:
+        configs["triton-dkdv"] = with_pass(default, "dkdv", TRITON_DKDV[D])
+    return configs
+
+
 def _flat(cfg):
     return tuple(dataclasses.astuple(cfg))
 
@@ -299,7 +315,6 @@ def main(argv=None):
     import torch
 
     from ioattn.bench import machine
-    from ioattn.flash.config import get_tma_bwd_config
 
     T, T_long = (SMOKE_T, SMOKE_T_LONG) if args.smoke else (args.T, args.T_long)
     out = dict(header=machine.header("cpu" if args.smoke else "cuda", sys.argv), rows=[])
@@ -317,19 +332,16 @@ def main(argv=None):
         for causal in (False, True):
             torch.manual_seed(0)
             s = Shape(D, T, causal, args.smoke)
-            dkdv_list, dq_list = (GLUON_DKDV[D], []) if args.gluon else (DKDV[D], DQ[D])
+            dkdv_list, dq_list = ([TRITON_DKDV[D]] + GLUON_DKDV[D], []) if args.gluon else (DKDV[D], DQ[D])
             best[D, causal] = None if args.whole_only else sweep_shape(s, rows, args.smoke, dkdv_list, dq_list)
-            default = get_tma_bwd_config(D, s.q.dtype, causal, interpret=False)
-            configs = {"tma-best": best[D, causal], "tma-dflt": default} if best[D, causal] else {"tma-dflt": default}
-            compare_full(s, rows, args.smoke, configs)
+            compare_full(s, rows, args.smoke, whole_configs(D, s, causal, best[D, causal], args.gluon))
             save()
     if T_long:
         for (D, causal), pair in best.items():
             del s
             torch.manual_seed(0)
             s = Shape(D, T_long, causal, args.smoke)
-            default = get_tma_bwd_config(D, s.q.dtype, causal, interpret=False)
-            compare_full(s, rows, args.smoke, {"tma-best": pair, "tma-dflt": default} if pair else {"tma-dflt": default})
+            compare_full(s, rows, args.smoke, whole_configs(D, s, causal, pair, args.gluon))
             save()
     print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
 
