@@ -55,12 +55,15 @@ DQ = {
           (64, 32, 4, 3), (64, 64, 4, 2)],
     256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
 }
-# The Gluon dK/dV kernel (flash/bwd_gluon.py, --gluon): (BLOCK_M1, BLOCK_N1, stages1), BLOCK_N1
-# keys in two warpgroups. ptxas (sm_90, 240 registers a compute thread): at D=128 64-row query
-# steps spill 56-208 bytes and 32-row ones none; at D=64 64-row steps do not spill.
+# The Gluon dK/dV kernel (flash/bwd_gluon.py, --gluon): (BLOCK_M1, BLOCK_N1, stages1[, overlap1]),
+# BLOCK_N1 keys in two warpgroups. ptxas (sm_90, 240 registers a compute thread): at D=128
+# 64-row query steps spill 56-208 bytes (560 with overlap1, left out) and 32-row ones none; at
+# D=64 none spills. First H200 sweep (24edcad, results/2026-12-03_nvidia-h200_sweep-bwd-gluon.json),
+# D=128 T=4096 pass alone, full / causal: 64 x 128 589-595 / 524-532 against the Triton kernel's
+# 570 / 496; 32 x 128 without overlap1 491-500 / 451-466 (dropped).
 GLUON_DKDV = {
-    64: [(64, 128, 2), (64, 128, 3), (32, 128, 3)],
-    128: [(32, 128, 2), (32, 128, 3), (32, 128, 4), (64, 128, 2), (64, 128, 3)],
+    64: [(64, 128, 2), (64, 128, 2, True), (64, 128, 3, True), (32, 128, 3, True)],
+    128: [(64, 128, 2), (64, 128, 3), (32, 128, 2, True), (32, 128, 3, True), (32, 128, 4, True)],
 }
 # The Triton dK/dV kernel's tiles that config.py used before the Gluon kernel: timed beside
 # GLUON_DKDV with --gluon, alone and in the whole backward ("triton-dkdv").
@@ -201,10 +204,11 @@ def sweep_shape(s, rows, smoke, dkdv_list, dq_list):
 
 def with_pass(cfg, kind, c):
     """``cfg`` with one pass's (BLOCK_M, BLOCK_N, warps, stages) replaced by ``c``."""
-    if kind == "dkdv" and len(c) == 3:  # a GLUON_DKDV entry
-        names, c = ("BLOCK_M1", "BLOCK_N1", "stages1", "gluon1"), tuple(c) + (True,)
+    if kind == "dkdv" and len(c) in (3, 4):  # a GLUON_DKDV entry
+        names, c = ("BLOCK_M1", "BLOCK_N1", "stages1", "overlap1", "gluon1"), (tuple(c) + (False,))[:4] + (True,)
     elif kind == "dkdv":
-        names, c = ("BLOCK_M1", "BLOCK_N1", "warps1", "stages1", "device_desc1", "gluon1"), (tuple(c) + (False,))[:5] + (False,)
+        names = ("BLOCK_M1", "BLOCK_N1", "warps1", "stages1", "device_desc1", "gluon1", "overlap1")
+        c = (tuple(c) + (False,))[:5] + (False, False)
     else:
         names = ("BLOCK_M2", "BLOCK_N2", "warps2", "stages2")
     return dataclasses.replace(cfg, **dict(zip(names, c)))

@@ -42,11 +42,11 @@ def compile_report(D, cfg: TmaFwdConfig, causal):
     return ptxas(fn, descs, values, dict(num_warps=warps, num_stages=stages, **extra))
 
 
-def compile_dkdv_report(D, M, N, stages, causal):
+def compile_dkdv_report(D, M, N, stages, overlap, causal):
     """bwd_gluon.py's kernel: ``N`` keys a program in two warpgroups, ``M`` query rows a step."""
     x = torch.empty(1, 256, 2, D, dtype=torch.bfloat16)
     descs = {f"desc_{n}": fwd_gluon._desc(x, M if n in ("q", "do") else N // 2) for n in ("q", "k", "v", "do", "dk", "dv")}
-    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, BLOCK_M=M, BLOCK_N=N // 2, NUM_STAGES=stages)
+    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, OVERLAP=overlap, BLOCK_M=M, BLOCK_N=N // 2, NUM_STAGES=stages)
     return ptxas(bwd_gluon._bwd_dkdv_gluon_kernel, descs, values, dict(num_warps=4, num_stages=stages))
 
 
@@ -91,9 +91,11 @@ def main():
                 name = f"D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}{kind} causal={causal}"
                 report[name] = compile_report(D, cfg, causal)
     for D, configs in GLUON_DKDV.items():
-        for M, N, stages in configs:
+        for M, N, stages, *overlap in configs:
+            overlap = bool(overlap and overlap[0])
             for causal in (False, True):
-                report[f"dkdv D{D} {M}x{N} s{stages} causal={causal}"] = compile_dkdv_report(D, M, N, stages, causal)
+                name = f"dkdv D{D} {M}x{N} s{stages}{' overlap' if overlap else ''} causal={causal}"
+                report[name] = compile_dkdv_report(D, M, N, stages, overlap, causal)
     print(json.dumps(report))
 
 

@@ -26,9 +26,9 @@ def _candidates():
     return benchmark_module("sweep_bwd_tma").GLUON_DKDV
 
 
-def gluon_config(D, causal, M=32, N=128, stages=2):
+def gluon_config(D, causal, M=64, N=128, stages=2, overlap=False):
     return dataclasses.replace(get_tma_bwd_config(D, torch.bfloat16, causal, interpret=False), BLOCK_M1=M,
-                               BLOCK_N1=N, stages1=stages, gluon1=True)
+                               BLOCK_N1=N, stages1=stages, gluon1=True, overlap1=overlap)
 
 
 @pytest.fixture
@@ -78,9 +78,11 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
-def test_bwd_gluon_gpu(case, gluon_calls):
-    check_bwd(*case, torch.bfloat16, config=gluon_config(case[5], case[6]), bwd=tma_vs_portable)
+def test_bwd_gluon_gpu(case, overlap, gluon_calls):
+    cfg = gluon_config(case[5], case[6], M=32 if overlap else 64, overlap=overlap)
+    check_bwd(*case, torch.bfloat16, config=cfg, bwd=tma_vs_portable)
     assert gluon_calls
 
 
@@ -96,9 +98,9 @@ def test_bwd_gluon_gpu_fp16_strided(gluon_calls):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_bwd_gluon_gpu_sweep_configs(D, causal, gluon_calls):
     # Every candidate the sweep times passes at an odd GQA shape first.
-    for M, N, stages in _candidates()[D]:
-        check_bwd(1, 1000, 1100, 4, 2, D, causal, None, torch.bfloat16, config=gluon_config(D, causal, M, N, stages),
-                  bwd=tma_vs_portable)
+    for M, N, stages, *overlap in _candidates()[D]:
+        check_bwd(1, 1000, 1100, 4, 2, D, causal, None, torch.bfloat16,
+                  config=gluon_config(D, causal, M, N, stages, bool(overlap and overlap[0])), bwd=tma_vs_portable)
     assert len(gluon_calls) == len(_candidates()[D])
 
 
@@ -110,7 +112,7 @@ def test_bwd_gluon_gpu_deterministic():
     from ioattn.flash.fwd import flash_fwd_triton
 
     out, lse = flash_fwd_triton(q, k, v, 128**-0.5, True, 0)
-    cfg = gluon_config(128, True)
+    cfg = gluon_config(128, True, M=32, overlap=True)
     first = bwd_tma.flash_bwd_tma(dout, q, k, v, out, lse, 128**-0.5, True, 0, config=cfg)
     for _ in range(5):
         for a, b in zip(first, bwd_tma.flash_bwd_tma(dout, q, k, v, out, lse, 128**-0.5, True, 0, config=cfg)):

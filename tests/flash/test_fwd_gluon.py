@@ -60,8 +60,11 @@ def test_gluon_kernels_compile_for_sm90_without_spills():
     assert len(report) == expected, report
     # No spills, except the dK/dV kernel's 64-row query steps at D = 128, kept in the sweep
     # with their few spilled bytes (sweep_bwd_tma.py's GLUON_DKDV says why).
-    assert all(r["spills"] <= (256 if name.startswith("dkdv D128 64x") else 0) and r["waits"].count("1") >= 1
+    assert all(r["spills"] <= (256 if name.startswith("dkdv D128 64x") and "overlap" not in name else 0)
                for name, r in report.items()), report
+    # Some wgmma wait leaves work in flight: the forwards' P·V during the softmax ("1"); the
+    # dK/dV kernel's dPᵀ (and with overlap1 the previous block's dV, dK) during Pᵀ.
+    assert all(r["waits"].strip("0") for r in report.values()), report
     # Within Hopper's 227 KB of shared memory per block.
     assert all(r["smem"] <= 232448 for r in report.values()), report
     # The ping-pong kernel's two compute warpgroups get 240 registers each, its loader 24.

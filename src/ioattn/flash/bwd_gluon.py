@@ -8,9 +8,9 @@ the dQ pass ran 652 (config.py). Here a program holds 128 keys of one KV head in
 warpgroups of 64 (fwd_pingpong.py's layout turned around: K and V stay, Q and dO stream), and
 a loader warp streams the query blocks' Q and dO tiles through a ring of shared-memory slots
 (released when both warpgroups are done with them, count 2). Per query block each warpgroup
-issues Sᵀ = k·qᵀ and dPᵀ = v·dOᵀ together, forms Pᵀ once Sᵀ is done (dPᵀ still running), issues
-dV += Pᵀ·dO, forms dSᵀ once dPᵀ is done (dV running), issues dK += dSᵀ·q and waits; the
-other warpgroup's exponentials fill the tensor cores' remaining gaps.
+issues Sᵀ = k·qᵀ and dPᵀ = v·dOᵀ together, forms Pᵀ and dSᵀ in registers while matrix
+multiplies run (:func:`_dkdv_consumer` has the two schedules), and issues dV += Pᵀ·dO and
+dK += dSᵀ·q; the other warpgroup's exponentials fill the tensor cores' remaining gaps.
 
 The math is bwd_tma.py's: ``Pᵀ = exp2(k·qᵀ · qk_scale − lse · log2 e)``, ``dSᵀ = Pᵀ ∘ (dPᵀ − Δ)``,
 dK scaled by the softmax scale on store; rows past Tq read q = dO = 0 and lse = +inf (P = 0),
@@ -84,13 +84,40 @@ if HAS_GLUON:
                                             do_smem.index(slot))
 
     @gluon.jit
+    def _row_stats(LSE, DELTA, i_b, H, i_h, T_q, o_m):
+        """lse (log2 domain) and Δ of query rows ``o_m`` of head ``i_h`` ([B, H, Tq], contiguous).
+        Rows past Tq, and rows that saw no key (lse -inf), get lse +inf: P = 0 for them."""
+        row0 = (i_b * H + i_h).to(gl.int64) * T_q
+        m_m = o_m < T_q
+        lse = gl.load(LSE + row0 + o_m, mask=m_m, other=float("inf"))
+        lse2 = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        return lse2, gl.load(DELTA + row0 + o_m, mask=m_m, other=0.0)
+
+    @gluon.jit
+    def _p(s_t, lse2, o_n, o_m, start_m, m_full_lo, diag_hi, qk_scale, HAS_RIGHT: gl.constexpr):
+        """Pᵀ ([keys, rows], fp32) from Sᵀ = k·qᵀ; blocks below ``m_full_lo`` hide keys right of
+        the diagonal."""
+        p_t = gl.exp2(s_t * qk_scale - lse2[None, :])
+        if HAS_RIGHT:
+            if start_m < m_full_lo:
+                p_t = gl.where(o_n[:, None] <= o_m[None, :] + diag_hi, p_t, 0.0)
+        return p_t
+
+    @gluon.jit
     def _dkdv_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
                        desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
-                       qk_scale, softmax_scale, WG: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                       qk_scale, softmax_scale, WG: gl.constexpr, HAS_RIGHT: gl.constexpr, OVERLAP: gl.constexpr,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                        NUM_STAGES: gl.constexpr):
         """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
-        step, then their stores (through this warpgroup's K and V slots, no longer read)."""
+        step, then their stores (through this warpgroup's K and V slots, no longer read).
+
+        Per step, without ``OVERLAP``: issue Sᵀ and dPᵀ; Pᵀ once Sᵀ is done (dPᵀ running);
+        issue dV += Pᵀ·dO; dSᵀ once dPᵀ is done (dV running); issue dK += dSᵀ·q; wait for all.
+        With ``OVERLAP`` the step's dV and dK are issued at the next step, right after its Sᵀ
+        and dPᵀ, so they run while that step's Pᵀ and dSᵀ are formed, and the wait at the end
+        of a step has little left to wait for (a slot is released one step later; Pᵀ and dSᵀ
+        stay in registers one step longer)."""
         dtype: gl.constexpr = q_smem.dtype
         # Sᵀ, dPᵀ: [keys, query rows]; dK, dV: [keys, HEAD_DIM]; warps stacked along the keys.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -109,40 +136,78 @@ if HAS_GLUON:
         s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
         mbarrier.wait(kv_bar, phase=0)
         n_steps = GROUP * n_m
-        for t in range(n_steps):
-            slot = t % NUM_STAGES
-            phase = (t // NUM_STAGES) & 1
-            g = t // n_m
-            start_m = m_lo + (t - g * n_m) * BLOCK_M
-            o_m = start_m + o_m0
-            m_m = o_m < T_q
-            # lse and delta are [B, H, Tq], contiguous; loaded before the waits, to overlap.
-            row0 = (i_b * H + i_hkv * GROUP + g).to(gl.int64) * T_q
-            lse = gl.load(LSE + row0 + o_m, mask=m_m, other=float("inf"))
-            # A row that saw no key (lse -inf) gets P = 0, as a padded row does.
-            lse2 = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-            delta = gl.load(DELTA + row0 + o_m, mask=m_m, other=0.0)
-            q_t = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
-            do_t = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
-            mbarrier.wait(q_ready.index(slot), phase)
-            s_tok = warpgroup_mma(k, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(do_ready.index(slot), phase)
-            dp_tok = warpgroup_mma(v, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            # Pᵀ while dPᵀ is still on the tensor cores, then dSᵀ while dV += Pᵀ·dO is.
-            s_t = warpgroup_mma_wait(1, deps=(s_tok, ))
-            p_t = gl.exp2(s_t * qk_scale - lse2[None, :])
-            if HAS_RIGHT:
-                if start_m < m_full_lo:
-                    p_t = gl.where(o_n[:, None] <= o_m[None, :] + diag_hi, p_t, 0.0)
-            p_op = gl.convert_layout(p_t.to(dtype), a_layout)
-            dv_tok = warpgroup_mma(p_op, do_t, dv, is_async=True)
-            dp_t = warpgroup_mma_wait(1, deps=(dp_tok, ))
-            ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), a_layout)
-            dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
-            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
-            # Both warpgroups must be done with a slot before the loader refills it (count 2).
-            mbarrier.arrive(q_empty.index(slot), count=1)
-            mbarrier.arrive(do_empty.index(slot), count=1)
+        if OVERLAP:
+            if n_steps > 0:
+                # Step 0: its Pᵀ and dSᵀ only; its dV and dK go out with step 1's matrix multiplies.
+                start_m = m_lo
+                o_m = start_m + o_m0
+                lse2, delta = _row_stats(LSE, DELTA, i_b, H, i_hkv * GROUP, T_q, o_m)
+                mbarrier.wait(q_ready.index(0), 0)
+                s_tok = warpgroup_mma(k, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]).permute((1, 0)), s_zero,
+                                      use_acc=False, is_async=True)
+                mbarrier.wait(do_ready.index(0), 0)
+                dp_tok = warpgroup_mma(v, do_smem.index(0).reshape([BLOCK_M, HEAD_DIM]).permute((1, 0)), s_zero,
+                                       use_acc=False, is_async=True)
+                s_t, dp_t = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
+                p_t = _p(s_t, lse2, o_n, o_m, start_m, m_full_lo, diag_hi, qk_scale, HAS_RIGHT)
+                p_op = gl.convert_layout(p_t.to(dtype), a_layout)
+                ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), a_layout)
+                for t in range(1, n_steps):
+                    slot = t % NUM_STAGES
+                    prev = (t - 1) % NUM_STAGES
+                    g = t // n_m
+                    start_m = m_lo + (t - g * n_m) * BLOCK_M
+                    o_m = start_m + o_m0
+                    lse2, delta = _row_stats(LSE, DELTA, i_b, H, i_hkv * GROUP + g, T_q, o_m)
+                    q_t = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+                    do_t = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+                    mbarrier.wait(q_ready.index(slot), (t // NUM_STAGES) & 1)
+                    s_tok = warpgroup_mma(k, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    mbarrier.wait(do_ready.index(slot), (t // NUM_STAGES) & 1)
+                    dp_tok = warpgroup_mma(v, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    dv_tok = warpgroup_mma(p_op, do_smem.index(prev).reshape([BLOCK_M, HEAD_DIM]), dv, is_async=True)
+                    dk_tok = warpgroup_mma(ds_op, q_smem.index(prev).reshape([BLOCK_M, HEAD_DIM]), dk, is_async=True)
+                    # In flight, in issue order: Sᵀ, dPᵀ, dV, dK.
+                    s_t = warpgroup_mma_wait(3, deps=(s_tok, ))
+                    p_t = _p(s_t, lse2, o_n, o_m, start_m, m_full_lo, diag_hi, qk_scale, HAS_RIGHT)
+                    dp_t = warpgroup_mma_wait(2, deps=(dp_tok, ))
+                    ds_t = p_t * (dp_t - delta[None, :])
+                    dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
+                    mbarrier.arrive(q_empty.index(prev), count=1)
+                    mbarrier.arrive(do_empty.index(prev), count=1)
+                    p_op = gl.convert_layout(p_t.to(dtype), a_layout)
+                    ds_op = gl.convert_layout(ds_t.to(dtype), a_layout)
+                last = (n_steps - 1) % NUM_STAGES
+                dv_tok = warpgroup_mma(p_op, do_smem.index(last).reshape([BLOCK_M, HEAD_DIM]), dv, is_async=True)
+                dk_tok = warpgroup_mma(ds_op, q_smem.index(last).reshape([BLOCK_M, HEAD_DIM]), dk, is_async=True)
+                dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
+        else:
+            for t in range(n_steps):
+                slot = t % NUM_STAGES
+                phase = (t // NUM_STAGES) & 1
+                g = t // n_m
+                start_m = m_lo + (t - g * n_m) * BLOCK_M
+                o_m = start_m + o_m0
+                # Loaded before the waits, to overlap.
+                lse2, delta = _row_stats(LSE, DELTA, i_b, H, i_hkv * GROUP + g, T_q, o_m)
+                q_t = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+                do_t = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+                mbarrier.wait(q_ready.index(slot), phase)
+                s_tok = warpgroup_mma(k, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(do_ready.index(slot), phase)
+                dp_tok = warpgroup_mma(v, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                # Pᵀ while dPᵀ is still on the tensor cores, then dSᵀ while dV += Pᵀ·dO is.
+                s_t = warpgroup_mma_wait(1, deps=(s_tok, ))
+                p_t = _p(s_t, lse2, o_n, o_m, start_m, m_full_lo, diag_hi, qk_scale, HAS_RIGHT)
+                p_op = gl.convert_layout(p_t.to(dtype), a_layout)
+                dv_tok = warpgroup_mma(p_op, do_t, dv, is_async=True)
+                dp_t = warpgroup_mma_wait(1, deps=(dp_tok, ))
+                ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), a_layout)
+                dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+                dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
+                # Both warpgroups must be done with a slot before the loader refills it (count 2).
+                mbarrier.arrive(q_empty.index(slot), count=1)
+                mbarrier.arrive(do_empty.index(slot), count=1)
         # Every wgmma reading K and V has completed: their slots take dK and dV on the way out.
         k_out = k_smem.index(WG)
         v_out = v_smem.index(WG)
@@ -156,8 +221,8 @@ if HAS_GLUON:
     @gluon.jit
     def _bwd_dkdv_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, T_q, T_k, H, H_kv,
                                GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
-                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                               NUM_STAGES: gl.constexpr):
+                               OVERLAP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head) in two warpgroups of BLOCK_N keys
         (launched with num_warps=4: the default partition is warpgroup 0)."""
         dtype: gl.constexpr = desc_q.dtype
@@ -192,10 +257,12 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_dkdv_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
                               desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
-                              qk_scale, softmax_scale, 0, HAS_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              qk_scale, softmax_scale, 0, HAS_RIGHT, OVERLAP, BLOCK_M, BLOCK_N, HEAD_DIM,
+                              NUM_STAGES)),
             (_dkdv_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
                               desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
-                              qk_scale, softmax_scale, 1, HAS_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              qk_scale, softmax_scale, 1, HAS_RIGHT, OVERLAP, BLOCK_M, BLOCK_N, HEAD_DIM,
+                              NUM_STAGES)),
             (_dkdv_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
                             m_lo, n_m, BLOCK_M, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
@@ -212,7 +279,7 @@ def dkdv_gluon(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: 
     """Launch the Gluon dK/dV kernel, writing ``dk``, ``dv`` (contiguous, k's shape) from ``delta``
     (the dQ pass's); ``config`` a :class:`ioattn.flash.config.TmaBwdConfig` with ``gluon1``:
     ``BLOCK_N1`` keys per program in two warpgroups, ``BLOCK_M1`` query rows per step,
-    ``stages1`` slots in the Q/dO ring."""
+    ``stages1`` slots in the Q/dO ring, ``overlap1`` each step's dV and dK issued at the next."""
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
@@ -222,7 +289,8 @@ def dkdv_gluon(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: 
             _bwd_dkdv_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
             T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E, band["diag_hi"],
-            HAS_RIGHT=band["HAS_RIGHT"], HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.stages1, num_warps=4,
+            HAS_RIGHT=band["HAS_RIGHT"], OVERLAP=config.overlap1, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
+            NUM_STAGES=config.stages1, num_warps=4,
         )
 
 

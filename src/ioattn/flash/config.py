@@ -188,7 +188,9 @@ class TmaBwdConfig:
     builds per-(batch, head) 2D descriptors itself instead of taking the host's 4D ones (same
     bounds), which keeps its K and V tiles in shared memory rather than registers. ``gluon1``:
     the dK/dV pass is bwd_gluon.py's kernel instead (BLOCK_N1 keys in two warpgroups, BLOCK_M1
-    query rows a step, a ring of stages1 Q/dO slots; warps1 unused), on GPUs that run Gluon."""
+    query rows a step, a ring of stages1 Q/dO slots; warps1 unused), on GPUs that run Gluon;
+    ``overlap1`` there issues each query block's dV and dK with the next block's matrix
+    multiplies."""
 
     BLOCK_M1: int
     BLOCK_N1: int
@@ -200,6 +202,7 @@ class TmaBwdConfig:
     stages2: int
     device_desc1: bool = False
     gluon1: bool = False
+    overlap1: bool = False
 
 
 def get_tma_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool,
@@ -237,10 +240,12 @@ def get_tma_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
             # dQ 128 x 64, 3 stages: 652 / 549 (128 x 128 587 / 538).
             config = TmaBwdConfig(64, 64, 4, 2, 128, 64, 8, 3)
         if head_dim == 128 and dtype in (torch.float16, torch.bfloat16):
-            # The Gluon dK/dV kernel (bwd_gluon.py): 128 keys in two warpgroups, 32-row query
-            # steps (64-row ones spill at D = 128), 3 Q/dO slots; not yet timed against the
-            # Triton kernel.
-            config = dataclasses.replace(config, BLOCK_M1=32, BLOCK_N1=128, stages1=3, gluon1=True)
+            # The Gluon dK/dV kernel (bwd_gluon.py): 128 keys in two warpgroups, 64-row query
+            # steps (ptxas: 56-208 spilled bytes). Alone at T = 4096 (sweep_bwd_tma.py --gluon,
+            # results/2026-12-03_nvidia-h200_sweep-bwd-gluon.json), full / causal: 3 slots 595 /
+            # 524, 2 slots 589 / 532, against the Triton kernel's 570 / 496; the whole backward
+            # 423 / 373 against 411 / 359 TFLOP/s, at T = 16384 429 / 396 against 425 / 390.
+            config = dataclasses.replace(config, BLOCK_M1=64, BLOCK_N1=128, stages1=2 if causal else 3, gluon1=True)
         return config
     # dK/dV 64 x 64 with 8 warps: 312 / 255 (328 spilled bytes; the previous 32 x 64 216 / 220;
     # 4-warp tiles spill 1.3-3 KB and ran 59-217). dQ 64 x 32 with 4 warps and 3 stages: 516 / 467
