@@ -16,6 +16,7 @@ TFLOP/s count the backward as 2.5x the forward's FLOPs; the passes alone as what
 (dK/dV four matmuls, 2.0x; dQ three, 1.5x). A failing config prints why and the sweep goes on.
 """
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -58,12 +59,17 @@ DQ = {
 # The Gluon dK/dV kernel (flash/bwd_gluon.py, --gluon): (BLOCK_M1, BLOCK_N1, stages1[, overlap1]),
 # BLOCK_N1 keys in two warpgroups. ptxas (sm_90, 240 registers a compute thread): at D=128
 # 64-row query steps spill 56-208 bytes (560 with overlap1, left out) and 32-row ones none; at
-# D=64 none spills. First H200 sweep (24edcad, results/2026-12-03_nvidia-h200_sweep-bwd-gluon.json),
-# D=128 T=4096 pass alone, full / causal: 64 x 128 589-595 / 524-532 against the Triton kernel's
-# 570 / 496; 32 x 128 without overlap1 491-500 / 451-466 (dropped).
+# D=64 none spills. H200 sweeps, D=128 T=4096 pass alone, full / causal: 24edcad
+# (results/2026-12-03_nvidia-h200_sweep-bwd-gluon.json) 64 x 128 589-595 / 524-532 against the
+# Triton kernel's 570 / 496, 32 x 128 without overlap1 491-500 / 451-466 (dropped); 6e08d51
+# (..._sweep-bwd-gluon-overlap.json) 64 x 128 590-608 / 533-549, 32 x 128 with overlap1 430-530 /
+# 443-506 (the more stages the faster; the Triton rows of that run failed: a since-fixed mix-up
+# of its tuples with these).
+GluonDkdv = collections.namedtuple("GluonDkdv", "BLOCK_M1 BLOCK_N1 stages1 overlap1", defaults=(False,))
 GLUON_DKDV = {
-    64: [(64, 128, 2), (64, 128, 2, True), (64, 128, 3, True), (32, 128, 3, True)],
-    128: [(64, 128, 2), (64, 128, 3), (32, 128, 2, True), (32, 128, 3, True), (32, 128, 4, True)],
+    64: [GluonDkdv(64, 128, 2), GluonDkdv(64, 128, 2, True), GluonDkdv(64, 128, 3, True), GluonDkdv(32, 128, 3, True)],
+    128: [GluonDkdv(64, 128, 2), GluonDkdv(64, 128, 3), GluonDkdv(32, 128, 2, True), GluonDkdv(32, 128, 3, True),
+          GluonDkdv(32, 128, 4, True)],
 }
 # The Triton dK/dV kernel's tiles that config.py used before the Gluon kernel: timed beside
 # GLUON_DKDV with --gluon, alone and in the whole backward ("triton-dkdv").
@@ -203,10 +209,11 @@ def sweep_shape(s, rows, smoke, dkdv_list, dq_list):
 
 
 def with_pass(cfg, kind, c):
-    """``cfg`` with one pass's (BLOCK_M, BLOCK_N, warps, stages) replaced by ``c``."""
-    if kind == "dkdv" and len(c) in (3, 4):  # a GLUON_DKDV entry
-        names, c = ("BLOCK_M1", "BLOCK_N1", "stages1", "overlap1", "gluon1"), (tuple(c) + (False,))[:4] + (True,)
-    elif kind == "dkdv":
+    """``cfg`` with one pass's (BLOCK_M, BLOCK_N, warps, stages) replaced by ``c``; a
+    :class:`GluonDkdv` switches the dK/dV pass to the Gluon kernel with its fields."""
+    if isinstance(c, GluonDkdv):
+        return dataclasses.replace(cfg, gluon1=True, **c._asdict())
+    if kind == "dkdv":
         names = ("BLOCK_M1", "BLOCK_N1", "warps1", "stages1", "device_desc1", "gluon1", "overlap1")
         c = (tuple(c) + (False,))[:5] + (False, False)
     else:

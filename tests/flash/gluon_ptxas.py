@@ -1,7 +1,8 @@
-"""Compile the Gluon kernels (flash/fwd_gluon.py, fwd_pingpong.py, bwd_gluon.py) for sm_90 (no GPU needed) under every candidate of
-benchmarks/sweep_fwd_tma.py's GLUON_CANDIDATES, causal and not, and print one JSON line: per
-config, ptxas's spilled bytes and registers and the wgmma waits in the PTX (a "1" is the wait
-that leaves P·V in flight while the softmax runs). Run by tests/flash/test_fwd_gluon.py."""
+"""Compile the Gluon kernels (flash/fwd_gluon.py, fwd_pingpong.py, bwd_gluon.py) for sm_90 (no
+GPU needed) under every candidate of benchmarks/sweep_fwd_tma.py's GLUON_CANDIDATES and
+sweep_bwd_tma.py's GLUON_DKDV, causal and not, and print one JSON line: per config, ptxas's
+spilled bytes and registers, shared memory, the wgmma waits in the PTX (a nonzero one leaves a
+matrix multiply in flight) and the register reallocations. Run by tests/flash/test_fwd_gluon.py."""
 import json
 import os
 import re

@@ -126,3 +126,19 @@ def test_bwd_gluon_gpu_env_switch(monkeypatch, gluon_calls):
     check_bwd(1, 500, 500, 4, 2, 128, True, None, torch.bfloat16, config=gluon_config(128, True),
               bwd=tma_vs_portable)
     assert not gluon_calls
+
+
+def test_sweep_tiles_map_to_configs():
+    # sweep_bwd_tma.py --gluon times the Triton dK/dV tiles beside the Gluon ones: each must
+    # reach the kernel it names (an earlier version read the Triton 4-tuple as a Gluon entry).
+    sweep = benchmark_module("sweep_bwd_tma")
+    base = get_tma_bwd_config(128, torch.bfloat16, False, interpret=False)
+    triton_tiles = sweep.with_pass(base, "dkdv", sweep.TRITON_DKDV[128])
+    assert not triton_tiles.gluon1 and not triton_tiles.overlap1
+    assert (triton_tiles.BLOCK_M1, triton_tiles.BLOCK_N1, triton_tiles.warps1,
+            triton_tiles.stages1) == sweep.TRITON_DKDV[128]
+    for entry in sweep.GLUON_DKDV[128]:
+        cfg = sweep.with_pass(base, "dkdv", entry)
+        assert cfg.gluon1 and (cfg.BLOCK_M1, cfg.BLOCK_N1, cfg.stages1, cfg.overlap1) == tuple(entry)
+        assert (cfg.BLOCK_M2, cfg.BLOCK_N2, cfg.warps2, cfg.stages2) == (base.BLOCK_M2, base.BLOCK_N2, base.warps2,
+                                                                          base.stages2)
