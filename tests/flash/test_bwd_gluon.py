@@ -142,3 +142,15 @@ def test_sweep_tiles_map_to_configs():
         assert cfg.gluon1 and (cfg.BLOCK_M1, cfg.BLOCK_N1, cfg.stages1, cfg.overlap1) == tuple(entry)
         assert (cfg.BLOCK_M2, cfg.BLOCK_N2, cfg.warps2, cfg.stages2) == (base.BLOCK_M2, base.BLOCK_N2, base.warps2,
                                                                           base.stages2)
+
+
+def test_config_table_uses_gluon_where_it_won():
+    # D = 128 in fp16 / bf16 beyond the short lengths; never in the interpreter, at D = 64 or in fp32.
+    for causal in (False, True):
+        for dtype in (torch.float16, torch.bfloat16):
+            assert get_tma_bwd_config(128, dtype, causal, interpret=False, seqlen=4096).gluon1
+            assert get_tma_bwd_config(128, dtype, causal, interpret=False, seqlen=0).gluon1
+            assert not get_tma_bwd_config(128, dtype, causal, interpret=False, seqlen=1024).gluon1
+            assert not get_tma_bwd_config(128, dtype, causal, interpret=True, seqlen=4096).gluon1
+        assert not get_tma_bwd_config(64, torch.bfloat16, causal, interpret=False, seqlen=4096).gluon1
+        assert not get_tma_bwd_config(128, torch.float32, causal, interpret=False, seqlen=4096).gluon1

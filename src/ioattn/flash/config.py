@@ -239,12 +239,15 @@ def get_tma_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
         else:
             # dQ 128 x 64, 3 stages: 652 / 549 (128 x 128 587 / 538).
             config = TmaBwdConfig(64, 64, 4, 2, 128, 64, 8, 3)
-        if head_dim == 128 and dtype in (torch.float16, torch.bfloat16):
+        if head_dim == 128 and dtype in (torch.float16, torch.bfloat16) and not short:
             # The Gluon dK/dV kernel (bwd_gluon.py): 128 keys in two warpgroups, 64-row query
             # steps (ptxas: 56-208 spilled bytes). Alone at T = 4096 (sweep_bwd_tma.py --gluon,
             # results/2026-12-03_nvidia-h200_sweep-bwd-gluon.json), full / causal: 3 slots 595 /
             # 524, 2 slots 589 / 532, against the Triton kernel's 570 / 496; the whole backward
-            # 423 / 373 against 411 / 359 TFLOP/s, at T = 16384 429 / 396 against 425 / 390.
+            # 423 / 373 against 411 / 359 TFLOP/s, at T = 16384 429 / 396 against 425 / 390. At
+            # T = 1024 it lost in the paper grid (causal forward + backward 0.906 ms against 0.770
+            # with the Triton kernel, results/2026-12-03_nvidia-h200_paper-v1.14{,-fwd}.json; full
+            # 1.202 against 1.226): short sequences keep the Triton kernel.
             config = dataclasses.replace(config, BLOCK_M1=64, BLOCK_N1=128, stages1=2 if causal else 3, gluon1=True)
         return config
     # dK/dV 64 x 64 with 8 warps: 312 / 255 (328 spilled bytes; the previous 32 x 64 216 / 220;
