@@ -246,8 +246,9 @@ def get_tma_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
             # 524, 2 slots 589 / 532, against the Triton kernel's 570 / 496; the whole backward
             # 423 / 373 against 411 / 359 TFLOP/s, at T = 16384 429 / 396 against 425 / 390. At
             # T = 1024 it lost in the paper grid (causal forward + backward 0.906 ms against 0.770
-            # with the Triton kernel, results/2026-12-03_nvidia-h200_paper-v1.14{,-fwd}.json; full
-            # 1.202 against 1.226): short sequences keep the Triton kernel.
+            # with the Triton kernel; full 1.202 against 1.226; results/
+            # 2026-12-03_nvidia-h200_paper-v1.14-{6e08d51,fwd}.json): short sequences keep the
+            # Triton kernel.
             config = dataclasses.replace(config, BLOCK_M1=64, BLOCK_N1=128, stages1=2 if causal else 3, gluon1=True)
         return config
     # dK/dV 64 x 64 with 8 warps: 312 / 255 (328 spilled bytes; the previous 32 x 64 216 / 220;
