@@ -85,7 +85,8 @@ def candidates(D: int) -> list:
 
 
 def short(cfg: TmaFwdConfig) -> str:
-    return (f"{'gluon' if isinstance(cfg, Gluon) else 'tma'} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
+    kind = "gluon" if isinstance(cfg, Gluon) else "tma"
+    return (f"{kind} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
             + (" ws" if cfg.warp_specialize else "") + (" pp" if cfg.pingpong else "")
             + ("" if cfg.turns else " free"))
 

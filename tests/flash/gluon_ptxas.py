@@ -46,7 +46,8 @@ def compile_report(D, cfg: TmaFwdConfig, causal):
 def compile_dkdv_report(D, M, N, stages, overlap, causal):
     """bwd_gluon.py's kernel: ``N`` keys a program in two warpgroups, ``M`` query rows a step."""
     x = torch.empty(1, 256, 2, D, dtype=torch.bfloat16)
-    descs = {f"desc_{n}": fwd_gluon._desc(x, M if n in ("q", "do") else N // 2) for n in ("q", "k", "v", "do", "dk", "dv")}
+    descs = {f"desc_{n}": fwd_gluon._desc(x, M if n in ("q", "do") else N // 2)
+             for n in ("q", "k", "v", "do", "dk", "dv")}
     values = dict(HEAD_DIM=D, HAS_RIGHT=causal, OVERLAP=overlap, BLOCK_M=M, BLOCK_N=N // 2, NUM_STAGES=stages)
     return ptxas(bwd_gluon._bwd_dkdv_gluon_kernel, descs, values, dict(num_warps=4, num_stages=stages))
 

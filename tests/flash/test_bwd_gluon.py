@@ -154,3 +154,16 @@ def test_config_table_uses_gluon_where_it_won():
             assert not get_tma_bwd_config(128, dtype, causal, interpret=True, seqlen=4096).gluon1
         assert not get_tma_bwd_config(64, torch.bfloat16, causal, interpret=False, seqlen=4096).gluon1
         assert not get_tma_bwd_config(128, torch.float32, causal, interpret=False, seqlen=4096).gluon1
+
+
+def test_gluon_launchers_reject_tiles_they_cannot_run():
+    # Raised before any compile or launch, so this runs without a GPU.
+    from ioattn.flash import fwd_pingpong
+    from ioattn.flash.config import TmaFwdConfig
+
+    q, k, v = make_qkv(1, 64, 64, 2, 1, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="BLOCK_N1 = 128"):
+        bwd_gluon.dkdv_gluon(q, k, v, q, torch.empty(1, 2, 64), torch.empty(1, 2, 64), k, v, 0.1, True, 0,
+                             gluon_config(128, True, N=64))
+    with pytest.raises(ValueError, match="BLOCK_M = 128"):
+        fwd_pingpong.flash_fwd_pingpong(q, k, v, 0.1, True, 0, config=TmaFwdConfig(64, 64, 4, 2, pingpong=True))

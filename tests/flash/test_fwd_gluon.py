@@ -56,7 +56,7 @@ def test_gluon_kernels_compile_for_sm90_without_spills():
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     # bwd_gluon.py's dK/dV kernel too (one child process compiles every Gluon kernel).
-    expected = sum(len(c) for c in _sweep_candidates().values()) * 2 + sum(len(c) for c in _dkdv_candidates().values()) * 2
+    expected = 2 * (sum(len(c) for c in _sweep_candidates().values()) + sum(len(c) for c in _dkdv_candidates().values()))
     assert len(report) == expected, report
     # No spills, except the dK/dV kernel's 64-row query steps at D = 128, kept in the sweep
     # with their few spilled bytes (sweep_bwd_tma.py's GLUON_DKDV says why).

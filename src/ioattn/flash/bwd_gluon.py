@@ -19,8 +19,8 @@ the query blocks of every query head that reads its KV head, in one sequence of 
 loader and both warpgroups walk alike. Δ comes from the dQ pass (launched first, as in
 bwd_tma.py).
 
-GPU only (Gluon has no interpreter); tests/flash/test_bwd_gluon.py compiles it for sm_90
-without a GPU and compares it with the reference on the H200.
+GPU only (Gluon has no interpreter): tests/flash/test_fwd_gluon.py's compile test builds it for
+sm_90 without a GPU; tests/flash/test_bwd_gluon.py compares it with the reference on the H200.
 """
 import torch
 
@@ -35,11 +35,7 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                    warpgroup_mma, warpgroup_mma_wait)
 
-    from .fwd_gluon import _desc
-
-    # Registers per thread of the compute warpgroups and of the loader's (padded) warpgroup.
-    COMPUTE_REGS = gl.constexpr(240)
-    LOADER_REGS = gl.constexpr(24)
+    from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc
 
 
 if HAS_GLUON:
@@ -280,6 +276,10 @@ def dkdv_gluon(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: 
     (the dQ pass's); ``config`` a :class:`ioattn.flash.config.TmaBwdConfig` with ``gluon1``:
     ``BLOCK_N1`` keys per program in two warpgroups, ``BLOCK_M1`` query rows per step,
     ``stages1`` slots in the Q/dO ring, ``overlap1`` each step's dV and dK issued at the next."""
+    if config.BLOCK_N1 != 128 or config.BLOCK_M1 not in (32, 64):
+        # Each warpgroup's wgmmas have 64 keys as their M dimension; the query step is their N.
+        raise ValueError(f"config: the Gluon dK/dV kernel takes BLOCK_N1 = 128 and BLOCK_M1 in (32, 64), got "
+                         f"{config.BLOCK_N1} and {config.BLOCK_M1}")
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))

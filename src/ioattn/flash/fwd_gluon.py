@@ -11,9 +11,11 @@ through a ring of NUM_STAGES shared-memory slots filled by TMA, each with its ow
 slot is refilled once both warpgroups are past the matrix multiplies that read it.
 
 Two kernels: :func:`_fwd_gluon_kernel` refills the slots from the compute warps themselves;
-:func:`_fwd_gluon_ws_kernel`, the one config.py dispatches to, gives the loads to one loader warp
-(warp specialization) with a ready and an empty mbarrier per slot, so compute warps never wait
-on a barrier over the whole program.
+:func:`_fwd_gluon_ws_kernel` gives the loads to one loader warp (warp specialization) with a
+ready and an empty mbarrier per slot, so compute warps never wait on a barrier over the whole
+program. config.py dispatches to neither now: fwd_pingpong.py's kernel, which runs two of the
+latter's compute loops side by side, replaced them (benchmarks/LOG.md v1.14); they stay as
+what the sweeps compare it with, and their pieces are its pieces.
 
 Layout: BLOCK_M query rows per program, 4 warps (one warpgroup) per 64 rows; the accumulators
 use the wgmma (NVMMA v3) register layout, and P goes from the scores' layout to the A-operand
@@ -42,6 +44,13 @@ try:
     HAS_GLUON = True
 except ImportError:  # older triton: the Triton TMA kernel runs instead
     HAS_GLUON = False
+
+if HAS_GLUON:
+    # Registers per thread of two 4-warp compute partitions and of the loader warp's (padded)
+    # warpgroup, in the kernels with two compute warpgroups (fwd_pingpong.py, bwd_gluon.py): 2 x
+    # 128 x 240 + 128 x 24 fits the SM's 64K registers with one program per SM.
+    COMPUTE_REGS = gl.constexpr(240)
+    LOADER_REGS = gl.constexpr(24)
 
 
 if HAS_GLUON:
@@ -338,8 +347,8 @@ if HAS_GLUON:
         acc, m_i, l_i = gl.warp_specialize([
             # No turns (one compute partition): q_bar stands in for the turn barriers.
             (_ws_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, q_bar, n_blocks,
-                            mask_from, start_m, T_k, diag_hi, qk_scale, HAS_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
-                            num_warps)),
+                            mask_from, start_m, T_k, diag_hi, qk_scale, HAS_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM,
+                            NUM_STAGES, num_warps)),
             (_ws_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b, i_hkv,
                           BLOCK_N, NUM_STAGES)),
         ], [1], [24])

@@ -41,13 +41,10 @@ if HAS_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-    from .fwd_gluon import _desc, _epilogue, _key_blocks, _ws_consumer, _ws_loader
+    from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc, _epilogue, _key_blocks, _ws_consumer, _ws_loader
 
 
 if HAS_GLUON:
-    # Registers per thread of the compute warpgroups and of the loader's (padded) warpgroup.
-    COMPUTE_REGS = gl.constexpr(240)
-    LOADER_REGS = gl.constexpr(24)
 
     @gluon.jit
     def _pp_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
@@ -136,6 +133,10 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
     arguments and results; ``config`` a :class:`ioattn.flash.config.TmaFwdConfig` with
     ``pingpong`` set, ``BLOCK_M`` the program's rows (two warpgroups of ``BLOCK_M // 2``),
     ``num_warps`` 4 (per warpgroup); ``turns=False`` runs the two warpgroups without turns."""
+    if config.BLOCK_M != 128 or config.num_warps != 4 or config.BLOCK_N not in (64, 128):
+        # Two warpgroups of 4 warps and 64 rows: a wgmma's M dimension is 64 per warpgroup.
+        raise ValueError(f"config: the ping-pong kernel takes BLOCK_M = 128, num_warps = 4 and BLOCK_N in "
+                         f"(64, 128), got {config}")
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
