@@ -35,7 +35,7 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                    warpgroup_mma, warpgroup_mma_wait)
 
-    from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc
+    from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc, _invalidate_ring, _ring_barriers
 
 
 if HAS_GLUON:
@@ -90,6 +90,26 @@ if HAS_GLUON:
         return lse2, gl.load(DELTA + row0 + o_m, mask=m_m, other=0.0)
 
     @gluon.jit
+    def _issue_scores(k, v, q_smem, do_smem, q_ready, do_ready, s_zero, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo,
+                      n_m, o_m0, t, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """Step ``t``'s rows and their lse and Δ (loaded before the waits, to overlap), then, once
+        its slot is filled, Sᵀ = k·qᵀ and dPᵀ = v·dOᵀ issued: (start_m, o_m, lse2, delta, q tile,
+        dO tile, Sᵀ token, dPᵀ token)."""
+        slot = t % NUM_STAGES
+        phase = (t // NUM_STAGES) & 1
+        g = t // n_m
+        start_m = m_lo + (t - g * n_m) * BLOCK_M
+        o_m = start_m + o_m0
+        lse2, delta = _row_stats(LSE, DELTA, i_b, H, i_hkv * GROUP + g, T_q, o_m)
+        q_t = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        do_t = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        mbarrier.wait(q_ready.index(slot), phase)
+        s_tok = warpgroup_mma(k, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(do_ready.index(slot), phase)
+        dp_tok = warpgroup_mma(v, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        return start_m, o_m, lse2, delta, q_t, do_t, s_tok, dp_tok
+
+    @gluon.jit
     def _p(s_t, lse2, o_n, o_m, start_m, m_full_lo, diag_hi, qk_scale, HAS_RIGHT: gl.constexpr):
         """Pᵀ ([keys, rows], fp32) from Sᵀ = k·qᵀ; blocks below ``m_full_lo`` hide keys right of
         the diagonal."""
@@ -135,32 +155,18 @@ if HAS_GLUON:
         if OVERLAP:
             if n_steps > 0:
                 # Step 0: its Pᵀ and dSᵀ only; its dV and dK go out with step 1's matrix multiplies.
-                start_m = m_lo
-                o_m = start_m + o_m0
-                lse2, delta = _row_stats(LSE, DELTA, i_b, H, i_hkv * GROUP, T_q, o_m)
-                mbarrier.wait(q_ready.index(0), 0)
-                s_tok = warpgroup_mma(k, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]).permute((1, 0)), s_zero,
-                                      use_acc=False, is_async=True)
-                mbarrier.wait(do_ready.index(0), 0)
-                dp_tok = warpgroup_mma(v, do_smem.index(0).reshape([BLOCK_M, HEAD_DIM]).permute((1, 0)), s_zero,
-                                       use_acc=False, is_async=True)
+                start_m, o_m, lse2, delta, q_t, do_t, s_tok, dp_tok = _issue_scores(
+                    k, v, q_smem, do_smem, q_ready, do_ready, s_zero, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
+                    o_m0, 0, BLOCK_M, HEAD_DIM, NUM_STAGES)
                 s_t, dp_t = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
                 p_t = _p(s_t, lse2, o_n, o_m, start_m, m_full_lo, diag_hi, qk_scale, HAS_RIGHT)
                 p_op = gl.convert_layout(p_t.to(dtype), a_layout)
                 ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), a_layout)
                 for t in range(1, n_steps):
-                    slot = t % NUM_STAGES
                     prev = (t - 1) % NUM_STAGES
-                    g = t // n_m
-                    start_m = m_lo + (t - g * n_m) * BLOCK_M
-                    o_m = start_m + o_m0
-                    lse2, delta = _row_stats(LSE, DELTA, i_b, H, i_hkv * GROUP + g, T_q, o_m)
-                    q_t = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
-                    do_t = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
-                    mbarrier.wait(q_ready.index(slot), (t // NUM_STAGES) & 1)
-                    s_tok = warpgroup_mma(k, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                    mbarrier.wait(do_ready.index(slot), (t // NUM_STAGES) & 1)
-                    dp_tok = warpgroup_mma(v, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    start_m, o_m, lse2, delta, q_t, do_t, s_tok, dp_tok = _issue_scores(
+                        k, v, q_smem, do_smem, q_ready, do_ready, s_zero, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo,
+                        n_m, o_m0, t, BLOCK_M, HEAD_DIM, NUM_STAGES)
                     dv_tok = warpgroup_mma(p_op, do_smem.index(prev).reshape([BLOCK_M, HEAD_DIM]), dv, is_async=True)
                     dk_tok = warpgroup_mma(ds_op, q_smem.index(prev).reshape([BLOCK_M, HEAD_DIM]), dk, is_async=True)
                     # In flight, in issue order: Sᵀ, dPᵀ, dV, dK.
@@ -180,18 +186,9 @@ if HAS_GLUON:
         else:
             for t in range(n_steps):
                 slot = t % NUM_STAGES
-                phase = (t // NUM_STAGES) & 1
-                g = t // n_m
-                start_m = m_lo + (t - g * n_m) * BLOCK_M
-                o_m = start_m + o_m0
-                # Loaded before the waits, to overlap.
-                lse2, delta = _row_stats(LSE, DELTA, i_b, H, i_hkv * GROUP + g, T_q, o_m)
-                q_t = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
-                do_t = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
-                mbarrier.wait(q_ready.index(slot), phase)
-                s_tok = warpgroup_mma(k, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(do_ready.index(slot), phase)
-                dp_tok = warpgroup_mma(v, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                start_m, o_m, lse2, delta, q_t, do_t, s_tok, dp_tok = _issue_scores(
+                    k, v, q_smem, do_smem, q_ready, do_ready, s_zero, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
+                    o_m0, t, BLOCK_M, HEAD_DIM, NUM_STAGES)
                 # Pᵀ while dPᵀ is still on the tensor cores, then dSᵀ while dV += Pᵀ·dO is.
                 s_t = warpgroup_mma_wait(1, deps=(s_tok, ))
                 p_t = _p(s_t, lse2, o_n, o_m, start_m, m_full_lo, diag_hi, qk_scale, HAS_RIGHT)
@@ -233,17 +230,9 @@ if HAS_GLUON:
         q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
         do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_do.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        q_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        do_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(q_ready.index(i), count=1)
-            mbarrier.init(do_ready.index(i), count=1)
-            # Released by both warpgroups.
-            mbarrier.init(q_empty.index(i), count=2)
-            mbarrier.init(do_empty.index(i), count=2)
+        # Slots released by both warpgroups.
+        q_ready, do_ready, q_empty, do_empty = _ring_barriers(NUM_STAGES, 2)
         fence_async_shared()
         mbarrier.expect(kv_bar, 4 * desc_k.block_type.nbytes)
         for w in gl.static_range(2):
@@ -264,11 +253,7 @@ if HAS_GLUON:
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
 
         mbarrier.invalidate(kv_bar)
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.invalidate(q_ready.index(i))
-            mbarrier.invalidate(do_ready.index(i))
-            mbarrier.invalidate(q_empty.index(i))
-            mbarrier.invalidate(do_empty.index(i))
+        _invalidate_ring(q_ready, do_ready, q_empty, do_empty, NUM_STAGES)
 
 
 def dkdv_gluon(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: bool, diag_offset: int, config):

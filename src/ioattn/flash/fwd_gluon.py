@@ -69,6 +69,32 @@ if HAS_GLUON:
                                         v_smem.index(slot), pred=pred)
 
     @gluon.jit
+    def _ring_barriers(NUM_STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+        """The mbarriers of a ring of NUM_STAGES slots holding two tiles each (K and V, or Q and
+        dO) filled by a loader partition: (a ready, b ready, a empty, b empty), one per slot,
+        ready ones armed by the loader's expect (count 1), empty ones released by each of the
+        ``CONSUMERS`` compute partitions. Fenced by the caller."""
+        a_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        b_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        a_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        b_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(a_ready.index(i), count=1)
+            mbarrier.init(b_ready.index(i), count=1)
+            mbarrier.init(a_empty.index(i), count=CONSUMERS)
+            mbarrier.init(b_empty.index(i), count=CONSUMERS)
+        return a_ready, b_ready, a_empty, b_empty
+
+    @gluon.jit
+    def _invalidate_ring(a_ready, b_ready, a_empty, b_empty, NUM_STAGES: gl.constexpr):
+        """Retire :func:`_ring_barriers`' barriers once every partition is done with them."""
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(a_ready.index(i))
+            mbarrier.invalidate(b_ready.index(i))
+            mbarrier.invalidate(a_empty.index(i))
+            mbarrier.invalidate(b_empty.index(i))
+
+    @gluon.jit
     def _softmax_step(s, m_i, l_i, start_n, mask_from, o_m, T_k, diag_hi, qk_scale,
                       HAS_RIGHT: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
         """Scores ``s`` (raw q·kᵀ) of key block ``start_n`` → (p, new max, alpha, new sum), in the
@@ -330,16 +356,8 @@ if HAS_GLUON:
         k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=1)
-            mbarrier.init(v_empty.index(i), count=1)
+        k_ready, v_ready, k_empty, v_empty = _ring_barriers(NUM_STAGES, 1)
         fence_async_shared()
         mbarrier.expect(q_bar, desc_q.block_type.nbytes)
         tma.async_copy_global_to_shared(desc_q, [i_b, i_h, start_m, 0], q_bar, q_smem)
@@ -354,11 +372,7 @@ if HAS_GLUON:
         ], [1], [24])
 
         mbarrier.invalidate(q_bar)
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.invalidate(k_ready.index(i))
-            mbarrier.invalidate(v_ready.index(i))
-            mbarrier.invalidate(k_empty.index(i))
-            mbarrier.invalidate(v_empty.index(i))
+        _invalidate_ring(k_ready, v_ready, k_empty, v_empty, NUM_STAGES)
         _epilogue(acc, m_i, l_i, q_smem, desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M, HEAD_DIM, row_o)
 
 

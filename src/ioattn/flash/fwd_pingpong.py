@@ -41,7 +41,8 @@ if HAS_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-    from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc, _epilogue, _key_blocks, _ws_consumer, _ws_loader
+    from .fwd_gluon import (COMPUTE_REGS, LOADER_REGS, _desc, _epilogue, _invalidate_ring, _key_blocks, _ring_barriers,
+                            _ws_consumer, _ws_loader)
 
 
 if HAS_GLUON:
@@ -86,18 +87,10 @@ if HAS_GLUON:
         k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            # Released by both warpgroups.
-            mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
+        # Slots released by both warpgroups.
+        k_ready, v_ready, k_empty, v_empty = _ring_barriers(NUM_STAGES, 2)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(turn.index(0), count=1)
         mbarrier.init(turn.index(1), count=1)
         fence_async_shared()
@@ -121,11 +114,7 @@ if HAS_GLUON:
         mbarrier.invalidate(q_bar)
         mbarrier.invalidate(turn.index(0))
         mbarrier.invalidate(turn.index(1))
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.invalidate(k_ready.index(i))
-            mbarrier.invalidate(v_ready.index(i))
-            mbarrier.invalidate(k_empty.index(i))
-            mbarrier.invalidate(v_empty.index(i))
+        _invalidate_ring(k_ready, v_ready, k_empty, v_empty, NUM_STAGES)
 
 
 def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *, config):
