@@ -109,6 +109,13 @@ def test_diag_offset(Tq, Tk, offset, dtype):
     _check(2, Tq, Tk, 4, 2, 40, dtype, True, offset, scale=0.3)
 
 
+def test_diag_offset_kept_draw():
+    # A draw whose fp32 dq (2.42e-5, magnitude 5.6) crossed 3x plain PyTorch (4.68e-6) plus an
+    # absolute 1e-5 floor: the floor is now per unit of the reference's magnitude.
+    torch.manual_seed(301716068)
+    _check(2, 40, 40, 4, 2, 40, torch.float32, True, 47, scale=0.3)
+
+
 # Non-contiguous q/k/v ([B, H, T, D] storage) and dout on each code path: one call, padded
 # empty rows (Tq > Tk), two merged calls (Tq < Tk).
 STRIDED = [(2, 63, 63, 8, 2, 64), (2, 63, 17, 4, 2, 40), (2, 17, 63, 4, 1, 96)]
