@@ -4,6 +4,7 @@
     PYTHONPATH=src python3 benchmarks/sweep_bwd_fused.py --out $OUT/sweep_bwd_fused.json [--D 64,128] [--T 4096,16384]
     PYTHONPATH=src python3 benchmarks/sweep_bwd_fused.py --smoke   # CPU, interpreter, tiny shape
     PYTHONPATH=src python3 benchmarks/sweep_bwd_fused.py --ptxas   # no GPU: registers and spills
+    PYTHONPATH=src python3 benchmarks/sweep_bwd_fused.py --gluon --out ...  # bwd_gluon.py's ADD_DQ kernel
 
 bf16, FlashAttention-2 paper grid (B = 16384 // T, H = 2048 // D), forward saved. For each D, T
 and causal it times the whole two-pass backward with its default config, then the whole one-pass
@@ -35,6 +36,16 @@ CANDIDATES = {
           (64, 64, 4, 2, F, T_, T_), (32, 128, 8, 2, F, T_, T_)],
 }
 
+# bwd_gluon.py's kernel with ADD_DQ (the same tuple, then ``gluon``, ``dq_early``): 64 query rows
+# a step, 128 keys in two warpgroups; the Q/dO slots and when dQ is issued are what vary. D = 64's
+# Triton winners ride along.
+GLUON_CANDIDATES = {
+    64: [(64, 128, 4, 2, F, F, F, T_), (64, 128, 4, 3, F, F, F, T_, T_), (32, 128, 4, 3, F, T_, T_),
+         (64, 64, 4, 3, F, T_, T_)],
+    128: [(64, 128, 4, 2, F, F, F, T_), (64, 128, 4, 3, F, F, F, T_), (64, 128, 4, 2, F, F, F, T_, T_),
+          (64, 128, 4, 3, F, F, F, T_, T_)],
+}
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,6 +55,7 @@ def parse_args(argv):
     p.add_argument("--out", help="JSON file for the results")
     p.add_argument("--smoke", action="store_true", help="tiny shape in Triton's interpreter on CPU")
     p.add_argument("--ptxas", action="store_true", help="compile every candidate for sm_90 without a GPU")
+    p.add_argument("--gluon", action="store_true", help="time GLUON_CANDIDATES (GPU only)")
     return p.parse_args(argv)
 
 
@@ -88,6 +100,8 @@ def ptxas_report(Ds):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.gluon and (args.smoke or args.ptxas):
+        sys.exit("--gluon: Gluon has no interpreter; tests/flash/gluon_ptxas.py compiles its kernels")
     Ds = tma_sweep.setup(args)
     if args.ptxas:
         return ptxas_report(Ds)
@@ -102,7 +116,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     for D in Ds:
         # The interpreter cannot do the bulk reduction: only the element-wise candidates there.
-        cands = [c for c in CANDIDATES[D] if not (args.smoke and c[5])]
+        cands = [c for c in (GLUON_CANDIDATES if args.gluon else CANDIDATES)[D] if not (args.smoke and c[5])]
         if args.smoke:
             cands = [(16, 32, 4, 1, *c[4:]) for c in cands]
         for T in Ts:

@@ -1,6 +1,7 @@
 """Compile the Gluon kernels (flash/fwd_gluon.py, fwd_pingpong.py, bwd_gluon.py) for sm_90 (no
-GPU needed) under every candidate of benchmarks/sweep_fwd_tma.py's GLUON_CANDIDATES and
-sweep_bwd_tma.py's GLUON_DKDV, causal and not, and print one JSON line: per config, ptxas's
+GPU needed) under every candidate of benchmarks/sweep_fwd_tma.py's GLUON_CANDIDATES,
+sweep_bwd_tma.py's GLUON_DKDV and sweep_bwd_fused.py's Gluon GLUON_CANDIDATES (the one-pass
+form), causal and not, and print one JSON line: per config, ptxas's
 spilled bytes and registers, shared memory, the wgmma waits in the PTX (a nonzero one leaves a
 matrix multiply in flight) and the register reallocations. Run by tests/flash/test_fwd_gluon.py."""
 import json
@@ -17,9 +18,10 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from ioattn.flash import bwd_gluon, fwd_gluon, fwd_pingpong
-from ioattn.flash.config import TmaFwdConfig
+from ioattn.flash.config import FusedBwdConfig, TmaFwdConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+from sweep_bwd_fused import GLUON_CANDIDATES as GLUON_FUSED  # noqa: E402
 from sweep_bwd_tma import GLUON_DKDV  # noqa: E402
 from sweep_fwd_tma import GLUON_CANDIDATES  # noqa: E402
 
@@ -43,12 +45,14 @@ def compile_report(D, cfg: TmaFwdConfig, causal):
     return ptxas(fn, descs, values, dict(num_warps=warps, num_stages=stages, **extra))
 
 
-def compile_dkdv_report(D, M, N, stages, overlap, causal):
-    """bwd_gluon.py's kernel: ``N`` keys a program in two warpgroups, ``M`` query rows a step."""
+def compile_dkdv_report(D, M, N, stages, overlap, causal, add_dq=False, dq_early=False):
+    """bwd_gluon.py's kernel: ``N`` keys a program in two warpgroups, ``M`` query rows a step;
+    with ``add_dq`` the one-pass backward's form of it."""
     x = torch.empty(1, 256, 2, D, dtype=torch.bfloat16)
     descs = {f"desc_{n}": fwd_gluon._desc(x, M if n in ("q", "do") else N // 2)
              for n in ("q", "k", "v", "do", "dk", "dv")}
-    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, OVERLAP=overlap, BLOCK_M=M, BLOCK_N=N // 2, NUM_STAGES=stages)
+    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, OVERLAP=overlap, ADD_DQ=add_dq, DQ_EARLY=dq_early, BLOCK_M=M, BLOCK_N=N // 2,
+                  NUM_STAGES=stages)
     return ptxas(bwd_gluon._bwd_dkdv_gluon_kernel, descs, values, dict(num_warps=4, num_stages=stages))
 
 
@@ -62,7 +66,7 @@ def ptxas(fn, descs, values, options):
             sig[name], constexprs[(i,)] = "constexpr", values[name]
         elif name in descs:
             sig[name] = native_specialize_impl(BaseBackend, descs[name], False, True, True)[0]
-        elif name in ("LSE", "DELTA"):
+        elif name in ("LSE", "DELTA", "DQ"):
             sig[name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name in ("qk_scale", "softmax_scale") else "i32"
@@ -98,6 +102,15 @@ def main():
             for causal in (False, True):
                 name = f"dkdv D{D} {M}x{N} s{stages}{' overlap' if overlap else ''} causal={causal}"
                 report[name] = compile_dkdv_report(D, M, N, stages, overlap, causal)
+    for D, configs in GLUON_FUSED.items():
+        for cfg in map(lambda c: FusedBwdConfig(*c), configs):
+            if not cfg.gluon:
+                continue  # a Triton entry
+            for causal in (False, True):
+                name = (f"fused D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} s{cfg.num_stages}{' early' if cfg.dq_early else ''}"
+                        f" causal={causal}")
+                report[name] = compile_dkdv_report(D, cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_stages, False, causal,
+                                                   add_dq=True, dq_early=cfg.dq_early)
     print(json.dumps(report))
 
 

@@ -103,19 +103,22 @@ def test_bwd_fused_gpu_device_desc(D):
         check_bwd(2, 1000, 1100, 8, 2, D, True, None, torch.bfloat16, config=cfg, bwd=fused_vs_portable)
 
 
-@pytest.mark.gpu
-def test_bwd_fused_gpu_dkdv_deterministic():
-    # Only dQ's adds race; dK and dV are each written once by one program, so they repeat bit
-    # for bit, and dQ agrees to fp32 rounding of the sums (then one rounding to bf16).
+def check_dkdv_repeat(config, causal=True):
+    """Only dQ's adds race; dK and dV are each written once by one program, so over runs they
+    repeat bit for bit, and dQ agrees to fp32 rounding of the sums (then one rounding to bf16)."""
     q, k, v = make_qkv(2, 1000, 1000, 8, 2, 128, dtype=torch.bfloat16, device=DEVICE)
     dout = torch.randn_like(q)
-    out, lse = flash_fwd_triton(q, k, v, 128**-0.5, True, 0)
-    cfg = _gpu_config(128, True)
-    first = flash_bwd_fused(dout, q, k, v, out, lse, 128**-0.5, True, 0, config=cfg)
+    out, lse = flash_fwd_triton(q, k, v, 128**-0.5, causal, 0)
+    first = flash_bwd_fused(dout, q, k, v, out, lse, 128**-0.5, causal, 0, config=config)
     for _ in range(5):
-        dq, dk, dv = flash_bwd_fused(dout, q, k, v, out, lse, 128**-0.5, True, 0, config=cfg)
+        dq, dk, dv = flash_bwd_fused(dout, q, k, v, out, lse, 128**-0.5, causal, 0, config=config)
         assert torch.equal(dk, first[1]) and torch.equal(dv, first[2])
         assert (dq.float() - first[0].float()).abs().max() <= 1e-2 * first[0].float().abs().max()
+
+
+@pytest.mark.gpu
+def test_bwd_fused_gpu_dkdv_deterministic():
+    check_dkdv_repeat(_gpu_config(128, True))
 
 
 def _spy(monkeypatch, module, name):

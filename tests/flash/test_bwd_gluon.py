@@ -6,6 +6,9 @@ config asking for it falls back to the Triton dK/dV kernel; on the H200 the whol
 it is checked against the dense reference with the accuracy rule and against the portable
 backward, on odd sizes, GQA / MQA, causal with Tq != Tk (both alignments, rows that see no key,
 keys that no row sees) and strided inputs, under every candidate the sweep times.
+
+The same kernel's one-pass form (``ADD_DQ``, run by bwd_fused.py where config.py's one-pass
+table asks for Gluon) is tested alike, with dK and dV bit-repeatable and dQ within rounding.
 """
 import dataclasses
 
@@ -13,12 +16,14 @@ import pytest
 import torch
 
 from ioattn.flash import bwd_gluon, bwd_tma
-from ioattn.flash.config import get_tma_bwd_config
+from ioattn.flash.bwd_fused import flash_bwd_fused
+from ioattn.flash.config import FusedBwdConfig, get_fused_bwd_config, get_tma_bwd_config
 from ioattn.testing import make_qkv
 
 from .cases import DEVICE, benchmark_module, case_id
 from .test_bwd import check_bwd
-from .test_bwd_tma import tma_vs_portable
+from .test_bwd_fused import check_dkdv_repeat
+from .test_bwd_tma import tma_vs_portable, versus_portable
 
 pytestmark = pytest.mark.skipif(not bwd_gluon.HAS_GLUON, reason="this triton has no Gluon")
 
@@ -31,18 +36,22 @@ def gluon_config(D, causal, M=64, N=128, stages=2, overlap=False):
                                BLOCK_N1=N, stages1=stages, gluon1=True, overlap1=overlap)
 
 
-@pytest.fixture
-def gluon_calls(monkeypatch):
-    """The Gluon launches made during a test, counted (the kernel still runs)."""
+def _spy(monkeypatch, name):
+    """The launches of ``bwd_gluon.<name>`` made during a test, by config (the kernel still runs)."""
     calls = []
-    real = bwd_gluon.dkdv_gluon
+    real = getattr(bwd_gluon, name)
 
     def spy(*args, **kw):
         calls.append(args[-1])
         return real(*args, **kw)
 
-    monkeypatch.setattr(bwd_gluon, "dkdv_gluon", spy)
+    monkeypatch.setattr(bwd_gluon, name, spy)
     return calls
+
+
+@pytest.fixture
+def gluon_calls(monkeypatch):
+    return _spy(monkeypatch, "dkdv_gluon")
 
 
 def test_gluon_config_falls_back_without_gluon(gluon_calls):
@@ -167,3 +176,112 @@ def test_gluon_launchers_reject_tiles_they_cannot_run():
                              gluon_config(128, True, N=64))
     with pytest.raises(ValueError, match="BLOCK_M = 128"):
         fwd_pingpong.flash_fwd_pingpong(q, k, v, 0.1, True, 0, config=TmaFwdConfig(64, 64, 4, 2, pingpong=True))
+
+
+# The one-pass form (ADD_DQ, launched by bwd_fused.py): the same kernel also adds each step's dS·k
+# into an fp32 buffer, half of dQ's columns per warpgroup.
+
+def _fused_candidates():
+    from ioattn.flash.config import FusedBwdConfig
+
+    cands = benchmark_module("sweep_bwd_fused").GLUON_CANDIDATES
+    return {D: [FusedBwdConfig(*c) for c in cs if FusedBwdConfig(*c).gluon] for D, cs in cands.items()}
+
+
+def fused_config(D=128, causal=True):
+    return get_fused_bwd_config(D, torch.bfloat16, causal, interpret=False, seqlen=0, gluon=True) or \
+        _fused_candidates()[D][0]
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    return _spy(monkeypatch, "fused_gluon")
+
+
+fused_vs_portable = versus_portable(flash_bwd_fused)
+
+
+def test_fused_gluon_config_falls_back_without_gluon(fused_calls):
+    # CPU tensors (the interpreter): the Triton one-pass kernel runs the same tiles instead.
+    if DEVICE == "cuda":
+        pytest.skip("the fallback is for CPU tensors")
+    cfg = FusedBwdConfig(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, gluon=True)
+    check_bwd(1, 37, 45, 4, 2, 64, True, None, torch.float16, config=cfg, bwd=fused_vs_portable)
+    assert not fused_calls
+
+
+def test_fused_config_table_asks_for_gluon_at_d128():
+    for causal in (False, True):
+        for dtype in (torch.float16, torch.bfloat16):
+            cfg = get_fused_bwd_config(128, dtype, causal, interpret=False, seqlen=16384, gluon=True)
+            assert cfg.gluon and (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps) == (64, 128, 4)
+            # Without Gluon, D = 128 keeps the two-pass backward (the Triton one-pass lost there).
+            assert get_fused_bwd_config(128, dtype, causal, interpret=False, seqlen=16384) is None
+            assert not get_fused_bwd_config(128, dtype, causal, interpret=True, seqlen=16384, gluon=True).gluon
+        assert get_fused_bwd_config(128, torch.float32, causal, interpret=False, seqlen=16384, gluon=True) is None
+        # D = 64 keeps its Triton one-pass kernel.
+        assert not get_fused_bwd_config(64, torch.bfloat16, causal, interpret=False, seqlen=16384, gluon=True).gluon
+
+
+def test_fused_gluon_rejects_what_it_cannot_run():
+    q, k, v = make_qkv(1, 64, 64, 2, 1, 128, dtype=torch.bfloat16)
+    lse = torch.empty(1, 2, 64)
+    dq_acc = torch.zeros(q.shape)
+    with pytest.raises(ValueError, match="BLOCK_M = 64"):
+        bwd_gluon.fused_gluon(q, k, v, q, lse, lse, k, v, dq_acc, 0.1, True, 0,
+                              FusedBwdConfig(32, 128, 4, 2, gluon=True))
+    with pytest.raises(ValueError, match="dq_acc"):
+        bwd_gluon.fused_gluon(q, k, v, q, lse, lse, k, v, dq_acc.half(), 0.1, True, 0, fused_config())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_bwd_fused_gluon_gpu(case, fused_calls):
+    for cfg in _fused_candidates()[case[5]]:
+        check_bwd(*case, torch.bfloat16, config=cfg, bwd=fused_vs_portable)
+    assert len(fused_calls) == len(_fused_candidates()[case[5]])
+
+
+@pytest.mark.gpu
+def test_bwd_fused_gluon_gpu_fp16_strided(fused_calls):
+    check_bwd(2, 1000, 1200, 8, 2, 128, True, None, torch.float16, layout="bhtd", dout_strided=True,
+              config=fused_config(), bwd=fused_vs_portable)
+    assert fused_calls
+
+
+@pytest.mark.gpu
+def test_bwd_fused_gluon_gpu_empty_rows(fused_calls):
+    # Tq > Tk, bottom-right: rows 0..999 see no key, so nothing is added to their dq.
+    dq, _, _ = check_bwd(1, 1300, 300, 4, 2, 128, True, None, torch.bfloat16, config=fused_config(),
+                         bwd=fused_vs_portable)
+    assert torch.all(dq[:, :1000] == 0)
+    assert fused_calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bwd_fused_gluon_gpu_dkdv_deterministic(causal, fused_calls):
+    check_dkdv_repeat(fused_config(128, causal), causal)
+    assert fused_calls
+
+
+@pytest.mark.gpu
+def test_flash_attn_func_takes_the_gluon_one_pass_at_d128(fused_calls):
+    # flash_attn_func's default backward (deterministic=False) at a length the table covers;
+    # deterministic=True keeps the two-pass one. Both pass the accuracy rule.
+    from ioattn import flash_attn_func
+    from ioattn.flash.reference import attention_ref
+    from ioattn.testing import assert_close
+
+    q, k, v = make_qkv(1, 4096, 4096, 4, 2, 128, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    dout = torch.randn_like(q)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    base_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ref_grads = torch.autograd.grad(attention_ref(*ref_in, causal=True, upcast=True)[0], ref_in, dout.double())
+    base_grads = torch.autograd.grad(attention_ref(*base_in, causal=True, upcast=False)[0], base_in, dout)
+    for deterministic, calls in ((False, 1), (True, 1)):  # calls so far: the second adds none
+        grads = torch.autograd.grad(flash_attn_func(q, k, v, causal=True, deterministic=deterministic), (q, k, v),
+                                    dout)
+        assert len(fused_calls) == calls
+        for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+            assert_close(name, g, r, b, factor=3)

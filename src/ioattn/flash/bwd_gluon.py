@@ -120,9 +120,56 @@ if HAS_GLUON:
         return p_t
 
     @gluon.jit
+    def _share_ds(ds_t, ds_smem, ds_bar, t, WG: gl.constexpr):
+        """Hand this warpgroup's dSᵀ of step ``t`` to both warpgroups' dQ: into its half of the
+        step's buffer (two, alternating), then an arrival on that buffer's barrier (count 2)."""
+        buf = t % 2
+        ds_smem.index(buf * 2 + WG).store(ds_t)
+        fence_async_shared()
+        mbarrier.arrive(ds_bar.index(buf), count=1)
+
+    @gluon.constexpr_function
+    def _dq_layout(BLOCK_M, HEAD_DIM):
+        """dQ's half-width accumulator: [BLOCK_M rows, HEAD_DIM / 2], warps stacked along rows."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM // 2, 16])
+
+    @gluon.jit
+    def _issue_dq(ds_smem, ds_bar, k_smem, t, WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_DIM: gl.constexpr):
+        """Once both halves of step ``t``'s dSᵀ are in, issue this warpgroup's half of the step's
+        dQ share: dS·k over all 2 * BLOCK_N keys of the program, columns ``WG * HEAD_DIM / 2``
+        on. Each warpgroup thus reads the other's dSᵀ and both K tiles, and holds a [BLOCK_M,
+        HEAD_DIM / 2] accumulator where a full one would not fit beside dK and dV.
+
+        A buffer is rewritten two steps later, which is safe without a second barrier: before
+        that, its writer waited at step ``t + 1`` for the other warpgroup's arrival, which that
+        warpgroup makes only after its step-``t`` dQ wgmmas completed."""
+        HALF: gl.constexpr = HEAD_DIM // 2
+        buf = t % 2
+        mbarrier.wait(ds_bar.index(buf), (t // 2) & 1)
+        dq = gl.zeros([BLOCK_M, HALF], gl.float32, layout=_dq_layout(BLOCK_M, HEAD_DIM))
+        for w in gl.static_range(2):
+            # dS = (dSᵀ)ᵀ read transposed from shared memory; k's columns of this half.
+            ds = ds_smem.index(buf * 2 + w).permute((1, 0))
+            k_half = k_smem.index(w).reshape([BLOCK_N, HEAD_DIM]).slice(WG * HALF, HALF, dim=1)
+            dq = warpgroup_mma(ds, k_half, dq, use_acc=w > 0, is_async=True)
+        return dq
+
+    @gluon.jit
+    def _atomic_dq(dq, DQ, i_b, i_h, H, T_q, start_m, WG: gl.constexpr, BLOCK_M: gl.constexpr,
+                   HEAD_DIM: gl.constexpr):
+        """Add a finished half of a dQ share into the fp32 buffer DQ (q's shape, contiguous)."""
+        dq_layout: gl.constexpr = _dq_layout(BLOCK_M, HEAD_DIM)
+        rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
+        cols = WG * (HEAD_DIM // 2) + gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, dq_layout))
+        offs = ((i_b * T_q + rows).to(gl.int64) * H + i_h) * HEAD_DIM
+        gl.atomic_add(DQ + offs[:, None] + cols[None, :], dq, mask=(rows < T_q)[:, None], sem="relaxed")
+
+    @gluon.jit
     def _dkdv_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
                        desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
-                       qk_scale, softmax_scale, WG: gl.constexpr, HAS_RIGHT: gl.constexpr, OVERLAP: gl.constexpr,
+                       qk_scale, softmax_scale, ds_smem, ds_bar, out_bar, DQ, WG: gl.constexpr,
+                       HAS_RIGHT: gl.constexpr, OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                        NUM_STAGES: gl.constexpr):
         """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
@@ -133,7 +180,11 @@ if HAS_GLUON:
         With ``OVERLAP`` the step's dV and dK are issued at the next step, right after its Sᵀ
         and dPᵀ, so they run while that step's Pᵀ and dSᵀ are formed, and the wait at the end
         of a step has little left to wait for (a slot is released one step later; Pᵀ and dSᵀ
-        stay in registers one step longer)."""
+        stay in registers one step longer).
+
+        With ``ADD_DQ`` (plain schedule only) each step also shares its dSᵀ (:func:`_share_ds`)
+        and adds its half of the step's dQ (:func:`_issue_dq`, :func:`_atomic_dq`): issued once
+        dV and dK are done, or with ``DQ_EARLY`` right behind them, waited for with them."""
         dtype: gl.constexpr = q_smem.dtype
         # Sᵀ, dPᵀ: [keys, query rows]; dK, dV: [keys, HEAD_DIM]; warps stacked along the keys.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -195,12 +246,29 @@ if HAS_GLUON:
                 p_op = gl.convert_layout(p_t.to(dtype), a_layout)
                 dv_tok = warpgroup_mma(p_op, do_t, dv, is_async=True)
                 dp_t = warpgroup_mma_wait(1, deps=(dp_tok, ))
-                ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), a_layout)
+                ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+                ds_op = gl.convert_layout(ds_t, a_layout)
                 dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
-                dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
+                if ADD_DQ:
+                    _share_ds(ds_t, ds_smem, ds_bar, t, WG)
+                if ADD_DQ and DQ_EARLY:
+                    # dQ queued behind dV and dK: one wait for the three.
+                    dq_tok = _issue_dq(ds_smem, ds_bar, k_smem, t, WG, BLOCK_M, BLOCK_N, HEAD_DIM)
+                    dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
+                else:
+                    dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
                 # Both warpgroups must be done with a slot before the loader refills it (count 2).
                 mbarrier.arrive(q_empty.index(slot), count=1)
                 mbarrier.arrive(do_empty.index(slot), count=1)
+                if ADD_DQ:
+                    if not DQ_EARLY:
+                        dq_tok = _issue_dq(ds_smem, ds_bar, k_smem, t, WG, BLOCK_M, BLOCK_N, HEAD_DIM)
+                        dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
+                    _atomic_dq(dq, DQ, i_b, i_hkv * GROUP + t // n_m, H, T_q, start_m, WG, BLOCK_M, HEAD_DIM)
+        if ADD_DQ:
+            # The other warpgroup's dQ reads this one's K slot until its last step: wait for it.
+            mbarrier.arrive(out_bar, count=1)
+            mbarrier.wait(out_bar, phase=0)
         # Every wgmma reading K and V has completed: their slots take dK and dV on the way out.
         k_out = k_smem.index(WG)
         v_out = v_smem.index(WG)
@@ -212,12 +280,14 @@ if HAS_GLUON:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _bwd_dkdv_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, T_q, T_k, H, H_kv,
-                               GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
-                               OVERLAP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+    def _bwd_dkdv_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H,
+                               H_kv, GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
+                               OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
+                               HEAD_DIM: gl.constexpr,
+                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head) in two warpgroups of BLOCK_N keys
-        (launched with num_warps=4: the default partition is warpgroup 0)."""
+        (launched with num_warps=4: the default partition is warpgroup 0); with ``ADD_DQ`` it
+        also adds every step's dS·k into DQ."""
         dtype: gl.constexpr = desc_q.dtype
         i_n, i_bh = gl.program_id(0), gl.program_id(1)
         i_b, i_hkv = i_bh // H_kv, i_bh % H_kv
@@ -233,6 +303,18 @@ if HAS_GLUON:
         mbarrier.init(kv_bar, count=1)
         # Slots released by both warpgroups.
         q_ready, do_ready, q_empty, do_empty = _ring_barriers(NUM_STAGES, 2)
+        if ADD_DQ:
+            # dSᵀ of two steps, [buffer * 2 + warpgroup]; a barrier per buffer (both halves
+            # written) and one for the end (both warpgroups' last dQ read K).
+            ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+            ds_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_N, BLOCK_M], ds_layout)
+            ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2):
+                mbarrier.init(ds_bar.index(i), count=2)
+            out_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            mbarrier.init(out_bar, count=2)
+        else:
+            ds_smem, ds_bar, out_bar = kv_bar, kv_bar, kv_bar  # never touched
         fence_async_shared()
         mbarrier.expect(kv_bar, 4 * desc_k.block_type.nbytes)
         for w in gl.static_range(2):
@@ -242,18 +324,22 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_dkdv_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
                               desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
-                              qk_scale, softmax_scale, 0, HAS_RIGHT, OVERLAP, BLOCK_M, BLOCK_N, HEAD_DIM,
-                              NUM_STAGES)),
+                              qk_scale, softmax_scale, ds_smem, ds_bar, out_bar, DQ, 0, HAS_RIGHT, OVERLAP, ADD_DQ,
+                              DQ_EARLY, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_dkdv_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
                               desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
-                              qk_scale, softmax_scale, 1, HAS_RIGHT, OVERLAP, BLOCK_M, BLOCK_N, HEAD_DIM,
-                              NUM_STAGES)),
+                              qk_scale, softmax_scale, ds_smem, ds_bar, out_bar, DQ, 1, HAS_RIGHT, OVERLAP, ADD_DQ,
+                              DQ_EARLY, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_dkdv_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
                             m_lo, n_m, BLOCK_M, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
 
         mbarrier.invalidate(kv_bar)
         _invalidate_ring(q_ready, do_ready, q_empty, do_empty, NUM_STAGES)
+        if ADD_DQ:
+            for i in gl.static_range(2):
+                mbarrier.invalidate(ds_bar.index(i))
+            mbarrier.invalidate(out_bar)
 
 
 def dkdv_gluon(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: bool, diag_offset: int, config):
@@ -265,17 +351,40 @@ def dkdv_gluon(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: 
         # Each warpgroup's wgmmas have 64 keys as their M dimension; the query step is their N.
         raise ValueError(f"config: the Gluon dK/dV kernel takes BLOCK_N1 = 128 and BLOCK_M1 in (32, 64), got "
                          f"{config.BLOCK_N1} and {config.BLOCK_M1}")
+    _launch(q, k, v, dout, lse, delta, dk, dv, None, softmax_scale, causal, diag_offset, config.BLOCK_M1,
+            config.stages1, config.overlap1, False)
+
+
+def fused_gluon(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: float, causal: bool, diag_offset: int,
+                config):
+    """Launch the Gluon kernel as a one-pass backward: ``dk``, ``dv`` as :func:`dkdv_gluon` and each
+    step's unscaled dS·k added into ``dq_acc`` (fp32, q's shape, contiguous, holding zeros or what
+    to add to); ``config`` a :class:`ioattn.flash.config.FusedBwdConfig` with ``gluon``: 128 keys
+    per program, 64 query rows per step (dQ's wgmmas have the rows as their M dimension),
+    ``num_stages`` slots, ``dq_early`` each step's dQ wgmmas queued right behind its dV and dK."""
+    if config.BLOCK_N != 128 or config.BLOCK_M != 64 or config.num_warps != 4:
+        raise ValueError(f"config: the Gluon one-pass backward takes BLOCK_M = 64, BLOCK_N = 128 and 4 warps, got "
+                         f"{config.BLOCK_M}, {config.BLOCK_N} and {config.num_warps}")
+    if dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape or not dq_acc.is_contiguous():
+        raise ValueError("dq_acc: must be a contiguous fp32 tensor of q's shape")
+    _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, config.BLOCK_M,
+            config.num_stages, False, config.dq_early)
+
+
+def _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, M, stages, overlap,
+            dq_early):
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
-    M, N = config.BLOCK_M1, config.BLOCK_N1 // 2
+    N = 64
     with device_guard(q):
         launch(
             _bwd_dkdv_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
-            T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E, band["diag_hi"],
-            HAS_RIGHT=band["HAS_RIGHT"], OVERLAP=config.overlap1, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
-            NUM_STAGES=config.stages1, num_warps=4,
+            dk if dq_acc is None else dq_acc, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
+            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], OVERLAP=overlap, ADD_DQ=dq_acc is not None, DQ_EARLY=dq_early,
+            HEAD_DIM=D,
+            BLOCK_M=M, BLOCK_N=N, NUM_STAGES=stages, num_warps=4,
         )
 
 

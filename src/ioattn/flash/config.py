@@ -264,7 +264,9 @@ class FusedBwdConfig:
     """Hopper one-pass backward (bwd_fused.py): a program holds BLOCK_N keys and steps over BLOCK_M
     query rows; ``device_desc`` as :class:`TmaBwdConfig`'s ``device_desc1``; ``tma_reduce`` adds
     the dQ tiles with the copy engine's bulk reduction instead of element-wise atomics; ``dq_t``
-    forms each dQ tile transposed (``kᵀ·dSᵀ``)."""
+    forms each dQ tile transposed (``kᵀ·dSᵀ``). ``gluon`` runs bwd_gluon.py's kernel instead
+    (BLOCK_M = 64, BLOCK_N = 128 in two warpgroups, 4 warps; num_stages its Q/dO slots,
+    ``dq_early`` its dQ wgmmas queued behind dV's and dK's; the other fields unused)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -273,6 +275,8 @@ class FusedBwdConfig:
     device_desc: bool = False
     tma_reduce: bool = False
     dq_t: bool = False
+    gluon: bool = False
+    dq_early: bool = False
 
 
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
@@ -288,16 +292,28 @@ class FusedBwdConfig:
 # wins were clear. Shorter sequences were not timed, and pay three more launches.
 FUSED_BWD_MIN_SEQLEN = {False: 4096, True: 16384}  # by causal
 
+# D = 128 with bwd_gluon.py's kernel (ADD_DQ): each step's dSᵀ shared through shared memory,
+# each warpgroup adding half of dQ's columns with element-wise atomics. PROVISIONAL, not yet
+# measured: the stages are the Gluon dK/dV pass's (3 full, 2 causal).
+GLUON_FUSED_BWD_MIN_SEQLEN = {False: 2048, True: 2048}  # by causal
+
 
 def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool,
-                         seqlen: int = 0) -> FusedBwdConfig | None:
+                         seqlen: int = 0, gluon: bool = False) -> FusedBwdConfig | None:
     """The one-pass backward's config where it beats the two-pass one (see above), else None (then
-    the two-pass backward runs). ``seqlen``: the longer of Tq and Tk (0: unknown, treated as long)."""
+    the two-pass backward runs). ``seqlen``: the longer of Tq and Tk (0: unknown, treated as long);
+    ``gluon``: whether bwd_gluon.py's kernel can run on these inputs (D = 128 needs it)."""
     if interpret:
         # Element-wise atomics (the interpreter has no bulk reduction), so that CI runs the
         # one-pass backward through the public functions too.
         return FusedBwdConfig(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, dq_t=True)
-    if head_dim != 64 or dtype not in (torch.float16, torch.bfloat16):
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if head_dim == 128 and gluon:
+        if 0 < seqlen < GLUON_FUSED_BWD_MIN_SEQLEN[bool(causal)]:
+            return None
+        return FusedBwdConfig(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2 if causal else 3, gluon=True)
+    if head_dim != 64:
         return None
     if 0 < seqlen < FUSED_BWD_MIN_SEQLEN[bool(causal)]:
         return None

@@ -55,7 +55,7 @@ def _kernels(backend: str):
         return flash_fwd_cpu, cpu_bwd
     from .bwd import flash_bwd_triton
     from .fwd import flash_fwd_triton
-    from . import bwd_fused, bwd_tma, fwd_gluon, fwd_pingpong, fwd_tma
+    from . import bwd_fused, bwd_gluon, bwd_tma, fwd_gluon, fwd_pingpong, fwd_tma
     from .config import get_fused_bwd_config, get_gluon_fwd_config
 
     def fwd(q, k, v, softmax_scale, causal, diag_offset, **features):
@@ -73,7 +73,8 @@ def _kernels(backend: str):
         if _env.tma() and bwd_tma.tma_bwd_supported(q, k, v, **features):
             if not deterministic:
                 config = get_fused_bwd_config(q.shape[-1], q.dtype, causal, interpret=_env.interpret(),
-                                              seqlen=max(q.shape[1], k.shape[1]))
+                                              seqlen=max(q.shape[1], k.shape[1]),
+                                              gluon=_env.gluon() and bwd_gluon.gluon_dkdv_supported(q))
                 if config is not None:
                     return bwd_fused.flash_bwd_fused(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset,
                                                      config=config)
