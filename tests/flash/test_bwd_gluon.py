@@ -210,17 +210,29 @@ def test_fused_gluon_config_falls_back_without_gluon(fused_calls):
     assert not fused_calls
 
 
-def test_fused_config_table_asks_for_gluon_at_d128():
-    for causal in (False, True):
-        for dtype in (torch.float16, torch.bfloat16):
-            cfg = get_fused_bwd_config(128, dtype, causal, interpret=False, seqlen=16384, gluon=True)
-            assert cfg.gluon and (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps) == (64, 128, 4)
-            # Without Gluon, D = 128 keeps the two-pass backward (the Triton one-pass lost there).
-            assert get_fused_bwd_config(128, dtype, causal, interpret=False, seqlen=16384) is None
-            assert not get_fused_bwd_config(128, dtype, causal, interpret=True, seqlen=16384, gluon=True).gluon
-        assert get_fused_bwd_config(128, torch.float32, causal, interpret=False, seqlen=16384, gluon=True) is None
-        # D = 64 keeps its Triton one-pass kernel.
-        assert not get_fused_bwd_config(64, torch.bfloat16, causal, interpret=False, seqlen=16384, gluon=True).gluon
+def test_fused_config_table_gluon_entries(monkeypatch):
+    # D = 128 takes the Gluon one-pass kernel where the table has an entry for it (none measured
+    # faster yet), never without Gluon, in the interpreter or in fp32; D = 64 keeps its Triton one.
+    from ioattn.flash import config
+
+    for table in (config.GLUON_FUSED_BWD, {False: (4096, 3, False), True: (2048, 2, True)}):
+        monkeypatch.setattr(config, "GLUON_FUSED_BWD", table)
+        for causal in (False, True):
+            entry = table.get(causal)
+            for dtype in (torch.float16, torch.bfloat16):
+                cfg = get_fused_bwd_config(128, dtype, causal, interpret=False, seqlen=16384, gluon=True)
+                if entry is None:
+                    assert cfg is None
+                else:
+                    assert cfg.gluon and (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps) == (64, 128, 4)
+                    assert (cfg.num_stages, cfg.dq_early) == entry[1:]
+                    assert get_fused_bwd_config(128, dtype, causal, interpret=False, seqlen=entry[0] - 1,
+                                                gluon=True) is None
+                assert get_fused_bwd_config(128, dtype, causal, interpret=False, seqlen=16384) is None
+                assert not get_fused_bwd_config(128, dtype, causal, interpret=True, seqlen=16384, gluon=True).gluon
+            assert get_fused_bwd_config(128, torch.float32, causal, interpret=False, seqlen=16384, gluon=True) is None
+            assert not get_fused_bwd_config(64, torch.bfloat16, causal, interpret=False, seqlen=16384,
+                                            gluon=True).gluon
 
 
 def test_fused_gluon_rejects_what_it_cannot_run():
@@ -266,22 +278,24 @@ def test_bwd_fused_gluon_gpu_dkdv_deterministic(causal, fused_calls):
 
 
 @pytest.mark.gpu
-def test_flash_attn_func_takes_the_gluon_one_pass_at_d128(fused_calls):
-    # flash_attn_func's default backward (deterministic=False) at a length the table covers;
+def test_flash_attn_func_takes_the_gluon_one_pass_where_the_table_says(monkeypatch, fused_calls):
+    # flash_attn_func's default backward (deterministic=False) at a length a table entry covers;
     # deterministic=True keeps the two-pass one. Both pass the accuracy rule.
     from ioattn import flash_attn_func
+    from ioattn.flash import config
     from ioattn.flash.reference import attention_ref
     from ioattn.testing import assert_close
 
+    monkeypatch.setattr(config, "GLUON_FUSED_BWD", {True: (2048, 2, False)})
     q, k, v = make_qkv(1, 4096, 4096, 4, 2, 128, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
     dout = torch.randn_like(q)
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
     base_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     ref_grads = torch.autograd.grad(attention_ref(*ref_in, causal=True, upcast=True)[0], ref_in, dout.double())
     base_grads = torch.autograd.grad(attention_ref(*base_in, causal=True, upcast=False)[0], base_in, dout)
-    for deterministic, calls in ((False, 1), (True, 1)):  # calls so far: the second adds none
+    for deterministic in (False, True):
         grads = torch.autograd.grad(flash_attn_func(q, k, v, causal=True, deterministic=deterministic), (q, k, v),
                                     dout)
-        assert len(fused_calls) == calls
+        assert len(fused_calls) == 1  # the first call's; the deterministic one adds none
         for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
             assert_close(name, g, r, b, factor=3)

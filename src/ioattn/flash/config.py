@@ -293,9 +293,11 @@ class FusedBwdConfig:
 FUSED_BWD_MIN_SEQLEN = {False: 4096, True: 16384}  # by causal
 
 # D = 128 with bwd_gluon.py's kernel (ADD_DQ): each step's dSᵀ shared through shared memory,
-# each warpgroup adding half of dQ's columns with element-wise atomics. PROVISIONAL, not yet
-# measured: the stages are the Gluon dK/dV pass's (3 full, 2 causal).
-GLUON_FUSED_BWD_MIN_SEQLEN = {False: 2048, True: 2048}  # by causal
+# each warpgroup adding half of dQ's columns with element-wise atomics. By causal: (shortest
+# sequence, Q/dO slots, dq_early) where it beat the two-pass backward. At 629b3f6 it lost at
+# every point (results/2026-12-03_nvidia-h200_sweep-bwd-fused-gluon.json, T = 2048 / 4096 /
+# 16384, best candidate 2 slots: full 0.92 / 0.93 / 0.96x, causal 0.78 / 0.87 / 0.87x), so no entry.
+GLUON_FUSED_BWD: dict = {}
 
 
 def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool,
@@ -309,10 +311,12 @@ def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, int
         return FusedBwdConfig(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, dq_t=True)
     if dtype not in (torch.float16, torch.bfloat16):
         return None
-    if head_dim == 128 and gluon:
-        if 0 < seqlen < GLUON_FUSED_BWD_MIN_SEQLEN[bool(causal)]:
+    if head_dim == 128:
+        entry = GLUON_FUSED_BWD.get(bool(causal)) if gluon else None
+        if entry is None or 0 < seqlen < entry[0]:
             return None
-        return FusedBwdConfig(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2 if causal else 3, gluon=True)
+        return FusedBwdConfig(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=entry[1], gluon=True,
+                              dq_early=entry[2])
     if head_dim != 64:
         return None
     if 0 < seqlen < FUSED_BWD_MIN_SEQLEN[bool(causal)]:
