@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ioattn import flash_attn_func, flash_attn_with_kvcache
+from ioattn import KVCache, flash_attn_func, flash_attn_with_kvcache
 from ioattn.decode.append import append_kv_triton
 from ioattn.decode.ops import append_kv
 from ioattn.decode.rotary import apply_rotary, rotary_positions
@@ -174,6 +174,13 @@ def steps(B, T, H, D, causal):
         os.environ["IOATTN_CHECK_VALUES"] = "1"
 
     rows["decode B1 1k, IOATTN_CHECK_VALUES=0"] = decode_unchecked
+
+    def decode_cudnn():
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(
+                qdec.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), enable_gqa=True)
+
+    rows["decode B1 1k: cuDNN SDPA"] = decode_cudnn
     # A decoding step as generation loops make it: one new token appended at 1023, then attended.
     # The append alone two ways: the torch ops it was before append.py (still the CPU backend's),
     # with the new lengths they fed the kernel, and append.py's single launch.
@@ -181,6 +188,13 @@ def steps(B, T, H, D, causal):
     lens_before = lens - 1
     rows["decode B1 1k + append, index checks"] = lambda: flash_attn_with_kvcache(qdec, kc, vc, knew, vnew,
                                                                                   cache_seqlens=lens_before)
+    # The same step through KVCache, which checks the lengths on its host copy (no read-back):
+    # a cache holding 1023 tokens, one appended per call (the few hundred calls of a row stay
+    # well inside its 4096 rows).
+    kv_cache = KVCache(1, 4096, 8, D, device="cuda")
+    kv_cache.attend(torch.randn(1, 1023, 32, D, device="cuda", dtype=torch.bfloat16),
+                    *(torch.randn(1, 1023, 8, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)))
+    rows["decode B1 1k + append: KVCache.attend"] = lambda: kv_cache.attend(qdec, knew, vnew)
     rows["decode append: torch ops"] = lambda: (append_kv(kc, vc, knew, vnew, lens_before), lens_before + 1)
     rows["decode append: append.py"] = lambda: append_kv_triton(kc, vc, knew, vnew, lens_before)
     # With rotary tables (rotary_dim = D): the step, and the rotation of q and the new k as the

@@ -64,3 +64,76 @@ def test_reorder_for_beam_search(kind):
         ref, _ = attention_ref(q[b:b + 1], torch.cat((k_hist, k[b]))[None], torch.cat((v_hist, v[b]))[None],
                                causal=True)
         torch.testing.assert_close(out[b:b + 1], ref)
+
+
+@pytest.fixture
+def device_checks(monkeypatch):
+    """Calls of flash_attn_with_kvcache's value checks (the read-back of the index tensors)."""
+    from ioattn.decode import checks, ops
+
+    calls = []
+    real = checks.check_kvcache_values
+
+    def spy(*args, **kw):
+        calls.append(args)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ops, "check_kvcache_values", spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_attend_checks_lengths_on_the_host(kind, device_checks, monkeypatch):
+    # A decoding step through a cache reads nothing back from the device: the lengths are checked
+    # on the cache's host copy, and the op is told the longest sequence instead.
+    from ioattn.decode import ops
+
+    seen = []
+    real = ops._kvcache_impl
+    monkeypatch.setattr(ops, "_kvcache_impl", lambda *a: (seen.append(a[-1]), real(*a))[1])
+    cache = _make(kind)
+    for q, k, v in _steps((5, 1, 3)):
+        cache.attend(q, k, v)
+    assert not device_checks and seen == [5, 6, 9]
+    # A call that brings its own index tensors is checked on the device values as before.
+    q, k, v = _steps((1,))[0]
+    cache.attend(q, k, v, cache_leftpad=torch.zeros(B, dtype=torch.int32))
+    assert len(device_checks) == 1 and seen[-1] == -1
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_attend_past_the_cache_raises_and_changes_nothing(kind):
+    cache = _make(kind)
+    for q, k, v in _steps((12,)):
+        cache.attend(q, k, v)
+    before = (cache.k.clone(), cache.v.clone(), cache.seqlens.clone(), [cache.length(b) for b in range(B)])
+    free = getattr(cache, "free_pages", None)
+    q, k, v = _steps((21,))[0]  # 12 + 21 > 16 (contiguous), > 2 pages of 16 (paged)
+    with pytest.raises(ValueError, match="cache too small"):
+        cache.attend(q, k, v)
+    # Rotary tables shorter than the positions the step needs (12 + 1 rows).
+    q, k, v = _steps((1,))[0]
+    cos = sin = torch.ones(12, D // 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="rotary tables too short"):
+        cache.attend(q, k, v, rotary_cos=cos, rotary_sin=sin)
+    after = (cache.k, cache.v, cache.seqlens, [cache.length(b) for b in range(B)])
+    assert all(torch.equal(a, b) for a, b in zip(before[:3], after[:3])) and before[3] == after[3]
+    assert getattr(cache, "free_pages", None) == free
+
+
+def test_paged_attend_out_of_pages_allocates_nothing():
+    cache = PagedKVCache(3, 16, HKV, D, max_batch=2, max_pages_per_seq=4, dtype=torch.float64)
+    q, k, v = _steps((20,))[0]  # 2 pages per sequence, 4 in all: 3 in the pool
+    with pytest.raises(RuntimeError, match="out of pages"):
+        cache.attend(q, k, v)
+    assert cache.free_pages == 3 and cache.length(0) == cache.length(1) == 0
+
+
+def test_kvcache_reorder_takes_a_tensor_and_rejects_bad_rows():
+    cache = _make("contiguous")
+    for q, k, v in _steps((3, 1)):
+        cache.attend(q, k, v)
+    cache.reorder(torch.tensor([1, 0]))
+    assert cache.length(0) == 4 and cache.seqlens.tolist() == [4, 4]
+    with pytest.raises(ValueError, match="index"):
+        cache.reorder([0, 2])

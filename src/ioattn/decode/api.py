@@ -65,9 +65,23 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     values included (lengths past the cache, page numbers out of range, rotary tables too
     short): those checks read the index tensors on the host (one synchronization per call,
     which IOATTN_CHECK_VALUES=0 skips, and a call captured in a CUDA graph skips too: check
-    the values in an eager call first). CUDA tensors run the split-KV Triton kernel, CPU
+    the values in an eager call first; :class:`ioattn.KVCache` and :class:`ioattn.PagedKVCache`
+    run the same checks on their host copy of the lengths instead). CUDA tensors run the split-KV Triton kernel, CPU
     tensors the CPU backend (:func:`ioattn.backend_for` says which). No gradients.
     """
+    return _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                         cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
+                         rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
+
+
+def _with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                  cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
+                  window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                  return_softmax_lse=False, *, known_seqlen_k=-1):
+    """:func:`flash_attn_with_kvcache`, for callers that keep the lengths on the host and checked
+    them there (cache.py): ``known_seqlen_k``, the longest sequence after the append, skips the
+    value checks' read-back (and its synchronization) and sizes the split heuristic. Types,
+    shapes and devices are still checked."""
     a = check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                            cache_batch_idx, cache_leftpad, block_table, softmax_scale, window_size,
                            softcap, alibi_slopes, num_splits)
@@ -75,5 +89,5 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                  a["rotary_sin"], a["cache_seqlens"], a["cache_batch_idx"],
                                  a["cache_leftpad"], a["block_table"], a["alibi_slopes"],
                                  a["softmax_scale"], bool(causal), a["window"][0], a["window"][1],
-                                 a["softcap"], bool(rotary_interleaved), int(num_splits))
+                                 a["softcap"], bool(rotary_interleaved), int(num_splits), int(known_seqlen_k))
     return (out, lse) if return_softmax_lse else out

@@ -6,12 +6,31 @@ layer, holding the keys and values and how many tokens each sequence has, and ca
 - :class:`PagedKVCache`: a pool of ``page_size``-token pages shared by up to ``max_batch``
   sequences, pages handed out as sequences grow and returned by :meth:`PagedKVCache.free`.
 
-Both keep the lengths on the host too, so that appending never reads them back from the GPU.
+Both keep the lengths on the host too and check an append against them there, so a decoding
+step never reads anything back from the GPU (flash_attn_with_kvcache's own value checks wait for
+the GPU to read the index tensors; here the same checks, with the same messages, run on the host
+copy). Their ``seqlens`` tensor mirrors that copy for the kernels: change lengths only through
+the methods.
 """
 import torch
 
 from .._utils import cdiv
-from .api import flash_attn_with_kvcache
+from .api import _with_kvcache
+from .checks import check_lengths
+
+# Index arguments the cache classes fill in themselves; a call that passes its own (a leftpad,
+# say) is checked by flash_attn_with_kvcache on the device values instead.
+_CALLER_INDICES = ("cache_batch_idx", "cache_leftpad")
+
+
+def _check_on_host(lengths, T_new: int, cap: int, q, causal: bool, kwargs) -> int:
+    """check_lengths on the cache's host lengths (raises ValueError before anything changes);
+    returns the longest sequence after the append, or -1 when the call must check itself."""
+    rot = kwargs.get("rotary_cos")
+    if any(kwargs.get(n) is not None for n in _CALLER_INDICES) or not (rot is None or torch.is_tensor(rot)):
+        return -1
+    local = causal or tuple(kwargs.get("window_size", (-1, -1))) != (-1, -1)
+    return check_lengths(lengths, T_new, cap, 0 if rot is None else rot.shape[0], q.shape[1] if local else 1)
 
 
 class KVCache:
@@ -27,25 +46,39 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self._lengths = [0] * batch_size
+
+    def length(self, b: int) -> int:
+        return self._lengths[b]
 
     def attend(self, q, k, v, *, causal: bool = True, **kwargs):
         """flash_attn_with_kvcache on this cache (rotary tables, window etc. go in kwargs), then
         advance every sequence by Tnew."""
-        out = flash_attn_with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens,
-                                      causal=causal, **kwargs)
-        self.seqlens += k.shape[1]
+        T_new = k.shape[1]
+        known = _check_on_host(self._lengths, T_new, self.k.shape[1], q, causal, kwargs)
+        out = _with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens, causal=causal,
+                            known_seqlen_k=known, **kwargs)
+        self.seqlens += T_new
+        self._lengths = [n + T_new for n in self._lengths]
         return out
 
     def reset(self):
         """Forget every sequence (the buffers stay allocated)."""
         self.seqlens.zero_()
+        self._lengths = [0] * len(self._lengths)
 
     def reorder(self, index):
-        """Beam search: sequence b continues from sequence ``index[b]`` (int tensor ``[B]``)."""
-        index = torch.as_tensor(index, device=self.k.device).long()
+        """Beam search: sequence b continues from sequence ``index[b]`` (ints, or an int tensor
+        ``[B]``, which is read to the host once)."""
+        rows = [int(i) for i in (index.tolist() if torch.is_tensor(index) else index)]
+        if len(rows) != len(self._lengths) or not all(0 <= i < len(self._lengths) for i in rows):
+            raise ValueError(f"index: must hold {len(self._lengths)} sequence numbers in "
+                             f"[0, {len(self._lengths)}), got {rows}")
+        index = torch.tensor(rows, device=self.k.device)
         self.k.copy_(self.k[index])
         self.v.copy_(self.v[index])
         self.seqlens.copy_(self.seqlens[index])
+        self._lengths = [self._lengths[i] for i in rows]
 
 
 class PagedKVCache:
@@ -103,14 +136,20 @@ class PagedKVCache:
         """Append k, v (``[B, Tnew, Hkv, D]``) to the sequences in ``slots`` (default the first B)
         and return the attention of q ``[B, Tq, H, D]`` over them."""
         slots = list(range(q.shape[0])) if slots is None else list(slots)
+        T_new = k.shape[1]
+        cap = self.block_table.shape[1] * self.page_size
+        known = _check_on_host([self._lengths[s] for s in slots], T_new, cap, q, causal, kwargs)
+        need = sum(max(0, cdiv(self._lengths[s] + T_new, self.page_size) - len(self._pages[s])) for s in slots)
+        if need > len(self._free):
+            raise RuntimeError(f"out of pages: slots {slots} need {need} more, {len(self._free)} are free")
         for s in slots:
-            self.allocate(s, k.shape[1])
+            self.allocate(s, T_new)
         index = torch.tensor(slots, device=self.k.device)
-        out = flash_attn_with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens[index],
-                                      block_table=self.block_table[index], causal=causal, **kwargs)
+        out = _with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens[index],
+                            block_table=self.block_table[index], causal=causal, known_seqlen_k=known, **kwargs)
         for s in slots:
-            self._lengths[s] += k.shape[1]
-        self.seqlens[index] += k.shape[1]
+            self._lengths[s] += T_new
+        self.seqlens[index] += T_new
         return out
 
     def reorder(self, index):

@@ -162,7 +162,7 @@ def check_kvcache_values(k_cache, cache_seqlens, T_new, cache_batch_idx, cache_l
         parts.append(_bad_pages(block_table, lengths, k_cache.shape[1], k_cache.shape[0]).any().view(1))
     host = (torch.cat([x.long() for x in parts]) if len(parts) > 1 else parts[0]).tolist()
     seqlens, rest = host[:B], host[B:]
-    bad = {"seqlens": any(x < 0 for x in seqlens), "append": any(x + T_new > cap for x in seqlens)}
+    bad = _length_flags(seqlens, T_new, cap, rotary_len, rotary_q_tokens)
     if cache_leftpad is not None:
         leftpad, rest = rest[:B], rest[B:]
         bad["leftpad"] = any(p < 0 or p > x for p, x in zip(leftpad, seqlens))
@@ -173,12 +173,27 @@ def check_kvcache_values(k_cache, cache_seqlens, T_new, cache_batch_idx, cache_l
             bad["repeat"] = len(set(rows)) < len(rows)
     if block_table is not None:
         bad["pages"] = bool(rest[0])
+    if any(bad.values()):
+        _raise(bad, seqlens, T_new, cap, rotary_len, rotary_q_tokens, k_cache, cache_seqlens, cache_batch_idx,
+               cache_leftpad, block_table)
+    return max((x + T_new for x in seqlens), default=0)
+
+
+def check_lengths(seqlens: list, T_new: int, cap: int, rotary_len: int, rotary_q_tokens: int) -> int:
+    """:func:`check_kvcache_values`'s checks that depend on the lengths alone, on lengths the
+    caller keeps on the host (ioattn's cache classes), so nothing is read back from the device;
+    same messages. Returns ``max(seqlens) + T_new``."""
+    bad = _length_flags(seqlens, T_new, cap, rotary_len, rotary_q_tokens)
+    if any(bad.values()):
+        _raise(bad, seqlens, T_new, cap, rotary_len, rotary_q_tokens)
+    return max((x + T_new for x in seqlens), default=0)
+
+
+def _length_flags(seqlens, T_new, cap, rotary_len, rotary_q_tokens) -> dict:
+    bad = {"seqlens": any(x < 0 for x in seqlens), "append": any(x + T_new > cap for x in seqlens)}
     if rotary_len:
         bad["rotary"] = any(x + max(T_new, rotary_q_tokens) > rotary_len for x in seqlens)
-    if any(bad.values()):
-        _raise(bad, k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad, block_table, cap,
-               rotary_len, rotary_q_tokens)
-    return max((x + T_new for x in seqlens), default=0)
+    return bad
 
 
 def _bad_pages(block_table, lengths, page: int, num_pages: int):
@@ -188,14 +203,14 @@ def _bad_pages(block_table, lengths, page: int, num_pages: int):
     return used & ((block_table < 0) | (block_table >= num_pages))
 
 
-def _raise(bad, k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad, block_table, cap,
-           rotary_len, rotary_q_tokens):
-    """The error of the first failed check, with the values that broke it."""
-    seqlens = cache_seqlens.tolist()
+def _raise(bad, seqlens, T_new, cap, rotary_len, rotary_q_tokens, k_cache=None, cache_seqlens=None,
+           cache_batch_idx=None, cache_leftpad=None, block_table=None):
+    """The error of the first failed check, with the values that broke it (the index tensors are
+    needed only for the checks that read them)."""
     rows = None if cache_batch_idx is None else cache_batch_idx.tolist()
-    page = k_cache.shape[1]
 
     def bad_pages():
+        page = k_cache.shape[1]
         lengths = cache_seqlens.long() + T_new
         b = _bad_pages(block_table, lengths, page, k_cache.shape[0]).any(1).tolist().index(True)
         used = block_table[b, : (seqlens[b] + T_new + page - 1) // page].tolist()

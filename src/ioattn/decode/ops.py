@@ -35,14 +35,18 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, batch_idx=None, block_ta
 
 def _kvcache_impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                   cache_leftpad, block_table, alibi_slopes, softmax_scale, causal, window_left,
-                  window_right, softcap, rotary_interleaved, num_splits):
+                  window_right, softcap, rotary_interleaved, num_splits, known_seqlen_k):
     T_q = q.shape[1]
     T_new = 0 if k is None else k.shape[1]
     local = causal or (window_left, window_right) != (-1, -1)
     max_seqlen_k = None
     # The checks read the indices back to the host, which a CUDA-graph capture cannot do: a
     # captured call skips them (as IOATTN_CHECK_VALUES=0 does), the eager calls before it check.
-    if _env.check_values() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+    # known_seqlen_k >= 0: the caller checked the lengths on its host copy of them (the cache
+    # classes) and says how long the longest sequence is after the append.
+    if known_seqlen_k >= 0:
+        max_seqlen_k = known_seqlen_k
+    elif _env.check_values() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         rotary_len = 0 if rotary_cos is None else rotary_cos.shape[0]
         max_seqlen_k = check_kvcache_values(k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad,
                                             block_table, rotary_len, T_q if local else 1)
@@ -98,10 +102,11 @@ def flash_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tenso
                   cache_batch_idx: Optional[Tensor], cache_leftpad: Optional[Tensor],
                   block_table: Optional[Tensor], alibi_slopes: Optional[Tensor], softmax_scale: float,
                   causal: bool, window_left: int, window_right: int, softcap: float,
-                  rotary_interleaved: bool, num_splits: int) -> tuple[Tensor, Tensor]:
+                  rotary_interleaved: bool, num_splits: int, known_seqlen_k: int) -> tuple[Tensor, Tensor]:
     out, lse = _kvcache_impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                              cache_batch_idx, cache_leftpad, block_table, alibi_slopes, softmax_scale,
-                             causal, window_left, window_right, softcap, rotary_interleaved, num_splits)
+                             causal, window_left, window_right, softcap, rotary_interleaved, num_splits,
+                             known_seqlen_k)
     # The fake impl promises contiguous outputs; compiled graphs rely on those strides.
     return out.contiguous(), lse.contiguous()
 
