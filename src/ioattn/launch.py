@@ -21,6 +21,8 @@ compiled kernel's launcher with the argument list Triton would build. Calls this
 tests/test_launch.py checks against Triton's own binder that equal keys mean equal
 specializations, for the argument lists of every kernel launched through here.
 """
+import operator
+
 import torch
 from triton import knobs
 from triton.runtime.jit import JITFunction
@@ -103,31 +105,56 @@ def _arg_key(a):
 
 
 def _key(kernel, device: int, args, kwargs):
-    """The call's key (module docstring), or None if an argument cannot be keyed."""
-    names, flags, constexprs, _ = _signature(kernel)
-    parts = [id(kernel), device]
-    append = parts.append
+    """The call's key (module docstring), or None if an argument cannot be keyed.
+
+    Built with as few Python-level steps per argument as the key allows (it runs on every
+    launch): the constexpr positional arguments as one tuple taken by an itemgetter, with their
+    types (True == 1, but not as a constexpr); each runtime one by its class's key function; the
+    keyword arguments, when all are constexprs or launch options (num_warps, ...), as one tuple
+    of items with their types."""
+    const_get, rt_get, rt_names = _positions(kernel, len(args))
+    consts = const_get(args)
     keys = _KEYS
-    for a, const in zip(args, flags):
-        if const:
-            append(a if type(a) is not bool else (bool, a))  # True == 1, but not as a constexpr
-            continue
-        key = keys.get(type(a))
-        k = key(a) if key is not None else _arg_key(a)
-        if k is ...:
-            return None
-        append(k)
-    for name, a in kwargs.items():
-        # Launch options (num_warps, ...) are no parameters: by value, like constexprs.
-        if name in constexprs or name not in names:
-            k = a if type(a) is not bool else (bool, a)
-        else:
-            k = _arg_key(a)
-        if k is ...:
-            return None
-        append(name)
-        append(k)
-    return tuple(parts)
+    rt = [keys.get(type(a), _arg_key)(a) for a in rt_get(args)]
+    if ... in rt:
+        return None
+    if rt_names.isdisjoint(kwargs):
+        kw = (tuple(kwargs.items()), tuple(map(type, kwargs.values())))
+    else:
+        kw = []
+        for name, a in kwargs.items():
+            k = _arg_key(a) if name in rt_names else (a, type(a))
+            if k is ...:
+                return None
+            kw.append((name, k))
+        kw = tuple(kw)
+    return id(kernel), device, consts, tuple(map(type, consts)), tuple(rt), kw
+
+
+# (id(kernel), number of positional arguments) -> (kernel, getter of the constexpr ones, getter of
+# the runtime ones, names of the runtime parameters); kept like _SIGNATURES.
+_POSITIONS: dict = {}
+
+
+def _positions(kernel, n: int):
+    entry = _POSITIONS.get((id(kernel), n))
+    if entry is None or entry[0] is not kernel:
+        names, flags, constexprs, _ = _signature(kernel)
+        flags = flags[:n]
+        entry = (kernel, _getter([i for i, c in enumerate(flags) if c]),
+                 _getter([i for i, c in enumerate(flags) if not c]), frozenset(names) - constexprs)
+        _POSITIONS[(id(kernel), n)] = entry
+    return entry[1:]
+
+
+def _getter(index):
+    """A function returning ``tuple(args[i] for i in index)``, as fast as Python allows."""
+    if len(index) > 1:
+        return operator.itemgetter(*index)
+    if index:
+        i = index[0]
+        return lambda args: (args[i],)
+    return lambda args: ()
 
 
 def _tail(kernel, n_args: int, kwargs) -> list:

@@ -209,16 +209,22 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
         config = get_decode_config(group * T_q, D, q.dtype, interpret=_env.interpret(),
                                    paged_split=paged_split, full_grid=full_grid)
 
-    out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
-    lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
     if num_splits == 1:
         # One split: the program's results are final; write them in place.
+        out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
+        lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
         out_parts, lse_parts = out, lse
         o_strides = (0, *out.stride()[:3])
         l_strides = (0, lse.stride(0), lse.stride(2), lse.stride(1))
     else:
-        out_parts = empty((num_splits, B, T_q, H, D), dtype=torch.float32, device=q.device)
-        lse_parts = empty((num_splits, B, T_q, H), dtype=torch.float32, device=q.device)
+        # The partials in one allocation (each allocation is host time on a decoding step);
+        # combine_splits allocates the final out and lse. The lse part starts on a 16-byte
+        # boundary, as its own allocation would.
+        rows = num_splits * B * T_q * H
+        lse_at = cdiv(rows * D, 4) * 4
+        parts = empty((lse_at + rows,), dtype=torch.float32, device=q.device)
+        out_parts = parts[:rows * D].view(num_splits, B, T_q, H, D)
+        lse_parts = parts[lse_at:].view(num_splits, B, T_q, H)
         o_strides = out_parts.stride()[:4]
         l_strides = lse_parts.stride()
     band = _band(causal, window)
