@@ -137,3 +137,33 @@ def test_kvcache_reorder_takes_a_tensor_and_rejects_bad_rows():
     assert cache.length(0) == 4 and cache.seqlens.tolist() == [4, 4]
     with pytest.raises(ValueError, match="index"):
         cache.reorder([0, 2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_decoding_steps_never_synchronize(kind):
+    # torch's sync debug mode raises on any synchronizing CUDA operation (a read-back, a copy
+    # from pageable host memory). Steps through a cache make none, a new page included; the
+    # public function's own value checks do (the mode is live).
+    from ioattn import flash_attn_with_kvcache
+
+    dev, dt = "cuda", torch.bfloat16
+    cache = (KVCache(B, 64, HKV, 64, device=dev, dtype=dt) if kind == "contiguous" else
+             PagedKVCache(12, 16, HKV, 64, max_batch=B, max_pages_per_seq=4, device=dev, dtype=dt))
+
+    def step(n):
+        cache.attend(torch.randn(B, n, H, 64, device=dev, dtype=dt),
+                     *(torch.randn(B, n, HKV, 64, device=dev, dtype=dt) for _ in range(2)))
+
+    step(14)
+    step(1)  # compiled, and the slots' index made
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):  # lengths 16, 17 (a new page), 18
+            step(1)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            flash_attn_with_kvcache(torch.randn(B, 1, H, 64, device=dev, dtype=dt), cache.k, cache.v,
+                                    cache_seqlens=cache.seqlens[:B], block_table=getattr(cache, "block_table", None))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert cache.seqlens[:B].tolist() == [18, 18]

@@ -21,6 +21,8 @@ from .checks import check_lengths
 # Index arguments the cache classes fill in themselves; a call that passes its own (a leftpad,
 # say) is checked by flash_attn_with_kvcache on the device values instead.
 _CALLER_INDICES = ("cache_batch_idx", "cache_leftpad")
+# Pages an allocation writes into the block table one entry at a time (see allocate).
+_FILL_PAGES = 4
 
 
 def _check_on_host(lengths, T_new: int, cap: int, q, causal: bool, kwargs) -> int:
@@ -54,6 +56,9 @@ class KVCache:
     def attend(self, q, k, v, *, causal: bool = True, **kwargs):
         """flash_attn_with_kvcache on this cache (rotary tables, window etc. go in kwargs), then
         advance every sequence by Tnew."""
+        if not (torch.is_tensor(q) and torch.is_tensor(k) and k.dim() == 4):
+            # flash_attn_with_kvcache names what is wrong
+            return _with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens, causal=causal, **kwargs)
         T_new = k.shape[1]
         known = _check_on_host(self._lengths, T_new, self.k.shape[1], q, causal, kwargs)
         out = _with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens, causal=causal,
@@ -102,6 +107,7 @@ class PagedKVCache:
         self._free = list(range(num_pages - 1, -1, -1))
         self._pages = [[] for _ in range(max_batch)]
         self._lengths = [0] * max_batch
+        self._indices = {}  # tuple of slots -> their device tensor (see _slot_index)
 
     @property
     def free_pages(self) -> int:
@@ -123,7 +129,13 @@ class PagedKVCache:
         new = [self._free.pop() for _ in range(need)]
         first = len(self._pages[slot])
         self._pages[slot] += new
-        self.block_table[slot, first:first + need] = torch.tensor(new, dtype=torch.int32)
+        if need <= _FILL_PAGES:
+            # A page or two (a decoding step): each entry set from a Python int is a fill kernel,
+            # with no copy from host memory (torch's pageable copies synchronize the stream).
+            for j, page in enumerate(new):
+                self.block_table[slot, first + j] = page
+        else:
+            self.block_table[slot, first:first + need] = torch.tensor(new, dtype=torch.int32)
 
     def free(self, slot: int):
         """End the sequence in ``slot`` and return its pages to the pool."""
@@ -135,6 +147,8 @@ class PagedKVCache:
     def attend(self, q, k, v, *, slots=None, causal: bool = True, **kwargs):
         """Append k, v (``[B, Tnew, Hkv, D]``) to the sequences in ``slots`` (default the first B)
         and return the attention of q ``[B, Tq, H, D]`` over them."""
+        if not (torch.is_tensor(q) and torch.is_tensor(k) and k.dim() == 4):
+            raise ValueError("q and k must be tensors [B, Tq, H, D] and [B, Tnew, Hkv, D]")
         slots = list(range(q.shape[0])) if slots is None else list(slots)
         T_new = k.shape[1]
         cap = self.block_table.shape[1] * self.page_size
@@ -144,13 +158,24 @@ class PagedKVCache:
             raise RuntimeError(f"out of pages: slots {slots} need {need} more, {len(self._free)} are free")
         for s in slots:
             self.allocate(s, T_new)
-        index = torch.tensor(slots, device=self.k.device)
+        index = self._slot_index(slots)
         out = _with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens[index],
                             block_table=self.block_table[index], causal=causal, known_seqlen_k=known, **kwargs)
         for s in slots:
             self._lengths[s] += T_new
         self.seqlens[index] += T_new
         return out
+
+    def _slot_index(self, slots):
+        """The slots as a device tensor, made once per list of slots (a fresh one would be a
+        copy from host memory, which synchronizes the stream, on every step)."""
+        key = tuple(slots)
+        index = self._indices.get(key)
+        if index is None:
+            if len(self._indices) >= 64:
+                self._indices.clear()
+            index = self._indices[key] = torch.tensor(slots, device=self.k.device)
+        return index
 
     def reorder(self, index):
         """Beam search: slot b continues from slot ``index[b]``, for b < len(index). The pages'
