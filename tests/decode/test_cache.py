@@ -167,3 +167,28 @@ def test_decoding_steps_never_synchronize(kind):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert cache.seqlens[:B].tolist() == [18, 18]
+
+
+def test_compiled_steps_neither_break_nor_recompile():
+    # Under torch.compile the cache leaves its host copy alone (reading it would guard on each
+    # length, a recompile a step): the graphs of the first steps serve every later step, and the
+    # host copy is read back for the next eager call.
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    cache = _make("contiguous")
+    compiled = torch.compile(lambda q, k, v: cache.attend(q, k, v) * 2, fullgraph=True)
+    ks, vs, graphs = [], [], []
+    for q, k, v in _steps((3, 1, 1, 1, 1, 1)):
+        out = compiled(q, k, v)
+        graphs.append(dynamo.utils.counters["stats"]["unique_graphs"])
+        ks.append(k)
+        vs.append(v)
+        ref, _ = attention_ref(q, torch.cat(ks, 1), torch.cat(vs, 1), causal=True)
+        torch.testing.assert_close(out, 2 * ref)
+    assert graphs[2] == graphs[-1], graphs  # no new graph once the step's shape has been seen
+    assert cache.length(0) == 8
+    q, k, v = _steps((1,))[0]
+    cache.attend(q, k, v)  # eager again: checked on the host copy
+    assert cache.length(1) == 9 and cache.seqlens.tolist() == [9, 9]

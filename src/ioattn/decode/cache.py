@@ -51,39 +51,52 @@ class KVCache:
         self._lengths = [0] * batch_size
 
     def length(self, b: int) -> int:
-        return self._lengths[b]
+        return self._host_lengths()[b]
+
+    def _host_lengths(self) -> list:
+        """The host copy of the lengths, read back once if a compiled call left it stale."""
+        if self._lengths is None:
+            self._lengths = self.seqlens.tolist()
+        return self._lengths
 
     def attend(self, q, k, v, *, causal: bool = True, **kwargs):
         """flash_attn_with_kvcache on this cache (rotary tables, window etc. go in kwargs), then
         advance every sequence by Tnew."""
-        if not (torch.is_tensor(q) and torch.is_tensor(k) and k.dim() == 4):
-            # flash_attn_with_kvcache names what is wrong
-            return _with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens, causal=causal, **kwargs)
+        if torch.compiler.is_compiling() or not (torch.is_tensor(q) and torch.is_tensor(k) and k.dim() == 4):
+            # Under torch.compile a host copy would be guarded on, one recompile a step: the op
+            # checks the device values, and the copy is read back at the next eager call. Bad
+            # arguments: flash_attn_with_kvcache names what is wrong.
+            out = _with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens, causal=causal, **kwargs)
+            if k is not None:
+                self.seqlens += k.shape[1]
+                self._lengths = None
+            return out
         T_new = k.shape[1]
-        known = _check_on_host(self._lengths, T_new, self.k.shape[1], q, causal, kwargs)
+        lengths = self._host_lengths()
+        known = _check_on_host(lengths, T_new, self.k.shape[1], q, causal, kwargs)
         out = _with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens, causal=causal,
                             known_seqlen_k=known, **kwargs)
         self.seqlens += T_new
-        self._lengths = [n + T_new for n in self._lengths]
+        self._lengths = [n + T_new for n in lengths]
         return out
 
     def reset(self):
         """Forget every sequence (the buffers stay allocated)."""
         self.seqlens.zero_()
-        self._lengths = [0] * len(self._lengths)
+        self._lengths = [0] * self.seqlens.shape[0]
 
     def reorder(self, index):
         """Beam search: sequence b continues from sequence ``index[b]`` (ints, or an int tensor
         ``[B]``, which is read to the host once)."""
+        lengths = self._host_lengths()
         rows = [int(i) for i in (index.tolist() if torch.is_tensor(index) else index)]
-        if len(rows) != len(self._lengths) or not all(0 <= i < len(self._lengths) for i in rows):
-            raise ValueError(f"index: must hold {len(self._lengths)} sequence numbers in "
-                             f"[0, {len(self._lengths)}), got {rows}")
+        if len(rows) != len(lengths) or not all(0 <= i < len(lengths) for i in rows):
+            raise ValueError(f"index: must hold {len(lengths)} sequence numbers in [0, {len(lengths)}), got {rows}")
         index = torch.tensor(rows, device=self.k.device)
         self.k.copy_(self.k[index])
         self.v.copy_(self.v[index])
         self.seqlens.copy_(self.seqlens[index])
-        self._lengths = [self._lengths[i] for i in rows]
+        self._lengths = [lengths[i] for i in rows]
 
 
 class PagedKVCache:
