@@ -143,10 +143,11 @@ class PagedKVCache:
         first = len(self._pages[slot])
         self._pages[slot] += new
         if need <= _FILL_PAGES:
-            # A page or two (a decoding step): each entry set from a Python int is a fill kernel,
-            # with no copy from host memory (torch's pageable copies synchronize the stream).
+            # A page or two (a decoding step): each entry filled by a kernel that takes the page
+            # number as an argument. `table[i, j] = page` would copy it from host memory, and
+            # torch synchronizes the stream on such copies (the sync test caught that form).
             for j, page in enumerate(new):
-                self.block_table[slot, first + j] = page
+                self.block_table[slot, first + j].fill_(page)
         else:
             self.block_table[slot, first:first + need] = torch.tensor(new, dtype=torch.int32)
 
@@ -155,7 +156,7 @@ class PagedKVCache:
         self._free += reversed(self._pages[slot])
         self._pages[slot] = []
         self._lengths[slot] = 0
-        self.seqlens[slot] = 0
+        self.seqlens[slot].zero_()  # a kernel; `= 0` would copy from host memory (a sync)
 
     def attend(self, q, k, v, *, slots=None, causal: bool = True, **kwargs):
         """Append k, v (``[B, Tnew, Hkv, D]``) to the sequences in ``slots`` (default the first B)
@@ -201,7 +202,7 @@ class PagedKVCache:
             self.free(b)
             self.allocate(b, length)
             self._lengths[b] = length
-            self.seqlens[b] = length
+            self.seqlens[b].fill_(length)
             dst = torch.tensor(self._pages[b], dtype=torch.long, device=self.k.device)
             self.k[dst] = k
             self.v[dst] = v
