@@ -19,6 +19,12 @@ the query blocks of every query head that reads its KV head, in one sequence of 
 loader and both warpgroups walk alike. Δ comes from the dQ pass (launched first, as in
 bwd_tma.py).
 
+``ADD_DQ`` makes the same kernel a one-pass backward (bwd_fused.py launches it through
+:func:`fused_gluon`): each step's dSᵀ goes through shared memory to both warpgroups, and each
+forms half of dQ's columns over all 128 keys and adds it into an fp32 buffer with atomics.
+Measured slower than the two-pass backward at D = 128 (benchmarks/LOG.md v1.15: the adds' 17 GB
+at T = 16384 went at ~1.3 TB/s), so config.py does not dispatch it.
+
 GPU only (Gluon has no interpreter): tests/flash/test_fwd_gluon.py's compile test builds it for
 sm_90 without a GPU; tests/flash/test_bwd_gluon.py compares it with the reference on the H200.
 """
@@ -129,8 +135,8 @@ if HAS_GLUON:
         mbarrier.arrive(ds_bar.index(buf), count=1)
 
     @gluon.constexpr_function
-    def _dq_layout(BLOCK_M, HEAD_DIM):
-        """dQ's half-width accumulator: [BLOCK_M rows, HEAD_DIM / 2], warps stacked along rows."""
+    def _dq_layout(HEAD_DIM):
+        """dQ's half-width accumulator: [query rows, HEAD_DIM / 2], warps stacked along the rows."""
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM // 2, 16])
 
     @gluon.jit
@@ -147,7 +153,7 @@ if HAS_GLUON:
         HALF: gl.constexpr = HEAD_DIM // 2
         buf = t % 2
         mbarrier.wait(ds_bar.index(buf), (t // 2) & 1)
-        dq = gl.zeros([BLOCK_M, HALF], gl.float32, layout=_dq_layout(BLOCK_M, HEAD_DIM))
+        dq = gl.zeros([BLOCK_M, HALF], gl.float32, layout=_dq_layout(HEAD_DIM))
         for w in gl.static_range(2):
             # dS = (dSᵀ)ᵀ read transposed from shared memory; k's columns of this half.
             ds = ds_smem.index(buf * 2 + w).permute((1, 0))
@@ -159,7 +165,7 @@ if HAS_GLUON:
     def _atomic_dq(dq, DQ, i_b, i_h, H, T_q, start_m, WG: gl.constexpr, BLOCK_M: gl.constexpr,
                    HEAD_DIM: gl.constexpr):
         """Add a finished half of a dQ share into the fp32 buffer DQ (q's shape, contiguous)."""
-        dq_layout: gl.constexpr = _dq_layout(BLOCK_M, HEAD_DIM)
+        dq_layout: gl.constexpr = _dq_layout(HEAD_DIM)
         rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
         cols = WG * (HEAD_DIM // 2) + gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, dq_layout))
         offs = ((i_b * T_q + rows).to(gl.int64) * H + i_h) * HEAD_DIM
@@ -283,8 +289,8 @@ if HAS_GLUON:
     def _bwd_dkdv_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H,
                                H_kv, GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
                                OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
-                               HEAD_DIM: gl.constexpr,
-                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                               NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head) in two warpgroups of BLOCK_N keys
         (launched with num_warps=4: the default partition is warpgroup 0); with ``ADD_DQ`` it
         also adds every step's dS·k into DQ."""
@@ -376,15 +382,14 @@ def _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, di
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
-    N = 64
+    N = 64  # keys of each of the two warpgroups
     with device_guard(q):
         launch(
             _bwd_dkdv_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
             dk if dq_acc is None else dq_acc, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
-            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], OVERLAP=overlap, ADD_DQ=dq_acc is not None, DQ_EARLY=dq_early,
-            HEAD_DIM=D,
-            BLOCK_M=M, BLOCK_N=N, NUM_STAGES=stages, num_warps=4,
+            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], OVERLAP=overlap, ADD_DQ=dq_acc is not None,
+            DQ_EARLY=dq_early, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=stages, num_warps=4,
         )
 
 
