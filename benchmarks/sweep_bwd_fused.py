@@ -65,6 +65,12 @@ def config_of(c):
     return FusedBwdConfig(*c)
 
 
+def gluon_configs() -> dict:
+    """GLUON_CANDIDATES' Gluon entries as configs, by D (the tests and the compile check use these;
+    the Triton entries beside them are timed only)."""
+    return {D: [cfg for cfg in map(config_of, cs) if cfg.gluon] for D, cs in GLUON_CANDIDATES.items()}
+
+
 def sweep_point(s, rows, smoke, cands):
     from ioattn.flash.bwd_fused import flash_bwd_fused
     from ioattn.flash.bwd_tma import flash_bwd_tma

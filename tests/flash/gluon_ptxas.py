@@ -18,10 +18,10 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from ioattn.flash import bwd_gluon, fwd_gluon, fwd_pingpong
-from ioattn.flash.config import FusedBwdConfig, TmaFwdConfig
+from ioattn.flash.config import TmaFwdConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-from sweep_bwd_fused import GLUON_CANDIDATES as GLUON_FUSED  # noqa: E402
+from sweep_bwd_fused import gluon_configs as gluon_fused_configs  # noqa: E402
 from sweep_bwd_tma import GLUON_DKDV  # noqa: E402
 from sweep_fwd_tma import GLUON_CANDIDATES  # noqa: E402
 
@@ -102,10 +102,8 @@ def main():
             for causal in (False, True):
                 name = f"dkdv D{D} {M}x{N} s{stages}{' overlap' if overlap else ''} causal={causal}"
                 report[name] = compile_dkdv_report(D, M, N, stages, overlap, causal)
-    for D, configs in GLUON_FUSED.items():
-        for cfg in map(lambda c: FusedBwdConfig(*c), configs):
-            if not cfg.gluon:
-                continue  # a Triton entry
+    for D, configs in gluon_fused_configs().items():
+        for cfg in configs:
             for causal in (False, True):
                 name = (f"fused D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} s{cfg.num_stages}{' early' if cfg.dq_early else ''}"
                         f" causal={causal}")

@@ -182,10 +182,7 @@ def test_gluon_launchers_reject_tiles_they_cannot_run():
 # into an fp32 buffer, half of dQ's columns per warpgroup.
 
 def _fused_candidates():
-    from ioattn.flash.config import FusedBwdConfig
-
-    cands = benchmark_module("sweep_bwd_fused").GLUON_CANDIDATES
-    return {D: [FusedBwdConfig(*c) for c in cs if FusedBwdConfig(*c).gluon] for D, cs in cands.items()}
+    return benchmark_module("sweep_bwd_fused").gluon_configs()
 
 
 def fused_config(D=128, causal=True):

@@ -33,10 +33,7 @@ def _dkdv_candidates():
 
 
 def _fused_candidates():
-    from ioattn.flash.config import FusedBwdConfig
-
-    fused = cases.benchmark_module("sweep_bwd_fused").GLUON_CANDIDATES
-    return {D: [c for c in cs if FusedBwdConfig(*c).gluon] for D, cs in fused.items()}
+    return cases.benchmark_module("sweep_bwd_fused").gluon_configs()
 
 
 def _sweep_candidates():
