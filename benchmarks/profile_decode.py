@@ -4,31 +4,19 @@
 
 H = 32, Hkv = 8, D = 128, bf16, one new token a step. Profiles the step through KVCache
 (lengths checked on the host) and flash_attn_with_kvcache with IOATTN_CHECK_VALUES=0 (no checks
-at all), each after a warm-up, calls queued back to back; prints µs per call of host time
-(perf_counter over the calls before one synchronize) next to cProfile's table. host_cost.py
+at all), each after a warm-up, calls queued back to back; prints µs per call of host and wall
+time (host_cost.py's per_call_us) next to cProfile's table. host_cost.py
 times the same steps beside cuDNN without the profiler.
 """
 import argparse
 import cProfile
 import os
 import pstats
-import time
 
 import torch
 
+from host_cost import per_call_us
 from ioattn import KVCache, flash_attn_with_kvcache
-
-
-def host_us(fn, calls):
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
-    return host
 
 
 def main(argv=None):
@@ -39,8 +27,8 @@ def main(argv=None):
     D, dt = 128, torch.bfloat16
     q = torch.randn(1, 1, 32, D, device="cuda", dtype=dt)
     knew, vnew = (torch.randn(1, 1, 8, D, device="cuda", dtype=dt) for _ in range(2))
-    # Room for the prompt, the warm-ups and the profiled calls.
-    cache = KVCache(1, 1024 + 4 * (args.calls + 10), 8, D, device="cuda", dtype=dt)
+    # Room for the prompt, per_call_us's warm-ups and 5 batches, and the profiled calls.
+    cache = KVCache(1, 1024 + 7 * (args.calls + 10), 8, D, device="cuda", dtype=dt)
     cache.attend(torch.randn(1, 1023, 32, D, device="cuda", dtype=dt),
                  *(torch.randn(1, 1023, 8, D, device="cuda", dtype=dt) for _ in range(2)))
     kc, vc = (torch.randn(1, 1024, 8, D, device="cuda", dtype=dt) for _ in range(2))
@@ -52,7 +40,8 @@ def main(argv=None):
     }
     for name, fn in steps.items():
         os.environ["IOATTN_CHECK_VALUES"] = "0" if "CHECK_VALUES" in name else "1"
-        print(f"== {name}: host {host_us(fn, args.calls):.1f} µs a call", flush=True)
+        host, wall = per_call_us(fn, args.calls)
+        print(f"== {name}: host {host:.1f} / wall {wall:.1f} µs a call", flush=True)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.calls):
