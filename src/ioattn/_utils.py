@@ -1,4 +1,6 @@
 """Small helpers shared by every kernel family."""
+import functools
+
 import torch
 
 from . import _env
@@ -10,6 +12,12 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the query costs microseconds)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def empty(shape, *, dtype, device) -> torch.Tensor:

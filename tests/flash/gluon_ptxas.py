@@ -17,7 +17,7 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from ioattn.flash import bwd_gluon, fwd_gluon, fwd_pingpong
+from ioattn.flash import bwd_gluon, fwd_gluon, fwd_persistent, fwd_pingpong
 from ioattn.flash.config import TmaFwdConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
@@ -31,7 +31,8 @@ def compile_report(D, cfg: TmaFwdConfig, causal):
     values = dict(HEAD_DIM=D, HAS_RIGHT=causal, BLOCK_N=N, NUM_STAGES=stages)
     if cfg.pingpong:
         # Two warpgroups of M // 2 rows; registers set by the kernel's warp_specialize.
-        fn, M, extra = fwd_pingpong._fwd_pingpong_kernel, M // 2, {}
+        fn = fwd_persistent._fwd_persistent_kernel if cfg.persistent else fwd_pingpong._fwd_pingpong_kernel
+        M, extra = M // 2, {}
         values.update(PINGPONG=cfg.turns, BLOCK_M=M)
     elif cfg.warp_specialize:
         fn, extra = fwd_gluon._fwd_gluon_ws_kernel, dict(maxnreg=fwd_gluon.ws_maxnreg(cfg))
@@ -80,10 +81,34 @@ def ptxas(fn, descs, values, options):
             f.write(ptx)
         info = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", path + ".o"], capture_output=True,
                               text=True, check=True).stderr
+        sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "cuobjdump"), "-sass", path + ".o"],
+                              capture_output=True, text=True, check=True).stdout
     return dict(regs=int(re.search(r"Used (\d+) registers", info).group(1)),
                 spills=int(re.search(r"(\d+) bytes spill stores", info).group(1)),
+                loop_spills=wgmma_loop_spills(sass),
                 smem=kernel.metadata.shared, waits="".join(re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx)),
                 setmaxnreg=re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx))
+
+
+def wgmma_loop_spills(sass: str) -> int:
+    """Local-memory loads and stores (spill traffic) inside the innermost loops of the SASS that
+    issue wgmmas (HGMMA): the key loops, where a spill costs every step. A loop is a backward
+    branch and the instructions from its target to it; the branches back from the out-of-line
+    barrier-wait retries placed after the last EXIT are not loops."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    end = max(a for a, ins in code if re.search(r"\bEXIT\b", ins))
+    loops = []
+    for addr, ins in code:
+        target = re.search(r"BRA\s+0x([0-9a-f]+)", ins)
+        if target and int(target.group(1), 16) < addr <= end:
+            loops.append((int(target.group(1), 16), addr))
+
+    def inside(lo, hi, pattern):
+        return [a for a, ins in code if lo <= a <= hi and re.search(pattern, ins)]
+
+    hot = [(lo, hi) for lo, hi in loops if inside(lo, hi, r"\bHGMMA\b")
+           and not any(lo <= a <= b <= hi and (a, b) != (lo, hi) and inside(a, b, r"\bHGMMA\b") for a, b in loops)]
+    return sum(len(inside(lo, hi, r"\b(LDL|STL)\b")) for lo, hi in hot)
 
 
 def main():
@@ -92,7 +117,7 @@ def main():
         for c in configs:
             cfg = TmaFwdConfig(*c)
             kind = " pp" if cfg.pingpong else " ws" if cfg.warp_specialize else ""
-            kind += "" if cfg.turns else " free"
+            kind += ("" if cfg.turns else " free") + (" persistent" if cfg.persistent else "")
             for causal in (False, True):
                 name = f"D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}{kind} causal={causal}"
                 report[name] = compile_report(D, cfg, causal)

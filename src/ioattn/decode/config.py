@@ -5,7 +5,6 @@ decoding branch (Tq = 1) rests on an H200 sweep (benchmarks/sweep_decode.py); th
 what they start from.
 """
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -100,12 +99,6 @@ PAGED_PREFETCH_MIN_KEYS = 2048
 LONG_SPLIT_MIN_KEYS = 16384
 # The decoding branch at H / Hkv <= 16 (Tq = 1): the full-grid variant replaces only this one.
 _DECODE = DecodeConfig(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)
-
-
-@functools.cache
-def sm_count(device_index: int) -> int:
-    """Streaming multiprocessors of a CUDA device (cached: the query costs microseconds)."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 # A split should stream at least this many key blocks. The H200 sweep (graph replays back to

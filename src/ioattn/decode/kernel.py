@@ -20,13 +20,13 @@ import triton
 import triton.language as tl
 
 from .. import _env
-from .._utils import cdiv, empty
+from .._utils import cdiv, empty, sm_count
 from ..launch import launch
 from ..flash.config import padded_head_dim
 from ..flash.fwd import _scores, device_guard, dot_precision, score_args
 from .combine import combine_splits, gdc_launch_dependents, use_pdl
 from .config import (FULL_GRID_MIN_KEYS, LONG_SPLIT_MIN_KEYS, PAGED_PREFETCH_MIN_KEYS, DecodeConfig,
-                     get_decode_config, get_num_splits, sm_count)
+                     get_decode_config, get_num_splits)
 
 
 @triton.jit

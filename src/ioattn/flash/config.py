@@ -100,7 +100,8 @@ class TmaFwdConfig:
     into producer and consumer warps (on sm_90 triton 3.6 emits the same PTX either way).
     For the Gluon kernels: ``warp_specialize`` picks fwd_gluon.py's loader-warp kernel;
     ``pingpong`` fwd_pingpong.py's (``BLOCK_M`` rows shared by two warpgroups, ``num_warps`` 4
-    per warpgroup), whose warpgroups take turns on the tensor cores unless ``turns`` is off."""
+    per warpgroup), whose warpgroups take turns on the tensor cores unless ``turns`` is off, and
+    with ``persistent`` its persistent form (fwd_persistent.py: one program per SM)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -109,6 +110,7 @@ class TmaFwdConfig:
     warp_specialize: bool = False
     pingpong: bool = False
     turns: bool = True
+    persistent: bool = False
 
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few

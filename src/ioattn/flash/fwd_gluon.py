@@ -255,14 +255,17 @@ if HAS_GLUON:
 
     @gluon.jit
     def _ws_loader(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b, i_hkv,
-                   BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+                   BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, c0=0):
         """Loader partition (one warp): streams key blocks [0, n_blocks) into the slot ring, each
-        slot refilled once the consumer has released it (its ``*_empty`` barrier)."""
+        slot refilled once the consumer has released it (its ``*_empty`` barrier). ``c0``: key
+        blocks this partition streamed before (a persistent program's earlier tiles), where the
+        ring's slot and phase count from."""
         for j in range(n_blocks):
-            slot = j % NUM_STAGES
+            c = c0 + j
+            slot = c % NUM_STAGES
             # Barriers start as if phase 1 had completed: the first pass through the ring waits
             # for nothing.
-            phase = ((j // NUM_STAGES) & 1) ^ 1
+            phase = ((c // NUM_STAGES) & 1) ^ 1
             mbarrier.wait(k_empty.index(slot), phase)
             mbarrier.expect(k_ready.index(slot), desc_k.block_type.nbytes)
             tma.async_copy_global_to_shared(desc_k, [i_b, i_hkv, j * BLOCK_N, 0], k_ready.index(slot),
@@ -276,11 +279,15 @@ if HAS_GLUON:
     def _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, n_blocks, mask_from,
                      start_m, T_k, diag_hi, qk_scale, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                     NUM_WARPS: gl.constexpr, WG: gl.constexpr = 0, PINGPONG: gl.constexpr = False):
+                     NUM_WARPS: gl.constexpr, WG: gl.constexpr = 0, PINGPONG: gl.constexpr = False,
+                     q_phase=0, c0=0, t0=0):
         """Compute partition: _fwd_gluon_kernel's loop, releasing each K slot once its QKᵀ has
         completed and each V slot once its P·V has, instead of loading and syncing itself.
         fwd_pingpong.py runs two of these (warpgroup ``WG`` of two) with ``PINGPONG``: each step's
-        wgmma issues then sit between a wait for this warpgroup's turn and a hand-over."""
+        wgmma issues then sit between a wait for this warpgroup's turn and a hand-over.
+        A persistent program (fwd_persistent.py) runs it once per tile and says where its
+        barriers' phases stand: ``q_phase`` of ``q_bar``, ``c0`` key blocks consumed before (the
+        ring's slot and phase), ``t0`` turns taken before (:func:`turns_taken`)."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -295,25 +302,27 @@ if HAS_GLUON:
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
         q = q_smem.reshape([BLOCK_M, HEAD_DIM])
-        mbarrier.wait(q_bar, phase=0)
+        mbarrier.wait(q_bar, phase=q_phase)
         if n_blocks > 0:
-            _take_turn(turn, 0, WG, PINGPONG)
-            mbarrier.wait(k_ready.index(0), phase=0)
-            s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+            slot = c0 % NUM_STAGES
+            _take_turn(turn, t0, WG, PINGPONG)
+            mbarrier.wait(k_ready.index(slot), phase=(c0 // NUM_STAGES) & 1)
+            s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
             _pass_turn(turn, WG, PINGPONG)
             s = warpgroup_mma_wait(0, deps=(s_tok, ))
-            mbarrier.arrive(k_empty.index(0), count=1)
+            mbarrier.arrive(k_empty.index(slot), count=1)
             p, m_i, alpha, l_i = _softmax_step(s, m_i, l_i, 0, mask_from, o_m, T_k, diag_hi, qk_scale,
                                                HAS_RIGHT, BLOCK_N, s_layout)
             for j in range(1, n_blocks):
-                slot = j % NUM_STAGES
-                prev = (j - 1) % NUM_STAGES
-                _take_turn(turn, j, WG, PINGPONG)
-                mbarrier.wait(k_ready.index(slot), phase=(j // NUM_STAGES) & 1)
+                c = c0 + j
+                slot = c % NUM_STAGES
+                prev = (c - 1) % NUM_STAGES
+                _take_turn(turn, t0 + j, WG, PINGPONG)
+                mbarrier.wait(k_ready.index(slot), phase=(c // NUM_STAGES) & 1)
                 s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
-                mbarrier.wait(v_ready.index(prev), phase=((j - 1) // NUM_STAGES) & 1)
+                mbarrier.wait(v_ready.index(prev), phase=((c - 1) // NUM_STAGES) & 1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 o_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
                 _pass_turn(turn, WG, PINGPONG)
@@ -324,9 +333,10 @@ if HAS_GLUON:
                 acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            last = (n_blocks - 1) % NUM_STAGES
-            _take_turn(turn, n_blocks, WG, PINGPONG)
-            mbarrier.wait(v_ready.index(last), phase=((n_blocks - 1) // NUM_STAGES) & 1)
+            c = c0 + n_blocks - 1
+            last = c % NUM_STAGES
+            _take_turn(turn, t0 + n_blocks, WG, PINGPONG)
+            mbarrier.wait(v_ready.index(last), phase=(c // NUM_STAGES) & 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             o_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
             _pass_turn(turn, WG, PINGPONG)

@@ -32,7 +32,7 @@ import torch
 
 from .._utils import cdiv, empty
 from ..launch import launch
-from . import fwd_gluon
+from . import fwd_gluon, fwd_persistent
 from .fwd import LOG2E, diag_band, device_guard
 from .fwd_gluon import HAS_GLUON
 
@@ -121,7 +121,8 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
     """Attention forward with the ping-pong Gluon kernel: :func:`ioattn.flash.fwd_gluon.flash_fwd_gluon`'s
     arguments and results; ``config`` a :class:`ioattn.flash.config.TmaFwdConfig` with
     ``pingpong`` set, ``BLOCK_M`` the program's rows (two warpgroups of ``BLOCK_M // 2``),
-    ``num_warps`` 4 (per warpgroup); ``turns=False`` runs the two warpgroups without turns."""
+    ``num_warps`` 4 (per warpgroup); ``turns=False`` runs the two warpgroups without turns;
+    ``persistent`` runs fwd_persistent.py's form (one program per SM over the tiles)."""
     if config.BLOCK_M != 128 or config.num_warps != 4 or config.BLOCK_N not in (64, 128):
         # Two warpgroups of 4 warps and 64 rows: a wgmma's M dimension is 64 per warpgroup.
         raise ValueError(f"config: the ping-pong kernel takes BLOCK_M = 128, num_warps = 4 and BLOCK_N in "
@@ -132,11 +133,17 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
     out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
     M, N = config.BLOCK_M // 2, config.BLOCK_N
-    grid = (cdiv(T_q, 2 * M), B * H)
+    tiles = cdiv(T_q, 2 * M)
+    if config.persistent:
+        # The persistent kernel numbers the tiles itself; it takes B * H to do so.
+        kernel, grid, extra = (fwd_persistent._fwd_persistent_kernel,
+                               (fwd_persistent.persistent_programs(q, tiles * B * H),), (B * H,))
+    else:
+        kernel, grid, extra = _fwd_pingpong_kernel, (tiles, B * H), ()
     with device_guard(q):
         launch(
-            _fwd_pingpong_kernel, grid,
-            _desc(q, M), _desc(k, N), _desc(v, N), _desc(out, M), lse, T_q, T_k, H, H // H_kv,
+            kernel, grid,
+            _desc(q, M), _desc(k, N), _desc(v, N), _desc(out, M), lse, T_q, T_k, H, H // H_kv, *extra,
             band["diag_hi"], softmax_scale * LOG2E, HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"],
             PINGPONG=config.turns, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.num_stages,
             num_warps=4,
