@@ -160,7 +160,10 @@ def test_gluon_desc_matches_checked_constructor(layout, dtype):
 def test_gluon_config_table():
     from ioattn.flash.config import get_gluon_fwd_config
 
-    pp = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True)
+    from ioattn.flash.config import GLUON_FWD_PERSISTENT
+
+    pp = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True,
+                      persistent=GLUON_FWD_PERSISTENT)
     for dtype in (torch.bfloat16, torch.float16):
         for T in (1, 1024, 4097, 131072):
             assert get_gluon_fwd_config(128, dtype, False, T) == pp

@@ -179,7 +179,12 @@ def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen
     ``seqlen``: the longer of Tq and Tk (kept for a length-dependent table; unused now)."""
     if head_dim != 128 or dtype not in (torch.float16, torch.bfloat16):
         return None
-    return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=not causal)
+    return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=not causal,
+                        persistent=GLUON_FWD_PERSISTENT)
+
+
+# Provisional (not yet measured): the ping-pong kernel in its persistent form (fwd_persistent.py).
+GLUON_FWD_PERSISTENT = True
 
 
 @dataclass(frozen=True)

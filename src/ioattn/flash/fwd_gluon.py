@@ -280,14 +280,16 @@ if HAS_GLUON:
                      start_m, T_k, diag_hi, qk_scale, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                      NUM_WARPS: gl.constexpr, WG: gl.constexpr = 0, PINGPONG: gl.constexpr = False,
-                     q_phase=0, c0=0, t0=0):
+                     q_phase=0, c0=0, t0=0, RELEASE_LAST: gl.constexpr = False):
         """Compute partition: _fwd_gluon_kernel's loop, releasing each K slot once its QKᵀ has
         completed and each V slot once its P·V has, instead of loading and syncing itself.
         fwd_pingpong.py runs two of these (warpgroup ``WG`` of two) with ``PINGPONG``: each step's
         wgmma issues then sit between a wait for this warpgroup's turn and a hand-over.
         A persistent program (fwd_persistent.py) runs it once per tile and says where its
         barriers' phases stand: ``q_phase`` of ``q_bar``, ``c0`` key blocks consumed before (the
-        ring's slot and phase), ``t0`` turns taken before (:func:`turns_taken`)."""
+        ring's slot and phase), ``t0`` turns taken before (fwd_persistent.py's ``turns_taken``), and with
+        ``RELEASE_LAST`` gets the last key block's V slot released too (a one-tile program's
+        loader never waits for it)."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -341,6 +343,9 @@ if HAS_GLUON:
             o_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
             _pass_turn(turn, WG, PINGPONG)
             acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+            if RELEASE_LAST:
+                # A persistent program's loader refills the last V slot for its next tile.
+                mbarrier.arrive(v_empty.index(last), count=1)
         return acc, m_i, l_i
 
     @gluon.jit

@@ -109,7 +109,7 @@ if HAS_GLUON:
             acc, m_i, l_i = _ws_consumer(q_slot, k_smem, v_smem, q_ready.index(WG), k_ready, v_ready, k_empty,
                                          v_empty, turn, n_blocks, mask_from, start_m, T_k, diag_hi, qk_scale,
                                          HAS_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, 4, WG, PINGPONG,
-                                         it & 1, c, t)
+                                         it & 1, c, t, True)
             # Every wgmma that read Q has completed (the loop ends waiting for all of them).
             mbarrier.arrive(q_empty.index(WG), count=1)
             _epilogue(acc, m_i, l_i, o_smem.index(WG), desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M, HEAD_DIM,
