@@ -9,7 +9,8 @@ indices, in one process on the same model and prompt.
 - none: IOATTN_CHECK_VALUES=0, no value checks at all.
 
 Contiguous and paged (16-token pages) caches, after a warm-up generation that compiles
-everything; ms per generated token (all layers) is the median of three timed generations.
+everything; ms per generated token (all layers) is the median of three timed generations, the
+three ways taking turns.
 """
 import argparse
 import json
@@ -27,16 +28,14 @@ from ioattn.decode import cache as cache_mod  # noqa: E402
 
 
 def timed(model, prompt, n, paged):
-    times = []
-    for _ in range(3):
-        if prompt.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        example.generate(model, prompt, n, paged=paged)
-        if prompt.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / n * 1e3
+    """Seconds of one generation of ``n`` tokens."""
+    if prompt.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    example.generate(model, prompt, n, paged=paged)
+    if prompt.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -54,12 +53,21 @@ def main(argv=None):
     prompt = torch.randint(0, cfg.vocab, (args.batch, 16), device=args.device)
     host_check = cache_mod._check_on_host
     rows = []
+    ways = ("host", "device", "none")
     for paged in (False, True):
-        example.generate(model, prompt, 8, paged=paged)  # compile everything first
-        for way in ("host", "device", "none"):
-            cache_mod._check_on_host = host_check if way == "host" else (lambda *a, **k: -1)
-            os.environ["IOATTN_CHECK_VALUES"] = "0" if way == "none" else "1"
-            ms = timed(model, prompt, args.tokens, paged)
+        # Compile everything first: a whole generation, since the split count (and so the
+        # combine kernel's specialization) changes as the sequences grow.
+        example.generate(model, prompt, args.tokens, paged=paged)
+        times = {way: [] for way in ways}
+        # The ways take turns, so that a drift of the host's speed over the run (the first
+        # timed generation ran slowest on a CPU whichever way it was) is shared among them.
+        for rep in range(3):
+            for way in ways[rep % 3:] + ways[:rep % 3]:
+                cache_mod._check_on_host = host_check if way == "host" else (lambda *a, **k: -1)
+                os.environ["IOATTN_CHECK_VALUES"] = "0" if way == "none" else "1"
+                times[way].append(timed(model, prompt, args.tokens, paged))
+        for way in ways:
+            ms = statistics.median(times[way]) / args.tokens * 1e3
             rows.append(dict(paged=paged, checks=way, ms_per_token=ms, layers=args.layers, batch=args.batch))
             print(f"{'paged' if paged else 'contiguous':<10} checks={way:<6} {ms:7.3f} ms a token", flush=True)
     cache_mod._check_on_host = host_check
