@@ -174,17 +174,26 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
 # than noise (v1.10): D = 64 keeps the Triton kernel.
 
 
+# The persistent form of the ping-pong kernel (fwd_persistent.py) against it, same tiles, TFLOP/s
+# at T = 1024 / 2048 / 4096 / 8192 / 16384 (sweep_fwd_tma.py --gluon --D 128, commit 25f21c8,
+# benchmarks/results/2026-12-03_nvidia-h200_sweep-fwd-persistent.json):
+#   full, with turns: persistent 539 / 580 / 580 / 578 / 597 against 513 / 556 / 590 / 605 / 613.
+#   causal, without turns: persistent 341 / 407 / 464 / 487 / 522 against 369 / 457 / 517 / 544 / 591.
+# Each tile's start is hidden, but not the two warpgroups' epilogues (both wait for the other's
+# turn on the next tile), so the form wins only where tiles are short; causal tiles of unequal
+# length, handed to programs in a fixed order, leave some programs working after the others.
+# So: the persistent form for full attention up to this many keys / queries.
+GLUON_PERSISTENT_MAX_SEQLEN = 2048
+
+
 def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int) -> TmaFwdConfig | None:
     """The Gluon forward's config where it beats the Triton TMA kernel (see above), else None.
-    ``seqlen``: the longer of Tq and Tk (kept for a length-dependent table; unused now)."""
+    ``seqlen``: the longer of Tq and Tk (0: unknown, treated as long)."""
     if head_dim != 128 or dtype not in (torch.float16, torch.bfloat16):
         return None
+    persistent = not causal and 0 < seqlen <= GLUON_PERSISTENT_MAX_SEQLEN
     return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=not causal,
-                        persistent=GLUON_FWD_PERSISTENT)
-
-
-# Provisional (not yet measured): the ping-pong kernel in its persistent form (fwd_persistent.py).
-GLUON_FWD_PERSISTENT = True
+                        persistent=persistent)
 
 
 @dataclass(frozen=True)
