@@ -1,5 +1,5 @@
 """fwd_pingpong.py's forward as a persistent kernel: one program per SM walks a list of tiles, and
-each tile's start and end overlap its neighbours' work.
+each tile's start overlaps the end of the tile before.
 
 Why: a ping-pong program pays, beside its key loop, for a start (barrier set-up, Q's load, the
 ring's first K and V tiles, warpgroup 1 waiting for warpgroup 0's first turn) and an end (O
@@ -7,8 +7,12 @@ through shared memory and a TMA store) during which the tensor cores idle. On th
 grid, D = 128 full) the kernel ran 521 / 578 / 606 / 618 TFLOP/s at T = 1024 / 2048 / 4096 /
 8192: fitted, about 1.3-2 key blocks' time (2-3 us) a program that is not key-loop work, a share
 that grows as programs get shorter. Here the loader warp loads the next tile's Q and K/V while
-the warpgroups still finish the current tile, and each warpgroup's epilogue runs while the
-other one computes, so the start of every tile but the first hides behind other work.
+the warpgroups still finish the current tile, so the start of every tile but the first hides
+behind other work. The epilogues do not: neither warpgroup can take its first turn on the next
+tile before the other has passed one, so both finish their epilogues first. Measured
+(benchmarks/LOG.md v1.17, D = 128): +4-5% at T = 1024 / 2048 full, 2-5% slower beyond, 8-12%
+slower causal (the fixed tile order leaves programs of unequal work); flash/config.py runs it
+where it won.
 
 Tiles: ``2 * BLOCK_M`` query rows of one (batch, head), numbered so that programs running side by
 side share a head's K and V in L2 (full attention: the row tiles of a head in order) or, causal,
