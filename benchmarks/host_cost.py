@@ -64,6 +64,21 @@ def per_call_us(fn, n: int, repeats: int = 5) -> tuple[float, float]:
     return statistics.median(hosts) / n * 1e6, statistics.median(walls) / n * 1e6
 
 
+def print_cprofile(fn, n: int, rows: int) -> None:
+    """cProfile of ``n`` calls of ``fn`` (the GPU work waited for after), the ``rows`` functions
+    with the most time of their own."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
+
+
 def launcher_only(jit_fn, launch):
     """The call that ``launch()`` makes of ``jit_fn``, replayed straight into its compiled
     kernel's launcher: what a launch costs without JITFunction.run's binding, specialization

@@ -9,13 +9,11 @@ time (host_cost.py's per_call_us) next to cProfile's table. host_cost.py
 times the same steps beside cuDNN without the profiler.
 """
 import argparse
-import cProfile
 import os
-import pstats
 
 import torch
 
-from host_cost import per_call_us
+from host_cost import per_call_us, print_cprofile
 from ioattn import KVCache, flash_attn_with_kvcache
 
 
@@ -42,13 +40,7 @@ def main(argv=None):
         os.environ["IOATTN_CHECK_VALUES"] = "0" if "CHECK_VALUES" in name else "1"
         host, wall = per_call_us(fn, args.calls)
         print(f"== {name}: host {host:.1f} / wall {wall:.1f} µs a call", flush=True)
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(args.calls):
-            fn()
-        prof.disable()
-        torch.cuda.synchronize()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(args.rows)
+        print_cprofile(fn, args.calls, args.rows)
     os.environ["IOATTN_CHECK_VALUES"] = "1"
 
 

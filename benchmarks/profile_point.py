@@ -50,16 +50,9 @@ def main(argv=None):
     print(f"{args.peer} D={args.D} T={args.T} causal={args.causal} {args.mode}: do_bench {gpu_ms:.3f} ms, "
           f"host {host_ms:.3f} ms per call queued, wall {wall_ms:.3f} ms per call", flush=True)
     if args.cprofile:
-        import cProfile
-        import pstats
+        from host_cost import print_cprofile
 
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(args.calls):
-            call()
-        prof.disable()
-        torch.cuda.synchronize()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(args.cprofile)
+        print_cprofile(call, args.calls, args.cprofile)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
