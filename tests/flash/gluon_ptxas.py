@@ -46,14 +46,16 @@ def compile_report(D, cfg: TmaFwdConfig, causal):
     return ptxas(fn, descs, values, dict(num_warps=warps, num_stages=stages, **extra))
 
 
-def compile_dkdv_report(D, M, N, stages, overlap, causal, add_dq=False, dq_early=False):
+def compile_dkdv_report(D, M, N, stages, overlap, causal, add_dq=False, dq_early=False, dq_tma=False):
     """bwd_gluon.py's kernel: ``N`` keys a program in two warpgroups, ``M`` query rows a step;
-    with ``add_dq`` the one-pass backward's form of it."""
+    with ``add_dq`` the one-pass backward's form of it (``dq_tma``: dQ by bulk reductions)."""
     x = torch.empty(1, 256, 2, D, dtype=torch.bfloat16)
     descs = {f"desc_{n}": fwd_gluon._desc(x, M if n in ("q", "do") else N // 2)
              for n in ("q", "k", "v", "do", "dk", "dv")}
-    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, OVERLAP=overlap, ADD_DQ=add_dq, DQ_EARLY=dq_early, BLOCK_M=M, BLOCK_N=N // 2,
-                  NUM_STAGES=stages)
+    if dq_tma:
+        descs["DQ"] = bwd_gluon._dq_desc(x.float(), M)
+    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, OVERLAP=overlap, ADD_DQ=add_dq, DQ_EARLY=dq_early, DQ_TMA=dq_tma,
+                  BLOCK_M=M, BLOCK_N=N // 2, NUM_STAGES=stages)
     return ptxas(bwd_gluon._bwd_dkdv_gluon_kernel, descs, values, dict(num_warps=4, num_stages=stages))
 
 
@@ -131,9 +133,9 @@ def main():
         for cfg in configs:
             for causal in (False, True):
                 name = (f"fused D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} s{cfg.num_stages}{' early' if cfg.dq_early else ''}"
-                        f" causal={causal}")
+                        f"{' tma' if cfg.tma_reduce else ''} causal={causal}")
                 report[name] = compile_dkdv_report(D, cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_stages, False, causal,
-                                                   add_dq=True, dq_early=cfg.dq_early)
+                                                   add_dq=True, dq_early=cfg.dq_early, dq_tma=cfg.tma_reduce)
     print(json.dumps(report))
 
 

@@ -208,28 +208,36 @@ def test_fused_gluon_config_falls_back_without_gluon(fused_calls):
 
 
 def test_fused_config_table_gluon_entries(monkeypatch):
-    # D = 128 takes the Gluon one-pass kernel where the table has an entry for it (none measured
-    # faster yet), never without Gluon, in the interpreter or in fp32; D = 64 keeps its Triton one.
+    # The Gluon one-pass kernel runs where the table has an entry for (D, causal) and the sequence
+    # is long enough, never without Gluon, in the interpreter or in fp32. Elsewhere D = 128 runs
+    # the two-pass backward (None) and D = 64 its Triton one-pass kernel from 16384 keys on.
     from ioattn.flash import config
 
-    for table in (config.GLUON_FUSED_BWD, {False: (4096, 3, False), True: (2048, 2, True)}):
+    made_up = {(128, False): (4096, 3, False, True), (128, True): (2048, 2, True, False),
+               (64, False): (8192, 2, False, True)}
+    for table in (config.GLUON_FUSED_BWD, made_up):
         monkeypatch.setattr(config, "GLUON_FUSED_BWD", table)
-        for causal in (False, True):
-            entry = table.get(causal)
-            for dtype in (torch.float16, torch.bfloat16):
-                cfg = get_fused_bwd_config(128, dtype, causal, interpret=False, seqlen=16384, gluon=True)
-                if entry is None:
-                    assert cfg is None
-                else:
-                    assert cfg.gluon and (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps) == (64, 128, 4)
-                    assert (cfg.num_stages, cfg.dq_early) == entry[1:]
-                    assert get_fused_bwd_config(128, dtype, causal, interpret=False, seqlen=entry[0] - 1,
-                                                gluon=True) is None
-                assert get_fused_bwd_config(128, dtype, causal, interpret=False, seqlen=16384) is None
-                assert not get_fused_bwd_config(128, dtype, causal, interpret=True, seqlen=16384, gluon=True).gluon
-            assert get_fused_bwd_config(128, torch.float32, causal, interpret=False, seqlen=16384, gluon=True) is None
-            assert not get_fused_bwd_config(64, torch.bfloat16, causal, interpret=False, seqlen=16384,
-                                            gluon=True).gluon
+        for D in (64, 128):
+            for causal in (False, True):
+                entry = table.get((D, causal))
+                for dtype in (torch.float16, torch.bfloat16):
+                    cfg = get_fused_bwd_config(D, dtype, causal, interpret=False, seqlen=16384, gluon=True)
+                    no_gluon = get_fused_bwd_config(D, dtype, causal, interpret=False, seqlen=16384)
+                    if D == 128:
+                        assert no_gluon is None
+                    else:
+                        assert not no_gluon.gluon
+                    if entry is None:
+                        assert cfg == no_gluon
+                    else:
+                        assert cfg.gluon and (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps) == (64, 128, 4)
+                        assert (cfg.num_stages, cfg.dq_early, cfg.tma_reduce) == entry[1:]
+                        short = get_fused_bwd_config(D, dtype, causal, interpret=False, seqlen=entry[0] - 1,
+                                                     gluon=True)
+                        assert short is None or not short.gluon
+                    assert not get_fused_bwd_config(D, dtype, causal, interpret=True, seqlen=16384, gluon=True).gluon
+                assert get_fused_bwd_config(D, torch.float32, causal, interpret=False, seqlen=16384,
+                                            gluon=True) is None
 
 
 def test_fused_gluon_rejects_what_it_cannot_run():
@@ -283,7 +291,7 @@ def test_flash_attn_func_takes_the_gluon_one_pass_where_the_table_says(monkeypat
     from ioattn.flash.reference import attention_ref
     from ioattn.testing import assert_close
 
-    monkeypatch.setattr(config, "GLUON_FUSED_BWD", {True: (2048, 2, False)})
+    monkeypatch.setattr(config, "GLUON_FUSED_BWD", {(128, True): (2048, 2, False, True)})
     q, k, v = make_qkv(1, 4096, 4096, 4, 2, 128, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
     dout = torch.randn_like(q)
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]

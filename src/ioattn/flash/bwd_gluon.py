@@ -21,19 +21,24 @@ bwd_tma.py).
 
 ``ADD_DQ`` makes the same kernel a one-pass backward (bwd_fused.py launches it through
 :func:`fused_gluon`): each step's dSᵀ goes through shared memory to both warpgroups, and each
-forms half of dQ's columns over all 128 keys and adds it into an fp32 buffer with atomics.
-Measured slower than the two-pass backward at D = 128 (benchmarks/LOG.md v1.15: the adds' 17 GB
-at T = 16384 went at ~1.3 TB/s), so config.py does not dispatch it.
+forms half of dQ's columns over all 128 keys and adds it into an fp32 buffer: with element-wise
+atomics (measured slower than the two-pass backward at D = 128, benchmarks/LOG.md v1.15: the
+adds' 17 GB at T = 16384 went at ~1.3 TB/s and held the compute warps) or, with ``DQ_TMA``,
+through a staging buffer in shared memory and the copy engine's bulk reduction, which the
+warpgroup does not wait for. config.py's GLUON_FUSED_BWD says where it runs.
 
 GPU only (Gluon has no interpreter): tests/flash/test_fwd_gluon.py's compile test builds it for
 sm_90 without a GPU; tests/flash/test_bwd_gluon.py compares it with the reference on the H200.
 """
+import functools
+
 import torch
 
 from .._utils import cdiv
 from ..launch import launch
 from .fwd import LOG2E, diag_band, device_guard
 from .fwd_gluon import HAS_GLUON
+from .tma import head_major_desc
 
 if HAS_GLUON:
     from triton.experimental import gluon
@@ -41,7 +46,8 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                    warpgroup_mma, warpgroup_mma_wait)
 
-    from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc, _invalidate_ring, _ring_barriers
+    from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, GluonDescriptor, _desc, _invalidate_ring, _ring_barriers
+    from .gluon_reduce import tma_reduce_add
 
 
 if HAS_GLUON:
@@ -172,11 +178,26 @@ if HAS_GLUON:
         gl.atomic_add(DQ + offs[:, None] + cols[None, :], dq, mask=(rows < T_q)[:, None], sem="relaxed")
 
     @gluon.jit
+    def _reduce_dq(dq, dq_smem, desc_dq, i_b, i_h, start_m, WG: gl.constexpr, BLOCK_M: gl.constexpr,
+                   HEAD_DIM: gl.constexpr):
+        """:func:`_atomic_dq` by the copy engine: the half goes into this warpgroup's staging
+        buffer and one bulk reduction (``cp.reduce.async.bulk.tensor .add``) adds it into DQ,
+        rows past Tq clipped by the descriptor's bounds. The warpgroup does not wait for the add:
+        the wait at its next step (before it rewrites the buffer) finds it done unless the
+        reductions fall behind. A thread thus writes 16 shared-memory stores a step where it
+        issued 16 global atomics, which at T = 16384 held the step for 4 ms of 13 (LOG v1.15)."""
+        buf = dq_smem.index(WG)
+        tma.store_wait(pendings=0)
+        buf.reshape([BLOCK_M, HEAD_DIM // 2]).store(dq)
+        fence_async_shared()
+        tma_reduce_add(desc_dq, [i_b, i_h, start_m, WG * (HEAD_DIM // 2)], buf)
+
+    @gluon.jit
     def _dkdv_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
                        desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
-                       qk_scale, softmax_scale, ds_smem, ds_bar, out_bar, DQ, WG: gl.constexpr,
+                       qk_scale, softmax_scale, ds_smem, ds_bar, out_bar, DQ, dq_smem, WG: gl.constexpr,
                        HAS_RIGHT: gl.constexpr, OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
-                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                       DQ_TMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                        NUM_STAGES: gl.constexpr):
         """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
         step, then their stores (through this warpgroup's K and V slots, no longer read).
@@ -189,8 +210,9 @@ if HAS_GLUON:
         stay in registers one step longer).
 
         With ``ADD_DQ`` (plain schedule only) each step also shares its dSᵀ (:func:`_share_ds`)
-        and adds its half of the step's dQ (:func:`_issue_dq`, :func:`_atomic_dq`): issued once
-        dV and dK are done, or with ``DQ_EARLY`` right behind them, waited for with them."""
+        and adds its half of the step's dQ (:func:`_issue_dq`, then :func:`_atomic_dq` or with
+        ``DQ_TMA`` :func:`_reduce_dq`): issued once dV and dK are done, or with ``DQ_EARLY`` right
+        behind them, waited for with them."""
         dtype: gl.constexpr = q_smem.dtype
         # Sᵀ, dPᵀ: [keys, query rows]; dK, dV: [keys, HEAD_DIM]; warps stacked along the keys.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -270,9 +292,13 @@ if HAS_GLUON:
                     if not DQ_EARLY:
                         dq_tok = _issue_dq(ds_smem, ds_bar, k_smem, t, WG, BLOCK_M, BLOCK_N, HEAD_DIM)
                         dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
-                    _atomic_dq(dq, DQ, i_b, i_hkv * GROUP + t // n_m, H, T_q, start_m, WG, BLOCK_M, HEAD_DIM)
+                    if DQ_TMA:
+                        _reduce_dq(dq, dq_smem, DQ, i_b, i_hkv * GROUP + t // n_m, start_m, WG, BLOCK_M, HEAD_DIM)
+                    else:
+                        _atomic_dq(dq, DQ, i_b, i_hkv * GROUP + t // n_m, H, T_q, start_m, WG, BLOCK_M, HEAD_DIM)
         if ADD_DQ:
             # The other warpgroup's dQ reads this one's K slot until its last step: wait for it.
+            # (A last bulk reduction of dQ may still be in flight: the store_wait below covers it.)
             mbarrier.arrive(out_bar, count=1)
             mbarrier.wait(out_bar, phase=0)
         # Every wgmma reading K and V has completed: their slots take dK and dV on the way out.
@@ -289,11 +315,12 @@ if HAS_GLUON:
     def _bwd_dkdv_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H,
                                H_kv, GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
                                OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
-                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                               DQ_TMA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head) in two warpgroups of BLOCK_N keys
         (launched with num_warps=4: the default partition is warpgroup 0); with ``ADD_DQ`` it
-        also adds every step's dS·k into DQ."""
+        also adds every step's dS·k into DQ: a pointer to fp32, or with ``DQ_TMA`` a descriptor of
+        it with [1, 1, BLOCK_M, HEAD_DIM / 2] tiles."""
         dtype: gl.constexpr = desc_q.dtype
         i_n, i_bh = gl.program_id(0), gl.program_id(1)
         i_b, i_hkv = i_bh // H_kv, i_bh % H_kv
@@ -319,8 +346,13 @@ if HAS_GLUON:
                 mbarrier.init(ds_bar.index(i), count=2)
             out_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
             mbarrier.init(out_bar, count=2)
+            if DQ_TMA:
+                # A staging buffer per warpgroup for its half of each step's dQ.
+                dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, HEAD_DIM // 2], DQ.layout)
+            else:
+                dq_smem = kv_bar  # never touched
         else:
-            ds_smem, ds_bar, out_bar = kv_bar, kv_bar, kv_bar  # never touched
+            ds_smem, ds_bar, out_bar, dq_smem = kv_bar, kv_bar, kv_bar, kv_bar  # never touched
         fence_async_shared()
         mbarrier.expect(kv_bar, 4 * desc_k.block_type.nbytes)
         for w in gl.static_range(2):
@@ -330,12 +362,12 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_dkdv_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
                               desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
-                              qk_scale, softmax_scale, ds_smem, ds_bar, out_bar, DQ, 0, HAS_RIGHT, OVERLAP, ADD_DQ,
-                              DQ_EARLY, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              qk_scale, softmax_scale, ds_smem, ds_bar, out_bar, DQ, dq_smem, 0, HAS_RIGHT, OVERLAP,
+                              ADD_DQ, DQ_EARLY, DQ_TMA, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_dkdv_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
                               desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
-                              qk_scale, softmax_scale, ds_smem, ds_bar, out_bar, DQ, 1, HAS_RIGHT, OVERLAP, ADD_DQ,
-                              DQ_EARLY, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              qk_scale, softmax_scale, ds_smem, ds_bar, out_bar, DQ, dq_smem, 1, HAS_RIGHT, OVERLAP,
+                              ADD_DQ, DQ_EARLY, DQ_TMA, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_dkdv_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
                             m_lo, n_m, BLOCK_M, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
@@ -367,18 +399,31 @@ def fused_gluon(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: float,
     step's unscaled dS·k added into ``dq_acc`` (fp32, q's shape, contiguous, holding zeros or what
     to add to); ``config`` a :class:`ioattn.flash.config.FusedBwdConfig` with ``gluon``: 128 keys
     per program, 64 query rows per step (dQ's wgmmas have the rows as their M dimension),
-    ``num_stages`` slots, ``dq_early`` each step's dQ wgmmas queued right behind its dV and dK."""
+    ``num_stages`` slots, ``dq_early`` each step's dQ wgmmas queued right behind its dV and dK,
+    ``tma_reduce`` dQ added by bulk reductions from shared memory instead of atomics."""
     if config.BLOCK_N != 128 or config.BLOCK_M != 64 or config.num_warps != 4:
         raise ValueError(f"config: the Gluon one-pass backward takes BLOCK_M = 64, BLOCK_N = 128 and 4 warps, got "
                          f"{config.BLOCK_M}, {config.BLOCK_N} and {config.num_warps}")
     if dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape or not dq_acc.is_contiguous():
         raise ValueError("dq_acc: must be a contiguous fp32 tensor of q's shape")
     _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, config.BLOCK_M,
-            config.num_stages, False, config.dq_early)
+            config.num_stages, False, config.dq_early, config.tma_reduce)
+
+
+@functools.cache
+def _dq_layout_host(rows: int, cols: int):
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, cols], gl.float32)
+
+
+def _dq_desc(dq_acc, rows: int):
+    """The descriptor :func:`_reduce_dq` adds through: dq_acc's [B, H, T, D] view in [1, 1, rows,
+    D / 2] tiles (each warpgroup's half of a step's share), bounded per (batch, head)."""
+    cols = dq_acc.shape[-1] // 2
+    return head_major_desc(dq_acc, rows, desc_type=GluonDescriptor, layout=_dq_layout_host(rows, cols), cols=cols)
 
 
 def _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, M, stages, overlap,
-            dq_early):
+            dq_early, dq_tma=False):
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
@@ -387,9 +432,9 @@ def _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, di
         launch(
             _bwd_dkdv_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
-            dk if dq_acc is None else dq_acc, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
+            dk if dq_acc is None else _dq_desc(dq_acc, M) if dq_tma else dq_acc, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
             band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], OVERLAP=overlap, ADD_DQ=dq_acc is not None,
-            DQ_EARLY=dq_early, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=stages, num_warps=4,
+            DQ_EARLY=dq_early, DQ_TMA=dq_tma, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=stages, num_warps=4,
         )
 
 

@@ -282,7 +282,8 @@ class FusedBwdConfig:
     the dQ tiles with the copy engine's bulk reduction instead of element-wise atomics; ``dq_t``
     forms each dQ tile transposed (``kᵀ·dSᵀ``). ``gluon`` runs bwd_gluon.py's kernel instead
     (BLOCK_M = 64, BLOCK_N = 128 in two warpgroups, 4 warps; num_stages its Q/dO slots,
-    ``dq_early`` its dQ wgmmas queued behind dV's and dK's; the other fields unused)."""
+    ``dq_early`` its dQ wgmmas queued behind dV's and dK's, ``tma_reduce`` as above; the other
+    fields unused)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -308,11 +309,14 @@ class FusedBwdConfig:
 # wins were clear. Shorter sequences were not timed, and pay three more launches.
 FUSED_BWD_MIN_SEQLEN = {False: 4096, True: 16384}  # by causal
 
-# D = 128 with bwd_gluon.py's kernel (ADD_DQ): each step's dSᵀ shared through shared memory,
-# each warpgroup adding half of dQ's columns with element-wise atomics. By causal: (shortest
-# sequence, Q/dO slots, dq_early) where it beat the two-pass backward. At 629b3f6 it lost at
-# every point (results/2026-12-03_nvidia-h200_sweep-bwd-fused-gluon.json, T = 2048 / 4096 /
-# 16384, best candidate 2 slots: full 0.92 / 0.93 / 0.96x, causal 0.78 / 0.87 / 0.87x), so no entry.
+# bwd_gluon.py's kernel as a one-pass backward (ADD_DQ): each step's dSᵀ shared through shared
+# memory, each warpgroup adding half of dQ's columns. By (D, causal): (shortest sequence, Q/dO
+# slots, dq_early, tma_reduce) where it beat the two-pass backward (and, at D = 64, the Triton
+# one-pass kernel above). With element-wise atomics it lost at every point at 629b3f6
+# (results/2026-12-03_nvidia-h200_sweep-bwd-fused-gluon.json, T = 2048 / 4096 / 16384, best
+# candidate 2 slots: full 0.92 / 0.93 / 0.96x, causal 0.78 / 0.87 / 0.87x): the adds, 17 GB at
+# T = 16384, held the compute warps (benchmarks/LOG.md v1.15). ``tma_reduce`` has the copy
+# engine add them from shared memory instead; not yet measured, so no entry.
 GLUON_FUSED_BWD: dict = {}
 
 
@@ -320,19 +324,18 @@ def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, int
                          seqlen: int = 0, gluon: bool = False) -> FusedBwdConfig | None:
     """The one-pass backward's config where it beats the two-pass one (see above), else None (then
     the two-pass backward runs). ``seqlen``: the longer of Tq and Tk (0: unknown, treated as long);
-    ``gluon``: whether bwd_gluon.py's kernel can run on these inputs (D = 128 needs it)."""
+    ``gluon``: whether bwd_gluon.py's kernel can run on these inputs (D = 128 needs it; D = 64
+    runs it where GLUON_FUSED_BWD has an entry, else the Triton one-pass kernel)."""
     if interpret:
         # Element-wise atomics (the interpreter has no bulk reduction), so that CI runs the
         # one-pass backward through the public functions too.
         return FusedBwdConfig(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, dq_t=True)
     if dtype not in (torch.float16, torch.bfloat16):
         return None
-    if head_dim == 128:
-        entry = GLUON_FUSED_BWD.get(bool(causal)) if gluon else None
-        if entry is None or 0 < seqlen < entry[0]:
-            return None
+    entry = GLUON_FUSED_BWD.get((head_dim, bool(causal))) if gluon else None
+    if entry is not None and not 0 < seqlen < entry[0]:
         return FusedBwdConfig(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=entry[1], gluon=True,
-                              dq_early=entry[2])
+                              dq_early=entry[2], tma_reduce=entry[3])
     if head_dim != 64:
         return None
     if 0 < seqlen < FUSED_BWD_MIN_SEQLEN[bool(causal)]:

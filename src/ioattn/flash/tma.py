@@ -37,12 +37,12 @@ def aligned(x: torch.Tensor) -> bool:
     return True
 
 
-def head_major_desc(x: torch.Tensor, block: int, *, desc_type=None, layout=None):
+def head_major_desc(x: torch.Tensor, block: int, *, desc_type=None, layout=None, cols: int = 0):
     """The 4D descriptor of ``x [B, T, H, D]`` over its ``[B, H, T, D]`` view (the same memory,
     strides swapped), with tiles of ``block`` rows of one head, ``[1, 1, block, D]``: unit dims
     first, which lands each tile in shared memory as a plain matrix (fwd_tma.py says why).
     ``desc_type`` (default triton's TensorDescriptor) and ``layout``: Gluon's descriptor class and
-    its shared-memory layout, for fwd_gluon.py.
+    its shared-memory layout, for fwd_gluon.py; ``cols``: tiles of that many columns instead of D.
 
     ``x`` must be :func:`aligned` (every launcher's dispatch checked it) and ``block`` a power of
     two (configs are). The descriptor is therefore filled in without its constructor's checks of
@@ -54,7 +54,7 @@ def head_major_desc(x: torch.Tensor, block: int, *, desc_type=None, layout=None)
     s_b, s_t, s_h, s_d = x.stride()
     desc = object.__new__(desc_type or TensorDescriptor)
     desc.base, desc.shape, desc.strides = x, [B, H, T, D], [s_b, s_h, s_t, s_d]
-    desc.block_shape, desc.padding = [1, 1, block, D], "zero"
+    desc.block_shape, desc.padding = [1, 1, block, cols or D], "zero"
     if layout is not None:
         desc.layout = layout
     return desc
