@@ -315,8 +315,8 @@ if HAS_GLUON:
     def _bwd_dkdv_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H,
                                H_kv, GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
                                OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
-                               DQ_TMA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                               NUM_STAGES: gl.constexpr):
+                               DQ_TMA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head) in two warpgroups of BLOCK_N keys
         (launched with num_warps=4: the default partition is warpgroup 0); with ``ADD_DQ`` it
         also adds every step's dS·k into DQ: a pointer to fp32, or with ``DQ_TMA`` a descriptor of
@@ -428,11 +428,13 @@ def _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, di
     T_k, H_kv = k.shape[1], k.shape[2]
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
     N = 64  # keys of each of the two warpgroups
+    # DQ: unused without dq_acc (any pointer will do), else the buffer or its descriptor.
+    dq = dk if dq_acc is None else _dq_desc(dq_acc, M) if dq_tma else dq_acc
     with device_guard(q):
         launch(
             _bwd_dkdv_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
-            dk if dq_acc is None else _dq_desc(dq_acc, M) if dq_tma else dq_acc, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
+            dq, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
             band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], OVERLAP=overlap, ADD_DQ=dq_acc is not None,
             DQ_EARLY=dq_early, DQ_TMA=dq_tma, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=stages, num_warps=4,
         )
