@@ -238,6 +238,10 @@ def test_fused_config_table_gluon_entries(monkeypatch):
                     assert not get_fused_bwd_config(D, dtype, causal, interpret=True, seqlen=16384, gluon=True).gluon
                 assert get_fused_bwd_config(D, torch.float32, causal, interpret=False, seqlen=16384,
                                             gluon=True) is None
+                # GQA: the Gluon entries are MHA's.
+                gqa = get_fused_bwd_config(D, torch.bfloat16, causal, interpret=False, seqlen=16384, gluon=True,
+                                           group=8)
+                assert gqa is None if D == 128 else not gqa.gluon
 
 
 def test_fused_gluon_rejects_what_it_cannot_run():
@@ -285,22 +289,25 @@ def test_bwd_fused_gluon_gpu_dkdv_deterministic(causal, fused_calls):
 @pytest.mark.gpu
 def test_flash_attn_func_takes_the_gluon_one_pass_where_the_table_says(monkeypatch, fused_calls):
     # flash_attn_func's default backward (deterministic=False) at a length a table entry covers;
-    # deterministic=True keeps the two-pass one. Both pass the accuracy rule.
+    # deterministic=True keeps the two-pass one, and so does GQA (the entries are MHA's). All pass
+    # the accuracy rule.
     from ioattn import flash_attn_func
     from ioattn.flash import config
     from ioattn.flash.reference import attention_ref
     from ioattn.testing import assert_close
 
     monkeypatch.setattr(config, "GLUON_FUSED_BWD", {(128, True): (2048, 2, False, True)})
-    q, k, v = make_qkv(1, 4096, 4096, 4, 2, 128, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
-    dout = torch.randn_like(q)
-    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    base_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    ref_grads = torch.autograd.grad(attention_ref(*ref_in, causal=True, upcast=True)[0], ref_in, dout.double())
-    base_grads = torch.autograd.grad(attention_ref(*base_in, causal=True, upcast=False)[0], base_in, dout)
-    for deterministic in (False, True):
-        grads = torch.autograd.grad(flash_attn_func(q, k, v, causal=True, deterministic=deterministic), (q, k, v),
-                                    dout)
-        assert len(fused_calls) == 1  # the first call's; the deterministic one adds none
-        for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
-            assert_close(name, g, r, b, factor=3)
+    for h_kv, calls in ((4, [1, 1]), (2, [1, 1])):
+        q, k, v = make_qkv(1, 4096, 4096, 4, h_kv, 128, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+        dout = torch.randn_like(q)
+        ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        base_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        ref_grads = torch.autograd.grad(attention_ref(*ref_in, causal=True, upcast=True)[0], ref_in, dout.double())
+        base_grads = torch.autograd.grad(attention_ref(*base_in, causal=True, upcast=False)[0], base_in, dout)
+        for deterministic, n in zip((False, True), calls):
+            grads = torch.autograd.grad(flash_attn_func(q, k, v, causal=True, deterministic=deterministic),
+                                        (q, k, v), dout)
+            # MHA's first call takes it; neither the deterministic call nor GQA's calls add one.
+            assert len(fused_calls) == n
+            for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+                assert_close(name, g, r, b, factor=3)

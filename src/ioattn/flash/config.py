@@ -322,22 +322,26 @@ FUSED_BWD_MIN_SEQLEN = {False: 4096, True: 16384}  # by causal
 # dq_early 1.12x at 1024, behind it beyond); causal, 3 slots: 0.96 / 0.98 / 1.04 / 1.07 / 1.10x.
 # D = 64: 0.83-0.98x full, 0.85-1.04x causal, behind the Triton one-pass kernel wherever that one
 # runs (full 32 x 128 tiles 1.05-1.10x from 2048 on, causal 64 x 64 tiles 1.02 / 1.06x at 8192 / 16384): no entry.
+# Only for MHA: with GQA 32 / 4 (causal, T = 8192, benchmarks' beyond suite) the entry made
+# forward + backward slower, 9.72 ms against 8.97 with the two-pass backward (15753bf against
+# c765adf; one program walks all 8 query heads of its KV head, 512 programs of unequal work).
 GLUON_FUSED_BWD: dict = {(128, False): (1024, 3, False, True), (128, True): (4096, 3, False, True)}
 
 
 def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool,
-                         seqlen: int = 0, gluon: bool = False) -> FusedBwdConfig | None:
+                         seqlen: int = 0, gluon: bool = False, group: int = 1) -> FusedBwdConfig | None:
     """The one-pass backward's config where it beats the two-pass one (see above), else None (then
     the two-pass backward runs). ``seqlen``: the longer of Tq and Tk (0: unknown, treated as long);
     ``gluon``: whether bwd_gluon.py's kernel can run on these inputs (D = 128 needs it; D = 64
-    runs it where GLUON_FUSED_BWD has an entry, else the Triton one-pass kernel)."""
+    runs it where GLUON_FUSED_BWD has an entry, else the Triton one-pass kernel); ``group``: query
+    heads per KV head (the Gluon entries are for 1)."""
     if interpret:
         # Element-wise atomics (the interpreter has no bulk reduction), so that CI runs the
         # one-pass backward through the public functions too.
         return FusedBwdConfig(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, dq_t=True)
     if dtype not in (torch.float16, torch.bfloat16):
         return None
-    entry = GLUON_FUSED_BWD.get((head_dim, bool(causal))) if gluon else None
+    entry = GLUON_FUSED_BWD.get((head_dim, bool(causal))) if gluon and group == 1 else None
     if entry is not None and not 0 < seqlen < entry[0]:
         return FusedBwdConfig(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=entry[1], gluon=True,
                               dq_early=entry[2], tma_reduce=entry[3])

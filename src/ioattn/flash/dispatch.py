@@ -74,7 +74,8 @@ def _kernels(backend: str):
             if not deterministic:
                 config = get_fused_bwd_config(q.shape[-1], q.dtype, causal, interpret=_env.interpret(),
                                               seqlen=max(q.shape[1], k.shape[1]),
-                                              gluon=_env.gluon() and bwd_gluon.gluon_dkdv_supported(q))
+                                              gluon=_env.gluon() and bwd_gluon.gluon_dkdv_supported(q),
+                                              group=q.shape[2] // k.shape[2])
                 if config is not None:
                     return bwd_fused.flash_bwd_fused(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset,
                                                      config=config)
