@@ -62,16 +62,19 @@ CANDIDATES = {
 # The ping-pong kernel's (flash/fwd_pingpong.py; TmaFwdConfig's fields, so (M, N, 4, stages, False,
 # True[, turns[, persistent]])): 128 rows per program in two warpgroups; the entries with
 # turns=False time the same kernel without its turn-taking, to show what the schedule alone
-# moves; persistent ones its persistent form (flash/fwd_persistent.py).
+# moves; persistent ones its persistent form (flash/fwd_persistent.py); a ninth field n computes
+# one exponential in n with FMAs (fwd_gluon.py's _exp2), with and without turns.
 GLUON_CANDIDATES = {
     64: [(64, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3, True), (64, 128, 4, 2, True), (64, 64, 4, 4, True),
          (128, 128, 4, 2, False, True), (128, 128, 4, 3, False, True), (128, 128, 4, 4, False, True),
          (128, 64, 4, 4, False, True), (128, 128, 4, 3, False, True, True, True),
-         (128, 128, 4, 3, False, True, False, True)],
+         (128, 128, 4, 3, False, True, False, True), (128, 128, 4, 2, False, True, True, False, 4),
+         (128, 128, 4, 2, False, True, False, False, 4)],
     128: [(64, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, True), (64, 64, 4, 2, True), (128, 64, 8, 3, True),
           (128, 128, 4, 2, False, True), (128, 128, 4, 2, False, True, False), (128, 64, 4, 3, False, True),
           (128, 64, 4, 4, False, True), (128, 128, 4, 2, False, True, True, True),
-          (128, 128, 4, 2, False, True, False, True)],
+          (128, 128, 4, 2, False, True, False, True), (128, 128, 4, 2, False, True, True, False, 4),
+          (128, 128, 4, 2, False, True, False, False, 4)],
 }
 
 
@@ -91,7 +94,8 @@ def short(cfg: TmaFwdConfig) -> str:
     kind = "gluon" if isinstance(cfg, Gluon) else "tma"
     return (f"{kind} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
             + (" ws" if cfg.warp_specialize else "") + (" pp" if cfg.pingpong else "")
-            + ("" if cfg.turns else " free") + (" persistent" if cfg.persistent else ""))
+            + ("" if cfg.turns else " free") + (" persistent" if cfg.persistent else "")
+            + (f" emu{cfg.exp2_emu}" if cfg.exp2_emu else ""))
 
 
 def disagreement(got, want) -> str:
@@ -190,7 +194,7 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=140.0, help="seconds; later candidates are skipped")
     p.add_argument("--configs", nargs="*", default=None, metavar="M,N,WARPS,STAGES",
                    help="time these (beside the default) instead of the candidate list; with --gluon "
-                        "Gluon configs, flags as 0/1 (M,N,4,STAGES,0,1,TURNS,PERSISTENT)")
+                        "Gluon configs, flags as 0/1 (M,N,4,STAGES,0,1,TURNS,PERSISTENT[,EXP2_EMU])")
     p.add_argument("--gluon", action="store_true",
                    help="time the Gluon kernel's candidates (GLUON_CANDIDATES) beside the TMA default")
     p.add_argument("--smoke", action="store_true", help="no GPU: check the candidates in the interpreter")
@@ -207,7 +211,7 @@ def main(argv=None):
                 # Given as ints, flags too (0/1): the Gluon ones with --gluon.
                 ints = [list(map(int, c.split(","))) for c in args.configs]
                 kind = Gluon if args.gluon else TmaFwdConfig
-                chosen = [kind(*c[:4], *map(bool, c[4:])) for c in ints]
+                chosen = [kind(*c[:4], *map(bool, c[4:8]), *c[8:]) for c in ints]
             elif args.gluon:
                 chosen = [Gluon(*c) for c in GLUON_CANDIDATES[D]]
             else:

@@ -34,6 +34,8 @@ def compile_report(D, cfg: TmaFwdConfig, causal):
         fn = fwd_persistent._fwd_persistent_kernel if cfg.persistent else fwd_pingpong._fwd_pingpong_kernel
         M, extra = M // 2, {}
         values.update(PINGPONG=cfg.turns, BLOCK_M=M)
+        if not cfg.persistent:
+            values.update(EXP2_EMU=cfg.exp2_emu)
     elif cfg.warp_specialize:
         fn, extra = fwd_gluon._fwd_gluon_ws_kernel, dict(maxnreg=fwd_gluon.ws_maxnreg(cfg))
         values.update(BLOCK_M=M, num_warps=warps)
@@ -120,6 +122,7 @@ def main():
             cfg = TmaFwdConfig(*c)
             kind = " pp" if cfg.pingpong else " ws" if cfg.warp_specialize else ""
             kind += ("" if cfg.turns else " free") + (" persistent" if cfg.persistent else "")
+            kind += f" emu{cfg.exp2_emu}" if cfg.exp2_emu else ""
             for causal in (False, True):
                 name = f"D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}{kind} causal={causal}"
                 report[name] = compile_report(D, cfg, causal)

@@ -113,6 +113,10 @@ KERNELS = {
     "persistent": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, persistent=True),
     "persistent-free": TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True, turns=False,
                                     persistent=True),
+    # One exponential in 4 (8) by fwd_gluon.py's polynomial instead of the SFU.
+    "pingpong-emu4": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, exp2_emu=4),
+    "free-emu8": TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True, turns=False,
+                              exp2_emu=8),
 }
 
 
@@ -130,6 +134,30 @@ def test_fwd_gluon_gpu_strided(kernel):
     cfg = KERNELS[kernel]
     check_fwd(2, 1000, 1200, 8, 2, 64, True, None, torch.bfloat16, layout="bhtd", fwd=gluon_fwd, config=cfg)
     check_fwd(2, 1000, 1000, 8, 8, 128, False, None, torch.bfloat16, layout="bhtd", fwd=gluon_fwd, config=cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("emu", [2, 4, 8])
+@pytest.mark.parametrize("D", [64, 128])
+def test_fwd_gluon_gpu_exp2_emu_rows_without_keys(D, emu):
+    # Tq > Tk, bottom-right: rows 0..999 see no key, so every exponential of theirs is 2^-inf;
+    # the polynomial must give exactly 0 there (l = 0: output 0, lse -inf), as the SFU does.
+    cfg = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, exp2_emu=emu)
+    out, lse = check_fwd(1, 1300, 300, 4, 2, D, True, None, torch.bfloat16, fwd=gluon_fwd, config=cfg)
+    assert torch.all(out[:, :1000] == 0) and torch.all(lse[:, :, :1000] == float("-inf"))
+    # NaN in a score stays NaN in that row's output (not rounded into a number).
+    q, k, v = make_qkv(1, 300, 300, 4, 2, D, dtype=torch.bfloat16, device=DEVICE)
+    q[0, 7, 1, 3] = float("nan")
+    out, _ = gluon_fwd(q, k, v, 0.1, False, 0, config=cfg, window=(-1, -1), softcap=0.0, alibi_slopes=None)
+    assert torch.isnan(out[0, 7, 1]).all() and not torch.isnan(out[0, 8]).any()
+
+
+def test_exp2_emu_config_checked():
+    q, k, v = make_qkv(1, 64, 64, 2, 2, 64, dtype=torch.bfloat16, device="cpu")
+    for bad in (dict(exp2_emu=3), dict(exp2_emu=4, persistent=True)):
+        cfg = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, **bad)
+        with pytest.raises(ValueError, match="exp2_emu"):
+            fwd_pingpong.flash_fwd_pingpong(q, k, v, 0.1, False, 0, config=cfg)
 
 
 @pytest.mark.gpu

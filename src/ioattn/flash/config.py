@@ -101,7 +101,9 @@ class TmaFwdConfig:
     For the Gluon kernels: ``warp_specialize`` picks fwd_gluon.py's loader-warp kernel;
     ``pingpong`` fwd_pingpong.py's (``BLOCK_M`` rows shared by two warpgroups, ``num_warps`` 4
     per warpgroup), whose warpgroups take turns on the tensor cores unless ``turns`` is off, and
-    with ``persistent`` its persistent form (fwd_persistent.py: one program per SM)."""
+    with ``persistent`` its persistent form (fwd_persistent.py: one program per SM);
+    ``exp2_emu`` = n > 0 has the ping-pong kernels compute one exponential in n by a polynomial on
+    the FMA pipes instead of the special-function unit (fwd_gluon.py's ``_exp2``)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -111,6 +113,7 @@ class TmaFwdConfig:
     pingpong: bool = False
     turns: bool = True
     persistent: bool = False
+    exp2_emu: int = 0
 
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few

@@ -51,7 +51,8 @@ if HAS_GLUON:
     def _pp_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
                      n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale,
                      WG: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_M: gl.constexpr,
-                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
+                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                     EXP2_EMU: gl.constexpr):
         """One compute warpgroup: rows ``[tile_m + WG * BLOCK_M, + BLOCK_M)``, fwd_gluon.py's
         overlapped loop with its wgmma issues inside turns, then its own epilogue (lse, and O
         through its Q slot and one TMA store: a worker partition returns nothing)."""
@@ -62,15 +63,17 @@ if HAS_GLUON:
         q_slot = q_smem.index(WG)
         acc, m_i, l_i = _ws_consumer(q_slot, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                                      n_blocks, mask_from, start_m, T_k, diag_hi, qk_scale, HAS_RIGHT, BLOCK_M,
-                                     BLOCK_N, HEAD_DIM, NUM_STAGES, 4, WG, PINGPONG)
+                                     BLOCK_N, HEAD_DIM, NUM_STAGES, 4, WG, PINGPONG, EXP2_EMU=EXP2_EMU)
         _epilogue(acc, m_i, l_i, q_slot, desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M, HEAD_DIM, row_o)
 
     @gluon.jit
     def _fwd_pingpong_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
                              HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
-                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                             EXP2_EMU: gl.constexpr = 0):
         """One program: 2 * BLOCK_M query rows of one (batch, head), two compute warpgroups of
-        BLOCK_M rows (launched with num_warps=4: the default partition is warpgroup 0)."""
+        BLOCK_M rows (launched with num_warps=4: the default partition is warpgroup 0);
+        ``EXP2_EMU``: fwd_gluon.py's ``_exp2``."""
         dtype: gl.constexpr = desc_q.dtype
         i_m, i_bh = gl.program_id(0), gl.program_id(1)
         if HAS_RIGHT:
@@ -103,10 +106,10 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
                             n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 0, HAS_RIGHT,
-                            PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                            PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU)),
             (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
                             n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 1, HAS_RIGHT,
-                            PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                            PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU)),
             (_ws_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b, i_hkv,
                           BLOCK_N, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
@@ -122,11 +125,15 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
     arguments and results; ``config`` a :class:`ioattn.flash.config.TmaFwdConfig` with
     ``pingpong`` set, ``BLOCK_M`` the program's rows (two warpgroups of ``BLOCK_M // 2``),
     ``num_warps`` 4 (per warpgroup); ``turns=False`` runs the two warpgroups without turns;
-    ``persistent`` runs fwd_persistent.py's form (one program per SM over the tiles)."""
+    ``persistent`` runs fwd_persistent.py's form (one program per SM over the tiles);
+    ``exp2_emu`` n computes one exponential in n with FMAs (fwd_gluon.py's ``_exp2``)."""
     if config.BLOCK_M != 128 or config.num_warps != 4 or config.BLOCK_N not in (64, 128):
         # Two warpgroups of 4 warps and 64 rows: a wgmma's M dimension is 64 per warpgroup.
         raise ValueError(f"config: the ping-pong kernel takes BLOCK_M = 128, num_warps = 4 and BLOCK_N in "
                          f"(64, 128), got {config}")
+    if config.exp2_emu not in (0, 2, 4, 8) or (config.exp2_emu and config.persistent):
+        # One element of each group of n a thread holds (n divides a thread's 32 or 64 scores).
+        raise ValueError(f"config: exp2_emu must be 0, 2, 4 or 8, and 0 in the persistent kernel, got {config}")
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
@@ -146,7 +153,7 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(out, M), lse, T_q, T_k, H, H // H_kv, *extra,
             band["diag_hi"], softmax_scale * LOG2E, HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"],
             PINGPONG=config.turns, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.num_stages,
-            num_warps=4,
+            **({"EXP2_EMU": config.exp2_emu} if config.exp2_emu else {}), num_warps=4,
         )
     return out, lse
 
