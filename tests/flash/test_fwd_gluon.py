@@ -20,7 +20,7 @@ from ioattn.flash.config import TmaFwdConfig
 from ioattn.testing import make_qkv
 
 from . import cases
-from .cases import DTYPES, case_id
+from .cases import DEVICE, DTYPES, case_id
 from .test_fwd import check_fwd
 
 pytestmark = pytest.mark.skipif(not fwd_gluon.HAS_GLUON, reason="this triton has no Gluon")
@@ -202,13 +202,24 @@ def test_gluon_config_table():
     assert get_gluon_fwd_config(128, torch.float32, True, 1024) is None
 
 
+def test_gluon_fwd_table_d64(monkeypatch):
+    # D = 64 runs the ping-pong kernel only where GLUON_FWD_64 has an entry, from its length on.
+    from ioattn.flash import config
+
+    monkeypatch.setattr(config, "GLUON_FWD_64", {True: (8192, False)})
+    pp = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=False)
+    assert config.get_gluon_fwd_config(64, torch.bfloat16, True, 8192) == pp
+    assert config.get_gluon_fwd_config(64, torch.float16, True, 0) == pp
+    assert config.get_gluon_fwd_config(64, torch.bfloat16, True, 4096) is None
+    assert config.get_gluon_fwd_config(64, torch.bfloat16, False, 16384) is None
+    assert config.get_gluon_fwd_config(64, torch.float32, True, 16384) is None
+
+
 def test_dispatch_picks_gluon_where_the_table_says(monkeypatch):
     # Without a GPU the Gluon launcher is replaced by a spy that runs the Triton TMA kernel (the
     # same contract), with gluon_supported forced on: what is checked is which calls go there.
     import ioattn
     from ioattn.flash import fwd_tma
-
-    from .cases import DEVICE
 
     calls = []
 

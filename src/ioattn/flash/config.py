@@ -103,7 +103,8 @@ class TmaFwdConfig:
     per warpgroup), whose warpgroups take turns on the tensor cores unless ``turns`` is off, and
     with ``persistent`` its persistent form (fwd_persistent.py: one program per SM);
     ``exp2_emu`` = n > 0 has the ping-pong kernels compute one exponential in n by a polynomial on
-    the FMA pipes instead of the special-function unit (fwd_gluon.py's ``_exp2``)."""
+    the FMA pipes instead of the special-function unit (fwd_gluon.py's ``_exp2``; measured slower,
+    unused by the tables)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -189,10 +190,22 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
 GLUON_PERSISTENT_MAX_SEQLEN = 2048
 
 
+# D = 64, by causal: (shortest sequence, turns) where the ping-pong kernel (128 x 128 tiles, 2
+# stages) beat the Triton TMA kernel; elsewhere, and without an entry, D = 64 runs the Triton one.
+GLUON_FWD_64: dict = {}
+
+
 def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int) -> TmaFwdConfig | None:
     """The Gluon forward's config where it beats the Triton TMA kernel (see above), else None.
     ``seqlen``: the longer of Tq and Tk (0: unknown, treated as long)."""
-    if head_dim != 128 or dtype not in (torch.float16, torch.bfloat16):
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if head_dim == 64:
+        entry = GLUON_FWD_64.get(bool(causal))
+        if entry is None or 0 < seqlen < entry[0]:
+            return None
+        return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=entry[1])
+    if head_dim != 128:
         return None
     persistent = not causal and 0 < seqlen <= GLUON_PERSISTENT_MAX_SEQLEN
     return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=not causal,

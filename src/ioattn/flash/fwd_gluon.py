@@ -100,8 +100,10 @@ if HAS_GLUON:
         the FMA and integer pipes, of the others by the special-function unit (ex2.approx.ftz,
         as gl.exp2). Why: an SM's SFU does 16 exponentials a clock against 128 FMAs; at D = 64 a
         key block's exponentials take about as long there as its two matrix multiplies on the
-        tensor cores, so moving some of them to the FMA pipes can shorten the softmax
-        (FlashAttention-4's trick). The polynomial: x = j + f with j = floor(x) from one add
+        tensor cores, so moving some of them to the FMA pipes could shorten the softmax
+        (FlashAttention-4's trick). Measured on the H200 it did not: one in 2 / 4 / 8 ran 14 /
+        5 / 1% slower at D = 64, slower at D = 128 too (benchmarks/LOG.md v1.18), so no config
+        in the tables uses it. The polynomial: x = j + f with j = floor(x) from one add
         rounded down against 1.5 * 2^23 (the sum's low mantissa bits are j), 2^f by a degree-3
         fit on [0, 1) (relative error 7.5e-5, against the 3.9e-3 to which P is rounded before
         P·V), times 2^j built in the exponent field. Like the SFU's flush to zero, x < -126
