@@ -192,7 +192,13 @@ GLUON_PERSISTENT_MAX_SEQLEN = 2048
 
 # D = 64, by causal: (shortest sequence, turns) where the ping-pong kernel (128 x 128 tiles, 2
 # stages) beat the Triton TMA kernel; elsewhere, and without an entry, D = 64 runs the Triton one.
-GLUON_FWD_64: dict = {}
+# TFLOP/s, ping-pong with turns / without / Triton (sweep_fwd_tma.py --gluon --D 64): at cff3764
+# (results/2026-12-03_nvidia-h200_sweep-fwd-exp2-emu.json) full T = 1024 352 / 357 / 383, 4096
+# 438 / 438 / 432, 16384 451 / 453 / 430; causal 1024 - / 241 / 294, 4096 387 / 391 / 390, 16384
+# - / 444 / 431. At 674fce4 (..._sweep-fwd-64-long.json) full 8192 454 / 451 / 446, 16384 452 /
+# 457 / 445; causal 8192 423 / 428 / 426, 16384 - / 448 / 443. So full attention from 8192 keys
+# (with turns: ahead at both lengths of the second run); causal stays within 1.3%, no entry.
+GLUON_FWD_64: dict = {False: (8192, True)}
 
 
 def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int) -> TmaFwdConfig | None:
