@@ -30,15 +30,12 @@ warpgroup does not wait for. config.py's GLUON_FUSED_BWD says where it runs.
 GPU only (Gluon has no interpreter): tests/flash/test_fwd_gluon.py's compile test builds it for
 sm_90 without a GPU; tests/flash/test_bwd_gluon.py compares it with the reference on the H200.
 """
-import functools
-
 import torch
 
 from .._utils import cdiv
 from ..launch import launch
 from .fwd import LOG2E, diag_band, device_guard
 from .fwd_gluon import HAS_GLUON
-from .tma import head_major_desc
 
 if HAS_GLUON:
     from triton.experimental import gluon
@@ -46,7 +43,7 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                    warpgroup_mma, warpgroup_mma_wait)
 
-    from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, GluonDescriptor, _desc, _invalidate_ring, _ring_barriers
+    from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc, _invalidate_ring, _ring_barriers
     from .gluon_reduce import tma_reduce_add
 
 
@@ -410,16 +407,10 @@ def fused_gluon(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: float,
             config.num_stages, False, config.dq_early, config.tma_reduce)
 
 
-@functools.cache
-def _dq_layout_host(rows: int, cols: int):
-    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, cols], gl.float32)
-
-
 def _dq_desc(dq_acc, rows: int):
     """The descriptor :func:`_reduce_dq` adds through: dq_acc's [B, H, T, D] view in [1, 1, rows,
     D / 2] tiles (each warpgroup's half of a step's share), bounded per (batch, head)."""
-    cols = dq_acc.shape[-1] // 2
-    return head_major_desc(dq_acc, rows, desc_type=GluonDescriptor, layout=_dq_layout_host(rows, cols), cols=cols)
+    return _desc(dq_acc, rows, cols=dq_acc.shape[-1] // 2)
 
 
 def _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, M, stages, overlap,

@@ -442,15 +442,17 @@ def gluon_supported(q) -> bool:
 @functools.cache
 def _smem_layout(block: int, head_dim: int, dtype: torch.dtype):
     # Cached: computing the default layout took 6.8 us on a CPU, and a launch needs four.
-    return gl.NVMMASharedLayout.get_default_for(
-        [1, 1, block, head_dim], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}.get(dtype, gl.float16)
+    return gl.NVMMASharedLayout.get_default_for([1, 1, block, head_dim], gl_dtype)
 
 
-def _desc(x: torch.Tensor, block: int):
+def _desc(x: torch.Tensor, block: int, cols: int = 0):
     """Gluon's 4D descriptor of ``x [B, T, H, D]`` over its ``[B, H, T, D]`` view, ``[1, 1, block,
-    D]`` tiles in the default (widest-swizzle) shared layout: :func:`ioattn.flash.tma.head_major_desc`
-    with Gluon's class, filled in without the dataclass's checks for the same reason."""
-    return head_major_desc(x, block, desc_type=GluonDescriptor, layout=_smem_layout(block, x.shape[-1], x.dtype))
+    D]`` tiles (``[1, 1, block, cols]`` with ``cols``) in the default (widest-swizzle) shared
+    layout: :func:`ioattn.flash.tma.head_major_desc` with Gluon's class, filled in without the
+    dataclass's checks for the same reason."""
+    layout = _smem_layout(block, cols or x.shape[-1], x.dtype)
+    return head_major_desc(x, block, desc_type=GluonDescriptor, layout=layout, cols=cols)
 
 
 def ws_maxnreg(config) -> int:

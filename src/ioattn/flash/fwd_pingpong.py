@@ -143,17 +143,17 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
     tiles = cdiv(T_q, 2 * M)
     if config.persistent:
         # The persistent kernel numbers the tiles itself; it takes B * H to do so.
-        kernel, grid, extra = (fwd_persistent._fwd_persistent_kernel,
-                               (fwd_persistent.persistent_programs(q, tiles * B * H),), (B * H,))
+        kernel, grid, extra, extra_kw = (fwd_persistent._fwd_persistent_kernel,
+                                         (fwd_persistent.persistent_programs(q, tiles * B * H),), (B * H,), {})
     else:
-        kernel, grid, extra = _fwd_pingpong_kernel, (tiles, B * H), ()
+        kernel, grid, extra, extra_kw = _fwd_pingpong_kernel, (tiles, B * H), (), {"EXP2_EMU": config.exp2_emu}
     with device_guard(q):
         launch(
             kernel, grid,
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(out, M), lse, T_q, T_k, H, H // H_kv, *extra,
             band["diag_hi"], softmax_scale * LOG2E, HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"],
             PINGPONG=config.turns, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.num_stages,
-            **({"EXP2_EMU": config.exp2_emu} if config.exp2_emu else {}), num_warps=4,
+            **extra_kw, num_warps=4,
         )
     return out, lse
 
