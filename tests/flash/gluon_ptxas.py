@@ -89,14 +89,14 @@ def ptxas(fn, descs, values, options):
                               capture_output=True, text=True, check=True).stdout
     return dict(regs=int(re.search(r"Used (\d+) registers", info).group(1)),
                 spills=int(re.search(r"(\d+) bytes spill stores", info).group(1)),
-                loop_spills=wgmma_loop_spills(sass),
+                loop_spills=sum(wgmma_loop_spills(sass)), loop_spills_each=wgmma_loop_spills(sass),
                 smem=kernel.metadata.shared, waits="".join(re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx)),
                 setmaxnreg=re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx))
 
 
-def wgmma_loop_spills(sass: str) -> int:
-    """Local-memory loads and stores (spill traffic) inside the innermost loops of the SASS that
-    issue wgmmas (HGMMA): the key loops, where a spill costs every step. A loop is a backward
+def wgmma_loop_spills(sass: str) -> list:
+    """Local-memory loads and stores (spill traffic) inside each innermost loop of the SASS that
+    issues wgmmas (HGMMA), in code order: the key loops, where a spill costs every step. A loop is a backward
     branch and the instructions from its target to it; the branches back from the out-of-line
     barrier-wait retries placed after the last EXIT are not loops."""
     code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
@@ -112,7 +112,7 @@ def wgmma_loop_spills(sass: str) -> int:
 
     hot = [(lo, hi) for lo, hi in loops if inside(lo, hi, r"\bHGMMA\b")
            and not any(lo <= a <= b <= hi and (a, b) != (lo, hi) and inside(a, b, r"\bHGMMA\b") for a, b in loops)]
-    return sum(len(inside(lo, hi, r"\b(LDL|STL)\b")) for lo, hi in hot)
+    return [len(inside(lo, hi, r"\b(LDL|STL)\b")) for lo, hi in hot]
 
 
 def main():

@@ -189,6 +189,55 @@ if HAS_GLUON:
         fence_async_shared()
         tma_reduce_add(desc_dq, [i_b, i_h, start_m, WG * (HEAD_DIM // 2)], buf)
 
+    @gluon.constexpr_function
+    def _acc_layout(HEAD_DIM):
+        """dK's and dV's accumulators: [keys, HEAD_DIM], warps stacked along the keys."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+
+    @gluon.jit
+    def _plain_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, s_zero, LSE, DELTA, i_b, H,
+                    i_hkv, GROUP, T_q, m_lo, n_m, o_m0, o_n, m_full_lo, diag_hi, qk_scale, ds_smem, ds_bar, DQ, dq_smem,
+                    dk, dv, t, MASKED: gl.constexpr, WG: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
+                    DQ_TMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    NUM_STAGES: gl.constexpr):
+        """Step ``t`` of :func:`_dkdv_consumer`'s plain schedule, the causal mask applied iff
+        ``MASKED``: returns the updated (dK, dV)."""
+        dtype: gl.constexpr = q_smem.dtype
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_acc_layout(HEAD_DIM), k_width=2)
+        slot = t % NUM_STAGES
+        start_m, o_m, lse2, delta, q_t, do_t, s_tok, dp_tok = _issue_scores(
+            k, v, q_smem, do_smem, q_ready, do_ready, s_zero, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, o_m0,
+            t, BLOCK_M, HEAD_DIM, NUM_STAGES)
+        # Pᵀ while dPᵀ is still on the tensor cores, then dSᵀ while dV += Pᵀ·dO is.
+        s_t = warpgroup_mma_wait(1, deps=(s_tok, ))
+        p_t = _p(s_t, lse2, o_n, o_m, start_m, m_full_lo, diag_hi, qk_scale, MASKED)
+        p_op = gl.convert_layout(p_t.to(dtype), a_layout)
+        dv_tok = warpgroup_mma(p_op, do_t, dv, is_async=True)
+        dp_t = warpgroup_mma_wait(1, deps=(dp_tok, ))
+        ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+        ds_op = gl.convert_layout(ds_t, a_layout)
+        dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+        if ADD_DQ:
+            _share_ds(ds_t, ds_smem, ds_bar, t, WG)
+        if ADD_DQ and DQ_EARLY:
+            # dQ queued behind dV and dK: one wait for the three.
+            dq_tok = _issue_dq(ds_smem, ds_bar, k_smem, t, WG, BLOCK_M, BLOCK_N, HEAD_DIM)
+            dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
+        else:
+            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
+        # Both warpgroups must be done with a slot before the loader refills it (count 2).
+        mbarrier.arrive(q_empty.index(slot), count=1)
+        mbarrier.arrive(do_empty.index(slot), count=1)
+        if ADD_DQ:
+            if not DQ_EARLY:
+                dq_tok = _issue_dq(ds_smem, ds_bar, k_smem, t, WG, BLOCK_M, BLOCK_N, HEAD_DIM)
+                dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
+            if DQ_TMA:
+                _reduce_dq(dq, dq_smem, DQ, i_b, i_hkv * GROUP + t // n_m, start_m, WG, BLOCK_M, HEAD_DIM)
+            else:
+                _atomic_dq(dq, DQ, i_b, i_hkv * GROUP + t // n_m, H, T_q, start_m, WG, BLOCK_M, HEAD_DIM)
+        return dk, dv
+
     @gluon.jit
     def _dkdv_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
                        desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
@@ -214,8 +263,7 @@ if HAS_GLUON:
         # Sᵀ, dPᵀ: [keys, query rows]; dK, dV: [keys, HEAD_DIM]; warps stacked along the keys.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_M, 16])
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, HEAD_DIM, 16])
+        acc_layout: gl.constexpr = _acc_layout(HEAD_DIM)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
@@ -260,39 +308,26 @@ if HAS_GLUON:
                 dk_tok = warpgroup_mma(ds_op, q_smem.index(last).reshape([BLOCK_M, HEAD_DIM]), dk, is_async=True)
                 dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
         else:
-            for t in range(n_steps):
-                slot = t % NUM_STAGES
-                start_m, o_m, lse2, delta, q_t, do_t, s_tok, dp_tok = _issue_scores(
-                    k, v, q_smem, do_smem, q_ready, do_ready, s_zero, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
-                    o_m0, t, BLOCK_M, HEAD_DIM, NUM_STAGES)
-                # Pᵀ while dPᵀ is still on the tensor cores, then dSᵀ while dV += Pᵀ·dO is.
-                s_t = warpgroup_mma_wait(1, deps=(s_tok, ))
-                p_t = _p(s_t, lse2, o_n, o_m, start_m, m_full_lo, diag_hi, qk_scale, HAS_RIGHT)
-                p_op = gl.convert_layout(p_t.to(dtype), a_layout)
-                dv_tok = warpgroup_mma(p_op, do_t, dv, is_async=True)
-                dp_t = warpgroup_mma_wait(1, deps=(dp_tok, ))
-                ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
-                ds_op = gl.convert_layout(ds_t, a_layout)
-                dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
-                if ADD_DQ:
-                    _share_ds(ds_t, ds_smem, ds_bar, t, WG)
-                if ADD_DQ and DQ_EARLY:
-                    # dQ queued behind dV and dK: one wait for the three.
-                    dq_tok = _issue_dq(ds_smem, ds_bar, k_smem, t, WG, BLOCK_M, BLOCK_N, HEAD_DIM)
-                    dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
-                else:
-                    dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
-                # Both warpgroups must be done with a slot before the loader refills it (count 2).
-                mbarrier.arrive(q_empty.index(slot), count=1)
-                mbarrier.arrive(do_empty.index(slot), count=1)
-                if ADD_DQ:
-                    if not DQ_EARLY:
-                        dq_tok = _issue_dq(ds_smem, ds_bar, k_smem, t, WG, BLOCK_M, BLOCK_N, HEAD_DIM)
-                        dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
-                    if DQ_TMA:
-                        _reduce_dq(dq, dq_smem, DQ, i_b, i_hkv * GROUP + t // n_m, start_m, WG, BLOCK_M, HEAD_DIM)
-                    else:
-                        _atomic_dq(dq, DQ, i_b, i_hkv * GROUP + t // n_m, H, T_q, start_m, WG, BLOCK_M, HEAD_DIM)
+            # Causal: the first steps of each head hold the diagonal and need the mask, the rest
+            # none. Two loops, so that the long unmasked one is compiled without the mask's
+            # registers (in one loop ptxas spilled 125 local loads/stores inside it at D = 128
+            # with ADD_DQ, against 37 for full attention).
+            n_mask = 0
+            if HAS_RIGHT:
+                n_mask = gl.minimum(gl.maximum(m_full_lo - m_lo, 0) // BLOCK_M, n_m)
+            for g in range(GROUP):
+                for j in range(n_mask):
+                    dk, dv = _plain_step(
+                        k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, s_zero, LSE, DELTA, i_b, H,
+                        i_hkv, GROUP, T_q, m_lo, n_m, o_m0, o_n, m_full_lo, diag_hi, qk_scale, ds_smem, ds_bar, DQ, dq_smem,
+                        dk, dv, g * n_m + j, True, WG, ADD_DQ, DQ_EARLY, DQ_TMA, BLOCK_M, BLOCK_N, HEAD_DIM,
+                        NUM_STAGES)
+                for j in range(n_mask, n_m):
+                    dk, dv = _plain_step(
+                        k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, s_zero, LSE, DELTA, i_b, H,
+                        i_hkv, GROUP, T_q, m_lo, n_m, o_m0, o_n, m_full_lo, diag_hi, qk_scale, ds_smem, ds_bar, DQ, dq_smem,
+                        dk, dv, g * n_m + j, False, WG, ADD_DQ, DQ_EARLY, DQ_TMA, BLOCK_M, BLOCK_N, HEAD_DIM,
+                        NUM_STAGES)
         if ADD_DQ:
             # The other warpgroup's dQ reads this one's K slot until its last step: wait for it.
             # (A last bulk reduction of dQ may still be in flight: the store_wait below covers it.)
