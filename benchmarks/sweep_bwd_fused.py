@@ -42,11 +42,13 @@ CANDIDATES = {
 # atomics, 3 slots and dq_early lost to 2 slots at 629b3f6, and at D = 64 the Gluon kernel lost
 # to the Triton one (..._sweep-bwd-fused-gluon.json); the fastest with atomics stays as the
 # reference, and D = 64's Triton winners ride along.
+# Then ``rows``: bwd_gluon_rows.py's kernel (scores held by query row, P and dS through shared
+# memory; 128-row steps fit at D = 64, 64-row ones at D = 128 with 2 slots).
 GLUON_CANDIDATES = {
     64: [(64, 128, 4, 2, F, T_, F, T_), (64, 128, 4, 3, F, T_, F, T_), (32, 128, 4, 3, F, T_, T_),
-         (64, 64, 4, 3, F, T_, T_)],
+         (64, 64, 4, 3, F, T_, T_), (128, 128, 4, 2, F, T_, F, T_, F, T_), (64, 128, 4, 3, F, T_, F, T_, F, T_)],
     128: [(64, 128, 4, 2, F, T_, F, T_), (64, 128, 4, 3, F, T_, F, T_), (64, 128, 4, 2, F, T_, F, T_, T_),
-          (64, 128, 4, 2, F, F, F, T_)],
+          (64, 128, 4, 2, F, F, F, T_), (64, 128, 4, 2, F, T_, F, T_, F, T_)],
 }
 
 

@@ -1,7 +1,7 @@
-"""Compile the Gluon kernels (flash/fwd_gluon.py, fwd_pingpong.py, bwd_gluon.py) for sm_90 (no
-GPU needed) under every candidate of benchmarks/sweep_fwd_tma.py's GLUON_CANDIDATES,
-sweep_bwd_tma.py's GLUON_DKDV and sweep_bwd_fused.py's Gluon GLUON_CANDIDATES (the one-pass
-form), causal and not, and print one JSON line: per config, ptxas's
+"""Compile the Gluon kernels (flash/fwd_gluon.py, fwd_pingpong.py, bwd_gluon.py,
+bwd_gluon_rows.py) for sm_90 (no GPU needed) under every candidate of benchmarks/sweep_fwd_tma.py's
+GLUON_CANDIDATES, sweep_bwd_tma.py's GLUON_DKDV and sweep_bwd_fused.py's Gluon GLUON_CANDIDATES
+(the one-pass forms), causal and not, and print one JSON line: per config, ptxas's
 spilled bytes and registers, shared memory, the wgmma waits in the PTX (a nonzero one leaves a
 matrix multiply in flight) and the register reallocations. Run by tests/flash/test_fwd_gluon.py."""
 import json
@@ -17,7 +17,7 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from ioattn.flash import bwd_gluon, fwd_gluon, fwd_persistent, fwd_pingpong
+from ioattn.flash import bwd_gluon, bwd_gluon_rows, fwd_gluon, fwd_persistent, fwd_pingpong
 from ioattn.flash.config import TmaFwdConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
@@ -59,6 +59,15 @@ def compile_dkdv_report(D, M, N, stages, overlap, causal, add_dq=False, dq_early
     values = dict(HEAD_DIM=D, HAS_RIGHT=causal, OVERLAP=overlap, ADD_DQ=add_dq, DQ_EARLY=dq_early, DQ_TMA=dq_tma,
                   BLOCK_M=M, BLOCK_N=N // 2, NUM_STAGES=stages)
     return ptxas(bwd_gluon._bwd_dkdv_gluon_kernel, descs, values, dict(num_warps=4, num_stages=stages))
+
+
+def compile_rows_report(D, M, stages, causal):
+    """bwd_gluon_rows.py's kernel: 2 x 64 keys a program, ``M`` query rows a step."""
+    x = torch.empty(1, 256, 2, D, dtype=torch.bfloat16)
+    descs = {f"desc_{n}": fwd_gluon._desc(x, M if n in ("q", "do") else 64) for n in ("q", "k", "v", "do", "dk", "dv")}
+    descs["DQ"] = bwd_gluon._dq_desc(x.float(), M)
+    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, BLOCK_M=M, BLOCK_N=64, NUM_STAGES=stages)
+    return ptxas(bwd_gluon_rows._bwd_rows_gluon_kernel, descs, values, dict(num_warps=4, num_stages=stages))
 
 
 def ptxas(fn, descs, values, options):
@@ -135,6 +144,10 @@ def main():
     for D, configs in gluon_fused_configs().items():
         for cfg in configs:
             for causal in (False, True):
+                if cfg.rows:
+                    name = f"rows D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} s{cfg.num_stages} causal={causal}"
+                    report[name] = compile_rows_report(D, cfg.BLOCK_M, cfg.num_stages, causal)
+                    continue
                 name = (f"fused D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} s{cfg.num_stages}{' early' if cfg.dq_early else ''}"
                         f"{' tma' if cfg.tma_reduce else ''} causal={causal}")
                 report[name] = compile_dkdv_report(D, cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_stages, False, causal,

@@ -8,14 +8,15 @@ backward, on odd sizes, GQA / MQA, causal with Tq != Tk (both alignments, rows t
 keys that no row sees) and strided inputs, under every candidate the sweep times.
 
 The same kernel's one-pass form (``ADD_DQ``, run by bwd_fused.py where config.py's one-pass
-table asks for Gluon) is tested alike, with dK and dV bit-repeatable and dQ within rounding.
+table asks for Gluon) is tested alike, with dK and dV bit-repeatable and dQ within rounding, and
+so is bwd_gluon_rows.py's one-pass kernel (the sweep's candidates with ``rows``).
 """
 import dataclasses
 
 import pytest
 import torch
 
-from ioattn.flash import bwd_gluon, bwd_tma
+from ioattn.flash import bwd_gluon, bwd_gluon_rows, bwd_tma
 from ioattn.flash.bwd_fused import flash_bwd_fused
 from ioattn.flash.config import FusedBwdConfig, get_fused_bwd_config, get_tma_bwd_config
 from ioattn.testing import make_qkv
@@ -36,16 +37,17 @@ def gluon_config(D, causal, M=64, N=128, stages=2, overlap=False):
                                BLOCK_N1=N, stages1=stages, gluon1=True, overlap1=overlap)
 
 
-def _spy(monkeypatch, name):
-    """The launches of ``bwd_gluon.<name>`` made during a test, by config (the kernel still runs)."""
-    calls = []
-    real = getattr(bwd_gluon, name)
+def _spy(monkeypatch, name, module=bwd_gluon, calls=None):
+    """The launches of ``module.<name>`` made during a test, by config (the kernel still runs),
+    appended to ``calls`` (a new list by default)."""
+    calls = [] if calls is None else calls
+    real = getattr(module, name)
 
     def spy(*args, **kw):
         calls.append(args[-1])
         return real(*args, **kw)
 
-    monkeypatch.setattr(bwd_gluon, name, spy)
+    monkeypatch.setattr(module, name, spy)
     return calls
 
 
@@ -192,7 +194,8 @@ def fused_config(D=128, causal=True):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    return _spy(monkeypatch, "fused_gluon")
+    # Either Gluon one-pass kernel: bwd_gluon.py's, or bwd_gluon_rows.py's for configs with rows.
+    return _spy(monkeypatch, "fused_gluon_rows", bwd_gluon_rows, _spy(monkeypatch, "fused_gluon"))
 
 
 fused_vs_portable = versus_portable(flash_bwd_fused)
@@ -253,6 +256,12 @@ def test_fused_gluon_rejects_what_it_cannot_run():
                               FusedBwdConfig(32, 128, 4, 2, gluon=True))
     with pytest.raises(ValueError, match="dq_acc"):
         bwd_gluon.fused_gluon(q, k, v, q, lse, lse, k, v, dq_acc.half(), 0.1, True, 0, fused_config())
+    rows = FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)
+    with pytest.raises(ValueError, match="BLOCK_M in"):
+        bwd_gluon_rows.fused_gluon_rows(q, k, v, q, lse, lse, k, v, dq_acc, 0.1, True, 0,
+                                        dataclasses.replace(rows, BLOCK_M=32))
+    with pytest.raises(ValueError, match="dq_acc"):
+        bwd_gluon_rows.fused_gluon_rows(q, k, v, q, lse, lse, k, v, dq_acc.half(), 0.1, True, 0, rows)
 
 
 @pytest.mark.gpu
@@ -270,19 +279,25 @@ def test_bwd_fused_gluon_gpu_fp16_strided(fused_calls):
     assert fused_calls
 
 
+# bwd_gluon_rows.py's kernel at D = 128 (64-row steps; the only size whose shared memory fits).
+ROWS_128 = FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)
+
+
 @pytest.mark.gpu
-def test_bwd_fused_gluon_gpu_empty_rows(fused_calls):
+@pytest.mark.parametrize("rows", [False, True], ids=["cols", "rows"])
+def test_bwd_fused_gluon_gpu_empty_rows(rows, fused_calls):
     # Tq > Tk, bottom-right: rows 0..999 see no key, so nothing is added to their dq.
-    dq, _, _ = check_bwd(1, 1300, 300, 4, 2, 128, True, None, torch.bfloat16, config=fused_config(),
-                         bwd=fused_vs_portable)
+    dq, _, _ = check_bwd(1, 1300, 300, 4, 2, 128, True, None, torch.bfloat16,
+                         config=ROWS_128 if rows else fused_config(), bwd=fused_vs_portable)
     assert torch.all(dq[:, :1000] == 0)
     assert fused_calls
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", [False, True], ids=["cols", "rows"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_bwd_fused_gluon_gpu_dkdv_deterministic(causal, fused_calls):
-    check_dkdv_repeat(fused_config(128, causal), causal)
+def test_bwd_fused_gluon_gpu_dkdv_deterministic(causal, rows, fused_calls):
+    check_dkdv_repeat(ROWS_128 if rows else fused_config(128, causal), causal)
     assert fused_calls
 
 

@@ -76,15 +76,16 @@ def test_gluon_kernels_compile_for_sm90_without_spills():
             return 512
         if name.startswith("fused D128"):
             return 1100 if " tma" not in name else 640
-        return 512 if "persistent" in name else 0
+        return 512 if "persistent" in name or name.startswith("rows") else 0
 
     assert all(r["spills"] <= spill_cap(name) for name, r in report.items()), report
     # ... while the long unmasked loop of each warpgroup (every second loop in code order)
     # spills about as little as full attention's (at most 20 local loads/stores a step with
-    # the bulk-reduced dQ; 61 with the atomic one, kept only as a reference).
+    # the bulk-reduced dQ; 61 with the atomic one, kept only as a reference). The same holds
+    # for bwd_gluon_rows.py's kernel (its 128-row steps at D = 64 spill a little).
     hot = {name: r["loop_spills_each"] for name, r in report.items()
            if name.startswith("dkdv D128 64x") and "overlap" not in name
-           or name.startswith("fused D128") and " tma" in name}
+           or name.startswith("fused D128") and " tma" in name or name.startswith("rows")}
     assert hot and all(len(each) == (4 if "causal=True" in name else 2) for name, each in hot.items()), hot
     assert all(max(each[1::2] if len(each) == 4 else each) <= 20 for each in hot.values()), hot
     forwards = {name: r for name, r in report.items() if name.startswith("D")}

@@ -23,7 +23,7 @@ interpreter path, so only GPU tests cover it.
 import torch
 
 from .. import _env
-from . import bwd_gluon
+from . import bwd_gluon, bwd_gluon_rows
 from .bwd import backward_buffers
 from .bwd_preprocess import bwd_preprocess
 from .bwd_tma import dkdv_launch, hopper_bwd_inputs
@@ -35,10 +35,11 @@ def fused_pass(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: float, 
                config: FusedBwdConfig):
     """Launch the kernel alone: writes ``dk``, ``dv`` and adds ``dS·k`` (not yet scaled) into
     ``dq_acc``, fp32 with q's shape, which must hold zeros (or what to add to). ``config.gluon``
-    runs bwd_gluon.py's kernel where it can run (IOATTN_GLUON=0, CPU tensors or fp32 run the
-    Triton kernel with the same tiles)."""
+    runs bwd_gluon.py's kernel (with ``config.rows`` bwd_gluon_rows.py's) where it can run
+    (IOATTN_GLUON=0, CPU tensors or fp32 run the Triton kernel with the same tiles)."""
     if config.gluon and _env.gluon() and bwd_gluon.gluon_dkdv_supported(q):
-        bwd_gluon.fused_gluon(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, config)
+        launcher = bwd_gluon_rows.fused_gluon_rows if config.rows else bwd_gluon.fused_gluon
+        launcher(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, config)
         return
     dkdv_launch(q, k, v, dout, lse, delta, dk, dv, softmax_scale, causal, diag_offset, config.BLOCK_M,
                 config.BLOCK_N, config.num_warps, config.num_stages, config.device_desc, dq_acc, config.tma_reduce,

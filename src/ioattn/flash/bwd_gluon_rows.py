@@ -1,0 +1,240 @@
+"""A one-pass Hopper backward in Gluon that holds the scores by query row: S = q·kᵀ as
+[query rows, keys] (FlashAttention-3's layout), with P and dS handed to the tensor cores through
+shared memory.
+
+Why: bwd_gluon.py's kernel holds Sᵀ = k·qᵀ ([keys, query rows]) so that Pᵀ and dSᵀ feed dV and
+dK straight from registers. Its per-row values (lse, Δ) then run along the accumulator's columns,
+where each thread holds a quarter of them: with 128-row query steps they take 64 registers, and
+at D = 64 that form spills (280 local loads/stores a step) where 64-row steps do not. With 64-row
+steps a step at D = 64 is half of D = 128's matrix work for the same count of barriers, waits,
+lse and Δ loads and dQ reductions, and the kernel stayed at 0.83-0.98x the two-pass backward
+(benchmarks/LOG.md v1.18). Held by row, lse and Δ take 4 registers a thread at 128 rows, and a
+step can be 128 rows: the fixed costs of a step are spread over twice the work.
+
+A program holds 2 × 64 keys of one (batch, KV head), one 64-key block per compute warpgroup,
+and a loader warp streams the query blocks' Q and dO tiles (bwd_gluon.py's loader and slot ring).
+Per step each warpgroup, for its keys:
+
+    S  = q·kᵀ,  dP = dO·vᵀ                          (issued together)
+    P  = exp2(S · qk_scale − lse · log2 e)           → shared memory → dV += Pᵀ·dO
+    dS = P ∘ (dP − Δ)                                → shared memory → dK += dSᵀ·q
+    dQ[:, its half of D] += dS·k over both warpgroups' keys (after both dS are in)
+
+and adds its dQ half into the fp32 buffer by the copy engine's bulk reduction (bwd_gluon.py's
+``_reduce_dq``). Rows past Tq read q = dO = 0 and lse = +inf (P = 0); keys past Tk read k = v = 0,
+so they add nothing to dQ, and their dK, dV rows are dropped by the stores' bounds. Causal steps
+holding the diagonal run in a loop of their own (the mask's registers stay out of the rest).
+
+GPU only (Gluon has no interpreter): tests/flash/gluon_ptxas.py compiles it for sm_90 without a
+GPU; tests/flash/test_bwd_gluon.py compares it with the reference on the H200.
+"""
+import torch
+
+from .._utils import cdiv
+from ..launch import launch
+from .fwd import LOG2E, diag_band, device_guard
+from .fwd_gluon import HAS_GLUON
+
+if HAS_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                   warpgroup_mma, warpgroup_mma_wait)
+
+    from .bwd_gluon import _acc_layout, _dkdv_loader, _dq_desc, _dq_layout, _query_blocks, _reduce_dq, _row_stats
+    from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc, _invalidate_ring, _ring_barriers
+
+
+if HAS_GLUON:
+
+    @gluon.constexpr_function
+    def _s_layout(BLOCK_N):
+        """S and dP: [query rows, BLOCK_N keys], warps stacked along the rows."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+
+    @gluon.jit
+    def _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem, ds_bar,
+                   dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, o_n, o_m0, diag_hi, qk_scale, dk, dv,
+                   t, MASKED: gl.constexpr, WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """Step ``t`` of one compute warpgroup (the module's docstring), the causal mask applied iff
+        ``MASKED``: returns the updated (dK, dV)."""
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = _s_layout(BLOCK_N)
+        HALF: gl.constexpr = HEAD_DIM // 2
+        slot = t % NUM_STAGES
+        phase = (t // NUM_STAGES) & 1
+        g = t // n_m
+        i_h = i_hkv * GROUP + g
+        start_m = m_lo + (t - g * n_m) * BLOCK_M
+        o_m = start_m + o_m0
+        # lse and Δ are loaded before the waits, to overlap them.
+        lse2, delta = _row_stats(LSE, DELTA, i_b, H, i_h, T_q, o_m)
+        q_t = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        do_t = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        mbarrier.wait(q_ready.index(slot), phase)
+        s_tok = warpgroup_mma(q_t, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(do_ready.index(slot), phase)
+        dp_tok = warpgroup_mma(do_t, v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        # P while dP is still on the tensor cores, then dS while dV += Pᵀ·dO is.
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        p = gl.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            p = gl.where(o_n[None, :] <= o_m[:, None] + diag_hi, p, 0.0)
+        p_buf = p_smem.index(WG)
+        p_buf.store(p.to(dtype))
+        fence_async_shared()
+        dv_tok = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
+        dp = warpgroup_mma_wait(1, deps=(dp_tok, ))
+        # dS of two steps alternate, [buffer * 2 + warpgroup]: the other warpgroup may still
+        # read this step's while this one writes the next (bwd_gluon.py's _issue_dq says why
+        # two suffice).
+        buf = t % 2
+        ds_buf = ds_smem.index(buf * 2 + WG)
+        ds_buf.store((p * (dp - delta[:, None])).to(dtype))
+        fence_async_shared()
+        mbarrier.arrive(ds_bar.index(buf), count=1)
+        dk_tok = warpgroup_mma(ds_buf.permute((1, 0)), q_t, dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+        # Both warpgroups must be done with a slot before the loader refills it (count 2).
+        mbarrier.arrive(q_empty.index(slot), count=1)
+        mbarrier.arrive(do_empty.index(slot), count=1)
+        # dQ's columns [WG * HALF, + HALF) over all 2 * BLOCK_N keys, once both dS are in.
+        mbarrier.wait(ds_bar.index(buf), (t // 2) & 1)
+        dq = gl.zeros([BLOCK_M, HALF], gl.float32, layout=_dq_layout(HEAD_DIM))
+        for w in gl.static_range(2):
+            k_half = k_smem.index(w).reshape([BLOCK_N, HEAD_DIM]).slice(WG * HALF, HALF, dim=1)
+            dq = warpgroup_mma(ds_smem.index(buf * 2 + w), k_half, dq, use_acc=w > 0, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=(dq, ))
+        _reduce_dq(dq, dq_smem, DQ, i_b, i_h, start_m, WG, BLOCK_M, HEAD_DIM)
+        return dk, dv
+
+    @gluon.jit
+    def _rows_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
+                       ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H,
+                       GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, WG: gl.constexpr,
+                       HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
+        step, its half of each step's dQ, then the dK, dV stores (through its K and V slots)."""
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = _s_layout(BLOCK_N)
+        o_n = start_n + WG * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        o_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        k = k_smem.index(WG).reshape([BLOCK_N, HEAD_DIM])
+        v = v_smem.index(WG).reshape([BLOCK_N, HEAD_DIM])
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
+        dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
+        mbarrier.wait(kv_bar, phase=0)
+        n_mask = 0
+        if HAS_RIGHT:
+            n_mask = gl.minimum(gl.maximum(m_full_lo - m_lo, 0) // BLOCK_M, n_m)
+        for g in range(GROUP):
+            for j in range(n_mask):
+                dk, dv = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
+                                    ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
+                                    o_n, o_m0, diag_hi, qk_scale, dk, dv, g * n_m + j, True, WG, BLOCK_M, BLOCK_N,
+                                    HEAD_DIM, NUM_STAGES)
+            for j in range(n_mask, n_m):
+                dk, dv = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
+                                    ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
+                                    o_n, o_m0, diag_hi, qk_scale, dk, dv, g * n_m + j, False, WG, BLOCK_M, BLOCK_N,
+                                    HEAD_DIM, NUM_STAGES)
+        # The other warpgroup's dQ reads this one's K slot until its last step: wait for it.
+        # (The last bulk reduction of dQ may still be in flight: the store_wait below covers it.)
+        mbarrier.arrive(out_bar, count=1)
+        mbarrier.wait(out_bar, phase=0)
+        k_out = k_smem.index(WG)
+        v_out = v_smem.index(WG)
+        k_out.reshape([BLOCK_N, HEAD_DIM]).store((dk * softmax_scale).to(dtype))
+        v_out.reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc_dk, [i_b, i_hkv, start_n + WG * BLOCK_N, 0], k_out)
+        tma.async_copy_shared_to_global(desc_dv, [i_b, i_hkv, start_n + WG * BLOCK_N, 0], v_out)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _bwd_rows_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H, H_kv,
+                               GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
+                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                               NUM_STAGES: gl.constexpr):
+        """One program: 2 * BLOCK_N keys of one (batch, KV head), BLOCK_M query rows a step; DQ a
+        descriptor of the fp32 dQ buffer with [1, 1, BLOCK_M, HEAD_DIM / 2] tiles. Launched with
+        num_warps=4 (the default partition is warpgroup 0)."""
+        dtype: gl.constexpr = desc_q.dtype
+        i_n, i_bh = gl.program_id(0), gl.program_id(1)
+        i_b, i_hkv = i_bh // H_kv, i_bh % H_kv
+        start_n = i_n * (2 * BLOCK_N)
+        m_lo, n_m, m_full_lo = _query_blocks(start_n, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M, 2 * BLOCK_N)
+
+        k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_do.layout)
+        # P of each warpgroup, dS of two steps ([buffer * 2 + warpgroup]), each [BLOCK_M, BLOCK_N].
+        pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+        p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], pds_layout)
+        ds_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_M, BLOCK_N], pds_layout)
+        # A staging buffer per warpgroup for its half of each step's dQ.
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, HEAD_DIM // 2], DQ.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        q_ready, do_ready, q_empty, do_empty = _ring_barriers(NUM_STAGES, 2)
+        # A barrier per dS buffer (both halves written) and one for the end (both warpgroups'
+        # last dQ read K).
+        ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(ds_bar.index(i), count=2)
+        out_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(out_bar, count=2)
+        fence_async_shared()
+        mbarrier.expect(kv_bar, 4 * desc_k.block_type.nbytes)
+        for w in gl.static_range(2):
+            tma.async_copy_global_to_shared(desc_k, [i_b, i_hkv, start_n + w * BLOCK_N, 0], kv_bar, k_smem.index(w))
+            tma.async_copy_global_to_shared(desc_v, [i_b, i_hkv, start_n + w * BLOCK_N, 0], kv_bar, v_smem.index(w))
+
+        gl.warp_specialize([
+            (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
+                              ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
+                              H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 0, HAS_RIGHT,
+                              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+            (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
+                              ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
+                              H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 1, HAS_RIGHT,
+                              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+            (_dkdv_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
+                            m_lo, n_m, BLOCK_M, NUM_STAGES)),
+        ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
+
+        mbarrier.invalidate(kv_bar)
+        _invalidate_ring(q_ready, do_ready, q_empty, do_empty, NUM_STAGES)
+        for i in gl.static_range(2):
+            mbarrier.invalidate(ds_bar.index(i))
+        mbarrier.invalidate(out_bar)
+
+
+def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: float, causal: bool,
+                     diag_offset: int, config):
+    """Launch the kernel: ``dk``, ``dv`` (contiguous, k's shape) and each step's unscaled dS·k
+    added into ``dq_acc`` (fp32, q's shape, contiguous, holding zeros or what to add to), from
+    ``delta``; ``config`` a :class:`ioattn.flash.config.FusedBwdConfig` with ``gluon`` and
+    ``rows``: 128 keys a program (two warpgroups of 64), ``BLOCK_M`` query rows a step (64 or
+    128), ``num_stages`` Q/dO slots."""
+    if config.BLOCK_N != 128 or config.BLOCK_M not in (64, 128) or config.num_warps != 4:
+        raise ValueError(f"config: the row-held Gluon backward takes BLOCK_N = 128, BLOCK_M in (64, 128) and "
+                         f"4 warps, got {config.BLOCK_N}, {config.BLOCK_M} and {config.num_warps}")
+    if dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape or not dq_acc.is_contiguous():
+        raise ValueError("dq_acc: must be a contiguous fp32 tensor of q's shape")
+    B, T_q, H, D = q.shape
+    T_k, H_kv = k.shape[1], k.shape[2]
+    band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
+    M, N = config.BLOCK_M, 64  # N: keys of each of the two warpgroups
+    with device_guard(q):
+        launch(
+            _bwd_rows_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
+            _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
+            _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
+            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
+            NUM_STAGES=config.num_stages, num_warps=4,
+        )
