@@ -334,6 +334,66 @@ if HAS_GLUON:
             mbarrier.arrive(out_bar, count=1)
             mbarrier.wait(out_bar, phase=0)
         # Every wgmma reading K and V has completed: their slots take dK and dV on the way out.
+        _store_dkdv(dk, dv, k_smem, v_smem, desc_dk, desc_dv, i_b, i_hkv, start_n, softmax_scale, WG, BLOCK_N,
+                    HEAD_DIM)
+
+    @gluon.jit
+    def _program_keys(T_q, T_k, H_kv, diag_hi, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr):
+        """This program's (batch, KV head, first key) and :func:`_query_blocks` of its 2 * BLOCK_N
+        keys: one query range for both warpgroups, which walk the same steps."""
+        i_n, i_bh = gl.program_id(0), gl.program_id(1)
+        i_b, i_hkv = i_bh // H_kv, i_bh % H_kv
+        start_n = i_n * (2 * BLOCK_N)
+        m_lo, n_m, m_full_lo = _query_blocks(start_n, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M, 2 * BLOCK_N)
+        return i_b, i_hkv, start_n, m_lo, n_m, m_full_lo
+
+    @gluon.jit
+    def _alloc_tiles(desc_q, desc_k, desc_v, desc_do, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """(k_smem, v_smem, q_smem, do_smem, kv_bar): a K and a V slot per warpgroup, the ring of
+        Q and dO slots, and the barrier the K and V loads arrive on."""
+        dtype: gl.constexpr = desc_q.dtype
+        k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_do.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        return k_smem, v_smem, q_smem, do_smem, kv_bar
+
+    @gluon.jit
+    def _load_kv(desc_k, desc_v, k_smem, v_smem, kv_bar, i_b, i_hkv, start_n, BLOCK_N: gl.constexpr):
+        """Both warpgroups' K and V tiles (keys ``[start_n, + 2 * BLOCK_N)``) into their slots,
+        arriving on ``kv_bar``."""
+        mbarrier.expect(kv_bar, 4 * desc_k.block_type.nbytes)
+        for w in gl.static_range(2):
+            tma.async_copy_global_to_shared(desc_k, [i_b, i_hkv, start_n + w * BLOCK_N, 0], kv_bar, k_smem.index(w))
+            tma.async_copy_global_to_shared(desc_v, [i_b, i_hkv, start_n + w * BLOCK_N, 0], kv_bar, v_smem.index(w))
+
+    @gluon.jit
+    def _dq_barriers():
+        """(ds_bar, out_bar) of a one-pass kernel: a barrier per dS buffer (both warpgroups' halves
+        written) and one for the end (both warpgroups' last dQ read K); two arrivals each."""
+        ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(ds_bar.index(i), count=2)
+        out_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(out_bar, count=2)
+        return ds_bar, out_bar
+
+    @gluon.jit
+    def _invalidate_dq_barriers(ds_bar, out_bar):
+        for i in gl.static_range(2):
+            mbarrier.invalidate(ds_bar.index(i))
+        mbarrier.invalidate(out_bar)
+
+    @gluon.jit
+    def _store_dkdv(dk, dv, k_smem, v_smem, desc_dk, desc_dv, i_b, i_hkv, start_n, softmax_scale, WG: gl.constexpr,
+                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """A warpgroup's dK (scaled) and dV out through its K and V slots, which no wgmma reads
+        any more."""
+        dtype: gl.constexpr = k_smem.dtype
         k_out = k_smem.index(WG)
         v_out = v_smem.index(WG)
         k_out.reshape([BLOCK_N, HEAD_DIM]).store((dk * softmax_scale).to(dtype))
@@ -354,18 +414,11 @@ if HAS_GLUON:
         also adds every step's dS·k into DQ: a pointer to fp32, or with ``DQ_TMA`` a descriptor of
         it with [1, 1, BLOCK_M, HEAD_DIM / 2] tiles."""
         dtype: gl.constexpr = desc_q.dtype
-        i_n, i_bh = gl.program_id(0), gl.program_id(1)
-        i_b, i_hkv = i_bh // H_kv, i_bh % H_kv
-        start_n = i_n * (2 * BLOCK_N)
-        # One query range for both warpgroups (they walk the same steps): that of all 2 * BLOCK_N keys.
-        m_lo, n_m, m_full_lo = _query_blocks(start_n, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M, 2 * BLOCK_N)
+        i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _program_keys(T_q, T_k, H_kv, diag_hi, HAS_RIGHT, BLOCK_M,
+                                                                  BLOCK_N)
 
-        k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
-        q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_do.layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
+        k_smem, v_smem, q_smem, do_smem, kv_bar = _alloc_tiles(desc_q, desc_k, desc_v, desc_do, BLOCK_M, BLOCK_N,
+                                                               HEAD_DIM, NUM_STAGES)
         # Slots released by both warpgroups.
         q_ready, do_ready, q_empty, do_empty = _ring_barriers(NUM_STAGES, 2)
         if ADD_DQ:
@@ -373,11 +426,7 @@ if HAS_GLUON:
             # written) and one for the end (both warpgroups' last dQ read K).
             ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
             ds_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_N, BLOCK_M], ds_layout)
-            ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(2):
-                mbarrier.init(ds_bar.index(i), count=2)
-            out_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            mbarrier.init(out_bar, count=2)
+            ds_bar, out_bar = _dq_barriers()
             if DQ_TMA:
                 # A staging buffer per warpgroup for its half of each step's dQ.
                 dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, HEAD_DIM // 2], DQ.layout)
@@ -386,10 +435,7 @@ if HAS_GLUON:
         else:
             ds_smem, ds_bar, out_bar, dq_smem = kv_bar, kv_bar, kv_bar, kv_bar  # never touched
         fence_async_shared()
-        mbarrier.expect(kv_bar, 4 * desc_k.block_type.nbytes)
-        for w in gl.static_range(2):
-            tma.async_copy_global_to_shared(desc_k, [i_b, i_hkv, start_n + w * BLOCK_N, 0], kv_bar, k_smem.index(w))
-            tma.async_copy_global_to_shared(desc_v, [i_b, i_hkv, start_n + w * BLOCK_N, 0], kv_bar, v_smem.index(w))
+        _load_kv(desc_k, desc_v, k_smem, v_smem, kv_bar, i_b, i_hkv, start_n, BLOCK_N)
 
         gl.warp_specialize([
             (_dkdv_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
@@ -407,9 +453,7 @@ if HAS_GLUON:
         mbarrier.invalidate(kv_bar)
         _invalidate_ring(q_ready, do_ready, q_empty, do_empty, NUM_STAGES)
         if ADD_DQ:
-            for i in gl.static_range(2):
-                mbarrier.invalidate(ds_bar.index(i))
-            mbarrier.invalidate(out_bar)
+            _invalidate_dq_barriers(ds_bar, out_bar)
 
 
 def dkdv_gluon(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: bool, diag_offset: int, config):

@@ -38,10 +38,11 @@ from .fwd_gluon import HAS_GLUON
 if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                                   warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
 
-    from .bwd_gluon import _acc_layout, _dkdv_loader, _dq_desc, _dq_layout, _query_blocks, _reduce_dq, _row_stats
+    from .bwd_gluon import (_acc_layout, _alloc_tiles, _dkdv_loader, _dq_barriers, _dq_desc, _dq_layout,
+                            _invalidate_dq_barriers, _load_kv, _program_keys, _reduce_dq, _row_stats, _store_dkdv)
     from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc, _invalidate_ring, _ring_barriers
 
 
@@ -118,7 +119,6 @@ if HAS_GLUON:
                        HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
         step, its half of each step's dQ, then the dK, dV stores (through its K and V slots)."""
-        dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = _s_layout(BLOCK_N)
         o_n = start_n + WG * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         o_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
@@ -145,14 +145,8 @@ if HAS_GLUON:
         # (The last bulk reduction of dQ may still be in flight: the store_wait below covers it.)
         mbarrier.arrive(out_bar, count=1)
         mbarrier.wait(out_bar, phase=0)
-        k_out = k_smem.index(WG)
-        v_out = v_smem.index(WG)
-        k_out.reshape([BLOCK_N, HEAD_DIM]).store((dk * softmax_scale).to(dtype))
-        v_out.reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(desc_dk, [i_b, i_hkv, start_n + WG * BLOCK_N, 0], k_out)
-        tma.async_copy_shared_to_global(desc_dv, [i_b, i_hkv, start_n + WG * BLOCK_N, 0], v_out)
-        tma.store_wait(pendings=0)
+        _store_dkdv(dk, dv, k_smem, v_smem, desc_dk, desc_dv, i_b, i_hkv, start_n, softmax_scale, WG, BLOCK_N,
+                    HEAD_DIM)
 
     @gluon.jit
     def _bwd_rows_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H, H_kv,
@@ -163,36 +157,21 @@ if HAS_GLUON:
         descriptor of the fp32 dQ buffer with [1, 1, BLOCK_M, HEAD_DIM / 2] tiles. Launched with
         num_warps=4 (the default partition is warpgroup 0)."""
         dtype: gl.constexpr = desc_q.dtype
-        i_n, i_bh = gl.program_id(0), gl.program_id(1)
-        i_b, i_hkv = i_bh // H_kv, i_bh % H_kv
-        start_n = i_n * (2 * BLOCK_N)
-        m_lo, n_m, m_full_lo = _query_blocks(start_n, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M, 2 * BLOCK_N)
+        i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _program_keys(T_q, T_k, H_kv, diag_hi, HAS_RIGHT, BLOCK_M,
+                                                                  BLOCK_N)
 
-        k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
-        q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_do.layout)
+        k_smem, v_smem, q_smem, do_smem, kv_bar = _alloc_tiles(desc_q, desc_k, desc_v, desc_do, BLOCK_M, BLOCK_N,
+                                                               HEAD_DIM, NUM_STAGES)
         # P of each warpgroup, dS of two steps ([buffer * 2 + warpgroup]), each [BLOCK_M, BLOCK_N].
         pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
         p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], pds_layout)
         ds_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_M, BLOCK_N], pds_layout)
         # A staging buffer per warpgroup for its half of each step's dQ.
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, HEAD_DIM // 2], DQ.layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
         q_ready, do_ready, q_empty, do_empty = _ring_barriers(NUM_STAGES, 2)
-        # A barrier per dS buffer (both halves written) and one for the end (both warpgroups'
-        # last dQ read K).
-        ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(ds_bar.index(i), count=2)
-        out_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(out_bar, count=2)
+        ds_bar, out_bar = _dq_barriers()
         fence_async_shared()
-        mbarrier.expect(kv_bar, 4 * desc_k.block_type.nbytes)
-        for w in gl.static_range(2):
-            tma.async_copy_global_to_shared(desc_k, [i_b, i_hkv, start_n + w * BLOCK_N, 0], kv_bar, k_smem.index(w))
-            tma.async_copy_global_to_shared(desc_v, [i_b, i_hkv, start_n + w * BLOCK_N, 0], kv_bar, v_smem.index(w))
+        _load_kv(desc_k, desc_v, k_smem, v_smem, kv_bar, i_b, i_hkv, start_n, BLOCK_N)
 
         gl.warp_specialize([
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
@@ -209,9 +188,7 @@ if HAS_GLUON:
 
         mbarrier.invalidate(kv_bar)
         _invalidate_ring(q_ready, do_ready, q_empty, do_empty, NUM_STAGES)
-        for i in gl.static_range(2):
-            mbarrier.invalidate(ds_bar.index(i))
-        mbarrier.invalidate(out_bar)
+        _invalidate_dq_barriers(ds_bar, out_bar)
 
 
 def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: float, causal: bool,
