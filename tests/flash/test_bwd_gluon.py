@@ -216,8 +216,9 @@ def test_fused_config_table_gluon_entries(monkeypatch):
     # the two-pass backward (None) and D = 64 its Triton one-pass kernel from 16384 keys on.
     from ioattn.flash import config
 
-    made_up = {(128, False): (4096, 3, False, True), (128, True): (2048, 2, True, False),
-               (64, False): (8192, 2, False, True)}
+    made_up = {(128, False): (4096, FusedBwdConfig(64, 128, 4, 3, tma_reduce=True, gluon=True)),
+               (128, True): (2048, FusedBwdConfig(64, 128, 4, 2, gluon=True, dq_early=True)),
+               (64, False): (8192, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True))}
     for table in (config.GLUON_FUSED_BWD, made_up):
         monkeypatch.setattr(config, "GLUON_FUSED_BWD", table)
         for D in (64, 128):
@@ -233,8 +234,7 @@ def test_fused_config_table_gluon_entries(monkeypatch):
                     if entry is None:
                         assert cfg == no_gluon
                     else:
-                        assert cfg.gluon and (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps) == (64, 128, 4)
-                        assert (cfg.num_stages, cfg.dq_early, cfg.tma_reduce) == entry[1:]
+                        assert cfg == entry[1] and cfg.gluon
                         short = get_fused_bwd_config(D, dtype, causal, interpret=False, seqlen=entry[0] - 1,
                                                      gluon=True)
                         assert short is None or not short.gluon
@@ -311,7 +311,8 @@ def test_flash_attn_func_takes_the_gluon_one_pass_where_the_table_says(monkeypat
     from ioattn.flash.reference import attention_ref
     from ioattn.testing import assert_close
 
-    monkeypatch.setattr(config, "GLUON_FUSED_BWD", {(128, True): (2048, 2, False, True)})
+    monkeypatch.setattr(config, "GLUON_FUSED_BWD",
+                        {(128, True): (2048, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True))})
     for h_kv, calls in ((4, [1, 1]), (2, [1, 1])):
         q, k, v = make_qkv(1, 4096, 4096, 4, h_kv, 128, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
         dout = torch.randn_like(q)

@@ -334,9 +334,8 @@ class FusedBwdConfig:
 FUSED_BWD_MIN_SEQLEN = {False: 4096, True: 16384}  # by causal
 
 # bwd_gluon.py's kernel as a one-pass backward (ADD_DQ): each step's dSᵀ shared through shared
-# memory, each warpgroup adding half of dQ's columns. By (D, causal): (shortest sequence, Q/dO
-# slots, dq_early, tma_reduce) where it beat the two-pass backward (and, at D = 64, the Triton
-# one-pass kernel above). With element-wise atomics it lost at every point at 629b3f6
+# memory, each warpgroup adding half of dQ's columns. By (D, causal): (shortest sequence, config)
+# where it beat the two-pass backward (and, at D = 64, the Triton one-pass kernel above). With element-wise atomics it lost at every point at 629b3f6
 # (results/2026-12-03_nvidia-h200_sweep-bwd-fused-gluon.json, T = 2048 / 4096 / 16384, best
 # candidate 2 slots: full 0.92 / 0.93 / 0.96x, causal 0.78 / 0.87 / 0.87x): the adds, 17 GB at
 # T = 16384, held the compute warps (benchmarks/LOG.md v1.15). With ``tma_reduce`` the copy engine
@@ -349,7 +348,11 @@ FUSED_BWD_MIN_SEQLEN = {False: 4096, True: 16384}  # by causal
 # Only for MHA: with GQA 32 / 4 (causal, T = 8192, benchmarks' beyond suite) the entry made
 # forward + backward slower, 9.72 ms against 8.97 with the two-pass backward (15753bf against
 # c765adf; one program walks all 8 query heads of its KV head, 512 programs of unequal work).
-GLUON_FUSED_BWD: dict = {(128, False): (1024, 3, False, True), (128, True): (4096, 3, False, True)}
+# Entries: (shortest sequence, config).
+GLUON_FUSED_BWD: dict = {
+    (128, False): (1024, FusedBwdConfig(64, 128, 4, 3, tma_reduce=True, gluon=True)),
+    (128, True): (4096, FusedBwdConfig(64, 128, 4, 3, tma_reduce=True, gluon=True)),
+}
 
 
 def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, interpret: bool,
@@ -367,8 +370,7 @@ def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, int
         return None
     entry = GLUON_FUSED_BWD.get((head_dim, bool(causal))) if gluon and group == 1 else None
     if entry is not None and not 0 < seqlen < entry[0]:
-        return FusedBwdConfig(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=entry[1], gluon=True,
-                              dq_early=entry[2], tma_reduce=entry[3])
+        return entry[1]
     if head_dim != 64:
         return None
     if 0 < seqlen < FUSED_BWD_MIN_SEQLEN[bool(causal)]:
