@@ -306,7 +306,8 @@ class FusedBwdConfig:
     (BLOCK_M = 64, BLOCK_N = 128 in two warpgroups, 4 warps; num_stages its Q/dO slots,
     ``dq_early`` its dQ wgmmas queued behind dV's and dK's, ``tma_reduce`` as above; the other
     fields unused); with ``rows`` too, bwd_gluon_rows.py's kernel (scores held by query row,
-    BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused)."""
+    BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused). ``split_mask``: the Gluon
+    kernels run a causal program's steps that hold the diagonal in a loop of their own."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -318,6 +319,7 @@ class FusedBwdConfig:
     gluon: bool = False
     dq_early: bool = False
     rows: bool = False
+    split_mask: bool = False
 
 
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
@@ -348,10 +350,21 @@ FUSED_BWD_MIN_SEQLEN = {False: 4096, True: 16384}  # by causal
 # Only for MHA: with GQA 32 / 4 (causal, T = 8192, benchmarks' beyond suite) the entry made
 # forward + backward slower, 9.72 ms against 8.97 with the two-pass backward (15753bf against
 # c765adf; one program walks all 8 query heads of its KV head, 512 programs of unequal work).
+# bwd_gluon_rows.py's kernel (``rows``; 3d4519f's run, results/2026-12-03_nvidia-h200_sweep-bwd-
+# fused-gluon-rows.json, every causal kernel there with split_mask), same measure: D = 128 full,
+# 64-row steps, 2 slots: 1.13 / 1.17 / 1.13 / 1.22 / 1.23x (544 TFLOP/s at 16384; bwd_gluon.py's
+# kernel 1.10-1.16x in the same run). D = 64, against the Triton one-pass kernel's 1.08 / 1.10 /
+# 1.12x at T = 4096 / 8192 / 16384 full (32 x 128 tiles) and 0.98 / 1.02 / 1.06x causal (64 x 64):
+# 128-row steps, 2 slots, full 1.09 / 1.12 / 1.15x; 64-row steps, 3 slots, split_mask, causal
+# 1.02 / 1.10 / 1.14x (0.97x at 2048, where the two-pass backward stays). split_mask made
+# bwd_gluon.py's causal kernel 1.19-1.29x slower at D = 128, though its long loop spills less
+# (see bwd_gluon.py's _dkdv_consumer): that entry runs one loop, as measured at b5cf7c3.
 # Entries: (shortest sequence, config).
 GLUON_FUSED_BWD: dict = {
-    (128, False): (1024, FusedBwdConfig(64, 128, 4, 3, tma_reduce=True, gluon=True)),
+    (128, False): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
     (128, True): (4096, FusedBwdConfig(64, 128, 4, 3, tma_reduce=True, gluon=True)),
+    (64, False): (4096, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
+    (64, True): (4096, FusedBwdConfig(64, 128, 4, 3, tma_reduce=True, gluon=True, rows=True, split_mask=True)),
 }
 
 
