@@ -358,11 +358,15 @@ FUSED_BWD_MIN_SEQLEN = {False: 4096, True: 16384}  # by causal
 # 128-row steps, 2 slots, full 1.09 / 1.12 / 1.15x; 64-row steps, 3 slots, split_mask, causal
 # 1.02 / 1.10 / 1.14x (0.97x at 2048, where the two-pass backward stays). split_mask made
 # bwd_gluon.py's causal kernel 1.19-1.29x slower at D = 128, though its long loop spills less
-# (see bwd_gluon.py's _dkdv_consumer): that entry runs one loop, as measured at b5cf7c3.
+# (see bwd_gluon.py's _dkdv_consumer). Without it (155de24, ..._sweep-bwd-fused-gluon-causal-
+# 155de24.json, T = 4096 / 16384) D = 128 causal ran: row-held kernel, 64-row steps, 2 slots,
+# 1.17 / 1.20x (5.43 ms at 16384); bwd_gluon.py's kernel, 3 slots, 1.03 / 1.09x (6.03 ms; the
+# entry until then); with split_mask 0.83 / 0.88x and 0.77 / 0.82x. Shorter causal sequences
+# were not timed without split_mask: the entry starts at 4096, as before.
 # Entries: (shortest sequence, config).
 GLUON_FUSED_BWD: dict = {
     (128, False): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
-    (128, True): (4096, FusedBwdConfig(64, 128, 4, 3, tma_reduce=True, gluon=True)),
+    (128, True): (4096, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
     (64, False): (4096, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
     (64, True): (4096, FusedBwdConfig(64, 128, 4, 3, tma_reduce=True, gluon=True, rows=True, split_mask=True)),
 }
