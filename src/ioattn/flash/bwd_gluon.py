@@ -244,8 +244,7 @@ if HAS_GLUON:
                        qk_scale, softmax_scale, ds_smem, ds_bar, out_bar, DQ, dq_smem, WG: gl.constexpr,
                        HAS_RIGHT: gl.constexpr, OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
                        DQ_TMA: gl.constexpr, SPLIT_MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       HEAD_DIM: gl.constexpr,
-                       NUM_STAGES: gl.constexpr):
+                       HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
         step, then their stores (through this warpgroup's K and V slots, no longer read).
 
@@ -321,14 +320,14 @@ if HAS_GLUON:
                 for j in range(n_mask):
                     dk, dv = _plain_step(
                         k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, s_zero, LSE, DELTA, i_b, H,
-                        i_hkv, GROUP, T_q, m_lo, n_m, o_m0, o_n, m_full_lo, diag_hi, qk_scale, ds_smem, ds_bar, DQ, dq_smem,
-                        dk, dv, g * n_m + j, True, WG, ADD_DQ, DQ_EARLY, DQ_TMA, BLOCK_M, BLOCK_N, HEAD_DIM,
+                        i_hkv, GROUP, T_q, m_lo, n_m, o_m0, o_n, m_full_lo, diag_hi, qk_scale, ds_smem, ds_bar, DQ,
+                        dq_smem, dk, dv, g * n_m + j, True, WG, ADD_DQ, DQ_EARLY, DQ_TMA, BLOCK_M, BLOCK_N, HEAD_DIM,
                         NUM_STAGES)
                 for j in range(n_mask, n_m):
                     dk, dv = _plain_step(
                         k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, s_zero, LSE, DELTA, i_b, H,
-                        i_hkv, GROUP, T_q, m_lo, n_m, o_m0, o_n, m_full_lo, diag_hi, qk_scale, ds_smem, ds_bar, DQ, dq_smem,
-                        dk, dv, g * n_m + j, False, WG, ADD_DQ, DQ_EARLY, DQ_TMA, BLOCK_M, BLOCK_N, HEAD_DIM,
+                        i_hkv, GROUP, T_q, m_lo, n_m, o_m0, o_n, m_full_lo, diag_hi, qk_scale, ds_smem, ds_bar, DQ,
+                        dq_smem, dk, dv, g * n_m + j, False, WG, ADD_DQ, DQ_EARLY, DQ_TMA, BLOCK_M, BLOCK_N, HEAD_DIM,
                         NUM_STAGES)
         else:
             # One loop; causal steps test at run time whether their block holds the diagonal.
@@ -416,8 +415,8 @@ if HAS_GLUON:
     def _bwd_dkdv_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H,
                                H_kv, GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
                                OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
-                               DQ_TMA: gl.constexpr, SPLIT_MASK: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+                               DQ_TMA: gl.constexpr, SPLIT_MASK: gl.constexpr, HEAD_DIM: gl.constexpr,
+                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head) in two warpgroups of BLOCK_N keys
         (launched with num_warps=4: the default partition is warpgroup 0); with ``ADD_DQ`` it
         also adds every step's dS·k into DQ: a pointer to fp32, or with ``DQ_TMA`` a descriptor of

@@ -56,8 +56,8 @@ if HAS_GLUON:
     @gluon.jit
     def _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem, ds_bar,
                    dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, o_n, o_m0, diag_hi,
-                   qk_scale, dk, dv, t, MASKED: gl.constexpr, WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
+                   qk_scale, dk, dv, t, MASKED: gl.constexpr, WG: gl.constexpr, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
         """Step ``t`` of one compute warpgroup (the module's docstring), the causal mask applied iff
         ``MASKED`` and the step's block holds the diagonal (from ``m_full_lo`` down): returns the
         updated (dK, dV)."""
@@ -162,8 +162,8 @@ if HAS_GLUON:
     @gluon.jit
     def _bwd_rows_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H, H_kv,
                                GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
-                               SPLIT_MASK: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                               NUM_STAGES: gl.constexpr):
+                               SPLIT_MASK: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head), BLOCK_M query rows a step; DQ a
         descriptor of the fp32 dQ buffer with [1, 1, BLOCK_M, HEAD_DIM / 2] tiles. Launched with
         num_warps=4 (the default partition is warpgroup 0)."""
@@ -223,6 +223,7 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
             _bwd_rows_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
             _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
-            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], SPLIT_MASK=config.split_mask, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
+            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], SPLIT_MASK=config.split_mask, HEAD_DIM=D, BLOCK_M=M,
+            BLOCK_N=N,
             NUM_STAGES=config.num_stages, num_warps=4,
         )

@@ -336,9 +336,10 @@ class FusedBwdConfig:
 FUSED_BWD_MIN_SEQLEN = {False: 4096, True: 16384}  # by causal
 
 # bwd_gluon.py's kernel as a one-pass backward (ADD_DQ): each step's dSᵀ shared through shared
-# memory, each warpgroup adding half of dQ's columns. By (D, causal): (shortest sequence, config)
-# where it beat the two-pass backward (and, at D = 64, the Triton one-pass kernel above). With element-wise atomics it lost at every point at 629b3f6
-# (results/2026-12-03_nvidia-h200_sweep-bwd-fused-gluon.json, T = 2048 / 4096 / 16384, best
+# memory, each warpgroup adding half of dQ's columns, and bwd_gluon_rows.py's (below). By (D,
+# causal): (shortest sequence, config) where one beat the two-pass backward (and, at D = 64, the
+# Triton one-pass kernel above). With element-wise atomics bwd_gluon.py's lost at every point at
+# 629b3f6 (results/2026-12-03_nvidia-h200_sweep-bwd-fused-gluon.json, T = 2048 / 4096 / 16384, best
 # candidate 2 slots: full 0.92 / 0.93 / 0.96x, causal 0.78 / 0.87 / 0.87x): the adds, 17 GB at
 # T = 16384, held the compute warps (benchmarks/LOG.md v1.15). With ``tma_reduce`` the copy engine
 # adds them from shared memory (b5cf7c3, results/2026-12-03_nvidia-h200_sweep-bwd-fused-gluon-tma.json,
@@ -346,7 +347,8 @@ FUSED_BWD_MIN_SEQLEN = {False: 4096, True: 16384}  # by causal
 # D = 128 full, 3 slots: 1.09 / 1.15 / 1.13 / 1.18 / 1.18x (500 TFLOP/s at 16384; 2 slots with
 # dq_early 1.12x at 1024, behind it beyond); causal, 3 slots: 0.96 / 0.98 / 1.04 / 1.07 / 1.10x.
 # D = 64: 0.83-0.98x full, 0.85-1.04x causal, behind the Triton one-pass kernel wherever that one
-# runs (full 32 x 128 tiles 1.05-1.10x from 2048 on, causal 64 x 64 tiles 1.02 / 1.06x at 8192 / 16384): no entry.
+# runs (full 32 x 128 tiles 1.05-1.10x from 2048 on, causal 64 x 64 tiles 1.02 / 1.06x at 8192 /
+# 16384): no D = 64 entry for bwd_gluon.py's kernel.
 # Only for MHA: with GQA 32 / 4 (causal, T = 8192, benchmarks' beyond suite) the entry made
 # forward + backward slower, 9.72 ms against 8.97 with the two-pass backward (15753bf against
 # c765adf; one program walks all 8 query heads of its KV head, 512 programs of unequal work).
