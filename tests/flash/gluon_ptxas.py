@@ -48,8 +48,7 @@ def compile_report(D, cfg: TmaFwdConfig, causal):
     return ptxas(fn, descs, values, dict(num_warps=warps, num_stages=stages, **extra))
 
 
-def compile_dkdv_report(D, M, N, stages, overlap, causal, add_dq=False, dq_early=False, dq_tma=False,
-                        split_mask=False):
+def compile_dkdv_report(D, M, N, stages, overlap, causal, add_dq=False, dq_early=False, dq_tma=False):
     """bwd_gluon.py's kernel: ``N`` keys a program in two warpgroups, ``M`` query rows a step;
     with ``add_dq`` the one-pass backward's form of it (``dq_tma``: dQ by bulk reductions)."""
     x = torch.empty(1, 256, 2, D, dtype=torch.bfloat16)
@@ -58,7 +57,7 @@ def compile_dkdv_report(D, M, N, stages, overlap, causal, add_dq=False, dq_early
     if dq_tma:
         descs["DQ"] = bwd_gluon._dq_desc(x.float(), M)
     values = dict(HEAD_DIM=D, HAS_RIGHT=causal, OVERLAP=overlap, ADD_DQ=add_dq, DQ_EARLY=dq_early, DQ_TMA=dq_tma,
-                  SPLIT_MASK=split_mask, BLOCK_M=M, BLOCK_N=N // 2, NUM_STAGES=stages)
+                  BLOCK_M=M, BLOCK_N=N // 2, NUM_STAGES=stages)
     return ptxas(bwd_gluon._bwd_dkdv_gluon_kernel, descs, values, dict(num_warps=4, num_stages=stages))
 
 
@@ -145,16 +144,15 @@ def main():
     for D, configs in gluon_fused_configs().items():
         for cfg in configs:
             for causal in (False, True):
-                split = " split" if cfg.split_mask else ""
                 if cfg.rows:
+                    split = " split" if cfg.split_mask else ""
                     name = f"rows D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} s{cfg.num_stages}{split} causal={causal}"
                     report[name] = compile_rows_report(D, cfg.BLOCK_M, cfg.num_stages, causal, cfg.split_mask)
                     continue
                 name = (f"fused D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} s{cfg.num_stages}{' early' if cfg.dq_early else ''}"
-                        f"{' tma' if cfg.tma_reduce else ''}{split} causal={causal}")
+                        f"{' tma' if cfg.tma_reduce else ''} causal={causal}")
                 report[name] = compile_dkdv_report(D, cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_stages, False, causal,
-                                                   add_dq=True, dq_early=cfg.dq_early, dq_tma=cfg.tma_reduce,
-                                                   split_mask=cfg.split_mask)
+                                                   add_dq=True, dq_early=cfg.dq_early, dq_tma=cfg.tma_reduce)
     print(json.dumps(report))
 
 

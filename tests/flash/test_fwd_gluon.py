@@ -69,8 +69,8 @@ def test_gluon_kernels_compile_for_sm90_without_spills():
     # dQ's half-width accumulator and its addresses on top), and the persistent forward's, which
     # keeps its tile loop's indices beside the ping-pong kernel's registers: they are spilled
     # around the key loops, not in them (one register's load and store a step, causal at D = 128).
-    # split_mask doubles bwd_gluon.py's causal step loop (the diagonal's masked steps, then the
-    # rest), and with it the spilled bytes, most of them in the short masked loop.
+    # split_mask doubles bwd_gluon_rows.py's causal step loop (the diagonal's masked steps, then
+    # the rest), and with it the spilled bytes, most of them in the short masked loop.
     def spill_cap(name):
         if name.startswith("dkdv D128 64x") and "overlap" not in name:
             return 256

@@ -243,8 +243,8 @@ if HAS_GLUON:
                        desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
                        qk_scale, softmax_scale, ds_smem, ds_bar, out_bar, DQ, dq_smem, WG: gl.constexpr,
                        HAS_RIGHT: gl.constexpr, OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
-                       DQ_TMA: gl.constexpr, SPLIT_MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
+                       DQ_TMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                       NUM_STAGES: gl.constexpr):
         """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
         step, then their stores (through this warpgroup's K and V slots, no longer read).
 
@@ -307,30 +307,10 @@ if HAS_GLUON:
                 dv_tok = warpgroup_mma(p_op, do_smem.index(last).reshape([BLOCK_M, HEAD_DIM]), dv, is_async=True)
                 dk_tok = warpgroup_mma(ds_op, q_smem.index(last).reshape([BLOCK_M, HEAD_DIM]), dk, is_async=True)
                 dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
-        elif SPLIT_MASK:
-            # Causal: the first steps of each head hold the diagonal and need the mask, the rest
-            # none; two loops, so that the long unmasked one is compiled without the mask's
-            # registers (ptxas at D = 128 with ADD_DQ: 12-16 local loads/stores a step there
-            # against 53-71 in one loop). Measured slower all the same where it spilled less
-            # (config.py's GLUON_FUSED_BWD says by how much), so a config asks for it.
-            n_mask = 0
-            if HAS_RIGHT:
-                n_mask = gl.minimum(gl.maximum(m_full_lo - m_lo, 0) // BLOCK_M, n_m)
-            for g in range(GROUP):
-                for j in range(n_mask):
-                    dk, dv = _plain_step(
-                        k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, s_zero, LSE, DELTA, i_b, H,
-                        i_hkv, GROUP, T_q, m_lo, n_m, o_m0, o_n, m_full_lo, diag_hi, qk_scale, ds_smem, ds_bar, DQ,
-                        dq_smem, dk, dv, g * n_m + j, True, WG, ADD_DQ, DQ_EARLY, DQ_TMA, BLOCK_M, BLOCK_N, HEAD_DIM,
-                        NUM_STAGES)
-                for j in range(n_mask, n_m):
-                    dk, dv = _plain_step(
-                        k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, s_zero, LSE, DELTA, i_b, H,
-                        i_hkv, GROUP, T_q, m_lo, n_m, o_m0, o_n, m_full_lo, diag_hi, qk_scale, ds_smem, ds_bar, DQ,
-                        dq_smem, dk, dv, g * n_m + j, False, WG, ADD_DQ, DQ_EARLY, DQ_TMA, BLOCK_M, BLOCK_N, HEAD_DIM,
-                        NUM_STAGES)
         else:
-            # One loop; causal steps test at run time whether their block holds the diagonal.
+            # One loop; causal steps test at run time whether their block holds the diagonal. (Two
+            # loops, the diagonal's steps apart, spilled less and ran 1.19-1.29x slower at D = 128:
+            # benchmarks/LOG.md v1.19. bwd_gluon_rows.py keeps that form as an option.)
             for t in range(n_steps):
                 dk, dv = _plain_step(
                     k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, s_zero, LSE, DELTA, i_b, H,
@@ -415,8 +395,8 @@ if HAS_GLUON:
     def _bwd_dkdv_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H,
                                H_kv, GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
                                OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
-                               DQ_TMA: gl.constexpr, SPLIT_MASK: gl.constexpr, HEAD_DIM: gl.constexpr,
-                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+                               DQ_TMA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head) in two warpgroups of BLOCK_N keys
         (launched with num_warps=4: the default partition is warpgroup 0); with ``ADD_DQ`` it
         also adds every step's dS·k into DQ: a pointer to fp32, or with ``DQ_TMA`` a descriptor of
@@ -449,11 +429,11 @@ if HAS_GLUON:
             (_dkdv_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
                               desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
                               qk_scale, softmax_scale, ds_smem, ds_bar, out_bar, DQ, dq_smem, 0, HAS_RIGHT, OVERLAP,
-                              ADD_DQ, DQ_EARLY, DQ_TMA, SPLIT_MASK, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              ADD_DQ, DQ_EARLY, DQ_TMA, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_dkdv_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, desc_dk,
                               desc_dv, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi,
                               qk_scale, softmax_scale, ds_smem, ds_bar, out_bar, DQ, dq_smem, 1, HAS_RIGHT, OVERLAP,
-                              ADD_DQ, DQ_EARLY, DQ_TMA, SPLIT_MASK, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              ADD_DQ, DQ_EARLY, DQ_TMA, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_dkdv_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
                             m_lo, n_m, BLOCK_M, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
@@ -484,15 +464,16 @@ def fused_gluon(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: float,
     to add to); ``config`` a :class:`ioattn.flash.config.FusedBwdConfig` with ``gluon``: 128 keys
     per program, 64 query rows per step (dQ's wgmmas have the rows as their M dimension),
     ``num_stages`` slots, ``dq_early`` each step's dQ wgmmas queued right behind its dV and dK,
-    ``tma_reduce`` dQ added by bulk reductions from shared memory instead of atomics,
-    ``split_mask`` causal steps in two loops (see :func:`_dkdv_consumer`)."""
-    if config.BLOCK_N != 128 or config.BLOCK_M != 64 or config.num_warps != 4:
-        raise ValueError(f"config: the Gluon one-pass backward takes BLOCK_M = 64, BLOCK_N = 128 and 4 warps, got "
-                         f"{config.BLOCK_M}, {config.BLOCK_N} and {config.num_warps}")
+    ``tma_reduce`` dQ added by bulk reductions from shared memory instead of atomics (``split_mask``
+    is bwd_gluon_rows.py's alone)."""
+    if config.BLOCK_N != 128 or config.BLOCK_M != 64 or config.num_warps != 4 or config.split_mask:
+        raise ValueError(f"config: the Gluon one-pass backward takes BLOCK_M = 64, BLOCK_N = 128 and 4 warps, without "
+                         f"split_mask, got {config.BLOCK_M}, {config.BLOCK_N}, {config.num_warps} and "
+                         f"split_mask={config.split_mask}")
     if dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape or not dq_acc.is_contiguous():
         raise ValueError("dq_acc: must be a contiguous fp32 tensor of q's shape")
     _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, config.BLOCK_M,
-            config.num_stages, False, config.dq_early, config.tma_reduce, config.split_mask)
+            config.num_stages, False, config.dq_early, config.tma_reduce)
 
 
 def _dq_desc(dq_acc, rows: int):
@@ -502,7 +483,7 @@ def _dq_desc(dq_acc, rows: int):
 
 
 def _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, M, stages, overlap,
-            dq_early, dq_tma=False, split_mask=False):
+            dq_early, dq_tma=False):
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
@@ -515,8 +496,7 @@ def _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, di
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
             dq, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
             band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], OVERLAP=overlap, ADD_DQ=dq_acc is not None,
-            DQ_EARLY=dq_early, DQ_TMA=dq_tma, SPLIT_MASK=split_mask, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
-            NUM_STAGES=stages, num_warps=4,
+            DQ_EARLY=dq_early, DQ_TMA=dq_tma, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=stages, num_warps=4,
         )
 
 

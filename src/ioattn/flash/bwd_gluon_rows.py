@@ -130,8 +130,11 @@ if HAS_GLUON:
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
         mbarrier.wait(kv_bar, phase=0)
         if SPLIT_MASK:
-            # Causal steps holding the diagonal in a loop of their own (bwd_gluon.py's
-            # _dkdv_consumer says why and what it cost there).
+            # Causal steps holding the diagonal in a loop of their own, so that the long loop is
+            # compiled without the mask. Measured slower at D = 128 (1.17 / 1.20x the two-pass
+            # backward without, 0.83 / 0.88x with, T = 4096 / 16384), as it was for bwd_gluon.py's
+            # kernel though its long loop spilled a quarter as much (benchmarks/LOG.md v1.19);
+            # config.py's table asks for it at D = 64 causal, the form measured there.
             n_mask = 0
             if HAS_RIGHT:
                 n_mask = gl.minimum(gl.maximum(m_full_lo - m_lo, 0) // BLOCK_M, n_m)

@@ -306,8 +306,8 @@ class FusedBwdConfig:
     (BLOCK_M = 64, BLOCK_N = 128 in two warpgroups, 4 warps; num_stages its Q/dO slots,
     ``dq_early`` its dQ wgmmas queued behind dV's and dK's, ``tma_reduce`` as above; the other
     fields unused); with ``rows`` too, bwd_gluon_rows.py's kernel (scores held by query row,
-    BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused). ``split_mask``: the Gluon
-    kernels run a causal program's steps that hold the diagonal in a loop of their own."""
+    BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused). ``split_mask``: that kernel
+    runs a causal program's steps that hold the diagonal in a loop of their own."""
 
     BLOCK_M: int
     BLOCK_N: int
