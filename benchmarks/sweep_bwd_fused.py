@@ -43,19 +43,15 @@ CANDIDATES = {
 # to the Triton one (..._sweep-bwd-fused-gluon.json); the fastest with atomics stays as the
 # reference, and D = 64's Triton winners ride along.
 # Then ``rows``: bwd_gluon_rows.py's kernel (scores held by query row, P and dS through shared
-# memory; 128-row steps fit at D = 64, 64-row ones at D = 128 with 2 slots), and ``split_mask``:
-# causal steps holding the diagonal in a loop of their own. At 2c80062 every Gluon kernel had the
-# split loops, and causal D = 128 ran 1.19-1.29x slower than at b5cf7c3
-# (results/2026-12-03_nvidia-h200_sweep-bwd-fused-gluon-rows.json), 0.77 / 0.82x the two-pass
-# backward at T = 4096 / 16384 against 1.03 / 1.09x in one loop at 155de24: only the row-held
-# kernel keeps the option, and both its forms are timed.
+# memory; 128-row steps fit at D = 64, 64-row ones at D = 128 with 2 slots). A ``split_mask``
+# option (causal steps holding the diagonal in a loop of their own) was timed at 3d4519f-821ac90
+# and removed: slower at D = 128 in both Gluon kernels (0.77-0.88x the two-pass backward against
+# 1.03-1.20x in one loop), and at D = 64 behind the 128-row form in one loop (config.py).
 GLUON_CANDIDATES = {
     64: [(64, 128, 4, 2, F, T_, F, T_), (32, 128, 4, 3, F, T_, T_), (64, 64, 4, 3, F, T_, T_),
-         (128, 128, 4, 2, F, T_, F, T_, F, T_), (64, 128, 4, 3, F, T_, F, T_, F, T_),
-         (64, 128, 4, 3, F, T_, F, T_, F, T_, T_)],
+         (128, 128, 4, 2, F, T_, F, T_, F, T_), (64, 128, 4, 3, F, T_, F, T_, F, T_)],
     128: [(64, 128, 4, 2, F, T_, F, T_), (64, 128, 4, 3, F, T_, F, T_), (64, 128, 4, 2, F, T_, F, T_, T_),
-          (64, 128, 4, 2, F, F, F, T_), (64, 128, 4, 2, F, T_, F, T_, F, T_),
-          (64, 128, 4, 2, F, T_, F, T_, F, T_, T_)],
+          (64, 128, 4, 2, F, F, F, T_), (64, 128, 4, 2, F, T_, F, T_, F, T_)],
 }
 
 

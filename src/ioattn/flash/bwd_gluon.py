@@ -464,12 +464,10 @@ def fused_gluon(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: float,
     to add to); ``config`` a :class:`ioattn.flash.config.FusedBwdConfig` with ``gluon``: 128 keys
     per program, 64 query rows per step (dQ's wgmmas have the rows as their M dimension),
     ``num_stages`` slots, ``dq_early`` each step's dQ wgmmas queued right behind its dV and dK,
-    ``tma_reduce`` dQ added by bulk reductions from shared memory instead of atomics (``split_mask``
-    is bwd_gluon_rows.py's alone)."""
-    if config.BLOCK_N != 128 or config.BLOCK_M != 64 or config.num_warps != 4 or config.split_mask:
-        raise ValueError(f"config: the Gluon one-pass backward takes BLOCK_M = 64, BLOCK_N = 128 and 4 warps, without "
-                         f"split_mask, got {config.BLOCK_M}, {config.BLOCK_N}, {config.num_warps} and "
-                         f"split_mask={config.split_mask}")
+    ``tma_reduce`` dQ added by bulk reductions from shared memory instead of atomics."""
+    if config.BLOCK_N != 128 or config.BLOCK_M != 64 or config.num_warps != 4:
+        raise ValueError(f"config: the Gluon one-pass backward takes BLOCK_M = 64, BLOCK_N = 128 and 4 warps, got "
+                         f"{config.BLOCK_M}, {config.BLOCK_N} and {config.num_warps}")
     if dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape or not dq_acc.is_contiguous():
         raise ValueError("dq_acc: must be a contiguous fp32 tensor of q's shape")
     _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, config.BLOCK_M,

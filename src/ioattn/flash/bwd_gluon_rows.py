@@ -23,7 +23,9 @@ Per step each warpgroup, for its keys:
 and adds its dQ half into the fp32 buffer by the copy engine's bulk reduction (bwd_gluon.py's
 ``_reduce_dq``). Rows past Tq read q = dO = 0 and lse = +inf (P = 0); keys past Tk read k = v = 0,
 so they add nothing to dQ, and their dK, dV rows are dropped by the stores' bounds. Causal steps
-holding the diagonal apply the mask (in a loop of their own with ``split_mask``).
+holding the diagonal apply the mask. (Those steps in a loop of their own, so that the long loop
+compiles without the mask, ran slower, 0.83 / 0.88x the two-pass backward at D = 128 against 1.17 /
+1.20x in one loop: benchmarks/LOG.md v1.19.)
 
 GPU only (Gluon has no interpreter): tests/flash/gluon_ptxas.py compiles it for sm_90 without a
 GPU; tests/flash/test_bwd_gluon.py compares it with the reference on the H200.
@@ -117,7 +119,7 @@ if HAS_GLUON:
     def _rows_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                        ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H,
                        GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, WG: gl.constexpr,
-                       HAS_RIGHT: gl.constexpr, SPLIT_MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
         step, its half of each step's dQ, then the dK, dV stores (through its K and V slots)."""
@@ -129,32 +131,11 @@ if HAS_GLUON:
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
         mbarrier.wait(kv_bar, phase=0)
-        if SPLIT_MASK:
-            # Causal steps holding the diagonal in a loop of their own, so that the long loop is
-            # compiled without the mask. Measured slower at D = 128 (1.17 / 1.20x the two-pass
-            # backward without, 0.83 / 0.88x with, T = 4096 / 16384), as it was for bwd_gluon.py's
-            # kernel though its long loop spilled a quarter as much (benchmarks/LOG.md v1.19);
-            # config.py's table asks for it at D = 64 causal, the form measured there.
-            n_mask = 0
-            if HAS_RIGHT:
-                n_mask = gl.minimum(gl.maximum(m_full_lo - m_lo, 0) // BLOCK_M, n_m)
-            for g in range(GROUP):
-                for j in range(n_mask):
-                    dk, dv = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
-                                        ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
-                                        m_full_lo, o_n, o_m0, diag_hi, qk_scale, dk, dv, g * n_m + j, True, WG,
-                                        BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
-                for j in range(n_mask, n_m):
-                    dk, dv = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
-                                        ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
-                                        m_full_lo, o_n, o_m0, diag_hi, qk_scale, dk, dv, g * n_m + j, False, WG,
-                                        BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
-        else:
-            for t in range(GROUP * n_m):
-                dk, dv = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
-                                    ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
-                                    m_full_lo, o_n, o_m0, diag_hi, qk_scale, dk, dv, t, HAS_RIGHT, WG, BLOCK_M,
-                                    BLOCK_N, HEAD_DIM, NUM_STAGES)
+        for t in range(GROUP * n_m):
+            dk, dv = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem,
+                                ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, o_n,
+                                o_m0, diag_hi, qk_scale, dk, dv, t, HAS_RIGHT, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                NUM_STAGES)
         # The other warpgroup's dQ reads this one's K slot until its last step: wait for it.
         # (The last bulk reduction of dQ may still be in flight: the store_wait below covers it.)
         mbarrier.arrive(out_bar, count=1)
@@ -165,7 +146,7 @@ if HAS_GLUON:
     @gluon.jit
     def _bwd_rows_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H, H_kv,
                                GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
-                               SPLIT_MASK: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                                BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head), BLOCK_M query rows a step; DQ a
         descriptor of the fp32 dQ buffer with [1, 1, BLOCK_M, HEAD_DIM / 2] tiles. Launched with
@@ -191,11 +172,11 @@ if HAS_GLUON:
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                               ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
                               H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 0, HAS_RIGHT,
-                              SPLIT_MASK, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                               ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
                               H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 1, HAS_RIGHT,
-                              SPLIT_MASK, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_dkdv_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
                             m_lo, n_m, BLOCK_M, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
@@ -211,7 +192,7 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
     added into ``dq_acc`` (fp32, q's shape, contiguous, holding zeros or what to add to), from
     ``delta``; ``config`` a :class:`ioattn.flash.config.FusedBwdConfig` with ``gluon`` and
     ``rows``: 128 keys a program (two warpgroups of 64), ``BLOCK_M`` query rows a step (64 or
-    128), ``num_stages`` Q/dO slots, ``split_mask`` causal steps in two loops."""
+    128), ``num_stages`` Q/dO slots."""
     if config.BLOCK_N != 128 or config.BLOCK_M not in (64, 128) or config.num_warps != 4:
         raise ValueError(f"config: the row-held Gluon backward takes BLOCK_N = 128, BLOCK_M in (64, 128) and "
                          f"4 warps, got {config.BLOCK_N}, {config.BLOCK_M} and {config.num_warps}")
@@ -226,7 +207,6 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
             _bwd_rows_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
             _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
-            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], SPLIT_MASK=config.split_mask, HEAD_DIM=D, BLOCK_M=M,
-            BLOCK_N=N,
+            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
             NUM_STAGES=config.num_stages, num_warps=4,
         )

@@ -306,8 +306,7 @@ class FusedBwdConfig:
     (BLOCK_M = 64, BLOCK_N = 128 in two warpgroups, 4 warps; num_stages its Q/dO slots,
     ``dq_early`` its dQ wgmmas queued behind dV's and dK's, ``tma_reduce`` as above; the other
     fields unused); with ``rows`` too, bwd_gluon_rows.py's kernel (scores held by query row,
-    BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused). ``split_mask``: that kernel
-    runs a causal program's steps that hold the diagonal in a loop of their own."""
+    BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -319,7 +318,6 @@ class FusedBwdConfig:
     gluon: bool = False
     dq_early: bool = False
     rows: bool = False
-    split_mask: bool = False
 
 
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
@@ -370,7 +368,7 @@ FUSED_BWD_MIN_SEQLEN = {False: 4096, True: 16384}  # by causal
 # 0.566 / 0.938 / 1.525 / 3.014 / 5.487 against 0.598 / 1.037 / 1.948 / 3.768 / 6.852, so from
 # 1024; D = 64, row-held, 128-row steps, 2 slots, one loop, 0.751 / 1.157 / 1.991 / 3.693 / 6.979
 # against 0.695 / 1.167 / 2.156 / 4.202 / 8.258 and the 64-row split form's 0.771 / 1.195 / 2.063
-# / 3.780 / 7.342 (the entry until then), so from 2048. No table uses split_mask since.
+# / 3.780 / 7.342 (the entry until then), so from 2048. The split_mask option was removed then.
 # Entries: (shortest sequence, config).
 GLUON_FUSED_BWD: dict = {
     (128, False): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
