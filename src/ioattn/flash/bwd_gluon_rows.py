@@ -56,34 +56,16 @@ if HAS_GLUON:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
 
     @gluon.jit
-    def _rows_dq(k_smem, ds_smem, ds_bar, ds_free, dq_smem, DQ, i_b, i_hkv, GROUP, m_lo, n_m, t, WG: gl.constexpr,
-                 DQ_LAG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """Step ``t``'s dQ columns [WG * HALF, + HALF) over all 2 * BLOCK_N keys, once both
-        warpgroups' dS are in, added into DQ."""
-        HALF: gl.constexpr = HEAD_DIM // 2
-        buf = t % 2
-        g = t // n_m
-        start_m = m_lo + (t - g * n_m) * BLOCK_M
-        mbarrier.wait(ds_bar.index(buf), (t // 2) & 1)
-        dq = gl.zeros([BLOCK_M, HALF], gl.float32, layout=_dq_layout(HEAD_DIM))
-        for w in gl.static_range(2):
-            k_half = k_smem.index(w).reshape([BLOCK_N, HEAD_DIM]).slice(WG * HALF, HALF, dim=1)
-            dq = warpgroup_mma(ds_smem.index(buf * 2 + w), k_half, dq, use_acc=w > 0, is_async=True)
-        dq = warpgroup_mma_wait(0, deps=(dq, ))
-        if DQ_LAG:
-            mbarrier.arrive(ds_free.index(buf), count=1)
-        _reduce_dq(dq, dq_smem, DQ, i_b, i_hkv * GROUP + g, start_m, WG, BLOCK_M, HEAD_DIM)
-
-    @gluon.jit
     def _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem, ds_bar,
-                   ds_free, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, o_n, o_m0,
-                   diag_hi, qk_scale, dk, dv, t, MASKED: gl.constexpr, WG: gl.constexpr, DQ_LAG: gl.constexpr,
-                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
+                   dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, o_n, o_m0, diag_hi,
+                   qk_scale, dk, dv, t, MASKED: gl.constexpr, WG: gl.constexpr, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
         """Step ``t`` of one compute warpgroup (the module's docstring), the causal mask applied iff
-        ``MASKED`` and the step's block holds the diagonal (from ``m_full_lo`` down), then the dQ of
-        step t (of step t - 1 with ``DQ_LAG``): returns the updated (dK, dV)."""
+        ``MASKED`` and the step's block holds the diagonal (from ``m_full_lo`` down): returns the
+        updated (dK, dV)."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = _s_layout(BLOCK_N)
+        HALF: gl.constexpr = HEAD_DIM // 2
         slot = t % NUM_STAGES
         phase = (t // NUM_STAGES) & 1
         g = t // n_m
@@ -111,13 +93,10 @@ if HAS_GLUON:
         dv_tok = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
         dp = warpgroup_mma_wait(1, deps=(dp_tok, ))
         # dS of two steps alternate, [buffer * 2 + warpgroup]: the other warpgroup may still
-        # read this step's while this one writes the next. Two suffice when each step's dQ waits
-        # for both dS (bwd_gluon.py's _issue_dq says why); with DQ_LAG the other warpgroup may be
-        # a step behind, and its reads of the buffer's last contents are waited for.
+        # read this step's while this one writes the next (bwd_gluon.py's _issue_dq says why
+        # two suffice).
         buf = t % 2
         ds_buf = ds_smem.index(buf * 2 + WG)
-        if DQ_LAG:
-            mbarrier.wait(ds_free.index(buf), ((t // 2) & 1) ^ 1)
         ds_buf.store((p * (dp - delta[:, None])).to(dtype))
         fence_async_shared()
         mbarrier.arrive(ds_bar.index(buf), count=1)
@@ -126,23 +105,22 @@ if HAS_GLUON:
         # Both warpgroups must be done with a slot before the loader refills it (count 2).
         mbarrier.arrive(q_empty.index(slot), count=1)
         mbarrier.arrive(do_empty.index(slot), count=1)
-        if DQ_LAG:
-            # The previous step's dQ: both dS of it are in unless the other warpgroup is more than
-            # a step behind, so neither warpgroup waits for the other at every step.
-            if t > 0:
-                _rows_dq(k_smem, ds_smem, ds_bar, ds_free, dq_smem, DQ, i_b, i_hkv, GROUP, m_lo, n_m, t - 1, WG,
-                         DQ_LAG, BLOCK_M, BLOCK_N, HEAD_DIM)
-        else:
-            _rows_dq(k_smem, ds_smem, ds_bar, ds_free, dq_smem, DQ, i_b, i_hkv, GROUP, m_lo, n_m, t, WG, DQ_LAG,
-                     BLOCK_M, BLOCK_N, HEAD_DIM)
+        # dQ's columns [WG * HALF, + HALF) over all 2 * BLOCK_N keys, once both dS are in.
+        mbarrier.wait(ds_bar.index(buf), (t // 2) & 1)
+        dq = gl.zeros([BLOCK_M, HALF], gl.float32, layout=_dq_layout(HEAD_DIM))
+        for w in gl.static_range(2):
+            k_half = k_smem.index(w).reshape([BLOCK_N, HEAD_DIM]).slice(WG * HALF, HALF, dim=1)
+            dq = warpgroup_mma(ds_smem.index(buf * 2 + w), k_half, dq, use_acc=w > 0, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=(dq, ))
+        _reduce_dq(dq, dq_smem, DQ, i_b, i_h, start_m, WG, BLOCK_M, HEAD_DIM)
         return dk, dv
 
     @gluon.jit
     def _rows_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
-                       ds_smem, ds_bar, ds_free, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv,
-                       start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale,
-                       WG: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ_LAG: gl.constexpr, BLOCK_M: gl.constexpr,
-                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
+                       ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H,
+                       GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, WG: gl.constexpr,
+                       HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
         step, its half of each step's dQ, then the dK, dV stores (through its K and V slots)."""
         s_layout: gl.constexpr = _s_layout(BLOCK_N)
@@ -153,16 +131,11 @@ if HAS_GLUON:
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
         mbarrier.wait(kv_bar, phase=0)
-        n_t = GROUP * n_m
-        for t in range(n_t):
+        for t in range(GROUP * n_m):
             dk, dv = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem,
-                                ds_bar, ds_free, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
-                                m_full_lo, o_n, o_m0, diag_hi, qk_scale, dk, dv, t, HAS_RIGHT, WG, DQ_LAG, BLOCK_M,
-                                BLOCK_N, HEAD_DIM, NUM_STAGES)
-        if DQ_LAG:
-            if n_t > 0:
-                _rows_dq(k_smem, ds_smem, ds_bar, ds_free, dq_smem, DQ, i_b, i_hkv, GROUP, m_lo, n_m, n_t - 1, WG,
-                         DQ_LAG, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, o_n,
+                                o_m0, diag_hi, qk_scale, dk, dv, t, HAS_RIGHT, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                NUM_STAGES)
         # The other warpgroup's dQ reads this one's K slot until its last step: wait for it.
         # (The last bulk reduction of dQ may still be in flight: the store_wait below covers it.)
         mbarrier.arrive(out_bar, count=1)
@@ -172,9 +145,9 @@ if HAS_GLUON:
 
     @gluon.jit
     def _bwd_rows_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H, H_kv,
-                               GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr, DQ_LAG: gl.constexpr,
-                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                               NUM_STAGES: gl.constexpr):
+                               GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
+                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head), BLOCK_M query rows a step; DQ a
         descriptor of the fp32 dQ buffer with [1, 1, BLOCK_M, HEAD_DIM / 2] tiles. Launched with
         num_warps=4 (the default partition is warpgroup 0)."""
@@ -192,22 +165,18 @@ if HAS_GLUON:
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, HEAD_DIM // 2], DQ.layout)
         q_ready, do_ready, q_empty, do_empty = _ring_barriers(NUM_STAGES, 2)
         ds_bar, out_bar = _dq_barriers()
-        # With DQ_LAG: a barrier per dS buffer, both warpgroups' reads of it for dQ done.
-        ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(ds_free.index(i), count=2)
         fence_async_shared()
         _load_kv(desc_k, desc_v, k_smem, v_smem, kv_bar, i_b, i_hkv, start_n, BLOCK_N)
 
         gl.warp_specialize([
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
-                              ds_smem, ds_bar, ds_free, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv,
-                              start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 0,
-                              HAS_RIGHT, DQ_LAG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
+                              H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 0, HAS_RIGHT,
+                              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
-                              ds_smem, ds_bar, ds_free, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv,
-                              start_n, H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 1,
-                              HAS_RIGHT, DQ_LAG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
+                              H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 1, HAS_RIGHT,
+                              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_dkdv_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
                             m_lo, n_m, BLOCK_M, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
@@ -215,8 +184,6 @@ if HAS_GLUON:
         mbarrier.invalidate(kv_bar)
         _invalidate_ring(q_ready, do_ready, q_empty, do_empty, NUM_STAGES)
         _invalidate_dq_barriers(ds_bar, out_bar)
-        for i in gl.static_range(2):
-            mbarrier.invalidate(ds_free.index(i))
 
 
 def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: float, causal: bool,
@@ -225,7 +192,7 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
     added into ``dq_acc`` (fp32, q's shape, contiguous, holding zeros or what to add to), from
     ``delta``; ``config`` a :class:`ioattn.flash.config.FusedBwdConfig` with ``gluon`` and
     ``rows``: 128 keys a program (two warpgroups of 64), ``BLOCK_M`` query rows a step (64 or
-    128), ``num_stages`` Q/dO slots, ``dq_lag`` each step's dQ formed a step later."""
+    128), ``num_stages`` Q/dO slots."""
     if config.BLOCK_N != 128 or config.BLOCK_M not in (64, 128) or config.num_warps != 4:
         raise ValueError(f"config: the row-held Gluon backward takes BLOCK_N = 128, BLOCK_M in (64, 128) and "
                          f"4 warps, got {config.BLOCK_N}, {config.BLOCK_M} and {config.num_warps}")
@@ -240,6 +207,6 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
             _bwd_rows_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
             _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
-            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], DQ_LAG=config.dq_lag, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
+            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
             NUM_STAGES=config.num_stages, num_warps=4,
         )

@@ -306,8 +306,7 @@ class FusedBwdConfig:
     (BLOCK_M = 64, BLOCK_N = 128 in two warpgroups, 4 warps; num_stages its Q/dO slots,
     ``dq_early`` its dQ wgmmas queued behind dV's and dK's, ``tma_reduce`` as above; the other
     fields unused); with ``rows`` too, bwd_gluon_rows.py's kernel (scores held by query row,
-    BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused; ``dq_lag`` forms each step's
-    dQ during the next step, so that its two warpgroups need not run in step)."""
+    BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -319,7 +318,6 @@ class FusedBwdConfig:
     gluon: bool = False
     dq_early: bool = False
     rows: bool = False
-    dq_lag: bool = False
 
 
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
