@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ioattn.flash.bwd_fused import flash_bwd_fused
+from ioattn.flash.bwd_preprocess import bwd_preprocess
 from ioattn.flash.config import FusedBwdConfig, get_fused_bwd_config
 from ioattn.flash.fwd import flash_fwd_triton
 from ioattn.testing import make_qkv
@@ -39,6 +40,19 @@ def test_bwd_fused_strided(device_desc):
     cfg = dataclasses.replace(SMALL, device_desc=device_desc)
     check_bwd(2, 37, 45, 4, 2, 64, True, None, torch.float16, layout="bhtd", dout_strided=True, config=cfg,
               bwd=fused_vs_portable)
+
+
+def test_preprocess_zeroes_dq_acc():
+    # The one-pass backward's dQ buffer is zeroed by the preprocess launch: NaN-filled here, so a
+    # missed element stays NaN; delta beside it as without the buffer. D = 40 pads to 64 columns.
+    torch.manual_seed(0)
+    out, dout = (torch.randn(2, 37, 3, 40, device=DEVICE, dtype=torch.float16) for _ in range(2))
+    delta = torch.full((2, 3, 37), float("nan"), device=DEVICE)
+    dq_acc = torch.full(out.shape, float("nan"), device=DEVICE)
+    bwd_preprocess(out, dout, delta, 64, dq_acc=dq_acc)
+    want = (out.float() * dout.float()).sum(-1).transpose(1, 2)
+    torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-4)
+    assert torch.all(dq_acc == 0)
 
 
 def test_bwd_fused_empty_rows():

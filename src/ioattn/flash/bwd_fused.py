@@ -10,9 +10,9 @@ every key block of the head adds into. The order of those adds varies from run t
 not bit-reproducible (flash-attn's ``deterministic=False``); dK and dV are, and
 ``deterministic=True`` keeps the two-pass kernels.
 
-Three more launches than the kernel itself: the fp32 buffer is zeroed, ``delta = rowsum(dO ∘ O)``
-comes from bwd_preprocess.py (the dQ pass computed it in the two-pass backward), and the buffer
-is scaled and cast into dq at the end. On short sequences that host time is a large share of the
+Two more launches than the kernel itself: bwd_preprocess.py writes ``delta = rowsum(dO ∘ O)`` (the
+dQ pass computed it in the two-pass backward) and zeroes the fp32 buffer, and the buffer is scaled
+and cast into dq at the end. On short sequences that host time is a large share of the
 call, which is why config.py chooses per sequence length.
 
 How dQ is added (``FusedBwdConfig.tma_reduce``): element-wise ``tl.atomic_add`` runs everywhere,
@@ -57,10 +57,10 @@ def flash_bwd_fused(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
     """
     dout, out, lse = hopper_bwd_inputs(dout, q, out, lse)
     # Linear in T, like everything else: one fp32 copy of dq's shape.
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     delta, dq, dk, dv = backward_buffers(q, k, v)
     with device_guard(q):
-        bwd_preprocess(out, dout, delta, q.shape[-1])
+        bwd_preprocess(out, dout, delta, q.shape[-1], dq_acc=dq_acc)
         fused_pass(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, config)
     # The scale dK takes at the end in the kernel, dQ takes here, in the cast to q's dtype.
     torch.mul(dq_acc, softmax_scale, out=dq)
