@@ -1,0 +1,125 @@
+"""Python's cost on autograd's CUDA worker thread against the calling thread, on a GPU.
+
+    PYTHONPATH=src python3 benchmarks/autograd_thread.py [--profile]
+
+A backward of CUDA tensors runs on autograd's worker thread for that device; ioattn's backward is
+Python (an autograd.Function), so at short sequences its host time there is what the GPU waits on
+(benchmarks/LOG.md v1.20). Each row times fwd + autograd.grad of an autograd.Function whose
+backward does N of one kind of work, with autograd's threads (the default) and with
+``torch.autograd.set_multithreading_enabled(False)`` (the backward on the calling thread), and
+reports host µs per unit of work; then ioattn's D = 128 causal T = 1024 paper point both ways.
+``--profile``: a cProfile of ioattn's backward taken on whichever thread runs it.
+"""
+import argparse
+import cProfile
+import io
+import pstats
+
+import torch
+
+from ioattn import flash_attn_func
+from ioattn.flash import ops
+
+from host_cost import per_call_us  # this directory, first on sys.path when run as a script
+
+
+def _python_loop():
+    s = 0
+    for i in range(20):
+        s += i
+    return s
+
+
+class _Busy(torch.autograd.Function):
+    work, n = None, 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        for _ in range(_Busy.n):
+            _Busy.work(g)
+        return g
+
+
+def both_ways(fn, calls: int = 200) -> tuple[float, float]:
+    """(worker thread, calling thread) host µs per call of ``fn`` (host_cost.py's medians)."""
+    worker = per_call_us(fn, calls)[0]
+    with torch.autograd.set_multithreading_enabled(False):
+        calling = per_call_us(fn, calls)[0]
+    return worker, calling
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--profile", action="store_true", help="cProfile ioattn's backward on its thread")
+    args = p.parse_args(argv)
+    t16 = torch.empty(16, device="cuda")
+    work = {
+        "pure Python (20-step loop)": lambda g: _python_loop(),
+        "tensor.stride()": lambda g: g.stride(),
+        "tensor.data_ptr()": lambda g: g.data_ptr(),
+        "torch.empty(16), CPU": lambda g: torch.empty(16),
+        "torch.empty(16), CUDA": lambda g: torch.empty(16, device=g.device),
+        "torch.add, CUDA": lambda g: torch.add(t16, 1.0),
+        "torch.cuda.current_stream()": lambda g: torch.cuda.current_stream(),
+    }
+    x = torch.randn(16, device="cuda", requires_grad=True)
+    ones = torch.ones_like(x)
+
+    def busy():
+        return torch.autograd.grad(_Busy.apply(x), (x,), ones)
+
+    _Busy.work, _Busy.n = work["pure Python (20-step loop)"], 0
+    base_w, base_c = both_ways(busy)
+    print(f"{'empty backward, whole call':32s} worker {base_w:7.1f} µs  calling thread {base_c:7.1f} µs", flush=True)
+    n = 50
+    for name, fn in work.items():
+        _Busy.work, _Busy.n = fn, n
+        w, c = both_ways(busy)
+        print(f"{name:32s} worker {(w - base_w) / n:7.2f} µs  calling thread {(c - base_c) / n:7.2f} µs each",
+              flush=True)
+
+    q, k, v = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    dout = torch.randn_like(q)
+
+    def point():
+        return torch.autograd.grad(flash_attn_func(q, k, v, causal=True), (q, k, v), dout)
+
+    w, c = both_ways(point, 100)
+    print(f"{'ioattn D128 causal T1024 fwd+bwd':32s} worker {w:7.1f} µs  calling thread {c:7.1f} µs", flush=True)
+    if not args.profile:
+        return
+    impl = ops._bwd_impl
+    prof = cProfile.Profile()
+
+    def profiled(*a, **kw):
+        # Enabled on the thread that runs the backward (cProfile sees only its own thread).
+        prof.enable()
+        try:
+            return impl(*a, **kw)
+        finally:
+            prof.disable()
+
+    for threads in (True, False):
+        prof = cProfile.Profile()
+        with torch.autograd.set_multithreading_enabled(threads):
+            for _ in range(10):
+                point()
+            ops._bwd_impl = profiled
+            try:
+                for _ in range(100):
+                    point()
+            finally:
+                ops._bwd_impl = impl
+            torch.cuda.synchronize()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).strip_dirs().sort_stats("tottime").print_stats(25)
+        print(f"== backward, {'worker' if threads else 'calling'} thread, 100 calls\n{out.getvalue()}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
