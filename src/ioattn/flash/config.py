@@ -368,9 +368,10 @@ FUSED_BWD_MIN_SEQLEN = {False: 4096, True: 16384}  # by causal
 # 0.566 / 0.938 / 1.525 / 3.014 / 5.487 against 0.598 / 1.037 / 1.948 / 3.768 / 6.852, so from
 # 2048: at 1024 the paper grid's forward + backward waits on the host, and the one-pass path's
 # extra launches showed there (1.204 ms at 0c21f44 against 0.974 and 0.775 on the two-pass
-# backward in the two grids before, cuDNN 0.70-0.72); D = 64, row-held, 128-row steps, 2 slots, one loop, 0.751 / 1.157 / 1.991 / 3.693 / 6.979
-# against 0.695 / 1.167 / 2.156 / 4.202 / 8.258 and the 64-row split form's 0.771 / 1.195 / 2.063
-# / 3.780 / 7.342 (the entry until then), so from 2048. The split_mask option was removed then.
+# backward in the two grids before, cuDNN 0.70-0.72). D = 64, row-held, 128-row steps, 2 slots,
+# one loop, 0.751 / 1.157 / 1.991 / 3.693 / 6.979 against 0.695 / 1.167 / 2.156 / 4.202 / 8.258
+# and the 64-row split form's 0.771 / 1.195 / 2.063 / 3.780 / 7.342 (the entry until then), so
+# from 2048. The split_mask option was removed then (760a4d0).
 # Entries: (shortest sequence, config).
 GLUON_FUSED_BWD: dict = {
     (128, False): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
