@@ -43,8 +43,9 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_wait)
 
-    from .bwd_gluon import (_acc_layout, _alloc_tiles, _dkdv_loader, _dq_barriers, _dq_desc, _dq_layout,
-                            _invalidate_dq_barriers, _load_kv, _program_keys, _reduce_dq, _row_stats, _store_dkdv)
+    from .bwd_gluon import _acc_layout, _dkdv_loader, _dq_desc, _dq_layout, _reduce_dq, _row_stats
+    from .bwd_gluon_program import (_alloc_tiles, _dq_barriers, _invalidate_dq_barriers, _load_kv, _program_keys,
+                                    _store_dkdv)
     from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc, _invalidate_ring, _ring_barriers
 
 
