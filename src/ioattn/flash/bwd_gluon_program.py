@@ -4,7 +4,9 @@ tiles and barriers, the K and V loads, and the dK and dV stores. A program holds
 of one (batch, KV head), one block per compute warpgroup, and both warpgroups walk the same query
 steps.
 """
+from .config import lpt_group_size
 from .fwd_gluon import HAS_GLUON
+from .fwd_tma import _lpt_order
 
 if HAS_GLUON:
     from triton.experimental import gluon
@@ -34,11 +36,15 @@ if HAS_GLUON:
         return m_lo, n_m, m_full_lo
 
     @gluon.jit
-    def _program_keys(T_q, T_k, H_kv, diag_hi, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
+    def _program_keys(T_q, T_k, H_kv, diag_hi, lpt_heads, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
                       BLOCK_N: gl.constexpr):
         """This program's (batch, KV head, first key) and :func:`_query_blocks` of its 2 * BLOCK_N
-        keys: one query range for both warpgroups, which walk the same steps."""
+        keys: one query range for both warpgroups, which walk the same steps. Causal programs
+        start in groups of ``lpt_heads`` (batch, KV head)s (fwd_tma.py's ``_lpt_order``)."""
         i_n, i_bh = gl.program_id(0), gl.program_id(1)
+        if HAS_RIGHT:
+            # Keys further left are seen by more query rows: rank 0 takes the first block.
+            i_n, i_bh = _lpt_order(i_n, i_bh, gl.num_programs(0), gl.num_programs(1), lpt_heads)
         i_b, i_hkv = i_bh // H_kv, i_bh % H_kv
         start_n = i_n * (2 * BLOCK_N)
         m_lo, n_m, m_full_lo = _query_blocks(start_n, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M, 2 * BLOCK_N)
@@ -98,3 +104,9 @@ if HAS_GLUON:
         tma.async_copy_shared_to_global(desc_dk, [i_b, i_hkv, start_n + WG * BLOCK_N, 0], k_out)
         tma.async_copy_shared_to_global(desc_dv, [i_b, i_hkv, start_n + WG * BLOCK_N, 0], v_out)
         tma.store_wait(pendings=0)
+
+
+def bwd_lpt_group(lpt: bool, q, group: int) -> int:
+    """The causal Gluon backward's ``lpt_heads``: its grid's heads are KV heads, and one KV head's
+    programs share the Q and dO rows (q's dtype) and fp32 dQ rows of its ``group`` query heads."""
+    return lpt_group_size(lpt, group * q.shape[1] * q.shape[3] * (2 * q.element_size() + 4))

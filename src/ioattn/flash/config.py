@@ -104,7 +104,8 @@ class TmaFwdConfig:
     with ``persistent`` its persistent form (fwd_persistent.py: one program per SM);
     ``exp2_emu`` = n > 0 has the ping-pong kernels compute one exponential in n by a polynomial on
     the FMA pipes instead of the special-function unit (fwd_gluon.py's ``_exp2``; measured slower,
-    unused by the tables)."""
+    unused by the tables). ``lpt``: causal programs start longest first within groups of heads
+    whose K and V fit in L2 (:func:`lpt_group_size`), instead of one head at a time."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -115,6 +116,23 @@ class TmaFwdConfig:
     turns: bool = True
     persistent: bool = False
     exp2_emu: int = 0
+    lpt: bool = False
+
+
+# Causal programs with ``lpt`` start in groups of (batch, head)s, longest tile first within a
+# group (fwd_tma.py's _lpt_order). A group's shared inputs (the forward's K and V, the
+# backward's Q, dO and dQ buffer) are sized to fit in this much of L2 (the H200 has 50 MB, in
+# two halves), so that its programs, which read the same heads' tiles, hit there.
+LPT_L2_BYTES = 32 * 2**20
+
+
+def lpt_group_size(lpt: bool, head_bytes: int, group: int = 1) -> int:
+    """(batch, query head)s per longest-first group: as many KV heads' ``head_bytes`` (what one
+    KV head's programs share) as fit in LPT_L2_BYTES, at least 1, times the ``group`` query
+    heads of each; 1 without ``lpt`` (one head at a time)."""
+    if not lpt:
+        return 1
+    return max(1, LPT_L2_BYTES // head_bytes) * group
 
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few
@@ -306,7 +324,8 @@ class FusedBwdConfig:
     (BLOCK_M = 64, BLOCK_N = 128 in two warpgroups, 4 warps; num_stages its Q/dO slots,
     ``dq_early`` its dQ wgmmas queued behind dV's and dK's, ``tma_reduce`` as above; the other
     fields unused); with ``rows`` too, bwd_gluon_rows.py's kernel (scores held by query row,
-    BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused)."""
+    BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused). ``lpt`` (the Gluon
+    kernels): causal programs start longest first in groups of heads (:func:`lpt_group_size`)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -318,6 +337,7 @@ class FusedBwdConfig:
     gluon: bool = False
     dq_early: bool = False
     rows: bool = False
+    lpt: bool = False
 
 
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
