@@ -96,7 +96,7 @@ def short(cfg: TmaFwdConfig) -> str:
     return (f"{kind} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
             + (" ws" if cfg.warp_specialize else "") + (" pp" if cfg.pingpong else "")
             + ("" if cfg.turns else " free") + (" persistent" if cfg.persistent else "")
-            + (f" emu{cfg.exp2_emu}" if cfg.exp2_emu else "") + (" lpt" if cfg.lpt else ""))
+            + (f" emu{cfg.exp2_emu}" if cfg.exp2_emu else ""))
 
 
 def disagreement(got, want) -> str:
@@ -195,8 +195,7 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=140.0, help="seconds; later candidates are skipped")
     p.add_argument("--configs", nargs="*", default=None, metavar="M,N,WARPS,STAGES",
                    help="time these (beside the default) instead of the candidate list; with --gluon "
-                        "Gluon configs, flags as 0/1 (M,N,4,STAGES,0,1,TURNS,PERSISTENT[,EXP2_EMU[,LPT]]);"
-                        " without --gluon M,N,WARPS,STAGES[,WS,0,0,0,0,LPT]")
+                        "Gluon configs, flags as 0/1 (M,N,4,STAGES,0,1,TURNS,PERSISTENT[,EXP2_EMU])")
     p.add_argument("--gluon", action="store_true",
                    help="time the Gluon kernel's candidates (GLUON_CANDIDATES) beside the TMA default")
     p.add_argument("--smoke", action="store_true", help="no GPU: check the candidates in the interpreter")
@@ -214,7 +213,7 @@ def main(argv=None):
                 # Given as ints, flags too (0/1): the Gluon ones with --gluon.
                 ints = [list(map(int, c.split(","))) for c in args.configs]
                 kind = Gluon if args.gluon else TmaFwdConfig
-                chosen = [kind(*c[:4], *map(bool, c[4:8]), *c[8:9], *map(bool, c[9:])) for c in ints]
+                chosen = [kind(*c[:4], *map(bool, c[4:8]), *c[8:]) for c in ints]
             elif args.gluon:
                 chosen = [Gluon(*c) for c in GLUON_CANDIDATES[D]]
             else:

@@ -22,7 +22,6 @@ from ioattn.testing import make_qkv
 from . import cases
 from .cases import DEVICE, DTYPES, case_id
 from .test_fwd import check_fwd
-from .test_fwd_tma import lpt_case
 
 pytestmark = pytest.mark.skipif(not fwd_gluon.HAS_GLUON, reason="this triton has no Gluon")
 
@@ -62,8 +61,9 @@ def test_gluon_kernels_compile_for_sm90_without_spills():
     report = json.loads(done.stdout.strip().splitlines()[-1])
     # bwd_gluon.py's kernel too, as dK/dV pass and as one-pass backward (one child process
     # compiles every Gluon kernel).
+    # (bwd_gluon_rows.py's causal ones once more with lpt.)
     expected = 2 * sum(len(c) for cands in (_sweep_candidates(), _dkdv_candidates(), _fused_candidates())
-                       for c in cands.values())
+                       for c in cands.values()) + sum(cfg.rows for c in _fused_candidates().values() for cfg in c)
     assert len(report) == expected, report
     # No spills, except bwd_gluon.py's 64-row query steps at D = 128, kept in the sweeps with
     # their few spilled bytes (sweep_bwd_tma.py's GLUON_DKDV says why; the one-pass form holds
@@ -127,10 +127,6 @@ KERNELS = {
     "pingpong-emu4": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, exp2_emu=4),
     "free-emu8": TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True, turns=False,
                               exp2_emu=8),
-    # Causal programs longest first in groups of heads (fwd_tma.py's _lpt_order).
-    "pingpong-lpt": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=False,
-                                 lpt=True),
-    "ws-lpt": TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, warp_specialize=True, lpt=True),
 }
 
 
@@ -148,23 +144,6 @@ def test_fwd_gluon_gpu_strided(kernel):
     cfg = KERNELS[kernel]
     check_fwd(2, 1000, 1200, 8, 2, 64, True, None, torch.bfloat16, layout="bhtd", fwd=gluon_fwd, config=cfg)
     check_fwd(2, 1000, 1000, 8, 8, 128, False, None, torch.bfloat16, layout="bhtd", fwd=gluon_fwd, config=cfg)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["pingpong-lpt", "ws-lpt", "plain"])
-def test_fwd_gluon_gpu_longest_first_groups(kernel, monkeypatch):
-    # test_fwd_tma.py's groups of 6, 6 and 4 of the 16 (batch, head)s, in each Gluon kernel.
-    case = (4, 1000, 1100, 4, 2, 128, True, None)
-    q, k, v = lpt_case(monkeypatch, 3, case, torch.bfloat16)
-    cfg = dataclasses.replace(KERNELS[kernel], lpt=True)
-    check_fwd(*case, torch.bfloat16, fwd=gluon_fwd, config=cfg, qkv=(q, k, v))
-
-
-def test_lpt_config_checked():
-    q, k, v = make_qkv(1, 64, 64, 2, 2, 64, dtype=torch.bfloat16, device="cpu")
-    cfg = dataclasses.replace(KERNELS["persistent"], lpt=True)
-    with pytest.raises(ValueError, match="lpt"):
-        fwd_pingpong.flash_fwd_pingpong(q, k, v, 0.1, True, 0, config=cfg)
 
 
 @pytest.mark.gpu

@@ -6,7 +6,6 @@ descriptors, zero-filling out of bounds per dimension), in fp16 and fp32 (bf16 d
 exact there); the `gpu` tests run it compiled in bf16/fp16 on the H200. Outputs are NaN-poisoned
 (conftest), so a tile the TMA store skipped fails.
 """
-import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pytest
 import torch
 
 import ioattn
-from ioattn.flash import config as flash_config
 from ioattn.flash import fwd_tma
 from ioattn.flash.config import TmaFwdConfig, get_tma_fwd_config
 from ioattn.flash.fwd_tma import flash_fwd_tma, tma_supported
@@ -67,28 +65,6 @@ def test_fwd_tma_nondefault_config(causal):
     # a compiler hint, which the interpreter ignores, but the launcher must pass it through.
     check_tma(1, 50, 77, 2, 1, 32, causal, None, torch.float16, config=TmaFwdConfig(16, 64, 4, 2))
     check_tma(1, 77, 50, 2, 1, 32, causal, 0, torch.float16, config=TmaFwdConfig(64, 16, 4, 1, True))
-
-
-def lpt_case(monkeypatch, kv_heads: int, case, dtype):
-    """``case``'s q, k, v with L2 for ``kv_heads`` KV heads' K and V (config.LPT_L2_BYTES), so
-    that ``lpt`` groups have that many KV heads' query heads."""
-    B, Tq, Tk, H, H_kv, D = case[:6]
-    monkeypatch.setattr(flash_config, "LPT_L2_BYTES", kv_heads * 2 * Tk * D * dtype.itemsize)
-    q, k, v = make_qkv(*case[:6], dtype=dtype, device=DEVICE)
-    return q, k, v
-
-
-@pytest.mark.parametrize("kv_heads", [1, 3, 1000], ids=["1", "ragged", "one-group"])
-def test_fwd_tma_longest_first_groups(kv_heads, monkeypatch):
-    # lpt renumbers the causal programs (fwd_tma.py's _lpt_order): every tile must still be
-    # computed once, and written (NaN-poisoned outputs), whether the 16 (batch, head)s make
-    # groups of 2, groups of 6 and a last one of 4, or one group.
-    cfg = TmaFwdConfig(16, 32, 4, 1, lpt=True)
-    for case in [(4, 45, 45, 4, 2, 32, True, None), (4, 37, 45, 4, 2, 32, True, 0)]:
-        q, k, v = lpt_case(monkeypatch, kv_heads, case, torch.float16)
-        assert fwd_tma.kv_lpt_group(cfg, k, 2) == 2 * kv_heads
-        assert fwd_tma.kv_lpt_group(dataclasses.replace(cfg, lpt=False), k, 2) == 1
-        check_tma(*case, torch.float16, config=cfg, qkv=(q, k, v))
 
 
 def packed_qkv(B, T, H, D, dtype):
@@ -208,16 +184,6 @@ GPU_CASES = [c for c in cases.GPU_CASES if c[5] in TMA_HEAD_DIMS] + [
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
 def test_fwd_tma_gpu(case, dtype):
     check_tma(*case, DTYPES[dtype])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("D", TMA_HEAD_DIMS)
-def test_fwd_tma_gpu_longest_first_groups(D, monkeypatch):
-    # test_fwd_tma_longest_first_groups compiled: groups of 6, 6 and 4 of the 16 (batch, head)s.
-    case = (4, 1000, 1100, 4, 2, D, True, None)
-    q, k, v = lpt_case(monkeypatch, 3, case, torch.bfloat16)
-    cfg = dataclasses.replace(get_tma_fwd_config(D, torch.bfloat16, True, interpret=False), lpt=True)
-    check_tma(*case, torch.bfloat16, config=cfg, qkv=(q, k, v))
 
 
 @pytest.mark.gpu

@@ -312,7 +312,7 @@ if HAS_GLUON:
     @gluon.jit
     def _bwd_dkdv_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H,
                                H_kv, GROUP, softmax_scale, qk_scale, diag_hi, lpt_heads, HAS_RIGHT: gl.constexpr,
-                               OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
+                               LPT: gl.constexpr, OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
                                DQ_TMA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                                BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head) in two warpgroups of BLOCK_N keys
@@ -321,7 +321,7 @@ if HAS_GLUON:
         it with [1, 1, BLOCK_M, HEAD_DIM / 2] tiles."""
         dtype: gl.constexpr = desc_q.dtype
         i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _program_keys(T_q, T_k, H_kv, diag_hi, lpt_heads, HAS_RIGHT,
-                                                                  BLOCK_M, BLOCK_N)
+                                                                  LPT, BLOCK_M, BLOCK_N)
 
         k_smem, v_smem, q_smem, do_smem, kv_bar = _alloc_tiles(desc_q, desc_k, desc_v, desc_do, BLOCK_M, BLOCK_N,
                                                                HEAD_DIM, NUM_STAGES)
@@ -411,8 +411,8 @@ def _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, di
             _bwd_dkdv_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
             dq, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
-            band["diag_hi"], bwd_lpt_group(lpt, q, H // H_kv), HAS_RIGHT=band["HAS_RIGHT"], OVERLAP=overlap,
-            ADD_DQ=dq_acc is not None,
+            band["diag_hi"], bwd_lpt_group(lpt, q, H // H_kv), HAS_RIGHT=band["HAS_RIGHT"], LPT=lpt,
+            OVERLAP=overlap, ADD_DQ=dq_acc is not None,
             DQ_EARLY=dq_early, DQ_TMA=dq_tma, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=stages, num_warps=4,
         )
 

@@ -104,8 +104,7 @@ class TmaFwdConfig:
     with ``persistent`` its persistent form (fwd_persistent.py: one program per SM);
     ``exp2_emu`` = n > 0 has the ping-pong kernels compute one exponential in n by a polynomial on
     the FMA pipes instead of the special-function unit (fwd_gluon.py's ``_exp2``; measured slower,
-    unused by the tables). ``lpt``: causal programs start longest first within groups of heads
-    whose K and V fit in L2 (:func:`lpt_group_size`), instead of one head at a time."""
+    unused by the tables)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -116,23 +115,6 @@ class TmaFwdConfig:
     turns: bool = True
     persistent: bool = False
     exp2_emu: int = 0
-    lpt: bool = False
-
-
-# Causal programs with ``lpt`` start in groups of (batch, head)s, longest tile first within a
-# group (fwd_tma.py's _lpt_order). A group's shared inputs (the forward's K and V, the
-# backward's Q, dO and dQ buffer) are sized to fit in this much of L2 (the H200 has 50 MB, in
-# two halves), so that its programs, which read the same heads' tiles, hit there.
-LPT_L2_BYTES = 32 * 2**20
-
-
-def lpt_group_size(lpt: bool, head_bytes: int, group: int = 1) -> int:
-    """(batch, query head)s per longest-first group: as many KV heads' ``head_bytes`` (what one
-    KV head's programs share) as fit in LPT_L2_BYTES, at least 1, times the ``group`` query
-    heads of each; 1 without ``lpt`` (one head at a time)."""
-    if not lpt:
-        return 1
-    return max(1, LPT_L2_BYTES // head_bytes) * group
 
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few
@@ -216,7 +198,11 @@ GLUON_PERSISTENT_MAX_SEQLEN = 2048
 # - / 444 / 431. At 674fce4 (..._sweep-fwd-64-long.json) full 8192 454 / 451 / 446, 16384 452 /
 # 457 / 445; causal 8192 423 / 428 / 426, 16384 - / 448 / 443. So full attention from 8192 keys
 # (with turns: ahead at both lengths of the second run); causal stays within 1.3%, no entry.
-GLUON_FWD_64: dict = {False: (8192, True)}
+# At 946cad4 (..._sweep-fwd-64-causal-946cad4.json, causal, the Triton kernel's 64 x 128 tiles
+# against the ping-pong kernel without turns): 8192 401 / 416, 16384 415 / 441 TFLOP/s; 4096 391
+# / 382, 2048 350 / 324. Ahead at 8192 and 16384 in each run that timed both (cff3764 at 16384
+# only), so causal takes it from 8192 keys too.
+GLUON_FWD_64: dict = {False: (8192, True), True: (8192, False)}
 
 
 def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int) -> TmaFwdConfig | None:
@@ -340,6 +326,21 @@ class FusedBwdConfig:
     lpt: bool = False
 
 
+# Causal programs of the Gluon backwards with ``lpt`` start in groups of (batch, KV head)s,
+# each key block's programs across the group before the next block's (bwd_gluon_program.py's
+# _lpt_order). A group's shared inputs (the Q, dO and fp32 dQ rows of its query heads) are sized
+# to fit in this much of L2 (the H200 has 50 MB, in two halves), so that its programs hit there.
+LPT_L2_BYTES = 32 * 2**20
+
+
+def lpt_group_size(lpt: bool, head_bytes: int) -> int:
+    """Heads per longest-first group: as many heads' ``head_bytes`` (what one head's programs
+    share) as fit in LPT_L2_BYTES, at least 1; 1 without ``lpt`` (one head at a time)."""
+    if not lpt:
+        return 1
+    return max(1, LPT_L2_BYTES // head_bytes)
+
+
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
 # (zeroing, delta, the kernel, dQ's cast) against the whole two-pass backward with its default
 # config, bf16, paper grid (B = 16384 // T, H = 2048 // D), benchmarks/sweep_bwd_fused.py. With
@@ -351,7 +352,12 @@ class FusedBwdConfig:
 # not used there. At T = 2048 / 8192 (..._sweep-bwd-fused-t-64.json): full 1.03 / 0.99x, causal
 # 0.93 / 1.02x, within a run's noise of the two-pass backward, so the thresholds stay where the
 # wins were clear. Shorter sequences were not timed, and pay three more launches.
-FUSED_BWD_MIN_SEQLEN = {False: 4096, True: 16384}  # by causal
+# Full attention at T = 2048, the 32 x 128 tiles against the two-pass backward in six sweeps
+# since (262806c to 946cad4, ..._sweep-bwd-fused-*.json and ..._sweep-bwd-lpt-946cad4.json):
+# 1.856-1.912 ms against 1.917-2.004, ahead in every one (1.03-1.06x), and ahead of the
+# row-held Gluon kernel there (1.875-1.932). So full attention takes it from 2048; at 1024 it
+# was 1.049-1.056 ms against 0.958-1.045.
+FUSED_BWD_MIN_SEQLEN = {False: 2048, True: 16384}  # by causal
 
 # bwd_gluon.py's kernel as a one-pass backward (ADD_DQ): each step's dSᵀ shared through shared
 # memory, each warpgroup adding half of dQ's columns, and bwd_gluon_rows.py's (below). By (D,

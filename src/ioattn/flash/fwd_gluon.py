@@ -33,7 +33,6 @@ import torch
 from .._utils import cdiv, empty
 from ..launch import launch
 from .fwd import LOG2E, diag_band, device_guard
-from .fwd_tma import _lpt_order, kv_lpt_group
 from .tma import head_major_desc
 
 try:
@@ -203,7 +202,7 @@ if HAS_GLUON:
             mbarrier.arrive(turn.index(1 - WG), count=1)
 
     @gluon.jit
-    def _fwd_gluon_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale, lpt_heads,
+    def _fwd_gluon_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
                           HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = desc_q.dtype
@@ -218,9 +217,8 @@ if HAS_GLUON:
 
         i_m, i_bh = gl.program_id(0), gl.program_id(1)
         if HAS_RIGHT:
-            # Lower tiles see more keys: rank 0 takes the last.
-            rank, i_bh = _lpt_order(i_m, i_bh, gl.num_programs(0), gl.num_programs(1), lpt_heads)
-            i_m = gl.num_programs(0) - 1 - rank
+            # Longest causal tiles first (see fwd_tma.py).
+            i_m = gl.num_programs(0) - 1 - i_m
         i_b, i_h = i_bh // H, i_bh % H
         i_hkv = i_h // GROUP
         start_m = i_m * BLOCK_M
@@ -393,7 +391,7 @@ if HAS_GLUON:
         return acc, m_i, l_i
 
     @gluon.jit
-    def _fwd_gluon_ws_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale, lpt_heads,
+    def _fwd_gluon_ws_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
                              HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
                              BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
         """:func:`_fwd_gluon_kernel` with warp specialization: one loader warp issues the TMA loads
@@ -405,9 +403,7 @@ if HAS_GLUON:
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         i_m, i_bh = gl.program_id(0), gl.program_id(1)
         if HAS_RIGHT:
-            # Lower tiles see more keys: rank 0 takes the last.
-            rank, i_bh = _lpt_order(i_m, i_bh, gl.num_programs(0), gl.num_programs(1), lpt_heads)
-            i_m = gl.num_programs(0) - 1 - rank
+            i_m = gl.num_programs(0) - 1 - i_m
         i_b, i_h = i_bh // H, i_bh % H
         i_hkv = i_h // GROUP
         start_m = i_m * BLOCK_M
@@ -486,8 +482,7 @@ def flash_fwd_gluon(q, k, v, softmax_scale: float, causal: bool, diag_offset: in
         launch(
             kernel, grid,
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(out, M), lse, T_q, T_k, H, H // H_kv,
-            band["diag_hi"], softmax_scale * LOG2E, kv_lpt_group(config, k, H // H_kv), HEAD_DIM=D,
-            HAS_RIGHT=band["HAS_RIGHT"], BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.num_stages,
-            num_warps=config.num_warps, **extra,
+            band["diag_hi"], softmax_scale * LOG2E, HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"], BLOCK_M=M,
+            BLOCK_N=N, NUM_STAGES=config.num_stages, num_warps=config.num_warps, **extra,
         )
     return out, lse

@@ -34,7 +34,6 @@ from .._utils import cdiv, empty
 from ..launch import launch
 from . import fwd_gluon, fwd_persistent
 from .fwd import LOG2E, diag_band, device_guard
-from .fwd_tma import _lpt_order, kv_lpt_group
 from .fwd_gluon import HAS_GLUON
 
 if HAS_GLUON:
@@ -42,8 +41,8 @@ if HAS_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-    from .fwd_gluon import (COMPUTE_REGS, LOADER_REGS, _desc, _epilogue, _invalidate_ring, _key_blocks,
-                            _ring_barriers, _ws_consumer, _ws_loader)
+    from .fwd_gluon import (COMPUTE_REGS, LOADER_REGS, _desc, _epilogue, _invalidate_ring, _key_blocks, _ring_barriers,
+                            _ws_consumer, _ws_loader)
 
 
 if HAS_GLUON:
@@ -68,7 +67,7 @@ if HAS_GLUON:
         _epilogue(acc, m_i, l_i, q_slot, desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M, HEAD_DIM, row_o)
 
     @gluon.jit
-    def _fwd_pingpong_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale, lpt_heads,
+    def _fwd_pingpong_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
                              HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                              EXP2_EMU: gl.constexpr = 0):
@@ -78,9 +77,8 @@ if HAS_GLUON:
         dtype: gl.constexpr = desc_q.dtype
         i_m, i_bh = gl.program_id(0), gl.program_id(1)
         if HAS_RIGHT:
-            # Lower tiles see more keys: rank 0 takes the last.
-            rank, i_bh = _lpt_order(i_m, i_bh, gl.num_programs(0), gl.num_programs(1), lpt_heads)
-            i_m = gl.num_programs(0) - 1 - rank
+            # Longest causal tiles first (see fwd_tma.py).
+            i_m = gl.num_programs(0) - 1 - i_m
         i_b, i_h = i_bh // H, i_bh % H
         i_hkv = i_h // GROUP
         tile_m = i_m * (2 * BLOCK_M)
@@ -128,14 +126,11 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
     ``pingpong`` set, ``BLOCK_M`` the program's rows (two warpgroups of ``BLOCK_M // 2``),
     ``num_warps`` 4 (per warpgroup); ``turns=False`` runs the two warpgroups without turns;
     ``persistent`` runs fwd_persistent.py's form (one program per SM over the tiles);
-    ``exp2_emu`` n computes one exponential in n with FMAs (fwd_gluon.py's ``_exp2``); ``lpt``
-    orders causal programs longest first in groups of heads (fwd_tma.py's ``_lpt_order``)."""
+    ``exp2_emu`` n computes one exponential in n with FMAs (fwd_gluon.py's ``_exp2``)."""
     if config.BLOCK_M != 128 or config.num_warps != 4 or config.BLOCK_N not in (64, 128):
         # Two warpgroups of 4 warps and 64 rows: a wgmma's M dimension is 64 per warpgroup.
         raise ValueError(f"config: the ping-pong kernel takes BLOCK_M = 128, num_warps = 4 and BLOCK_N in "
                          f"(64, 128), got {config}")
-    if config.lpt and config.persistent:
-        raise ValueError(f"config: lpt orders the programs of a grid; the persistent kernel has none, got {config}")
     if config.exp2_emu not in (0, 2, 4, 8) or (config.exp2_emu and config.persistent):
         # One element of each group of n a thread holds (n divides a thread's 32 or 64 scores).
         raise ValueError(f"config: exp2_emu must be 0, 2, 4 or 8, and 0 in the persistent kernel, got {config}")
@@ -151,8 +146,7 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
         kernel, grid, extra, extra_kw = (fwd_persistent._fwd_persistent_kernel,
                                          (fwd_persistent.persistent_programs(q, tiles * B * H),), (B * H,), {})
     else:
-        kernel, grid, extra = _fwd_pingpong_kernel, (tiles, B * H), ()
-        extra_kw = {"lpt_heads": kv_lpt_group(config, k, H // H_kv), "EXP2_EMU": config.exp2_emu}
+        kernel, grid, extra, extra_kw = _fwd_pingpong_kernel, (tiles, B * H), (), {"EXP2_EMU": config.exp2_emu}
     with device_guard(q):
         launch(
             kernel, grid,

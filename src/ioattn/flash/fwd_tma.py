@@ -21,7 +21,7 @@ import triton.language as tl
 from .. import _env
 from .._utils import cdiv, empty
 from ..launch import launch
-from .config import TmaFwdConfig, get_tma_fwd_config, lpt_group_size
+from .config import TmaFwdConfig, get_tma_fwd_config
 from .fwd import LOG2E, _key_range, device_guard, diag_band, dot_precision
 from .tma import head_major_desc, hopper_inputs
 
@@ -64,40 +64,16 @@ def _fwd_tma_loop(acc, l_i, m_i, b_q, desc_k, desc_v, i_b, i_hkv, end_n, mask_fr
 
 
 @triton.jit
-def _lpt_order(i_x, i_bh, n_x, n_bh, lpt_heads):
-    """(rank, batch × head) of program ``(i_x, i_bh)`` of an ``(n_x, n_bh)`` grid whose programs
-    start in groups of ``lpt_heads`` (batch, head)s, rank-major within a group: the GPU starts
-    programs in launch order (i_x fastest), so rank 0 of every head of a group starts first, then
-    rank 1, and so on. The caller gives rank 0 its longest tile.
-
-    Why: causal tiles differ in length. One head at a time (``lpt_heads`` = 1: rank = i_x), the
-    long tiles of the last heads start late and run on alone at the end; longest first across a
-    group, the short ones fill the gaps instead (FlashAttention-3's LPT schedule). A group is a
-    few heads only (config.py's ``lpt_group_size``), so that the inputs its programs share stay
-    in L2 while it runs.
-
-    Operators only, no ``tl`` calls: the Gluon kernels call this function too."""
-    pid = i_bh * n_x + i_x
-    per_group = lpt_heads * n_x
-    group = pid // per_group
-    first = group * lpt_heads
-    heads = lpt_heads
-    if n_bh - first < lpt_heads:  # the last group
-        heads = n_bh - first
-    r = pid - group * per_group
-    return r // heads, first + r % heads
-
-
-@triton.jit
 def _fwd_tma_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
-                    lpt_heads, HEAD_DIM: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
                     WARP_SPECIALIZE: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     if HAS_RIGHT:
-        # Lower tiles see more keys: rank 0 takes the last.
-        rank, i_bh = _lpt_order(i_m, i_bh, tl.num_programs(0), tl.num_programs(1), lpt_heads)
-        i_m = tl.num_programs(0) - 1 - rank
+        # Causal tiles lower down see more keys: launch them first, so that the short ones fill
+        # the gaps at the end instead of a long one running alone. Query tiles stay on the fast
+        # grid axis, so the programs running together share their head's K/V in L2.
+        i_m = tl.num_programs(0) - 1 - i_m
     i_b, i_h = i_bh // H, i_bh % H
     # Query head h reads KV head h // GROUP (GQA/MQA).
     i_hkv = i_h // GROUP
@@ -142,11 +118,6 @@ def tma_supported(q, k, v, softmax_scale: float, *, window=(-1, -1), softcap: fl
     return q.numel() > 0 and k.numel() > 0 and hopper_inputs(q, k, v)
 
 
-def kv_lpt_group(config: TmaFwdConfig, k, group: int) -> int:
-    """The causal forward's ``lpt_heads``: a head's programs share its KV head's K and V."""
-    return lpt_group_size(config.lpt, 2 * k.shape[1] * k.shape[3] * k.element_size(), group)
-
-
 def flash_fwd_tma(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *,
                   config: TmaFwdConfig | None = None):
     """Attention forward with the Hopper TMA kernel; same arguments and results as
@@ -179,9 +150,9 @@ def flash_fwd_tma(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
         launch(
             _fwd_tma_kernel, grid,
             desc_q, desc_k, desc_v, desc_o, lse, T_q, T_k, H, H // H_kv, band["diag_hi"],
-            softmax_scale * LOG2E, kv_lpt_group(config, k, H // H_kv), HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"],
-            BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype),
-            NUM_STAGES=config.num_stages, WARP_SPECIALIZE=config.warp_specialize, num_warps=config.num_warps,
+            softmax_scale * LOG2E, HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"], BLOCK_M=config.BLOCK_M,
+            BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype), NUM_STAGES=config.num_stages,
+            WARP_SPECIALIZE=config.warp_specialize, num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
     return out, lse
