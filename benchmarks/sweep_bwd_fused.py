@@ -13,7 +13,6 @@ checked first against the portable backward (sweep_bwd_tma.py's Shape and tolera
 count the backward as 2.5x the forward's FLOPs, as the anchors do.
 """
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -66,8 +65,6 @@ def parse_args(argv):
     p.add_argument("--ptxas", action="store_true", help="compile every candidate for sm_90 without a GPU")
     p.add_argument("--gluon", action="store_true", help="time GLUON_CANDIDATES (GPU only)")
     p.add_argument("--pick", help="only these candidates, comma-separated indices into each D's list")
-    p.add_argument("--lpt", action="store_true",
-                   help="each Gluon candidate also with lpt (causal programs longest first in groups of heads)")
     return p.parse_args(argv)
 
 
@@ -137,12 +134,6 @@ def main(argv=None):
         cands = [c for c in (GLUON_CANDIDATES if args.gluon else CANDIDATES)[D] if not (args.smoke and c[5])]
         if args.pick:
             cands = [cands[int(i)] for i in args.pick.split(",")]
-        if args.lpt:
-            # FusedBwdConfig's fields after the tuple's, then lpt.
-            from ioattn.flash.config import FusedBwdConfig
-
-            n = len(dataclasses.fields(FusedBwdConfig)) - 1
-            cands += [(*c, *[False] * (n - len(c)), True) for c in cands if config_of(c).gluon]
         if args.smoke:
             cands = [(16, 32, 4, 1, *c[4:]) for c in cands]
         for T in Ts:

@@ -56,19 +56,17 @@ def compile_dkdv_report(D, M, N, stages, overlap, causal, add_dq=False, dq_early
              for n in ("q", "k", "v", "do", "dk", "dv")}
     if dq_tma:
         descs["DQ"] = bwd_gluon._dq_desc(x.float(), M)
-    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, LPT=False, OVERLAP=overlap, ADD_DQ=add_dq, DQ_EARLY=dq_early,
-                  DQ_TMA=dq_tma,
+    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, OVERLAP=overlap, ADD_DQ=add_dq, DQ_EARLY=dq_early, DQ_TMA=dq_tma,
                   BLOCK_M=M, BLOCK_N=N // 2, NUM_STAGES=stages)
     return ptxas(bwd_gluon._bwd_dkdv_gluon_kernel, descs, values, dict(num_warps=4, num_stages=stages))
 
 
-def compile_rows_report(D, M, stages, causal, lpt=False):
-    """bwd_gluon_rows.py's kernel: 2 x 64 keys a program, ``M`` query rows a step; ``lpt`` its
-    causal programs renumbered longest first (bwd_gluon_program.py's _lpt_order)."""
+def compile_rows_report(D, M, stages, causal):
+    """bwd_gluon_rows.py's kernel: 2 x 64 keys a program, ``M`` query rows a step."""
     x = torch.empty(1, 256, 2, D, dtype=torch.bfloat16)
     descs = {f"desc_{n}": fwd_gluon._desc(x, M if n in ("q", "do") else 64) for n in ("q", "k", "v", "do", "dk", "dv")}
     descs["DQ"] = bwd_gluon._dq_desc(x.float(), M)
-    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, LPT=lpt, BLOCK_M=M, BLOCK_N=64, NUM_STAGES=stages)
+    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, BLOCK_M=M, BLOCK_N=64, NUM_STAGES=stages)
     return ptxas(bwd_gluon_rows._bwd_rows_gluon_kernel, descs, values, dict(num_warps=4, num_stages=stages))
 
 
@@ -149,8 +147,6 @@ def main():
                 if cfg.rows:
                     name = f"rows D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} s{cfg.num_stages} causal={causal}"
                     report[name] = compile_rows_report(D, cfg.BLOCK_M, cfg.num_stages, causal)
-                    if causal:
-                        report[name + " lpt"] = compile_rows_report(D, cfg.BLOCK_M, cfg.num_stages, True, True)
                     continue
                 name = (f"fused D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} s{cfg.num_stages}{' early' if cfg.dq_early else ''}"
                         f"{' tma' if cfg.tma_reduce else ''} causal={causal}")

@@ -16,7 +16,7 @@ import dataclasses
 import pytest
 import torch
 
-from ioattn.flash import bwd_gluon, bwd_gluon_program, bwd_gluon_rows, bwd_tma
+from ioattn.flash import bwd_gluon, bwd_gluon_rows, bwd_tma
 from ioattn.flash.bwd_fused import flash_bwd_fused
 from ioattn.flash.config import FusedBwdConfig, get_fused_bwd_config, get_tma_bwd_config
 from ioattn.testing import make_qkv
@@ -290,26 +290,6 @@ def test_bwd_fused_gluon_gpu_empty_rows(rows, fused_calls):
     dq, _, _ = check_bwd(1, 1300, 300, 4, 2, 128, True, None, torch.bfloat16,
                          config=ROWS_128 if rows else fused_config(), bwd=fused_vs_portable)
     assert torch.all(dq[:, :1000] == 0)
-    assert fused_calls
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("rows", [False, True], ids=["cols", "rows"])
-def test_bwd_fused_gluon_gpu_longest_first_groups(D, rows, monkeypatch, fused_calls):
-    # lpt renumbers the causal programs (bwd_gluon_program.py's _program_keys): with L2 for 3 KV
-    # heads' Q, dO and dQ rows, the 8 (batch, KV head)s start in groups of 3, 3 and 2. Every key
-    # block must still be computed once.
-    from ioattn.flash import config as flash_config
-
-    B, Tq, Tk, H, H_kv = 4, 1000, 1100, 4, 2
-    monkeypatch.setattr(flash_config, "LPT_L2_BYTES", 3 * (H // H_kv) * Tq * D * (2 * 2 + 4))
-    q = torch.empty(B, Tq, H, D, dtype=torch.bfloat16)
-    assert bwd_gluon_program.bwd_lpt_group(True, q, H // H_kv) == 3
-    assert bwd_gluon_program.bwd_lpt_group(False, q, H // H_kv) == 1
-    M = 128 if rows and D == 64 else 64
-    cfg = FusedBwdConfig(M, 128, 4, 2, tma_reduce=True, gluon=True, rows=rows, lpt=True)
-    check_bwd(B, Tq, Tk, H, H_kv, D, True, None, torch.bfloat16, config=cfg, bwd=fused_vs_portable)
     assert fused_calls
 
 

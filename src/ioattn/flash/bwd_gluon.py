@@ -34,7 +34,6 @@ import torch
 
 from .._utils import cdiv
 from ..launch import launch
-from .bwd_gluon_program import bwd_lpt_group
 from .fwd import LOG2E, diag_band, device_guard
 from .fwd_gluon import HAS_GLUON
 
@@ -311,8 +310,8 @@ if HAS_GLUON:
 
     @gluon.jit
     def _bwd_dkdv_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H,
-                               H_kv, GROUP, softmax_scale, qk_scale, diag_hi, lpt_heads, HAS_RIGHT: gl.constexpr,
-                               LPT: gl.constexpr, OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
+                               H_kv, GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
+                               OVERLAP: gl.constexpr, ADD_DQ: gl.constexpr, DQ_EARLY: gl.constexpr,
                                DQ_TMA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                                BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head) in two warpgroups of BLOCK_N keys
@@ -320,8 +319,8 @@ if HAS_GLUON:
         also adds every step's dS·k into DQ: a pointer to fp32, or with ``DQ_TMA`` a descriptor of
         it with [1, 1, BLOCK_M, HEAD_DIM / 2] tiles."""
         dtype: gl.constexpr = desc_q.dtype
-        i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _program_keys(T_q, T_k, H_kv, diag_hi, lpt_heads, HAS_RIGHT,
-                                                                  LPT, BLOCK_M, BLOCK_N)
+        i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _program_keys(T_q, T_k, H_kv, diag_hi, HAS_RIGHT, BLOCK_M,
+                                                                  BLOCK_N)
 
         k_smem, v_smem, q_smem, do_smem, kv_bar = _alloc_tiles(desc_q, desc_k, desc_v, desc_do, BLOCK_M, BLOCK_N,
                                                                HEAD_DIM, NUM_STAGES)
@@ -372,7 +371,7 @@ def dkdv_gluon(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal: 
         raise ValueError(f"config: the Gluon dK/dV kernel takes BLOCK_N1 = 128 and BLOCK_M1 in (32, 64), got "
                          f"{config.BLOCK_N1} and {config.BLOCK_M1}")
     _launch(q, k, v, dout, lse, delta, dk, dv, None, softmax_scale, causal, diag_offset, config.BLOCK_M1,
-            config.stages1, config.overlap1, False, lpt=False)
+            config.stages1, config.overlap1, False)
 
 
 def fused_gluon(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: float, causal: bool, diag_offset: int,
@@ -389,7 +388,7 @@ def fused_gluon(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: float,
     if dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape or not dq_acc.is_contiguous():
         raise ValueError("dq_acc: must be a contiguous fp32 tensor of q's shape")
     _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, config.BLOCK_M,
-            config.num_stages, False, config.dq_early, config.tma_reduce, lpt=config.lpt)
+            config.num_stages, False, config.dq_early, config.tma_reduce)
 
 
 def _dq_desc(dq_acc, rows: int):
@@ -399,7 +398,7 @@ def _dq_desc(dq_acc, rows: int):
 
 
 def _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, M, stages, overlap,
-            dq_early, dq_tma=False, *, lpt: bool):
+            dq_early, dq_tma=False):
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
@@ -411,8 +410,7 @@ def _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, di
             _bwd_dkdv_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
             dq, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
-            band["diag_hi"], bwd_lpt_group(lpt, q, H // H_kv), HAS_RIGHT=band["HAS_RIGHT"], LPT=lpt,
-            OVERLAP=overlap, ADD_DQ=dq_acc is not None,
+            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], OVERLAP=overlap, ADD_DQ=dq_acc is not None,
             DQ_EARLY=dq_early, DQ_TMA=dq_tma, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=stages, num_warps=4,
         )
 

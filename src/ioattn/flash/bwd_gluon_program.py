@@ -4,7 +4,6 @@ tiles and barriers, the K and V loads, and the dK and dV stores. A program holds
 of one (batch, KV head), one block per compute warpgroup, and both warpgroups walk the same query
 steps.
 """
-from .config import lpt_group_size
 from .fwd_gluon import HAS_GLUON
 
 if HAS_GLUON:
@@ -35,36 +34,11 @@ if HAS_GLUON:
         return m_lo, n_m, m_full_lo
 
     @gluon.jit
-    def _lpt_order(i_n, i_bh, n_n, n_bh, lpt_heads):
-        """(key block, batch × KV head) of program ``(i_n, i_bh)`` of an ``(n_n, n_bh)`` causal
-        grid whose programs start in groups of ``lpt_heads`` heads, block-major within a group:
-        the GPU starts programs in launch order (i_n fastest), so block 0 of every head of the
-        group starts first, then block 1, and so on.
-
-        Why: keys further left are seen by more query rows, so a program's work falls with its
-        block. One head at a time (the grid's own order), the long programs of the last heads
-        start late and run on alone at the end; longest first across a group, the short ones
-        fill the gaps instead (FlashAttention-3's LPT schedule). A group is a few heads only
-        (config.py's ``lpt_group_size``), so that the rows its programs share stay in L2."""
-        pid = i_bh * n_n + i_n
-        per_group = lpt_heads * n_n
-        group = pid // per_group
-        first = group * lpt_heads
-        heads = gl.minimum(lpt_heads, n_bh - first)
-        r = pid - group * per_group
-        return r // heads, first + r % heads
-
-    @gluon.jit
-    def _program_keys(T_q, T_k, H_kv, diag_hi, lpt_heads, HAS_RIGHT: gl.constexpr, LPT: gl.constexpr,
-                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    def _program_keys(T_q, T_k, H_kv, diag_hi, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr):
         """This program's (batch, KV head, first key) and :func:`_query_blocks` of its 2 * BLOCK_N
-        keys: one query range for both warpgroups, which walk the same steps. With ``LPT``
-        (causal only) the programs start in groups of ``lpt_heads`` heads (:func:`_lpt_order`);
-        a constexpr, because the renumbering alone, compiled in, cost the 128-row D = 64 kernel
-        twice its spills in the step loop (ptxas, sm_90) and 17% of its time (LOG v1.21)."""
+        keys: one query range for both warpgroups, which walk the same steps."""
         i_n, i_bh = gl.program_id(0), gl.program_id(1)
-        if LPT and HAS_RIGHT:
-            i_n, i_bh = _lpt_order(i_n, i_bh, gl.num_programs(0), gl.num_programs(1), lpt_heads)
         i_b, i_hkv = i_bh // H_kv, i_bh % H_kv
         start_n = i_n * (2 * BLOCK_N)
         m_lo, n_m, m_full_lo = _query_blocks(start_n, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M, 2 * BLOCK_N)
@@ -124,9 +98,3 @@ if HAS_GLUON:
         tma.async_copy_shared_to_global(desc_dk, [i_b, i_hkv, start_n + WG * BLOCK_N, 0], k_out)
         tma.async_copy_shared_to_global(desc_dv, [i_b, i_hkv, start_n + WG * BLOCK_N, 0], v_out)
         tma.store_wait(pendings=0)
-
-
-def bwd_lpt_group(lpt: bool, q, group: int) -> int:
-    """The Gluon backward's ``lpt_heads``: its grid's heads are KV heads, and one KV head's
-    programs share the Q and dO rows (q's dtype) and fp32 dQ rows of its ``group`` query heads."""
-    return lpt_group_size(lpt, group * q.shape[1] * q.shape[3] * (2 * q.element_size() + 4))

@@ -34,7 +34,6 @@ import torch
 
 from .._utils import cdiv
 from ..launch import launch
-from .bwd_gluon_program import bwd_lpt_group
 from .fwd import LOG2E, diag_band, device_guard
 from .fwd_gluon import HAS_GLUON
 
@@ -147,15 +146,15 @@ if HAS_GLUON:
 
     @gluon.jit
     def _bwd_rows_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H, H_kv,
-                               GROUP, softmax_scale, qk_scale, diag_hi, lpt_heads, HAS_RIGHT: gl.constexpr,
-                               LPT: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                               GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
+                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                                BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head), BLOCK_M query rows a step; DQ a
         descriptor of the fp32 dQ buffer with [1, 1, BLOCK_M, HEAD_DIM / 2] tiles. Launched with
         num_warps=4 (the default partition is warpgroup 0)."""
         dtype: gl.constexpr = desc_q.dtype
-        i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _program_keys(T_q, T_k, H_kv, diag_hi, lpt_heads, HAS_RIGHT,
-                                                                  LPT, BLOCK_M, BLOCK_N)
+        i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _program_keys(T_q, T_k, H_kv, diag_hi, HAS_RIGHT, BLOCK_M,
+                                                                  BLOCK_N)
 
         k_smem, v_smem, q_smem, do_smem, kv_bar = _alloc_tiles(desc_q, desc_k, desc_v, desc_do, BLOCK_M, BLOCK_N,
                                                                HEAD_DIM, NUM_STAGES)
@@ -209,6 +208,6 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
             _bwd_rows_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
             _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
-            band["diag_hi"], bwd_lpt_group(config.lpt, q, H // H_kv), HAS_RIGHT=band["HAS_RIGHT"],
-            LPT=config.lpt, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.num_stages, num_warps=4,
+            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
+            NUM_STAGES=config.num_stages, num_warps=4,
         )

@@ -310,8 +310,7 @@ class FusedBwdConfig:
     (BLOCK_M = 64, BLOCK_N = 128 in two warpgroups, 4 warps; num_stages its Q/dO slots,
     ``dq_early`` its dQ wgmmas queued behind dV's and dK's, ``tma_reduce`` as above; the other
     fields unused); with ``rows`` too, bwd_gluon_rows.py's kernel (scores held by query row,
-    BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused). ``lpt`` (the Gluon
-    kernels): causal programs start longest first in groups of heads (:func:`lpt_group_size`)."""
+    BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -323,22 +322,6 @@ class FusedBwdConfig:
     gluon: bool = False
     dq_early: bool = False
     rows: bool = False
-    lpt: bool = False
-
-
-# Causal programs of the Gluon backwards with ``lpt`` start in groups of (batch, KV head)s,
-# each key block's programs across the group before the next block's (bwd_gluon_program.py's
-# _lpt_order). A group's shared inputs (the Q, dO and fp32 dQ rows of its query heads) are sized
-# to fit in this much of L2 (the H200 has 50 MB, in two halves), so that its programs hit there.
-LPT_L2_BYTES = 32 * 2**20
-
-
-def lpt_group_size(lpt: bool, head_bytes: int) -> int:
-    """Heads per longest-first group: as many heads' ``head_bytes`` (what one head's programs
-    share) as fit in LPT_L2_BYTES, at least 1; 1 without ``lpt`` (one head at a time)."""
-    if not lpt:
-        return 1
-    return max(1, LPT_L2_BYTES // head_bytes)
 
 
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
@@ -353,7 +336,7 @@ def lpt_group_size(lpt: bool, head_bytes: int) -> int:
 # 0.93 / 1.02x, within a run's noise of the two-pass backward, so the thresholds stay where the
 # wins were clear. Shorter sequences were not timed, and pay three more launches.
 # Full attention at T = 2048, the 32 x 128 tiles against the two-pass backward in six sweeps
-# since (262806c to 946cad4, ..._sweep-bwd-fused-*.json and ..._sweep-bwd-lpt-946cad4.json):
+# since (262806c to 946cad4, ..._sweep-bwd-fused-*.json, logs/2026-12-03_h200_sweeps_946cad4.log):
 # 1.856-1.912 ms against 1.917-2.004, ahead in every one (1.03-1.06x), and ahead of the
 # row-held Gluon kernel there (1.875-1.932). So full attention takes it from 2048; at 1024 it
 # was 1.049-1.056 ms against 0.958-1.045.
