@@ -9,16 +9,22 @@ backward does N of one kind of work, with autograd's threads (the default) and w
 ``torch.autograd.set_multithreading_enabled(False)`` (the backward on the calling thread), and
 reports host µs per unit of work; then ioattn's D = 128 causal T = 1024 paper point both ways.
 ``--profile``: a cProfile of ioattn's backward taken on whichever thread runs it.
+``--breakdown``: host µs per call of each step of ioattn's backward (timers around the
+functions it calls, no profiler), on both threads, at the paper grid's D = 128 causal T = 1024
+(two-pass backward) and T = 2048 (one-pass): which steps grow on the worker thread.
 """
 import argparse
 import cProfile
+import collections
 import io
 import pstats
+import time
 
 import torch
 
 from ioattn import flash_attn_func
-from ioattn.flash import ops
+from ioattn import launch as launch_module
+from ioattn.flash import bwd_fused, bwd_gluon_rows, bwd_preprocess, bwd_tma, ops
 
 from host_cost import per_call_us  # this directory, first on sys.path when run as a script
 
@@ -44,6 +50,53 @@ class _Busy(torch.autograd.Function):
         return g
 
 
+# (module, attribute) of each timed step: looked up there at call time by ioattn's backward.
+STEPS = [(ops, "_bwd_impl"), (bwd_tma, "flash_bwd_tma"), (bwd_fused, "flash_bwd_fused"),
+         (bwd_tma, "hopper_bwd_inputs"), (bwd_fused, "hopper_bwd_inputs"), (bwd_tma, "backward_buffers"),
+         (bwd_fused, "backward_buffers"), (bwd_tma, "dq_tma"), (bwd_tma, "dkdv_tma"),
+         (bwd_fused, "bwd_preprocess"), (bwd_fused, "fused_pass"), (bwd_tma, "launch"), (bwd_preprocess, "launch"),
+         (bwd_gluon_rows, "launch"), (launch_module, "_key"), (torch.cuda.device, "__enter__"),
+         (torch.cuda.device, "__exit__")]
+
+
+def breakdown(point, calls: int = 100) -> None:
+    """Print host µs per call of each step in STEPS, worker thread against calling thread."""
+    totals = collections.defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                totals[name] += time.perf_counter() - t0
+        return wrapper
+
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr in STEPS]
+    for obj, attr, fn in saved:
+        setattr(obj, attr, timed(f"{getattr(obj, '__name__', obj)}.{attr}", fn))
+    rows = {}
+    try:
+        for threads in (True, False):
+            with torch.autograd.set_multithreading_enabled(threads):
+                for _ in range(10):
+                    point()
+                torch.cuda.synchronize()
+                totals.clear()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    point()
+                totals["whole fwd + grad"] = time.perf_counter() - t0
+                torch.cuda.synchronize()
+            rows[threads] = dict(totals)
+    finally:
+        for obj, attr, fn in saved:
+            setattr(obj, attr, fn)
+    for name in rows[True]:
+        w, c = rows[True][name] / calls * 1e6, rows[False].get(name, 0.0) / calls * 1e6
+        print(f"  {name:44s} worker {w:7.1f} µs  calling thread {c:7.1f} µs", flush=True)
+
+
 def both_ways(fn, calls: int = 200) -> tuple[float, float]:
     """(worker thread, calling thread) host µs per call of ``fn`` (host_cost.py's medians)."""
     worker = per_call_us(fn, calls)[0]
@@ -55,7 +108,16 @@ def both_ways(fn, calls: int = 200) -> tuple[float, float]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", action="store_true", help="cProfile ioattn's backward on its thread")
+    p.add_argument("--breakdown", action="store_true", help="time each step of ioattn's backward on both threads")
     args = p.parse_args(argv)
+    if args.breakdown:
+        for T in (1024, 2048):
+            q, k, v = (torch.randn(16384 // T, T, 16, 128, device="cuda", dtype=torch.bfloat16,
+                                   requires_grad=True) for _ in range(3))
+            dout = torch.randn_like(q)
+            print(f"D = 128 causal T = {T}, B = {16384 // T}, H = 16: host µs per call", flush=True)
+            breakdown(lambda: torch.autograd.grad(flash_attn_func(q, k, v, causal=True), (q, k, v), dout))
+        return
     t16 = torch.empty(16, device="cuda")
     work = {
         "pure Python (20-step loop)": lambda g: _python_loop(),
@@ -63,6 +125,8 @@ def main(argv=None):
         "tensor.data_ptr()": lambda g: g.data_ptr(),
         "torch.empty(16), CPU": lambda g: torch.empty(16),
         "torch.empty(16), CUDA": lambda g: torch.empty(16, device=g.device),
+        "g.new_empty(16), CUDA": lambda g: g.new_empty(16),
+        "torch.cuda.device(g.device) entered": lambda g: torch.cuda.device(g.device).__enter__() or None,
         "torch.add, CUDA": lambda g: torch.add(t16, 1.0),
         "torch.cuda.current_stream()": lambda g: torch.cuda.current_stream(),
     }
