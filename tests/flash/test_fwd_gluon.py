@@ -195,7 +195,7 @@ def test_gluon_desc_matches_checked_constructor(layout, dtype):
 
 
 def test_gluon_config_table():
-    from ioattn.flash.config import GLUON_PERSISTENT_MAX_SEQLEN as short, get_gluon_fwd_config
+    from ioattn.flash.config import GLUON_PERSISTENT_MAX_SEQLEN as short, SHORT_SEQLEN, get_gluon_fwd_config
 
     pp = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True)
     for dtype in (torch.bfloat16, torch.float16):
@@ -204,7 +204,10 @@ def test_gluon_config_table():
             assert get_gluon_fwd_config(128, dtype, False, T) == dataclasses.replace(pp, persistent=True)
         for T in (0, short + 1, 4097, 131072):
             assert get_gluon_fwd_config(128, dtype, False, T) == pp
-        for T in (1, 1024, short, 4097, 131072):
+        # Causal with the turns at short sequences only.
+        for T in (1, SHORT_SEQLEN):
+            assert get_gluon_fwd_config(128, dtype, True, T) == pp
+        for T in (0, SHORT_SEQLEN + 1, short, 4097, 131072):
             assert get_gluon_fwd_config(128, dtype, True, T) == dataclasses.replace(pp, turns=False)
     assert get_gluon_fwd_config(64, torch.bfloat16, True, 1024) is None
     assert get_gluon_fwd_config(256, torch.bfloat16, True, 1024) is None

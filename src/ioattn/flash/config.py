@@ -173,9 +173,14 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
 #   causal, without turns 362 / 573 / 610, with 375 / 515 / 607; Triton TMA 326 / 462 / 532;
 #   64 x 64 loader-warp kernel 369 / 497 / 520.
 # So full attention takes turns and causal does not (T = 4096 decides it; elsewhere the two are
-# within 4%). At D = 64 the ping-pong kernel was within 2% of the Triton kernel at T >= 4096 and
-# 5% behind at T = 1024 (372 against 353 full), and fwd_gluon.py's kernels won nowhere by more
-# than noise (v1.10): D = 64 keeps the Triton kernel.
+# within 4%), except short causal sequences: at T = 1024 the turns led in each of three sweeps
+# (375 / 373 / 375 against 362 / 364 / 369 TFLOP/s: ..._sweep-fwd-pingpong.json,
+# ..._sweep-fwd-exp2-emu.json, ..._sweep-fwd-persistent.json), and without them the paper
+# grid's causal forward there ran 0.89-0.90x cuDNN (5f754d2, cae9016, eea3616): causal takes
+# the turns up to SHORT_SEQLEN. At D = 64 the ping-pong kernel was within 2% of the Triton
+# kernel at T >= 4096 and 5% behind at T = 1024 (372 against 353 full), and fwd_gluon.py's
+# kernels won nowhere by more than noise (v1.10): D = 64 keeps the Triton kernel (but see
+# GLUON_FWD_64 below).
 
 
 # The persistent form of the ping-pong kernel (fwd_persistent.py) against it, same tiles, TFLOP/s
@@ -218,7 +223,8 @@ def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen
     if head_dim != 128:
         return None
     persistent = not causal and 0 < seqlen <= GLUON_PERSISTENT_MAX_SEQLEN
-    return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=not causal,
+    turns = not causal or 0 < seqlen <= SHORT_SEQLEN
+    return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=turns,
                         persistent=persistent)
 
 
