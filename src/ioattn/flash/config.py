@@ -340,7 +340,8 @@ class FusedBwdConfig:
 # stayed at 0.75-0.86x (64 x 128 tiles with 8 warps; 64 x 64 tiles with 4 warps 0.55-0.71x):
 # not used there. At T = 2048 / 8192 (..._sweep-bwd-fused-t-64.json): full 1.03 / 0.99x, causal
 # 0.93 / 1.02x, within a run's noise of the two-pass backward, so the thresholds stay where the
-# wins were clear. Shorter sequences were not timed, and pay three more launches.
+# wins were clear. Shorter sequences were not timed then; the one-pass path launches two more
+# kernels than its own (bwd_fused.py), which short calls pay on the host.
 # Full attention at T = 2048, the 32 x 128 tiles against the two-pass backward in six sweeps
 # since (262806c to 946cad4, ..._sweep-bwd-fused-*.json, logs/2026-12-03_h200_sweeps_946cad4.log):
 # 1.856-1.912 ms against 1.917-2.004, ahead in every one (1.03-1.06x), and ahead of the
