@@ -66,12 +66,16 @@ CANDIDATES = {
 # one exponential in n with FMAs (fwd_gluon.py's _exp2). At cff3764 (results/2026-12-03_nvidia-h200_
 # sweep-fwd-exp2-emu.json, T = 4096) that never won: D = 64 with turns 438 TFLOP/s plain, 375 /
 # 418 / 435 with n = 2 / 4 / 8; D = 128 661 plain, 613 / 595 with n = 4 / 8. One n = 8 entry per
-# D stays, so the compile check and the GPU tests keep covering the form.
+# D stays, so the compile check and the GPU tests keep covering the form. A tenth field 3 holds
+# 192 rows in three warpgroups (D = 64; at 128-key blocks their 160 registers spill ~150
+# local loads/stores a step, so they step over 64 keys).
 GLUON_CANDIDATES = {
     64: [(64, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3, True), (64, 128, 4, 2, True), (64, 64, 4, 4, True),
          (128, 128, 4, 2, False, True), (128, 128, 4, 3, False, True), (128, 128, 4, 4, False, True),
          (128, 64, 4, 4, False, True), (128, 128, 4, 3, False, True, True, True),
-         (128, 128, 4, 3, False, True, False, True), (128, 128, 4, 2, False, True, True, False, 8)],
+         (128, 128, 4, 3, False, True, False, True), (128, 128, 4, 2, False, True, True, False, 8),
+         (192, 64, 4, 3, False, True, True, False, 0, 3), (192, 64, 4, 4, False, True, True, False, 0, 3),
+         (192, 64, 4, 3, False, True, False, False, 0, 3)],
     128: [(64, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, True), (64, 64, 4, 2, True), (128, 64, 8, 3, True),
           (128, 128, 4, 2, False, True), (128, 128, 4, 2, False, True, False), (128, 64, 4, 3, False, True),
           (128, 64, 4, 4, False, True), (128, 128, 4, 2, False, True, True, True),
@@ -96,7 +100,7 @@ def short(cfg: TmaFwdConfig) -> str:
     return (f"{kind} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
             + (" ws" if cfg.warp_specialize else "") + (" pp" if cfg.pingpong else "")
             + ("" if cfg.turns else " free") + (" persistent" if cfg.persistent else "")
-            + (f" emu{cfg.exp2_emu}" if cfg.exp2_emu else ""))
+            + (f" emu{cfg.exp2_emu}" if cfg.exp2_emu else "") + (" wg3" if cfg.warpgroups == 3 else ""))
 
 
 def disagreement(got, want) -> str:
@@ -195,7 +199,7 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=140.0, help="seconds; later candidates are skipped")
     p.add_argument("--configs", nargs="*", default=None, metavar="M,N,WARPS,STAGES",
                    help="time these (beside the default) instead of the candidate list; with --gluon "
-                        "Gluon configs, flags as 0/1 (M,N,4,STAGES,0,1,TURNS,PERSISTENT[,EXP2_EMU])")
+                        "Gluon configs, flags as 0/1 (M,N,4,STAGES,0,1,TURNS,PERSISTENT[,EXP2_EMU[,WARPGROUPS]])")
     p.add_argument("--gluon", action="store_true",
                    help="time the Gluon kernel's candidates (GLUON_CANDIDATES) beside the TMA default")
     p.add_argument("--smoke", action="store_true", help="no GPU: check the candidates in the interpreter")

@@ -30,12 +30,12 @@ def compile_report(D, cfg: TmaFwdConfig, causal):
     M, N, warps, stages = cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps, cfg.num_stages
     values = dict(HEAD_DIM=D, HAS_RIGHT=causal, BLOCK_N=N, NUM_STAGES=stages)
     if cfg.pingpong:
-        # Two warpgroups of M // 2 rows; registers set by the kernel's warp_specialize.
+        # Warpgroups of 64 rows; registers set by the kernel's warp_specialize.
         fn = fwd_persistent._fwd_persistent_kernel if cfg.persistent else fwd_pingpong._fwd_pingpong_kernel
-        M, extra = M // 2, {}
+        M, extra = 64, {}
         values.update(PINGPONG=cfg.turns, BLOCK_M=M)
         if not cfg.persistent:
-            values.update(EXP2_EMU=cfg.exp2_emu)
+            values.update(EXP2_EMU=cfg.exp2_emu, NUM_WG=cfg.warpgroups)
     elif cfg.warp_specialize:
         fn, extra = fwd_gluon._fwd_gluon_ws_kernel, dict(maxnreg=fwd_gluon.ws_maxnreg(cfg))
         values.update(BLOCK_M=M, num_warps=warps)
@@ -132,6 +132,7 @@ def main():
             kind = " pp" if cfg.pingpong else " ws" if cfg.warp_specialize else ""
             kind += ("" if cfg.turns else " free") + (" persistent" if cfg.persistent else "")
             kind += f" emu{cfg.exp2_emu}" if cfg.exp2_emu else ""
+            kind += " wg3" if cfg.warpgroups == 3 else ""
             for causal in (False, True):
                 name = f"D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}{kind} causal={causal}"
                 report[name] = compile_report(D, cfg, causal)

@@ -92,9 +92,11 @@ def test_gluon_kernels_compile_for_sm90_without_spills():
     assert all(r["waits"].strip("0") for r in report.values()), report
     # Within Hopper's 227 KB of shared memory per block.
     assert all(r["smem"] <= 232448 for r in report.values()), report
-    # The ping-pong kernel's two compute warpgroups get 240 registers each, its loader 24.
-    pingpong = [r for name, r in report.items() if " pp" in name]
-    assert pingpong and all({"240", "24"} <= set(r["setmaxnreg"]) for r in pingpong), pingpong
+    # The ping-pong kernel's two compute warpgroups get 240 registers each, its loader 24; with
+    # three warpgroups the two workers get 160 (the default partition the rest).
+    pingpong = [(r, {"160", "24"} if " wg3" in name else {"240", "24"}) for name, r in report.items() if " pp" in name]
+    assert pingpong and all(regs <= set(r["setmaxnreg"]) for r, regs in pingpong), pingpong
+    assert any(regs == {"160", "24"} for _, regs in pingpong)
     dkdv = [r for name, r in report.items() if name.startswith(("dkdv", "fused"))]
     assert dkdv and all({"240", "24"} <= set(r["setmaxnreg"]) for r in dkdv), dkdv
 
@@ -143,6 +145,38 @@ def test_fwd_gluon_gpu_strided(kernel):
     cfg = KERNELS[kernel]
     check_fwd(2, 1000, 1200, 8, 2, 64, True, None, torch.bfloat16, layout="bhtd", fwd=gluon_fwd, config=cfg)
     check_fwd(2, 1000, 1000, 8, 8, 128, False, None, torch.bfloat16, layout="bhtd", fwd=gluon_fwd, config=cfg)
+
+
+# Three warpgroups of 64 rows sharing each K/V tile (D = 64 only), with and without turns.
+KERNELS_WG3 = {
+    "pingpong-wg3": TmaFwdConfig(BLOCK_M=192, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True, warpgroups=3),
+    "free-wg3": TmaFwdConfig(BLOCK_M=192, BLOCK_N=64, num_warps=4, num_stages=4, pingpong=True, turns=False,
+                             warpgroups=3),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", list(KERNELS_WG3))
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("case", [c for c in GPU_CASES if c[5] == 64] + [(2, 1000, 1000, 8, 2, 64, False, None),
+                                                                        (1, 700, 385, 4, 4, 64, True, -100)],
+                         ids=case_id)
+def test_fwd_gluon_gpu_three_warpgroups(case, dtype, kernel):
+    # 192-row programs: Tq not a multiple of 192, causal tiles whose first warpgroup sees no key
+    # in the program's last blocks, rows without any key (bottom-right, Tq > Tk).
+    check_fwd(*case, DTYPES[dtype], fwd=gluon_fwd, config=KERNELS_WG3[kernel])
+    check_fwd(2, 1000, 1200, 8, 2, 64, True, None, torch.bfloat16, layout="bhtd", fwd=gluon_fwd,
+              config=KERNELS_WG3[kernel])
+
+
+def test_three_warpgroups_config_checked():
+    # Three warpgroups hold 192 rows, at D <= 64 only (their registers), never persistent.
+    wg3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True, warpgroups=3)
+    for D, cfg in ((128, wg3), (64, dataclasses.replace(wg3, BLOCK_M=128)), (64, dataclasses.replace(wg3, warpgroups=4)),
+                   (64, dataclasses.replace(wg3, persistent=True))):
+        q, k, v = make_qkv(1, 64, 64, 2, 2, D, dtype=torch.bfloat16, device="cpu")
+        with pytest.raises(ValueError, match="warpgroups"):
+            fwd_pingpong.flash_fwd_pingpong(q, k, v, 0.1, False, 0, config=cfg)
 
 
 @pytest.mark.gpu

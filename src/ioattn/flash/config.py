@@ -104,7 +104,8 @@ class TmaFwdConfig:
     with ``persistent`` its persistent form (fwd_persistent.py: one program per SM);
     ``exp2_emu`` = n > 0 has the ping-pong kernels compute one exponential in n by a polynomial on
     the FMA pipes instead of the special-function unit (fwd_gluon.py's ``_exp2``; measured slower,
-    unused by the tables)."""
+    unused by the tables); ``warpgroups`` = 3 has the ping-pong kernel hold 192 rows in three
+    compute warpgroups taking turns round robin (D = 64 only)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -115,6 +116,7 @@ class TmaFwdConfig:
     turns: bool = True
     persistent: bool = False
     exp2_emu: int = 0
+    warpgroups: int = 2
 
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few

@@ -196,10 +196,11 @@ if HAS_GLUON:
             mbarrier.wait(turn.index(WG), step & 1)
 
     @gluon.jit
-    def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
-        """Hand the tensor cores to the other warpgroup, once this one's wgmmas are issued."""
+    def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr = 2):
+        """Hand the tensor cores to the next of ``NUM_WG`` warpgroups (round robin), once this
+        one's wgmmas are issued."""
         if PINGPONG:
-            mbarrier.arrive(turn.index(1 - WG), count=1)
+            mbarrier.arrive(turn.index((WG + 1) % NUM_WG), count=1)
 
     @gluon.jit
     def _fwd_gluon_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
@@ -322,11 +323,13 @@ if HAS_GLUON:
                      start_m, T_k, diag_hi, qk_scale, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                      NUM_WARPS: gl.constexpr, WG: gl.constexpr = 0, PINGPONG: gl.constexpr = False,
-                     q_phase=0, c0=0, t0=0, RELEASE_LAST: gl.constexpr = False, EXP2_EMU: gl.constexpr = 0):
+                     q_phase=0, c0=0, t0=0, RELEASE_LAST: gl.constexpr = False, EXP2_EMU: gl.constexpr = 0,
+                     NUM_WG: gl.constexpr = 2):
         """Compute partition: _fwd_gluon_kernel's loop, releasing each K slot once its QKᵀ has
         completed and each V slot once its P·V has, instead of loading and syncing itself.
-        fwd_pingpong.py runs two of these (warpgroup ``WG`` of two) with ``PINGPONG``: each step's
-        wgmma issues then sit between a wait for this warpgroup's turn and a hand-over.
+        fwd_pingpong.py runs two or three of these (warpgroup ``WG`` of ``NUM_WG``) with
+        ``PINGPONG``: each step's wgmma issues then sit between a wait for this warpgroup's turn
+        and a hand-over to the next.
         A persistent program (fwd_persistent.py) runs it once per tile and says where its
         barriers' phases stand: ``q_phase`` of ``q_bar``, ``c0`` key blocks consumed before (the
         ring's slot and phase), ``t0`` turns taken before (fwd_persistent.py's ``turns_taken``), and with
@@ -353,7 +356,7 @@ if HAS_GLUON:
             mbarrier.wait(k_ready.index(slot), phase=(c0 // NUM_STAGES) & 1)
             s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
-            _pass_turn(turn, WG, PINGPONG)
+            _pass_turn(turn, WG, PINGPONG, NUM_WG)
             s = warpgroup_mma_wait(0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(slot), count=1)
             p, m_i, alpha, l_i = _softmax_step(s, m_i, l_i, 0, mask_from, o_m, T_k, diag_hi, qk_scale,
@@ -369,7 +372,7 @@ if HAS_GLUON:
                 mbarrier.wait(v_ready.index(prev), phase=((c - 1) // NUM_STAGES) & 1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 o_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-                _pass_turn(turn, WG, PINGPONG)
+                _pass_turn(turn, WG, PINGPONG, NUM_WG)
                 s = warpgroup_mma_wait(1, deps=(s_tok, ))
                 mbarrier.arrive(k_empty.index(slot), count=1)
                 p, m_i, alpha, l_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, mask_from, o_m, T_k, diag_hi,
@@ -383,7 +386,7 @@ if HAS_GLUON:
             mbarrier.wait(v_ready.index(last), phase=(c // NUM_STAGES) & 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             o_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-            _pass_turn(turn, WG, PINGPONG)
+            _pass_turn(turn, WG, PINGPONG, NUM_WG)
             acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
             if RELEASE_LAST:
                 # A persistent program's loader refills the last V slot for its next tile.

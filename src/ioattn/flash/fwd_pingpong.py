@@ -47,12 +47,17 @@ if HAS_GLUON:
 
 if HAS_GLUON:
 
+    # Registers per thread of three 4-warp compute partitions (NUM_WG = 3) beside the loader's
+    # padded warpgroup: 3 x 128 x 160 + 128 x 24 fits the SM's 64K. Enough for D = 64 (S 64, P 32
+    # and O 32 registers a thread at 128-key blocks), not for D = 128's 64-register O.
+    COMPUTE_REGS_3 = gl.constexpr(160)
+
     @gluon.jit
     def _pp_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
                      n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale,
                      WG: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_M: gl.constexpr,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                     EXP2_EMU: gl.constexpr):
+                     EXP2_EMU: gl.constexpr, NUM_WG: gl.constexpr):
         """One compute warpgroup: rows ``[tile_m + WG * BLOCK_M, + BLOCK_M)``, fwd_gluon.py's
         overlapped loop with its wgmma issues inside turns, then its own epilogue (lse, and O
         through its Q slot and one TMA store: a worker partition returns nothing)."""
@@ -63,17 +68,18 @@ if HAS_GLUON:
         q_slot = q_smem.index(WG)
         acc, m_i, l_i = _ws_consumer(q_slot, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                                      n_blocks, mask_from, start_m, T_k, diag_hi, qk_scale, HAS_RIGHT, BLOCK_M,
-                                     BLOCK_N, HEAD_DIM, NUM_STAGES, 4, WG, PINGPONG, EXP2_EMU=EXP2_EMU)
+                                     BLOCK_N, HEAD_DIM, NUM_STAGES, 4, WG, PINGPONG, EXP2_EMU=EXP2_EMU,
+                                     NUM_WG=NUM_WG)
         _epilogue(acc, m_i, l_i, q_slot, desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M, HEAD_DIM, row_o)
 
     @gluon.jit
     def _fwd_pingpong_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
                              HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                             EXP2_EMU: gl.constexpr = 0):
-        """One program: 2 * BLOCK_M query rows of one (batch, head), two compute warpgroups of
-        BLOCK_M rows (launched with num_warps=4: the default partition is warpgroup 0);
-        ``EXP2_EMU``: fwd_gluon.py's ``_exp2``."""
+                             EXP2_EMU: gl.constexpr = 0, NUM_WG: gl.constexpr = 2):
+        """One program: NUM_WG * BLOCK_M query rows of one (batch, head), NUM_WG (2 or 3) compute
+        warpgroups of BLOCK_M rows (launched with num_warps=4: the default partition is
+        warpgroup 0) taking turns round robin; ``EXP2_EMU``: fwd_gluon.py's ``_exp2``."""
         dtype: gl.constexpr = desc_q.dtype
         i_m, i_bh = gl.program_id(0), gl.program_id(1)
         if HAS_RIGHT:
@@ -81,56 +87,76 @@ if HAS_GLUON:
             i_m = gl.num_programs(0) - 1 - i_m
         i_b, i_h = i_bh // H, i_bh % H
         i_hkv = i_h // GROUP
-        tile_m = i_m * (2 * BLOCK_M)
-        # Key range of the whole program: both warpgroups step through the same blocks (the
+        tile_m = i_m * (NUM_WG * BLOCK_M)
+        # Key range of the whole program: every warpgroup steps through the same blocks (the
         # turns need equal step counts); the first warpgroup's rows set where masking starts.
-        n_blocks, mask_from = _key_blocks(tile_m, 2 * BLOCK_M, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_N)
+        n_blocks, mask_from = _key_blocks(tile_m, NUM_WG * BLOCK_M, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_N)
 
-        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
         k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        # Slots released by both warpgroups.
-        k_ready, v_ready, k_empty, v_empty = _ring_barriers(NUM_STAGES, 2)
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(turn.index(0), count=1)
-        mbarrier.init(turn.index(1), count=1)
+        # Slots released by every warpgroup.
+        k_ready, v_ready, k_empty, v_empty = _ring_barriers(NUM_STAGES, NUM_WG)
+        turn = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
+        for w in gl.static_range(NUM_WG):
+            mbarrier.init(turn.index(w), count=1)
         fence_async_shared()
         # Warpgroup 0 takes the first turn.
         mbarrier.arrive(turn.index(0), count=1)
-        mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_q, [i_b, i_h, tile_m, 0], q_bar, q_smem.index(0))
-        tma.async_copy_global_to_shared(desc_q, [i_b, i_h, tile_m + BLOCK_M, 0], q_bar, q_smem.index(1))
+        mbarrier.expect(q_bar, NUM_WG * desc_q.block_type.nbytes)
+        for w in gl.static_range(NUM_WG):
+            tma.async_copy_global_to_shared(desc_q, [i_b, i_h, tile_m + w * BLOCK_M, 0], q_bar, q_smem.index(w))
 
-        gl.warp_specialize([
-            (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
-                            n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 0, HAS_RIGHT,
-                            PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU)),
-            (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
-                            n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 1, HAS_RIGHT,
-                            PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU)),
-            (_ws_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b, i_hkv,
-                          BLOCK_N, NUM_STAGES)),
-        ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
+        # Each warpgroup's argument tuple written out: Gluon's frontend neither adds tuples nor
+        # keeps a function in a tuple variable, so the lists cannot be built from shared parts.
+        if NUM_WG == 3:
+            gl.warp_specialize([
+                (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
+                                n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 0,
+                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG)),
+                (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
+                                n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 1,
+                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG)),
+                (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
+                                n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 2,
+                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG)),
+                (_ws_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b,
+                              i_hkv, BLOCK_N, NUM_STAGES)),
+            ], [4, 4, 1], [COMPUTE_REGS_3, COMPUTE_REGS_3, LOADER_REGS])
+        else:
+            gl.warp_specialize([
+                (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
+                                n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 0,
+                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG)),
+                (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
+                                n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 1,
+                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG)),
+                (_ws_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b,
+                              i_hkv, BLOCK_N, NUM_STAGES)),
+            ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
 
         mbarrier.invalidate(q_bar)
-        mbarrier.invalidate(turn.index(0))
-        mbarrier.invalidate(turn.index(1))
+        for w in gl.static_range(NUM_WG):
+            mbarrier.invalidate(turn.index(w))
         _invalidate_ring(k_ready, v_ready, k_empty, v_empty, NUM_STAGES)
 
 
 def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset: int, *, config):
     """Attention forward with the ping-pong Gluon kernel: :func:`ioattn.flash.fwd_gluon.flash_fwd_gluon`'s
     arguments and results; ``config`` a :class:`ioattn.flash.config.TmaFwdConfig` with
-    ``pingpong`` set, ``BLOCK_M`` the program's rows (two warpgroups of ``BLOCK_M // 2``),
-    ``num_warps`` 4 (per warpgroup); ``turns=False`` runs the two warpgroups without turns;
-    ``persistent`` runs fwd_persistent.py's form (one program per SM over the tiles);
-    ``exp2_emu`` n computes one exponential in n with FMAs (fwd_gluon.py's ``_exp2``)."""
-    if config.BLOCK_M != 128 or config.num_warps != 4 or config.BLOCK_N not in (64, 128):
-        # Two warpgroups of 4 warps and 64 rows: a wgmma's M dimension is 64 per warpgroup.
-        raise ValueError(f"config: the ping-pong kernel takes BLOCK_M = 128, num_warps = 4 and BLOCK_N in "
-                         f"(64, 128), got {config}")
+    ``pingpong`` set, ``BLOCK_M`` the program's rows (``warpgroups`` of 64, 2 or 3),
+    ``num_warps`` 4 (per warpgroup); ``turns=False`` runs the warpgroups without turns;
+    ``persistent`` runs fwd_persistent.py's form (one program per SM over the tiles; two
+    warpgroups); ``exp2_emu`` n computes one exponential in n with FMAs (fwd_gluon.py's ``_exp2``)."""
+    wgs = config.warpgroups
+    if (wgs not in (2, 3) or config.BLOCK_M != 64 * wgs or config.num_warps != 4 or config.BLOCK_N not in (64, 128)
+            or (wgs == 3 and (config.persistent or q.shape[-1] > 64))):
+        # Warpgroups of 4 warps and 64 rows (a wgmma's M dimension per warpgroup); three fit
+        # their registers at D = 64 only (COMPUTE_REGS_3), and the persistent form has two.
+        raise ValueError(f"config: the ping-pong kernel takes warpgroups = 2 or 3 (3: D <= 64, not persistent), "
+                         f"BLOCK_M = 64 * warpgroups, num_warps = 4 and BLOCK_N in (64, 128), got {config}")
     if config.exp2_emu not in (0, 2, 4, 8) or (config.exp2_emu and config.persistent):
         # One element of each group of n a thread holds (n divides a thread's 32 or 64 scores).
         raise ValueError(f"config: exp2_emu must be 0, 2, 4 or 8, and 0 in the persistent kernel, got {config}")
@@ -139,14 +165,15 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
     out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
-    M, N = config.BLOCK_M // 2, config.BLOCK_N
-    tiles = cdiv(T_q, 2 * M)
+    M, N = 64, config.BLOCK_N
+    tiles = cdiv(T_q, wgs * M)
     if config.persistent:
         # The persistent kernel numbers the tiles itself; it takes B * H to do so.
         kernel, grid, extra, extra_kw = (fwd_persistent._fwd_persistent_kernel,
                                          (fwd_persistent.persistent_programs(q, tiles * B * H),), (B * H,), {})
     else:
-        kernel, grid, extra, extra_kw = _fwd_pingpong_kernel, (tiles, B * H), (), {"EXP2_EMU": config.exp2_emu}
+        kernel, grid, extra, extra_kw = _fwd_pingpong_kernel, (tiles, B * H), (), {"EXP2_EMU": config.exp2_emu,
+                                                                                     "NUM_WG": wgs}
     with device_guard(q):
         launch(
             kernel, grid,
