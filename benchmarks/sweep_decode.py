@@ -98,7 +98,7 @@ def graph_ms(fn) -> float:
     the 60 MB L2 were read from it."""
     return triton.testing.do_bench(graphed(lambda: fn), return_mode="median")
 
-def sweep_point(B, ctx, deadline, rows, tiles=(), pdl_ab=False):
+def sweep_point(B, ctx, deadline, rows, tiles=(), pdl_ab=False, splits_list=None, paged=True):
     H, Hkv, D = 32, 8, 128
     q, k, v, seqlens = inputs(B, ctx, H, Hkv, D, torch.bfloat16, "cuda")
     default = get_decode_config(H // Hkv, D, torch.bfloat16, interpret=False)
@@ -144,10 +144,17 @@ def sweep_point(B, ctx, deadline, rows, tiles=(), pdl_ab=False):
             if cfg != default:
                 timed("contig", cfg, 0, call(q, k, v, seqlens, cfg, 0))
         return
-    for cfg in [default] + contiguous_variants(default):
-        for splits in splits_for(B, Hkv):
-            if (cfg, splits) != (default, 0):
-                timed("contig", cfg, splits, call(q, k, v, seqlens, cfg, splits))
+    if splits_list:
+        # --splits: these split counts of the default config only (the heuristic's first).
+        for splits in splits_list:
+            timed("contig", default, splits, call(q, k, v, seqlens, default, splits))
+    else:
+        for cfg in [default] + contiguous_variants(default):
+            for splits in splits_for(B, Hkv):
+                if (cfg, splits) != (default, 0):
+                    timed("contig", cfg, splits, call(q, k, v, seqlens, cfg, splits))
+    if not paged:
+        return
     # Paged (16-token pages, shuffled): the cost of the gather, against the contiguous default.
     kp, vp, table = paginate(k, v, 16)
     for cfg in [default] + paged_variants(default):
@@ -192,6 +199,9 @@ def main(argv=None):
                    help="BLOCK_N,warps,stages triples: time only these tiles against the default")
     p.add_argument("--pdl-ab", action="store_true",
                    help="also time the default with the combine launched without PDL")
+    p.add_argument("--splits", nargs="*", type=int, default=None,
+                   help="time the default config at these split counts only (contiguous cache)")
+    p.add_argument("--no-paged", action="store_true", help="skip the paged cache")
     p.add_argument("--out")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -204,7 +214,7 @@ def main(argv=None):
     for point in args.points:
         B, ctx = map(int, point.split(","))
         sweep_point(B, ctx, t0 + args.budget, rows, [tuple(map(int, t.split(","))) for t in args.tiles],
-                    pdl_ab=args.pdl_ab)
+                    pdl_ab=args.pdl_ab, splits_list=args.splits, paged=not args.no_paged)
         torch.cuda.empty_cache()
         if args.out:  # after every point: a run cut short keeps what it measured
             with open(args.out, "w") as f:
