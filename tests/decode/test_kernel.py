@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ioattn import flash_attn_with_kvcache
-from ioattn.decode.config import DecodeConfig, get_decode_config, get_num_splits
+from ioattn.decode.config import DecodeConfig, get_decode_config, get_num_splits, resident_per_sm
 from ioattn.decode.kernel import kvcache_fwd_triton
 
 from .cases import CASES, DEVICE, DTYPES, check_kvcache, make_case
@@ -89,6 +89,26 @@ def test_num_splits_heuristic():
     assert get_num_splits(8, 1024, 64, 132) == 16
     assert get_num_splits(8, 10, 64, 132) == 1
     assert get_num_splits(1, 10**7, 64, 132) == 128
+    # With three programs resident per SM, long splits fill those slots once: B = 1 x 128k and
+    # B = 8 x 32k (8 and 64 programs); short splits (B = 1 x 32k, B = 8 x 8k) and long-split
+    # tiles' lengths (B = 8 x 128k) keep the waves.
+    assert get_num_splits(8, 128 * 1024, 64, 132, resident=3) == 49
+    assert get_num_splits(64, 32 * 1024, 64, 132, resident=3) == 6
+    assert get_num_splits(8, 32 * 1024, 64, 132, resident=3) == 66
+    assert get_num_splits(64, 8 * 1024, 64, 132, resident=3) == 8
+    assert get_num_splits(64, 128 * 1024, 64, 132, resident=3) == 8
+    assert get_num_splits(132 * 2, 100_000, 64, 132, resident=3) == 1
+
+
+def test_resident_only_where_measured():
+    decode = get_decode_config(4, 128, torch.bfloat16, interpret=False)
+    assert resident_per_sm(decode, 128, torch.bfloat16) == 3
+    assert resident_per_sm(decode, 64, torch.bfloat16) == 0
+    assert resident_per_sm(decode, 128, torch.float32) == 0
+    assert resident_per_sm(get_decode_config(4, 128, torch.bfloat16, interpret=False, full_grid=True),
+                           128, torch.bfloat16) == 0
+    assert resident_per_sm(get_decode_config(4, 128, torch.bfloat16, interpret=False, paged_split=True),
+                           128, torch.bfloat16) == 0
 
 
 def test_config_branches():

@@ -113,15 +113,37 @@ MIN_BLOCKS_PER_SPLIT = 1
 # at B = 1 x 128k and 10.9 against 10.2 us at B = 8 x 1k).
 WAVES = 4
 MAX_SPLITS = 128
+# Long splits instead fill the GPU's resident program slots exactly once: programs of the
+# decoding config at D = 128 (64-key K and V tiles in 2 stages, 64 KB of shared memory) sit three
+# to an SM, so 4 waves of SMs are 1.33 waves of slots, and the last third of the time a third
+# of the slots is busy. sweep_decode.py --splits at 7a94ac0 (graph replays, L2 flushed;
+# logs/2026-12-03_h200_call1_7a94ac0.log), µs: B = 1 x 128k 139.6 with 66 splits (4 waves, 1986
+# keys each), 138.3 with 49 (one wave of slots), 142.0 / 146.7 with 44 / 33; B = 8 x 32k 258.0
+# with 8 splits, 255.9 with 6, 262.2 / 271.5 with 16 / 4. At B = 1 x 32k (497 keys a split) the
+# 4 waves stayed ahead, 48.9 against 50.3 with 49: short splits hide each other's start. So from
+# this many keys a split (under the long-split tiles' LONG_SPLIT_MIN_KEYS, where one program
+# fills an SM).
+ONE_WAVE_MIN_KEYS = 1536
+RESIDENT_PER_SM = 3
 
 
-def get_num_splits(programs: int, max_seqlen_k: int, BLOCK_N: int, num_sms: int) -> int:
+def resident_per_sm(config: DecodeConfig, head_dim: int, dtype: torch.dtype) -> int:
+    """Programs of ``config`` one SM holds at once, where measured (the decoding config at
+    D = 128, 16-bit caches), else 0 (unknown: the splits follow WAVES alone)."""
+    if config == _DECODE and next_pow2(head_dim) == 128 and dtype in (torch.float16, torch.bfloat16):
+        return RESIDENT_PER_SM
+    return 0
+
+
+def get_num_splits(programs: int, max_seqlen_k: int, BLOCK_N: int, num_sms: int, resident: int = 0) -> int:
     """How many splits of the key range to use (flash-decoding) when the caller passes 0.
 
     ``programs`` is the number of programs without splitting (B · Hkv · query tiles). With
     ``programs >= num_sms`` the grid fills the GPU already and splitting only adds the combine;
     otherwise split so that ``programs · splits <= WAVES · num_sms``, as long as every split keeps
-    ``MIN_BLOCKS_PER_SPLIT`` key blocks.
+    ``MIN_BLOCKS_PER_SPLIT`` key blocks. ``resident``: programs an SM holds at once
+    (:func:`resident_per_sm`; 0 unknown); where known, splits of ONE_WAVE_MIN_KEYS keys or more
+    (and fewer than LONG_SPLIT_MIN_KEYS) are made so that the programs fill those slots once.
     """
     if programs >= num_sms:
         return 1
@@ -129,4 +151,7 @@ def get_num_splits(programs: int, max_seqlen_k: int, BLOCK_N: int, num_sms: int)
     # (B = 8 x 32k keys: 9 splits of 64 programs ran 0.76x cuDNN, 8 splits 1.0x; bench decode).
     by_waves = max(1, WAVES * num_sms // programs)
     by_length = max(1, cdiv(max_seqlen_k, BLOCK_N) // MIN_BLOCKS_PER_SPLIT)
-    return max(1, min(by_waves, by_length, MAX_SPLITS))
+    splits = max(1, min(by_waves, by_length, MAX_SPLITS))
+    if resident and ONE_WAVE_MIN_KEYS <= cdiv(max_seqlen_k, splits) < LONG_SPLIT_MIN_KEYS:
+        splits = max(1, min(resident * num_sms // programs, splits))
+    return splits

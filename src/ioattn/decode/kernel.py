@@ -26,7 +26,7 @@ from ..flash.config import padded_head_dim
 from ..flash.fwd import _scores, device_guard, dot_precision, score_args
 from .combine import combine_splits, gdc_launch_dependents, use_pdl
 from .config import (FULL_GRID_MIN_KEYS, LONG_SPLIT_MIN_KEYS, PAGED_PREFETCH_MIN_KEYS, DecodeConfig,
-                     get_decode_config, get_num_splits)
+                     get_decode_config, get_num_splits, resident_per_sm)
 
 
 @triton.jit
@@ -199,7 +199,8 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
         max_seqlen_k = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     sms = sm_count(q.device.index or 0) if q.is_cuda else 4
     if num_splits == 0:
-        num_splits = get_num_splits(B * H_kv * m_tiles, max_seqlen_k, config.BLOCK_N, sms)
+        num_splits = get_num_splits(B * H_kv * m_tiles, max_seqlen_k, config.BLOCK_N, sms,
+                                    resident_per_sm(config, D, q.dtype) if q.is_cuda else 0)
     num_splits = max(1, min(num_splits, cdiv(max(max_seqlen_k, 1), config.BLOCK_N)))
     paged_split = paged and num_splits > 1 and max_seqlen_k >= PAGED_PREFETCH_MIN_KEYS
     full_grid = not paged and (
