@@ -98,7 +98,8 @@ def graph_ms(fn) -> float:
     the 60 MB L2 were read from it."""
     return triton.testing.do_bench(graphed(lambda: fn), return_mode="median")
 
-def sweep_point(B, ctx, deadline, rows, tiles=(), pdl_ab=False, splits_list=None, paged=True):
+def sweep_point(B, ctx, deadline, rows, tiles=(), pdl_ab=False, splits_list=None, paged=True, rounds=1,
+                cudnn=False):
     H, Hkv, D = 32, 8, 128
     q, k, v, seqlens = inputs(B, ctx, H, Hkv, D, torch.bfloat16, "cuda")
     default = get_decode_config(H // Hkv, D, torch.bfloat16, interpret=False)
@@ -137,17 +138,26 @@ def sweep_point(B, ctx, deadline, rows, tiles=(), pdl_ab=False, splits_list=None
         if ms_off and base.get("contig"):
             print(f"B={B} ctx={ctx} PDL on/off: x{ms_off / base['contig']:.3f} speed", flush=True)
             rows[-1]["pdl_speedup"] = ms_off / base["contig"]
-    if tiles:
-        # --tiles: other (BLOCK_N, warps, stages) on the contiguous cache at the default splits only.
-        for n, w, st in tiles:
-            cfg = replace(default, BLOCK_N=n, num_warps=w, num_stages=st)
-            if cfg != default:
-                timed("contig", cfg, 0, call(q, k, v, seqlens, cfg, 0))
-        return
-    if splits_list:
-        # --splits: these split counts of the default config only (the heuristic's first).
-        for splits in splits_list:
-            timed("contig", default, splits, call(q, k, v, seqlens, default, splits))
+    if tiles or splits_list:
+        # --tiles: other (BLOCK_N, warps, stages) on the contiguous cache at the default splits;
+        # --splits: these split counts of the default config. --rounds repeats them all (the
+        # default first), interleaved, to show a run's spread; --cudnn times SDPA's cuDNN
+        # backend's graph replay in each round too.
+        jobs = [(replace(default, BLOCK_N=n, num_warps=w, num_stages=st), 0) for n, w, st in tiles]
+        jobs += [(default, splits) for splits in splits_list or ()]
+        for r in range(rounds):
+            if r:
+                timed("contig", default, 0, call(q, k, v, seqlens, default, 0))
+            for cfg, splits in jobs:
+                if (cfg, splits) != (default, 0):
+                    timed("contig", cfg, splits, call(q, k, v, seqlens, cfg, splits))
+            if cudnn:
+                from torch.nn.attention import SDPBackend
+
+                from ioattn.bench.decode import _sdpa
+                timed("cudnn", default, 0, _sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION))
+        if tiles or not paged:
+            return
     else:
         for cfg in [default] + contiguous_variants(default):
             for splits in splits_for(B, Hkv):
@@ -202,6 +212,8 @@ def main(argv=None):
     p.add_argument("--splits", nargs="*", type=int, default=None,
                    help="time the default config at these split counts only (contiguous cache)")
     p.add_argument("--no-paged", action="store_true", help="skip the paged cache")
+    p.add_argument("--rounds", type=int, default=1, help="with --tiles or --splits: time them this many times")
+    p.add_argument("--cudnn", action="store_true", help="with --tiles or --splits: time SDPA's cuDNN graph too")
     p.add_argument("--out")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -214,7 +226,8 @@ def main(argv=None):
     for point in args.points:
         B, ctx = map(int, point.split(","))
         sweep_point(B, ctx, t0 + args.budget, rows, [tuple(map(int, t.split(","))) for t in args.tiles],
-                    pdl_ab=args.pdl_ab, splits_list=args.splits, paged=not args.no_paged)
+                    pdl_ab=args.pdl_ab, splits_list=args.splits, paged=not args.no_paged, rounds=args.rounds,
+                    cudnn=args.cudnn)
         torch.cuda.empty_cache()
         if args.out:  # after every point: a run cut short keeps what it measured
             with open(args.out, "w") as f:
