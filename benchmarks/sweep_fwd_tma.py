@@ -72,17 +72,21 @@ CANDIDATES = {
 # h200_sweep-fwd-64-wg3-7a94ac0.json, TFLOP/s at T = 1024 / 2048 / 4096 / 8192 / 16384) the
 # 2-stage form ran full 326 / 406 / 435 / 454 / 458 against the two-warpgroup kernel's 353 / 405
 # / 444 / 447 / 456 and causal (3 stages) 220 / 318 / 372 / 408 / 427 against 241 / 325 / 392 /
-# 413 / 449 (without turns): level at most, not in a table; one entry stays.
+# 413 / 449 (without turns): level at most, not in a table; one entry stays. An eleventh field
+# True casts P to 16 bits right after each softmax (p_early): then three warpgroups fit 128-key
+# blocks in their 160 registers without spills.
 GLUON_CANDIDATES = {
     64: [(64, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3, True), (64, 128, 4, 2, True), (64, 64, 4, 4, True),
          (128, 128, 4, 2, False, True), (128, 128, 4, 3, False, True), (128, 128, 4, 4, False, True),
          (128, 64, 4, 4, False, True), (128, 128, 4, 3, False, True, True, True),
          (128, 128, 4, 3, False, True, False, True), (128, 128, 4, 2, False, True, True, False, 8),
-         (192, 64, 4, 2, False, True, True, False, 0, 3)],
+         (192, 64, 4, 2, False, True, True, False, 0, 3), (192, 128, 4, 2, False, True, True, False, 0, 3, True),
+         (192, 128, 4, 3, False, True, True, False, 0, 3, True), (128, 128, 4, 2, False, True, True, False, 0, 2, True)],
     128: [(64, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, True), (64, 64, 4, 2, True), (128, 64, 8, 3, True),
           (128, 128, 4, 2, False, True), (128, 128, 4, 2, False, True, False), (128, 64, 4, 3, False, True),
           (128, 64, 4, 4, False, True), (128, 128, 4, 2, False, True, True, True),
-          (128, 128, 4, 2, False, True, False, True), (128, 128, 4, 2, False, True, True, False, 8)],
+          (128, 128, 4, 2, False, True, False, True), (128, 128, 4, 2, False, True, True, False, 8),
+          (128, 128, 4, 2, False, True, True, False, 0, 2, True), (128, 128, 4, 2, False, True, False, False, 0, 2, True)],
 }
 
 
@@ -103,7 +107,8 @@ def short(cfg: TmaFwdConfig) -> str:
     return (f"{kind} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
             + (" ws" if cfg.warp_specialize else "") + (" pp" if cfg.pingpong else "")
             + ("" if cfg.turns else " free") + (" persistent" if cfg.persistent else "")
-            + (f" emu{cfg.exp2_emu}" if cfg.exp2_emu else "") + (" wg3" if cfg.warpgroups == 3 else ""))
+            + (f" emu{cfg.exp2_emu}" if cfg.exp2_emu else "") + (" wg3" if cfg.warpgroups == 3 else "")
+            + (" early" if cfg.p_early else ""))
 
 
 def disagreement(got, want) -> str:
@@ -202,7 +207,7 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=140.0, help="seconds; later candidates are skipped")
     p.add_argument("--configs", nargs="*", default=None, metavar="M,N,WARPS,STAGES",
                    help="time these (beside the default) instead of the candidate list; with --gluon "
-                        "Gluon configs, flags as 0/1 (M,N,4,STAGES,0,1,TURNS,PERSISTENT[,EXP2_EMU[,WARPGROUPS]])")
+                        "Gluon configs, flags as 0/1 (M,N,4,STAGES,0,1,TURNS,PERSISTENT[,EXP2_EMU[,WARPGROUPS[,P_EARLY]]])")
     p.add_argument("--gluon", action="store_true",
                    help="time the Gluon kernel's candidates (GLUON_CANDIDATES) beside the TMA default")
     p.add_argument("--smoke", action="store_true", help="no GPU: check the candidates in the interpreter")
@@ -220,7 +225,7 @@ def main(argv=None):
                 # Given as ints, flags too (0/1): the Gluon ones with --gluon.
                 ints = [list(map(int, c.split(","))) for c in args.configs]
                 kind = Gluon if args.gluon else TmaFwdConfig
-                chosen = [kind(*c[:4], *map(bool, c[4:8]), *c[8:]) for c in ints]
+                chosen = [kind(*c[:4], *map(bool, c[4:8]), *c[8:10], *map(bool, c[10:])) for c in ints]
             elif args.gluon:
                 chosen = [Gluon(*c) for c in GLUON_CANDIDATES[D]]
             else:

@@ -35,7 +35,7 @@ def compile_report(D, cfg: TmaFwdConfig, causal):
         M, extra = 64, {}
         values.update(PINGPONG=cfg.turns, BLOCK_M=M)
         if not cfg.persistent:
-            values.update(EXP2_EMU=cfg.exp2_emu, NUM_WG=cfg.warpgroups)
+            values.update(EXP2_EMU=cfg.exp2_emu, NUM_WG=cfg.warpgroups, P_EARLY=cfg.p_early)
     elif cfg.warp_specialize:
         fn, extra = fwd_gluon._fwd_gluon_ws_kernel, dict(maxnreg=fwd_gluon.ws_maxnreg(cfg))
         values.update(BLOCK_M=M, num_warps=warps)
@@ -133,6 +133,7 @@ def main():
             kind += ("" if cfg.turns else " free") + (" persistent" if cfg.persistent else "")
             kind += f" emu{cfg.exp2_emu}" if cfg.exp2_emu else ""
             kind += " wg3" if cfg.warpgroups == 3 else ""
+            kind += " early" if cfg.p_early else ""
             for causal in (False, True):
                 name = f"D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}{kind} causal={causal}"
                 report[name] = compile_report(D, cfg, causal)

@@ -128,6 +128,10 @@ KERNELS = {
     "pingpong-emu4": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, exp2_emu=4),
     "free-emu8": TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True, turns=False,
                               exp2_emu=8),
+    # P cast to 16 bits right after each softmax.
+    "pingpong-early": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, p_early=True),
+    "free-early-emu4": TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True, turns=False,
+                                    p_early=True, exp2_emu=4),
 }
 
 
@@ -152,6 +156,8 @@ KERNELS_WG3 = {
     "pingpong-wg3": TmaFwdConfig(BLOCK_M=192, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True, warpgroups=3),
     "free-wg3": TmaFwdConfig(BLOCK_M=192, BLOCK_N=64, num_warps=4, num_stages=4, pingpong=True, turns=False,
                              warpgroups=3),
+    "pingpong-wg3-early": TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True,
+                                       warpgroups=3, p_early=True),
 }
 
 

@@ -105,7 +105,8 @@ class TmaFwdConfig:
     ``exp2_emu`` = n > 0 has the ping-pong kernels compute one exponential in n by a polynomial on
     the FMA pipes instead of the special-function unit (fwd_gluon.py's ``_exp2``; measured slower,
     unused by the tables); ``warpgroups`` = 3 has the ping-pong kernel hold 192 rows in three
-    compute warpgroups taking turns round robin (D = 64 only)."""
+    compute warpgroups taking turns round robin (D = 64 only); ``p_early`` has the ping-pong
+    kernel cast each block's P to 16 bits right after its softmax (fwd_gluon.py's ``P_EARLY``)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -117,6 +118,7 @@ class TmaFwdConfig:
     persistent: bool = False
     exp2_emu: int = 0
     warpgroups: int = 2
+    p_early: bool = False
 
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few

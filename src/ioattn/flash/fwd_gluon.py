@@ -324,7 +324,7 @@ if HAS_GLUON:
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                      NUM_WARPS: gl.constexpr, WG: gl.constexpr = 0, PINGPONG: gl.constexpr = False,
                      q_phase=0, c0=0, t0=0, RELEASE_LAST: gl.constexpr = False, EXP2_EMU: gl.constexpr = 0,
-                     NUM_WG: gl.constexpr = 2):
+                     NUM_WG: gl.constexpr = 2, P_EARLY: gl.constexpr = False):
         """Compute partition: _fwd_gluon_kernel's loop, releasing each K slot once its QKᵀ has
         completed and each V slot once its P·V has, instead of loading and syncing itself.
         fwd_pingpong.py runs two or three of these (warpgroup ``WG`` of ``NUM_WG``) with
@@ -334,7 +334,10 @@ if HAS_GLUON:
         barriers' phases stand: ``q_phase`` of ``q_bar``, ``c0`` key blocks consumed before (the
         ring's slot and phase), ``t0`` turns taken before (fwd_persistent.py's ``turns_taken``), and with
         ``RELEASE_LAST`` gets the last key block's V slot released too (a one-tile program's
-        loader never waits for it). ``EXP2_EMU``: :func:`_exp2`'s."""
+        loader never waits for it). ``EXP2_EMU``: :func:`_exp2`'s. ``P_EARLY``: each block's P
+        is cast to the wgmma operand (16-bit) as soon as its softmax is done, so that the loop
+        carries half the registers for it and the next block's S is not issued beside P in fp32
+        (otherwise the cast sits between the S and P·V issues)."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -361,6 +364,8 @@ if HAS_GLUON:
             mbarrier.arrive(k_empty.index(slot), count=1)
             p, m_i, alpha, l_i = _softmax_step(s, m_i, l_i, 0, mask_from, o_m, T_k, diag_hi, qk_scale,
                                                HAS_RIGHT, BLOCK_N, s_layout, EXP2_EMU)
+            if P_EARLY:
+                p = gl.convert_layout(p.to(dtype), p_layout)
             for j in range(1, n_blocks):
                 c = c0 + j
                 slot = c % NUM_STAGES
@@ -370,7 +375,10 @@ if HAS_GLUON:
                 s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
                 mbarrier.wait(v_ready.index(prev), phase=((c - 1) // NUM_STAGES) & 1)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                if P_EARLY:
+                    p_op = p
+                else:
+                    p_op = gl.convert_layout(p.to(dtype), p_layout)
                 o_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
                 _pass_turn(turn, WG, PINGPONG, NUM_WG)
                 s = warpgroup_mma_wait(1, deps=(s_tok, ))
@@ -380,11 +388,16 @@ if HAS_GLUON:
                 acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                if P_EARLY:
+                    p = gl.convert_layout(p.to(dtype), p_layout)
             c = c0 + n_blocks - 1
             last = c % NUM_STAGES
             _take_turn(turn, t0 + n_blocks, WG, PINGPONG)
             mbarrier.wait(v_ready.index(last), phase=(c // NUM_STAGES) & 1)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            if P_EARLY:
+                p_op = p
+            else:
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
             o_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
             _pass_turn(turn, WG, PINGPONG, NUM_WG)
             acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))

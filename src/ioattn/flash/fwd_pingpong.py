@@ -57,7 +57,7 @@ if HAS_GLUON:
                      n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale,
                      WG: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_M: gl.constexpr,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                     EXP2_EMU: gl.constexpr, NUM_WG: gl.constexpr):
+                     EXP2_EMU: gl.constexpr, NUM_WG: gl.constexpr, P_EARLY: gl.constexpr):
         """One compute warpgroup: rows ``[tile_m + WG * BLOCK_M, + BLOCK_M)``, fwd_gluon.py's
         overlapped loop with its wgmma issues inside turns, then its own epilogue (lse, and O
         through its Q slot and one TMA store: a worker partition returns nothing)."""
@@ -69,17 +69,18 @@ if HAS_GLUON:
         acc, m_i, l_i = _ws_consumer(q_slot, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                                      n_blocks, mask_from, start_m, T_k, diag_hi, qk_scale, HAS_RIGHT, BLOCK_M,
                                      BLOCK_N, HEAD_DIM, NUM_STAGES, 4, WG, PINGPONG, EXP2_EMU=EXP2_EMU,
-                                     NUM_WG=NUM_WG)
+                                     NUM_WG=NUM_WG, P_EARLY=P_EARLY)
         _epilogue(acc, m_i, l_i, q_slot, desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M, HEAD_DIM, row_o)
 
     @gluon.jit
     def _fwd_pingpong_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
                              HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                             EXP2_EMU: gl.constexpr = 0, NUM_WG: gl.constexpr = 2):
+                             EXP2_EMU: gl.constexpr = 0, NUM_WG: gl.constexpr = 2, P_EARLY: gl.constexpr = False):
         """One program: NUM_WG * BLOCK_M query rows of one (batch, head), NUM_WG (2 or 3) compute
         warpgroups of BLOCK_M rows (launched with num_warps=4: the default partition is
-        warpgroup 0) taking turns round robin; ``EXP2_EMU``: fwd_gluon.py's ``_exp2``."""
+        warpgroup 0) taking turns round robin; ``EXP2_EMU``: fwd_gluon.py's ``_exp2``;
+        ``P_EARLY``: fwd_gluon.py's ``_ws_consumer``'s."""
         dtype: gl.constexpr = desc_q.dtype
         i_m, i_bh = gl.program_id(0), gl.program_id(1)
         if HAS_RIGHT:
@@ -115,13 +116,16 @@ if HAS_GLUON:
             gl.warp_specialize([
                 (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
                                 n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 0,
-                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG)),
+                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG,
+                                P_EARLY)),
                 (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
                                 n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 1,
-                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG)),
+                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG,
+                                P_EARLY)),
                 (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
                                 n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 2,
-                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG)),
+                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG,
+                                P_EARLY)),
                 (_ws_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b,
                               i_hkv, BLOCK_N, NUM_STAGES)),
             ], [4, 4, 1], [COMPUTE_REGS_3, COMPUTE_REGS_3, LOADER_REGS])
@@ -129,10 +133,12 @@ if HAS_GLUON:
             gl.warp_specialize([
                 (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
                                 n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 0,
-                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG)),
+                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG,
+                                P_EARLY)),
                 (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
                                 n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 1,
-                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG)),
+                                HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG,
+                                P_EARLY)),
                 (_ws_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b,
                               i_hkv, BLOCK_N, NUM_STAGES)),
             ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
@@ -173,7 +179,8 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
                                          (fwd_persistent.persistent_programs(q, tiles * B * H),), (B * H,), {})
     else:
         kernel, grid, extra, extra_kw = _fwd_pingpong_kernel, (tiles, B * H), (), {"EXP2_EMU": config.exp2_emu,
-                                                                                     "NUM_WG": wgs}
+                                                                                     "NUM_WG": wgs,
+                                                                                     "P_EARLY": config.p_early}
     with device_guard(q):
         launch(
             kernel, grid,
