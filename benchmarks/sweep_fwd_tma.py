@@ -80,13 +80,15 @@ GLUON_CANDIDATES = {
          (128, 128, 4, 2, False, True), (128, 128, 4, 3, False, True), (128, 128, 4, 4, False, True),
          (128, 64, 4, 4, False, True), (128, 128, 4, 3, False, True, True, True),
          (128, 128, 4, 3, False, True, False, True), (128, 128, 4, 2, False, True, True, False, 8),
-         (192, 64, 4, 2, False, True, True, False, 0, 3), (192, 128, 4, 2, False, True, True, False, 0, 3, True),
-         (192, 128, 4, 3, False, True, True, False, 0, 3, True), (128, 128, 4, 2, False, True, True, False, 0, 2, True)],
+         (192, 64, 4, 2, False, True, True, False, 0, 3),
+         (192, 128, 4, 2, False, True, True, False, 0, 3, True), (192, 128, 4, 3, False, True, True, False, 0, 3, True),
+         (128, 128, 4, 2, False, True, True, False, 0, 2, True)],
     128: [(64, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, True), (64, 64, 4, 2, True), (128, 64, 8, 3, True),
           (128, 128, 4, 2, False, True), (128, 128, 4, 2, False, True, False), (128, 64, 4, 3, False, True),
           (128, 64, 4, 4, False, True), (128, 128, 4, 2, False, True, True, True),
           (128, 128, 4, 2, False, True, False, True), (128, 128, 4, 2, False, True, True, False, 8),
-          (128, 128, 4, 2, False, True, True, False, 0, 2, True), (128, 128, 4, 2, False, True, False, False, 0, 2, True)],
+          (128, 128, 4, 2, False, True, True, False, 0, 2, True),
+          (128, 128, 4, 2, False, True, False, False, 0, 2, True)],
 }
 
 
@@ -207,7 +209,8 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=140.0, help="seconds; later candidates are skipped")
     p.add_argument("--configs", nargs="*", default=None, metavar="M,N,WARPS,STAGES",
                    help="time these (beside the default) instead of the candidate list; with --gluon "
-                        "Gluon configs, flags as 0/1 (M,N,4,STAGES,0,1,TURNS,PERSISTENT[,EXP2_EMU[,WARPGROUPS[,P_EARLY]]])")
+                        "Gluon configs, flags as 0/1 "
+                        "(M,N,4,STAGES,0,1,TURNS,PERSISTENT[,EXP2_EMU[,WARPGROUPS[,P_EARLY]]])")
     p.add_argument("--gluon", action="store_true",
                    help="time the Gluon kernel's candidates (GLUON_CANDIDATES) beside the TMA default")
     p.add_argument("--smoke", action="store_true", help="no GPU: check the candidates in the interpreter")

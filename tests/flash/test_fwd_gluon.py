@@ -178,8 +178,8 @@ def test_fwd_gluon_gpu_three_warpgroups(case, dtype, kernel):
 def test_three_warpgroups_config_checked():
     # Three warpgroups hold 192 rows, at D <= 64 only (their registers), never persistent.
     wg3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True, warpgroups=3)
-    for D, cfg in ((128, wg3), (64, dataclasses.replace(wg3, BLOCK_M=128)), (64, dataclasses.replace(wg3, warpgroups=4)),
-                   (64, dataclasses.replace(wg3, persistent=True))):
+    for D, cfg in ((128, wg3), (64, dataclasses.replace(wg3, BLOCK_M=128)),
+                   (64, dataclasses.replace(wg3, warpgroups=4)), (64, dataclasses.replace(wg3, persistent=True))):
         q, k, v = make_qkv(1, 64, 64, 2, 2, D, dtype=torch.bfloat16, device="cpu")
         with pytest.raises(ValueError, match="warpgroups"):
             fwd_pingpong.flash_fwd_pingpong(q, k, v, 0.1, False, 0, config=cfg)
@@ -249,7 +249,15 @@ def test_gluon_config_table():
             assert get_gluon_fwd_config(128, dtype, True, T) == pp
         for T in (0, SHORT_SEQLEN + 1, short, 4097, 131072):
             assert get_gluon_fwd_config(128, dtype, True, T) == dataclasses.replace(pp, turns=False)
-    assert get_gluon_fwd_config(64, torch.bfloat16, True, 1024) is None
+    # D = 64: three warpgroups with P cast early, full attention from 1024 keys, causal from 8192.
+    wg3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, warpgroups=3,
+                       p_early=True)
+    for T in (0, 1024, 4096, 131072):
+        assert get_gluon_fwd_config(64, torch.bfloat16, False, T) == wg3
+    for T in (0, 8192, 131072):
+        assert get_gluon_fwd_config(64, torch.float16, True, T) == wg3
+    assert get_gluon_fwd_config(64, torch.bfloat16, False, 1023) is None
+    assert get_gluon_fwd_config(64, torch.bfloat16, True, 4096) is None
     assert get_gluon_fwd_config(256, torch.bfloat16, True, 1024) is None
     assert get_gluon_fwd_config(128, torch.float32, True, 1024) is None
 
@@ -258,8 +266,8 @@ def test_gluon_fwd_table_d64(monkeypatch):
     # D = 64 runs the ping-pong kernel only where GLUON_FWD_64 has an entry, from its length on.
     from ioattn.flash import config
 
-    monkeypatch.setattr(config, "GLUON_FWD_64", {True: (8192, False)})
     pp = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=False)
+    monkeypatch.setattr(config, "GLUON_FWD_64", {True: (8192, pp)})
     assert config.get_gluon_fwd_config(64, torch.bfloat16, True, 8192) == pp
     assert config.get_gluon_fwd_config(64, torch.float16, True, 0) == pp
     assert config.get_gluon_fwd_config(64, torch.bfloat16, True, 4096) is None

@@ -199,19 +199,22 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
 GLUON_PERSISTENT_MAX_SEQLEN = 2048
 
 
-# D = 64, by causal: (shortest sequence, turns) where the ping-pong kernel (128 x 128 tiles, 2
-# stages) beat the Triton TMA kernel; elsewhere, and without an entry, D = 64 runs the Triton one.
-# TFLOP/s, ping-pong with turns / without / Triton (sweep_fwd_tma.py --gluon --D 64): at cff3764
-# (results/2026-12-03_nvidia-h200_sweep-fwd-exp2-emu.json) full T = 1024 352 / 357 / 383, 4096
-# 438 / 438 / 432, 16384 451 / 453 / 430; causal 1024 - / 241 / 294, 4096 387 / 391 / 390, 16384
-# - / 444 / 431. At 674fce4 (..._sweep-fwd-64-long.json) full 8192 454 / 451 / 446, 16384 452 /
-# 457 / 445; causal 8192 423 / 428 / 426, 16384 - / 448 / 443. So full attention from 8192 keys
-# (with turns: ahead at both lengths of the second run); causal stays within 1.3%, no entry.
-# At 946cad4 (..._sweep-fwd-64-causal-946cad4.json, causal, the Triton kernel's 64 x 128 tiles
-# against the ping-pong kernel without turns): 8192 401 / 416, 16384 415 / 441 TFLOP/s; 4096 391
-# / 382, 2048 350 / 324. Ahead at 8192 and 16384 in each run that timed both (cff3764 at 16384
-# only), so causal takes it from 8192 keys too.
-GLUON_FWD_64: dict = {False: (8192, True), True: (8192, False)}
+# D = 64, by causal: (shortest sequence, config) where a Gluon forward beat the Triton TMA kernel;
+# elsewhere, and without an entry, D = 64 runs the Triton one. The two-warpgroup ping-pong kernel
+# (128 x 128 tiles) was level with it at most: within 2% at T >= 4096 and behind at 1024 at
+# cff3764 and 674fce4 (results/2026-12-03_nvidia-h200_sweep-fwd-{exp2-emu,64-long}.json), ahead by
+# 1.5-6% at 8192 / 16384 in the runs since (946cad4, eb6884b). The three-warpgroup form at 192 x
+# 128 with P cast early (results/2026-12-04_nvidia-h200_sweep-fwd-64-wg3-eb6884b.json), TFLOP/s at
+# T = 1024 / 2048 / 4096 / 8192 / 16384 against the Triton kernel and the two-warpgroup one:
+#   full, turns, 2 stages: 367 / 444 / 479 / 509 / 515 against 356 / 402 / 431 / 435 / 437 and
+#   353 / 409 / 441 / 417 / 440 (3 stages 357 / 434 / 499 / 499 / 510; no turns 348 / 429 / 463 /
+#   486 / 443);
+#   causal, turns, at 2048 / 4096 / 8192 / 16384: 299 / 383 / 439 / 469 against 349 / 393 / 393 /
+#   424 and, without turns, 318 / 388 / 420 / 443.
+# So full attention from 1024 keys, causal from 8192.
+_WG3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, warpgroups=3,
+                    p_early=True)
+GLUON_FWD_64: dict = {False: (1024, _WG3), True: (8192, _WG3)}
 
 
 def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int) -> TmaFwdConfig | None:
@@ -223,7 +226,7 @@ def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen
         entry = GLUON_FWD_64.get(bool(causal))
         if entry is None or 0 < seqlen < entry[0]:
             return None
-        return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=entry[1])
+        return entry[1]
     if head_dim != 128:
         return None
     persistent = not causal and 0 < seqlen <= GLUON_PERSISTENT_MAX_SEQLEN
