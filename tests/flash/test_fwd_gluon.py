@@ -249,14 +249,14 @@ def test_gluon_config_table():
             assert get_gluon_fwd_config(128, dtype, True, T) == pp
         for T in (0, SHORT_SEQLEN + 1, short, 4097, 131072):
             assert get_gluon_fwd_config(128, dtype, True, T) == dataclasses.replace(pp, turns=False)
-    # D = 64: three warpgroups with P cast early, full attention from 1024 keys, causal from 8192.
+    # D = 64: three warpgroups with P cast early, full attention from 2048 keys, causal from 8192.
     wg3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, warpgroups=3,
                        p_early=True)
-    for T in (0, 1024, 4096, 131072):
+    for T in (0, 2048, 4096, 131072):
         assert get_gluon_fwd_config(64, torch.bfloat16, False, T) == wg3
     for T in (0, 8192, 131072):
         assert get_gluon_fwd_config(64, torch.float16, True, T) == wg3
-    assert get_gluon_fwd_config(64, torch.bfloat16, False, 1023) is None
+    assert get_gluon_fwd_config(64, torch.bfloat16, False, 2047) is None
     assert get_gluon_fwd_config(64, torch.bfloat16, True, 4096) is None
     assert get_gluon_fwd_config(256, torch.bfloat16, True, 1024) is None
     assert get_gluon_fwd_config(128, torch.float32, True, 1024) is None

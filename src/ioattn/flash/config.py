@@ -211,10 +211,13 @@ GLUON_PERSISTENT_MAX_SEQLEN = 2048
 #   486 / 443);
 #   causal, turns, at 2048 / 4096 / 8192 / 16384: 299 / 383 / 439 / 469 against 349 / 393 / 393 /
 #   424 and, without turns, 318 / 388 / 420 / 443.
-# So full attention from 1024 keys, causal from 8192.
+# So full attention from 2048 keys, causal from 8192: at 1024 the paper grid with the entry there
+# (0b0fcac, results/2026-12-04_nvidia-h200_paper-v1.22-0b0fcac.json) ran 0.372 ms against the
+# Triton kernel's 0.342 in the grid before (8652d0e), 0.88x cuDNN against 0.96x (192-row
+# programs compute 1152 rows for 1024 there).
 _WG3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, warpgroups=3,
                     p_early=True)
-GLUON_FWD_64: dict = {False: (1024, _WG3), True: (8192, _WG3)}
+GLUON_FWD_64: dict = {False: (2048, _WG3), True: (8192, _WG3)}
 
 
 def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int) -> TmaFwdConfig | None:
