@@ -1,5 +1,5 @@
-"""FlashAttention forward for Hopper with two compute warpgroups taking turns on the tensor
-cores (FlashAttention-3's "ping-pong" schedule), written in Gluon.
+"""FlashAttention forward for Hopper with two (or three) compute warpgroups taking turns on the
+tensor cores (FlashAttention-3's "ping-pong" schedule), written in Gluon.
 
 Why: fwd_gluon.py's warp-specialized kernel overlaps one warpgroup's softmax with its own P·V
 (intra-warpgroup overlap) but stays at ~530 TFLOP/s at D = 128 (cuDNN ~617): with 64-row tiles
@@ -23,6 +23,13 @@ The turn: warpgroup w's step s (one step issues block s's QKᵀ and block s-1's 
 (warpgroup 0's step s). Both run the same number of steps (the program's key range), so no
 barrier is more than one phase ahead of its waiter. ``PINGPONG=False`` drops the turns (both
 warpgroups free-running on shared tiles), for the sweep to show what the schedule alone moves.
+
+Three warpgroups (``NUM_WG = 3``, 192 rows; D = 64): the turn passes round robin, warpgroup w to
+w + 1 mod 3, by the same argument. At D = 64 a warpgroup's softmax takes about as long as its
+matrix multiplies, so with two warpgroups it has one turn to hide in and the tensor cores wait;
+with three it has two (FlashAttention-3's layout at D = 64). The workers get 160 registers each
+(the default partition what is left), which holds 128-key blocks only with ``P_EARLY`` (P cast
+to 16 bits right after its softmax; fwd_gluon.py's ``_ws_consumer``).
 
 Contract: fwd_gluon.py's (fp16/bf16, D 64/128, TMA-aligned, every feature off; 4D descriptors
 per (batch, head), rows past T read as zeros and stores past Tq dropped). GPU only; tests in
