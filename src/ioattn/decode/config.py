@@ -114,9 +114,9 @@ MIN_BLOCKS_PER_SPLIT = 1
 WAVES = 4
 MAX_SPLITS = 128
 # Long splits instead fill the GPU's resident program slots exactly once: programs of the
-# decoding config at D = 128 (64-key K and V tiles in 2 stages, 64 KB of shared memory) sit three
-# to an SM, so 4 waves of SMs are 1.33 waves of slots, and the last third of the time a third
-# of the slots is busy. sweep_decode.py --splits at 7a94ac0 (graph replays, L2 flushed;
+# decoding config at D = 128 (64-key K and V tiles in 2 stages, 64 KB of shared memory: three
+# fit the SM's 227 KB) sit three to an SM, so 4 waves of SMs are 1.33 waves of slots, and after
+# the first wave of slots only a third of them has work. sweep_decode.py --splits at 7a94ac0 (graph replays, L2 flushed;
 # logs/2026-12-03_h200_call1_7a94ac0.log), µs: B = 1 x 128k 139.6 with 66 splits (4 waves, 1986
 # keys each), 138.3 with 49 (one wave of slots), 142.0 / 146.7 with 44 / 33; B = 8 x 32k 258.0
 # with 8 splits, 255.9 with 6, 262.2 / 271.5 with 16 / 4. At B = 1 x 32k (497 keys a split) the
