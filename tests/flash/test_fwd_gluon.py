@@ -201,6 +201,39 @@ def test_fwd_gluon_gpu_exp2_emu_rows_without_keys(D, emu):
     assert torch.isnan(out[0, 7, 1]).all() and not torch.isnan(out[0, 8]).any()
 
 
+def test_exp2_polynomial_is_continuous_at_integers():
+    # The polynomial of fwd_gluon.py's _exp2, read from its PTX and evaluated as the PTX does
+    # (fp32, fused multiply-adds rounded once). A row's largest score shifts to 0, or by its
+    # FMA's rounding to just below 0 (j = -1, f ~ 1): both must give 1 to far below the
+    # accuracy rule's bounds (free ends of the fit gave 1 - 7.5e-5 and 1 - 8.6e-5 there, and a
+    # one-key row's lse failed in GPU tests). No GPU needed.
+    import re
+
+    import numpy as np
+
+    asm = fwd_gluon._exp2_asm(2)
+    # Horner's three FMAs: fr * c3 + c2, then * fr + c1, then * fr + c0.
+    fmas = [line for line in asm.splitlines() if line.startswith("fma.rn.f32 p,")]
+    c3, c2, c1, c0 = [np.frombuffer(bytes.fromhex(h), ">f4")[0].astype(np.float32)
+                      for line in fmas for h in re.findall(r"0f([0-9A-F]{8})", line)]
+
+    def fma(a, b, c):
+        return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+    def emu(x):
+        x = np.float32(x)
+        j = np.float32(np.floor(x))
+        fr = np.float32(x - j)
+        p = fma(fma(fma(fr, c3, c2), fr, c1), fr, c0)
+        return np.float64(p) * 2.0 ** np.float64(j)
+
+    assert c0 == 1.0
+    near = [0.0, -3e-8, -1e-7, -1.0, np.nextafter(np.float32(-1), np.float32(0)), -2.0]
+    assert all(abs(emu(x) / 2.0 ** np.float64(np.float32(x)) - 1) < 1e-6 for x in near)
+    xs = np.linspace(-30, 0, 30001, dtype=np.float32)
+    assert max(abs(emu(x) / 2.0 ** np.float64(x) - 1) for x in xs) < 1.1e-4
+
+
 def test_exp2_emu_config_checked():
     q, k, v = make_qkv(1, 64, 64, 2, 2, 64, dtype=torch.bfloat16, device="cpu")
     for bad in (dict(exp2_emu=3), dict(exp2_emu=4, persistent=True)):

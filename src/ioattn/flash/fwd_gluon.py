@@ -105,17 +105,19 @@ if HAS_GLUON:
         5 / 1% slower at D = 64, slower at D = 128 too (benchmarks/LOG.md v1.18), so no config
         in the tables uses it. The polynomial: x = j + f with j = floor(x) from one add
         rounded down against 1.5 * 2^23 (the sum's low mantissa bits are j), 2^f by a degree-3
-        fit on [0, 1) whose constant term is 1 (relative error 8.6e-5, against the 3.9e-3 to
-        which P is rounded before P·V; exact at f = 0, so a row's largest score, shifted to 0,
-        counts exactly 1 in its sum: with a free constant term, 1 - 7.5e-5, a one-key row's lse
-        missed the accuracy rule in a GPU test), times 2^j built in the exponent field. Like the SFU's flush to zero, x < -126
+        fit on [0, 1) held to 1 at f = 0 and 2 at f = 1 (relative error 1.03e-4, against the
+        3.9e-3 to which P is rounded before P·V), times 2^j built in the exponent field. Held at
+        both ends it is continuous across each integer, so a row's largest score, shifted to 0
+        or by its FMA's rounding to just below 0 (then j = -1, f ~ 1), counts 1 in its sum to
+        ~1e-8: free ends were 7.5e-5 off at f = 0 and 8.6e-5 with only that end held, and a
+        one-key row's lse missed the accuracy rule by that in GPU tests. Like the SFU's flush to zero, x < -126
         gives exactly 0 (a masked key's -inf too, so rows that see no key keep l = 0), and NaN
         stays NaN (it goes through the multiply)."""
         x = f"${n}"
         lines = [
             "{", ".reg .f32 t, jf, fr, p, sc, r;", ".reg .b32 e;", ".reg .pred lo;",
             f"add.rm.f32 t, {x}, 0f4B400000;", "sub.f32 jf, t, 0f4B400000;", f"sub.f32 fr, {x}, jf;",
-            "fma.rn.f32 p, fr, 0f3D9DD4DD, 0f3E691BD3;", "fma.rn.f32 p, p, fr, 0f3F31F333;",
+            "fma.rn.f32 p, fr, 0f3DA04B36, 0f3E67BD53;", "fma.rn.f32 p, p, fr, 0f3F320745;",
             "fma.rn.f32 p, p, fr, 0f3F800000;", "mov.b32 e, t;", "shl.b32 e, e, 23;", "add.s32 e, e, 0x3F800000;",
             "mov.b32 sc, e;", "mul.f32 r, p, sc;", f"setp.lt.f32 lo, {x}, 0fC2FE0000;",
             "selp.f32 $0, 0f00000000, r, lo;",
