@@ -63,7 +63,7 @@ CANDIDATES = {
 # True[, turns[, persistent]])): 128 rows per program in two warpgroups; the entries with
 # turns=False time the same kernel without its turn-taking, to show what the schedule alone
 # moves; persistent ones its persistent form (flash/fwd_persistent.py); a ninth field n computes
-# one exponential in n with FMAs (fwd_gluon.py's _exp2). At cff3764 (results/2026-12-03_nvidia-h200_
+# one exponential in n with FMAs (gluon_exp2.py's _exp2). At cff3764 (results/2026-12-03_nvidia-h200_
 # sweep-fwd-exp2-emu.json, T = 4096) that never won: D = 64 with turns 438 TFLOP/s plain, 375 /
 # 418 / 435 with n = 2 / 4 / 8; D = 128 661 plain, 613 / 595 with n = 4 / 8. One n = 8 entry per
 # D stays, so the compile check and the GPU tests keep covering the form. A tenth field 3 holds

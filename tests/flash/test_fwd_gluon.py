@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ioattn.flash import fwd_gluon, fwd_pingpong
+from ioattn.flash import fwd_gluon, fwd_pingpong, gluon_exp2
 from ioattn.flash.config import TmaFwdConfig
 from ioattn.testing import make_qkv
 
@@ -202,7 +202,7 @@ def test_fwd_gluon_gpu_exp2_emu_rows_without_keys(D, emu):
 
 
 def test_exp2_polynomial_is_continuous_at_integers():
-    # The polynomial of fwd_gluon.py's _exp2, read from its PTX and evaluated as the PTX does
+    # The polynomial of gluon_exp2.py's _exp2, read from its PTX and evaluated as the PTX does
     # (fp32, fused multiply-adds rounded once). A row's largest score shifts to 0, or by its
     # FMA's rounding to just below 0 (j = -1, f ~ 1): both must give 1 to far below the
     # accuracy rule's bounds (free ends of the fit gave 1 - 7.5e-5 and 1 - 8.6e-5 there, and a
@@ -211,7 +211,7 @@ def test_exp2_polynomial_is_continuous_at_integers():
 
     import numpy as np
 
-    asm = fwd_gluon._exp2_asm(2)
+    asm = gluon_exp2._exp2_asm(2)
     # Horner's three FMAs: fr * c3 + c2, then * fr + c1, then * fr + c0.
     fmas = [line for line in asm.splitlines() if line.startswith("fma.rn.f32 p,")]
     c3, c2, c1, c0 = [np.frombuffer(bytes.fromhex(h), ">f4")[0].astype(np.float32)

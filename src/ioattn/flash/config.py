@@ -103,7 +103,7 @@ class TmaFwdConfig:
     per warpgroup), whose warpgroups take turns on the tensor cores unless ``turns`` is off, and
     with ``persistent`` its persistent form (fwd_persistent.py: one program per SM);
     ``exp2_emu`` = n > 0 has the ping-pong kernels compute one exponential in n by a polynomial on
-    the FMA pipes instead of the special-function unit (fwd_gluon.py's ``_exp2``; measured slower,
+    the FMA pipes instead of the special-function unit (gluon_exp2.py's ``_exp2``; measured slower,
     unused by the tables); ``warpgroups`` = 3 has the ping-pong kernel hold 192 rows in three
     compute warpgroups taking turns round robin (D = 64 only); ``p_early`` has the ping-pong
     kernel cast each block's P to 16 bits right after its softmax (fwd_gluon.py's ``P_EARLY``)."""

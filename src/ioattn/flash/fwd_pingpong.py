@@ -86,7 +86,7 @@ if HAS_GLUON:
                              EXP2_EMU: gl.constexpr = 0, NUM_WG: gl.constexpr = 2, P_EARLY: gl.constexpr = False):
         """One program: NUM_WG * BLOCK_M query rows of one (batch, head), NUM_WG (2 or 3) compute
         warpgroups of BLOCK_M rows (launched with num_warps=4: the default partition is
-        warpgroup 0) taking turns round robin; ``EXP2_EMU``: fwd_gluon.py's ``_exp2``;
+        warpgroup 0) taking turns round robin; ``EXP2_EMU``: gluon_exp2.py's ``_exp2``;
         ``P_EARLY``: fwd_gluon.py's ``_ws_consumer``'s."""
         dtype: gl.constexpr = desc_q.dtype
         i_m, i_bh = gl.program_id(0), gl.program_id(1)
@@ -162,7 +162,7 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
     ``pingpong`` set, ``BLOCK_M`` the program's rows (``warpgroups`` of 64, 2 or 3),
     ``num_warps`` 4 (per warpgroup); ``turns=False`` runs the warpgroups without turns;
     ``persistent`` runs fwd_persistent.py's form (one program per SM over the tiles; two
-    warpgroups); ``exp2_emu`` n computes one exponential in n with FMAs (fwd_gluon.py's ``_exp2``)."""
+    warpgroups); ``exp2_emu`` n computes one exponential in n with FMAs (gluon_exp2.py's ``_exp2``)."""
     wgs = config.warpgroups
     if (wgs not in (2, 3) or config.BLOCK_M != 64 * wgs or config.num_warps != 4 or config.BLOCK_N not in (64, 128)
             or (wgs == 3 and (config.persistent or q.shape[-1] > 64))):
