@@ -27,8 +27,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from torch.nn.attention import SDPBackend  # noqa: E402
 
-from ioattn.bench.decode import graphed, paginate  # noqa: E402
+from ioattn.bench.decode import _sdpa, graphed, paginate  # noqa: E402
 from ioattn.bench.machine import header  # noqa: E402
 from ioattn.decode import combine  # noqa: E402
 from ioattn.decode.config import get_decode_config  # noqa: E402
@@ -152,9 +153,6 @@ def sweep_point(B, ctx, deadline, rows, tiles=(), pdl_ab=False, splits_list=None
                 if (cfg, splits) != (default, 0):
                     timed("contig", cfg, splits, call(q, k, v, seqlens, cfg, splits))
             if cudnn:
-                from torch.nn.attention import SDPBackend
-
-                from ioattn.bench.decode import _sdpa
                 timed("cudnn", default, 0, _sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION))
         if tiles or not paged:
             return

@@ -67,8 +67,8 @@ CANDIDATES = {
 # sweep-fwd-exp2-emu.json, T = 4096) that never won: D = 64 with turns 438 TFLOP/s plain, 375 /
 # 418 / 435 with n = 2 / 4 / 8; D = 128 661 plain, 613 / 595 with n = 4 / 8. One n = 8 entry per
 # D stays, so the compile check and the GPU tests keep covering the form. A tenth field 3 holds
-# 192 rows in three warpgroups (D = 64; at 128-key blocks their 160 registers spill ~150
-# local loads/stores a step, so they step over 64 keys). At 7a94ac0 (results/2026-12-03_nvidia-
+# 192 rows in three warpgroups (D = 64; without p_early, below, their 160 registers spill ~150
+# local loads/stores a step at 128-key blocks, so that form steps over 64 keys). At 7a94ac0 (results/2026-12-03_nvidia-
 # h200_sweep-fwd-64-wg3-7a94ac0.json, TFLOP/s at T = 1024 / 2048 / 4096 / 8192 / 16384) the
 # 2-stage form ran full 326 / 406 / 435 / 454 / 458 against the two-warpgroup kernel's 353 / 405
 # / 444 / 447 / 456 and causal (3 stages) 220 / 318 / 372 / 408 / 427 against 241 / 325 / 392 /
