@@ -262,6 +262,9 @@ def test_fused_gluon_rejects_what_it_cannot_run():
                                         dataclasses.replace(rows, BLOCK_M=32))
     with pytest.raises(ValueError, match="dq_acc"):
         bwd_gluon_rows.fused_gluon_rows(q, k, v, q, lse, lse, k, v, dq_acc.half(), 0.1, True, 0, rows)
+    with pytest.raises(ValueError, match="dq_rows needs BLOCK_M = 128"):
+        bwd_gluon_rows.fused_gluon_rows(q, k, v, q, lse, lse, k, v, dq_acc, 0.1, True, 0,
+                                        dataclasses.replace(rows, BLOCK_M=64, dq_rows=True))
 
 
 @pytest.mark.gpu

@@ -40,13 +40,14 @@ from .fwd_gluon import HAS_GLUON
 if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                    warpgroup_mma_wait)
 
     from .bwd_gluon import _acc_layout, _dkdv_loader, _dq_desc, _dq_layout, _reduce_dq, _row_stats
     from .bwd_gluon_program import (_alloc_tiles, _dq_barriers, _invalidate_dq_barriers, _load_kv, _program_keys,
                                     _store_dkdv)
     from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc, _invalidate_ring, _ring_barriers
+    from .gluon_reduce import tma_reduce_add
 
 
 if HAS_GLUON:
@@ -59,8 +60,9 @@ if HAS_GLUON:
     @gluon.jit
     def _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem, ds_bar,
                    dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, o_n, o_m0, diag_hi,
-                   qk_scale, dk, dv, t, MASKED: gl.constexpr, WG: gl.constexpr, BLOCK_M: gl.constexpr,
-                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
+                   qk_scale, dk, dv, t, MASKED: gl.constexpr, WG: gl.constexpr, DQ_ROWS: gl.constexpr,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   NUM_STAGES: gl.constexpr):
         """Step ``t`` of one compute warpgroup (the module's docstring), the causal mask applied iff
         ``MASKED`` and the step's block holds the diagonal (from ``m_full_lo`` down): returns the
         updated (dK, dV)."""
@@ -106,21 +108,46 @@ if HAS_GLUON:
         # Both warpgroups must be done with a slot before the loader refills it (count 2).
         mbarrier.arrive(q_empty.index(slot), count=1)
         mbarrier.arrive(do_empty.index(slot), count=1)
-        # dQ's columns [WG * HALF, + HALF) over all 2 * BLOCK_N keys, once both dS are in.
         mbarrier.wait(ds_bar.index(buf), (t // 2) & 1)
-        dq = gl.zeros([BLOCK_M, HALF], gl.float32, layout=_dq_layout(HEAD_DIM))
-        for w in gl.static_range(2):
-            k_half = k_smem.index(w).reshape([BLOCK_N, HEAD_DIM]).slice(WG * HALF, HALF, dim=1)
-            dq = warpgroup_mma(ds_smem.index(buf * 2 + w), k_half, dq, use_acc=w > 0, is_async=True)
-        dq = warpgroup_mma_wait(0, deps=(dq, ))
-        _reduce_dq(dq, dq_smem, DQ, i_b, i_h, start_m, WG, BLOCK_M, HEAD_DIM)
+        if DQ_ROWS:
+            # dQ's rows [WG * ROWS, + ROWS), every column, over all 2 * BLOCK_N keys, once both
+            # dS are in: 64-column wgmmas where the column halves take 32-column ones, which
+            # read their operands from shared memory twice as often per multiply-add.
+            ROWS: gl.constexpr = BLOCK_M // 2
+            dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
+            for w in gl.static_range(2):
+                ds_rows = ds_smem.index(buf * 2 + w).slice(WG * ROWS, ROWS, dim=0)
+                k_w = k_smem.index(w).reshape([BLOCK_N, HEAD_DIM])
+                dq = warpgroup_mma(ds_rows, k_w, dq, use_acc=w > 0, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=(dq, ))
+            _reduce_dq_rows(dq, dq_smem, DQ, i_b, i_h, start_m + WG * ROWS, WG, ROWS, HEAD_DIM)
+        else:
+            # dQ's columns [WG * HALF, + HALF) over all 2 * BLOCK_N keys, once both dS are in.
+            dq = gl.zeros([BLOCK_M, HALF], gl.float32, layout=_dq_layout(HEAD_DIM))
+            for w in gl.static_range(2):
+                k_half = k_smem.index(w).reshape([BLOCK_N, HEAD_DIM]).slice(WG * HALF, HALF, dim=1)
+                dq = warpgroup_mma(ds_smem.index(buf * 2 + w), k_half, dq, use_acc=w > 0, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=(dq, ))
+            _reduce_dq(dq, dq_smem, DQ, i_b, i_h, start_m, WG, BLOCK_M, HEAD_DIM)
         return dk, dv
+
+    @gluon.jit
+    def _reduce_dq_rows(dq, dq_smem, desc_dq, i_b, i_h, row0, WG: gl.constexpr, ROWS: gl.constexpr,
+                        HEAD_DIM: gl.constexpr):
+        """bwd_gluon.py's ``_reduce_dq`` for a [ROWS, HEAD_DIM] share starting at query row
+        ``row0``: staged in this warpgroup's buffer, added by one bulk reduction (rows past Tq,
+        the whole share included, dropped by the descriptor's bounds)."""
+        buf = dq_smem.index(WG)
+        tma.store_wait(pendings=0)
+        buf.reshape([ROWS, HEAD_DIM]).store(dq)
+        fence_async_shared()
+        tma_reduce_add(desc_dq, [i_b, i_h, row0, 0], buf)
 
     @gluon.jit
     def _rows_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                        ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H,
                        GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, WG: gl.constexpr,
-                       HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       HAS_RIGHT: gl.constexpr, DQ_ROWS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
         step, its half of each step's dQ, then the dK, dV stores (through its K and V slots)."""
@@ -135,7 +162,7 @@ if HAS_GLUON:
         for t in range(GROUP * n_m):
             dk, dv = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem,
                                 ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, o_n,
-                                o_m0, diag_hi, qk_scale, dk, dv, t, HAS_RIGHT, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                o_m0, diag_hi, qk_scale, dk, dv, t, HAS_RIGHT, WG, DQ_ROWS, BLOCK_M, BLOCK_N, HEAD_DIM,
                                 NUM_STAGES)
         # The other warpgroup's dQ reads this one's K slot until its last step: wait for it.
         # (The last bulk reduction of dQ may still be in flight: the store_wait below covers it.)
@@ -147,7 +174,7 @@ if HAS_GLUON:
     @gluon.jit
     def _bwd_rows_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H, H_kv,
                                GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
-                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                               DQ_ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                                BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head), BLOCK_M query rows a step; DQ a
         descriptor of the fp32 dQ buffer with [1, 1, BLOCK_M, HEAD_DIM / 2] tiles. Launched with
@@ -162,8 +189,12 @@ if HAS_GLUON:
         pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
         p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], pds_layout)
         ds_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_M, BLOCK_N], pds_layout)
-        # A staging buffer per warpgroup for its half of each step's dQ.
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, HEAD_DIM // 2], DQ.layout)
+        # A staging buffer per warpgroup for its share of each step's dQ (half its rows or half
+        # its columns: DQ's block).
+        if DQ_ROWS:
+            dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M // 2, HEAD_DIM], DQ.layout)
+        else:
+            dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, HEAD_DIM // 2], DQ.layout)
         q_ready, do_ready, q_empty, do_empty = _ring_barriers(NUM_STAGES, 2)
         ds_bar, out_bar = _dq_barriers()
         fence_async_shared()
@@ -173,11 +204,11 @@ if HAS_GLUON:
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                               ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
                               H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 0, HAS_RIGHT,
-                              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              DQ_ROWS, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                               ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
                               H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 1, HAS_RIGHT,
-                              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              DQ_ROWS, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_dkdv_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
                             m_lo, n_m, BLOCK_M, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
@@ -193,10 +224,14 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
     added into ``dq_acc`` (fp32, q's shape, contiguous, holding zeros or what to add to), from
     ``delta``; ``config`` a :class:`ioattn.flash.config.FusedBwdConfig` with ``gluon`` and
     ``rows``: 128 keys a program (two warpgroups of 64), ``BLOCK_M`` query rows a step (64 or
-    128), ``num_stages`` Q/dO slots."""
+    128), ``num_stages`` Q/dO slots, ``dq_rows`` each warpgroup's dQ share half the step's rows
+    (BLOCK_M = 128 only) instead of half the columns."""
     if config.BLOCK_N != 128 or config.BLOCK_M not in (64, 128) or config.num_warps != 4:
         raise ValueError(f"config: the row-held Gluon backward takes BLOCK_N = 128, BLOCK_M in (64, 128) and "
                          f"4 warps, got {config.BLOCK_N}, {config.BLOCK_M} and {config.num_warps}")
+    if config.dq_rows and config.BLOCK_M != 128:
+        # A warpgroup's wgmma is at least 64 rows tall.
+        raise ValueError(f"config: dq_rows needs BLOCK_M = 128, got {config.BLOCK_M}")
     if dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape or not dq_acc.is_contiguous():
         raise ValueError("dq_acc: must be a contiguous fp32 tensor of q's shape")
     B, T_q, H, D = q.shape
@@ -207,7 +242,7 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
         launch(
             _bwd_rows_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
-            _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
-            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
+            _desc(dq_acc, M // 2) if config.dq_rows else _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
+            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], DQ_ROWS=config.dq_rows, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
             NUM_STAGES=config.num_stages, num_warps=4,
         )

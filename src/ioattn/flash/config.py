@@ -326,7 +326,8 @@ class FusedBwdConfig:
     (BLOCK_M = 64, BLOCK_N = 128 in two warpgroups, 4 warps; num_stages its Q/dO slots,
     ``dq_early`` its dQ wgmmas queued behind dV's and dK's, ``tma_reduce`` as above; the other
     fields unused); with ``rows`` too, bwd_gluon_rows.py's kernel (scores held by query row,
-    BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused)."""
+    BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused; ``dq_rows`` splits each
+    step's dQ between the warpgroups by rows, not columns, BLOCK_M = 128 only)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -338,6 +339,7 @@ class FusedBwdConfig:
     gluon: bool = False
     dq_early: bool = False
     rows: bool = False
+    dq_rows: bool = False
 
 
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
@@ -402,8 +404,8 @@ FUSED_BWD_MIN_SEQLEN = {False: 2048, True: 16384}  # by causal
 GLUON_FUSED_BWD: dict = {
     (128, False): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
     (128, True): (2048, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
-    (64, False): (4096, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
-    (64, True): (2048, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
+    (64, False): (4096, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True)),
+    (64, True): (2048, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True)),
 }
 
 
