@@ -400,11 +400,15 @@ FUSED_BWD_MIN_SEQLEN = {False: 2048, True: 16384}  # by causal
 # one loop, 0.751 / 1.157 / 1.991 / 3.693 / 6.979 against 0.695 / 1.167 / 2.156 / 4.202 / 8.258
 # and the 64-row split form's 0.771 / 1.195 / 2.063 / 3.780 / 7.342 (the entry until then), so
 # from 2048. The split_mask option was removed then (760a4d0).
+# dq_rows (9884ef6, ..._sweep-bwd-dq-rows-9884ef6.json, D = 64, 128-row steps, 2 slots, T = 4096 /
+# 16384): full 3.363 / 12.895 ms against 3.551 / 13.622 without, causal 1.947 / 6.921 against
+# 1.972 / 6.921 (benchmarks/LOG.md v1.23). Full attention takes it from 2048, where the 128-row
+# form without it had run 1.875-1.932 ms against the Triton one-pass kernel's 1.856-1.912.
 # Entries: (shortest sequence, config).
 GLUON_FUSED_BWD: dict = {
     (128, False): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
     (128, True): (2048, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
-    (64, False): (4096, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True)),
+    (64, False): (2048, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True)),
     (64, True): (2048, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True)),
 }
 
