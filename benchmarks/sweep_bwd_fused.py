@@ -47,14 +47,16 @@ CANDIDATES = {
 # option (causal steps holding the diagonal in a loop of their own) was timed at 3d4519f-821ac90
 # and removed: slower at D = 128 in both Gluon kernels (0.77-0.88x the two-pass backward against
 # 1.03-1.20x in one loop), and at D = 64 behind the 128-row form in one loop (config.py).
-# Last ``dq_rows``: the 128-row form with each warpgroup's dQ share half the rows (64 x 64 wgmmas)
-# instead of half the columns (128 x 32).
+# Then ``dq_rows``: the 128-row form with each warpgroup's dQ share half the rows (64 x 64 wgmmas)
+# instead of half the columns (128 x 32); last ``s_ahead`` (each step's S issued at the end of the
+# step before), at D = 64 with dq_rows.
 GLUON_CANDIDATES = {
     64: [(64, 128, 4, 2, F, T_, F, T_), (32, 128, 4, 3, F, T_, T_), (64, 64, 4, 3, F, T_, T_),
          (128, 128, 4, 2, F, T_, F, T_, F, T_), (64, 128, 4, 3, F, T_, F, T_, F, T_),
-         (128, 128, 4, 2, F, T_, F, T_, F, T_, T_)],
+         (128, 128, 4, 2, F, T_, F, T_, F, T_, T_), (128, 128, 4, 2, F, T_, F, T_, F, T_, T_, T_)],
     128: [(64, 128, 4, 2, F, T_, F, T_), (64, 128, 4, 3, F, T_, F, T_), (64, 128, 4, 2, F, T_, F, T_, T_),
-          (64, 128, 4, 2, F, F, F, T_), (64, 128, 4, 2, F, T_, F, T_, F, T_)],
+          (64, 128, 4, 2, F, F, F, T_), (64, 128, 4, 2, F, T_, F, T_, F, T_),
+          (64, 128, 4, 2, F, T_, F, T_, F, T_, F, T_)],
 }
 
 

@@ -58,14 +58,29 @@ if HAS_GLUON:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
 
     @gluon.jit
+    def _issue_s(k, q_smem, q_ready, t, n_steps, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """S = q·kᵀ of step ``t``, issued once its Q slot is filled (in flight: the caller waits).
+        For ``t == n_steps``, past the last step, it is issued without the wait on whatever that
+        slot holds, and its result is dropped: no load writes the slot then (the loader's last
+        one, for step n_steps - NUM_STAGES or none, completed before that step ran)."""
+        slot = t % NUM_STAGES
+        if t < n_steps:
+            mbarrier.wait(q_ready.index(slot), (t // NUM_STAGES) & 1)
+        q_t = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=_s_layout(BLOCK_N))
+        return warpgroup_mma(q_t, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+
+    @gluon.jit
     def _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem, ds_bar,
                    dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, o_n, o_m0, diag_hi,
-                   qk_scale, dk, dv, t, MASKED: gl.constexpr, WG: gl.constexpr, DQ_ROWS: gl.constexpr,
-                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   qk_scale, dk, dv, s_ahead, t, MASKED: gl.constexpr, WG: gl.constexpr, DQ_ROWS: gl.constexpr,
+                   S_AHEAD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                    NUM_STAGES: gl.constexpr):
         """Step ``t`` of one compute warpgroup (the module's docstring), the causal mask applied iff
         ``MASKED`` and the step's block holds the diagonal (from ``m_full_lo`` down): returns the
-        updated (dK, dV)."""
+        updated (dK, dV) and, with ``S_AHEAD``, the next step's S (``s_ahead`` is this step's,
+        formed during the step before; without, the third value is dV again, unused)."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = _s_layout(BLOCK_N)
         HALF: gl.constexpr = HEAD_DIM // 2
@@ -80,8 +95,11 @@ if HAS_GLUON:
         q_t = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
         do_t = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        mbarrier.wait(q_ready.index(slot), phase)
-        s_tok = warpgroup_mma(q_t, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if S_AHEAD:
+            s_tok = s_ahead
+        else:
+            mbarrier.wait(q_ready.index(slot), phase)
+            s_tok = warpgroup_mma(q_t, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(do_ready.index(slot), phase)
         dp_tok = warpgroup_mma(do_t, v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         # P while dP is still on the tensor cores, then dS while dV += Pᵀ·dO is.
@@ -104,10 +122,9 @@ if HAS_GLUON:
         fence_async_shared()
         mbarrier.arrive(ds_bar.index(buf), count=1)
         dk_tok = warpgroup_mma(ds_buf.permute((1, 0)), q_t, dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-        # Both warpgroups must be done with a slot before the loader refills it (count 2).
-        mbarrier.arrive(q_empty.index(slot), count=1)
-        mbarrier.arrive(do_empty.index(slot), count=1)
+        if not S_AHEAD:
+            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+            _release_slot(q_empty, do_empty, slot)
         mbarrier.wait(ds_bar.index(buf), (t // 2) & 1)
         if DQ_ROWS:
             # dQ's rows [WG * ROWS, + ROWS), every column, over all 2 * BLOCK_N keys, once both
@@ -119,17 +136,44 @@ if HAS_GLUON:
                 ds_rows = ds_smem.index(buf * 2 + w).slice(WG * ROWS, ROWS, dim=0)
                 k_w = k_smem.index(w).reshape([BLOCK_N, HEAD_DIM])
                 dq = warpgroup_mma(ds_rows, k_w, dq, use_acc=w > 0, is_async=True)
-            dq = warpgroup_mma_wait(0, deps=(dq, ))
-            _reduce_dq_rows(dq, dq_smem, DQ, i_b, i_h, start_m + WG * ROWS, WG, ROWS, HEAD_DIM)
         else:
             # dQ's columns [WG * HALF, + HALF) over all 2 * BLOCK_N keys, once both dS are in.
             dq = gl.zeros([BLOCK_M, HALF], gl.float32, layout=_dq_layout(HEAD_DIM))
             for w in gl.static_range(2):
                 k_half = k_smem.index(w).reshape([BLOCK_N, HEAD_DIM]).slice(WG * HALF, HALF, dim=1)
                 dq = warpgroup_mma(ds_smem.index(buf * 2 + w), k_half, dq, use_acc=w > 0, is_async=True)
+        if S_AHEAD:
+            # The next step's S queues behind dQ on the tensor cores and runs while this
+            # warpgroup adds dQ, so the next step starts with its S done. It is waited for here:
+            # an accumulator still in flight across the loop's back edge makes ptxas serialize
+            # every wgmma of the kernel. After the last step it is issued all the same (see
+            # _issue_s): a branch around it spilled more (ptxas: D = 128 0 -> 19 local loads
+            # and stores a step) than the one wasted wgmma a program costs.
+            s_acc = _issue_s(k, q_smem, q_ready, t + 1, GROUP * n_m, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
+            dv, dk, dq = warpgroup_mma_wait(1, deps=(dv_tok, dk_tok, dq))
+            _release_slot(q_empty, do_empty, slot)
+            _reduce_share(dq, dq_smem, DQ, i_b, i_h, start_m, WG, DQ_ROWS, BLOCK_M, HEAD_DIM)
+            s_next = warpgroup_mma_wait(0, deps=(s_acc, ))
+            return dk, dv, s_next
+        else:
             dq = warpgroup_mma_wait(0, deps=(dq, ))
+            _reduce_share(dq, dq_smem, DQ, i_b, i_h, start_m, WG, DQ_ROWS, BLOCK_M, HEAD_DIM)
+            return dk, dv, dv
+
+    @gluon.jit
+    def _release_slot(q_empty, do_empty, slot):
+        """Both warpgroups must be done with a Q/dO slot before the loader refills it (count 2)."""
+        mbarrier.arrive(q_empty.index(slot), count=1)
+        mbarrier.arrive(do_empty.index(slot), count=1)
+
+    @gluon.jit
+    def _reduce_share(dq, dq_smem, DQ, i_b, i_h, start_m, WG: gl.constexpr, DQ_ROWS: gl.constexpr,
+                      BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """This warpgroup's dQ share of the step starting at query row ``start_m`` into DQ."""
+        if DQ_ROWS:
+            _reduce_dq_rows(dq, dq_smem, DQ, i_b, i_h, start_m + WG * (BLOCK_M // 2), WG, BLOCK_M // 2, HEAD_DIM)
+        else:
             _reduce_dq(dq, dq_smem, DQ, i_b, i_h, start_m, WG, BLOCK_M, HEAD_DIM)
-        return dk, dv
 
     @gluon.jit
     def _reduce_dq_rows(dq, dq_smem, desc_dq, i_b, i_h, row0, WG: gl.constexpr, ROWS: gl.constexpr,
@@ -147,7 +191,8 @@ if HAS_GLUON:
     def _rows_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                        ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H,
                        GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, WG: gl.constexpr,
-                       HAS_RIGHT: gl.constexpr, DQ_ROWS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       HAS_RIGHT: gl.constexpr, DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
         step, its half of each step's dQ, then the dK, dV stores (through its K and V slots)."""
@@ -159,11 +204,21 @@ if HAS_GLUON:
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
         mbarrier.wait(kv_bar, phase=0)
-        for t in range(GROUP * n_m):
-            dk, dv = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem,
-                                ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, o_n,
-                                o_m0, diag_hi, qk_scale, dk, dv, t, HAS_RIGHT, WG, DQ_ROWS, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                NUM_STAGES)
+        if S_AHEAD:
+            # The first step's S, waited for here (_rows_step says why).
+            s_tok = _issue_s(k, q_smem, q_ready, 0, GROUP * n_m, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
+            s_tok = warpgroup_mma_wait(0, deps=(s_tok, ))
+            for t in range(GROUP * n_m):
+                dk, dv, s_tok = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
+                                           ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo,
+                                           n_m, m_full_lo, o_n, o_m0, diag_hi, qk_scale, dk, dv, s_tok, t, HAS_RIGHT,
+                                           WG, DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
+        else:
+            for t in range(GROUP * n_m):
+                dk, dv, _ = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
+                                       ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
+                                       m_full_lo, o_n, o_m0, diag_hi, qk_scale, dk, dv, None, t, HAS_RIGHT, WG,
+                                       DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
         # The other warpgroup's dQ reads this one's K slot until its last step: wait for it.
         # (The last bulk reduction of dQ may still be in flight: the store_wait below covers it.)
         mbarrier.arrive(out_bar, count=1)
@@ -174,7 +229,8 @@ if HAS_GLUON:
     @gluon.jit
     def _bwd_rows_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H, H_kv,
                                GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
-                               DQ_ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                               DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr, HEAD_DIM: gl.constexpr,
+                               BLOCK_M: gl.constexpr,
                                BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head), BLOCK_M query rows a step; DQ a
         descriptor of the fp32 dQ buffer with [1, 1, BLOCK_M, HEAD_DIM / 2] tiles. Launched with
@@ -204,11 +260,11 @@ if HAS_GLUON:
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                               ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
                               H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 0, HAS_RIGHT,
-                              DQ_ROWS, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                               ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
                               H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 1, HAS_RIGHT,
-                              DQ_ROWS, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_dkdv_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
                             m_lo, n_m, BLOCK_M, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
@@ -243,6 +299,7 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
             _bwd_rows_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
             _desc(dq_acc, M // 2) if config.dq_rows else _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
-            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], DQ_ROWS=config.dq_rows, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
+            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], DQ_ROWS=config.dq_rows,
+            S_AHEAD=config.s_ahead, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
             NUM_STAGES=config.num_stages, num_warps=4,
         )

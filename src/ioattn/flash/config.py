@@ -327,7 +327,8 @@ class FusedBwdConfig:
     ``dq_early`` its dQ wgmmas queued behind dV's and dK's, ``tma_reduce`` as above; the other
     fields unused); with ``rows`` too, bwd_gluon_rows.py's kernel (scores held by query row,
     BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused; ``dq_rows`` splits each
-    step's dQ between the warpgroups by rows, not columns, BLOCK_M = 128 only)."""
+    step's dQ between the warpgroups by rows, not columns, BLOCK_M = 128 only; ``s_ahead`` issues
+    each step's S = q·kᵀ at the end of the step before, behind its dQ)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -340,6 +341,7 @@ class FusedBwdConfig:
     dq_early: bool = False
     rows: bool = False
     dq_rows: bool = False
+    s_ahead: bool = False
 
 
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
@@ -406,10 +408,12 @@ FUSED_BWD_MIN_SEQLEN = {False: 2048, True: 16384}  # by causal
 # form without it had run 1.875-1.932 ms against the Triton one-pass kernel's 1.856-1.912.
 # Entries: (shortest sequence, config).
 GLUON_FUSED_BWD: dict = {
-    (128, False): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
-    (128, True): (2048, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
-    (64, False): (2048, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True)),
-    (64, True): (2048, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True)),
+    (128, False): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, s_ahead=True)),
+    (128, True): (2048, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, s_ahead=True)),
+    (64, False): (2048, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True,
+                                       s_ahead=True)),
+    (64, True): (2048, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True,
+                                      s_ahead=True)),
 }
 
 
