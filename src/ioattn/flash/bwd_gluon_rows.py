@@ -122,9 +122,10 @@ if HAS_GLUON:
         fence_async_shared()
         mbarrier.arrive(ds_bar.index(buf), count=1)
         dk_tok = warpgroup_mma(ds_buf.permute((1, 0)), q_t, dk, is_async=True)
-        if not S_AHEAD:
-            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-            _release_slot(q_empty, do_empty, slot)
+        dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+        # The slot goes back to the loader as soon as dV and dK are done with it, before dQ: the
+        # later the release, the less time the loader has for the step after next.
+        _release_slot(q_empty, do_empty, slot)
         mbarrier.wait(ds_bar.index(buf), (t // 2) & 1)
         if DQ_ROWS:
             # dQ's rows [WG * ROWS, + ROWS), every column, over all 2 * BLOCK_N keys, once both
@@ -150,8 +151,7 @@ if HAS_GLUON:
             # _issue_s): a branch around it spilled more (ptxas: D = 128 0 -> 19 local loads
             # and stores a step) than the one wasted wgmma a program costs.
             s_acc = _issue_s(k, q_smem, q_ready, t + 1, GROUP * n_m, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
-            dv, dk, dq = warpgroup_mma_wait(1, deps=(dv_tok, dk_tok, dq))
-            _release_slot(q_empty, do_empty, slot)
+            dq = warpgroup_mma_wait(1, deps=(dq, ))
             _reduce_share(dq, dq_smem, DQ, i_b, i_h, start_m, WG, DQ_ROWS, BLOCK_M, HEAD_DIM)
             s_next = warpgroup_mma_wait(0, deps=(s_acc, ))
             return dk, dv, s_next
