@@ -406,11 +406,12 @@ FUSED_BWD_MIN_SEQLEN = {False: 2048, True: 16384}  # by causal
 # 16384): full 3.363 / 12.895 ms against 3.551 / 13.622 without, causal 1.947 / 6.921 against
 # 1.972 / 6.921 (benchmarks/LOG.md v1.23). Full attention takes it from 2048, where the 128-row
 # form without it had run 1.875-1.932 ms against the Triton one-pass kernel's 1.856-1.912.
-# s_ahead (284fb75, ..._sweep-bwd-s-ahead-{64,128}-284fb75.json, T = 4096 / 16384, ms against the
-# same kernel without it): D = 64 with dq_rows, full 3.241 / 12.498 against 3.447 / 12.888,
-# causal 1.910 / 6.674 against 1.948 / 6.969, so the D = 64 entries take it; D = 128 slower,
-# full 2.941 / 11.230 against 2.714 / 10.278, causal 1.676 / 5.657 against 1.575 / 5.397 (cause
-# not found), so the D = 128 entries do not.
+# s_ahead (1dc6dfd, ..._sweep-bwd-s-ahead-{64,128}-1dc6dfd.json, T = 4096 / 16384, ms against the
+# same kernel without it): D = 64 with dq_rows, full 3.291 / 12.295 against 3.414 / 12.886,
+# causal 1.905 / 6.626 against 1.960 / 6.861, so the D = 64 entries take it; D = 128 slower,
+# full 2.962 / 11.133 against 2.724 / 10.238, causal 1.613 / 5.586 against 1.531 / 5.447 (cause
+# not found; 284fb75's form, which released the Q/dO slot after dQ, lost as much), so the D = 128
+# entries do not.
 # Entries: (shortest sequence, config).
 GLUON_FUSED_BWD: dict = {
     (128, False): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
