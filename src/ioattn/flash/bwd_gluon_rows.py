@@ -27,6 +27,12 @@ holding the diagonal apply the mask. (Those steps in a loop of their own, so tha
 compiles without the mask, ran slower, 0.83 / 0.88x the two-pass backward at D = 128 against 1.17 /
 1.20x in one loop: benchmarks/LOG.md v1.19.)
 
+Two options (FusedBwdConfig), both on in the D = 64 table entries: ``dq_rows`` (128-row steps)
+gives each warpgroup half the step's rows of dQ, every column, instead of half the columns (64 x
+64 wgmmas instead of 128 x 32: 5% off the D = 64 backward, LOG v1.23); ``s_ahead`` issues each
+step's S behind the step before's dQ, so that it runs while that dQ is added (3-5% off at D = 64,
+5-9% slower at D = 128 for a reason not found: LOG v1.23).
+
 GPU only (Gluon has no interpreter): tests/flash/gluon_ptxas.py compiles it for sm_90 without a
 GPU; tests/flash/test_bwd_gluon.py compares it with the reference on the H200.
 """
