@@ -158,9 +158,9 @@ if HAS_GLUON:
         gl.atomic_add(DQ + offs[:, None] + cols[None, :], dq, mask=(rows < T_q)[:, None], sem="relaxed")
 
     @gluon.jit
-    def _reduce_dq(dq, dq_smem, desc_dq, i_b, i_h, start_m, WG: gl.constexpr, BLOCK_M: gl.constexpr,
-                   HEAD_DIM: gl.constexpr):
-        """:func:`_atomic_dq` by the copy engine: the half goes into this warpgroup's staging
+    def _reduce_dq(dq, dq_smem, desc_dq, i_b, i_h, row0, col0, WG: gl.constexpr):
+        """:func:`_atomic_dq` by the copy engine: this warpgroup's share ``dq`` (DQ's block, its
+        first element at query row ``row0``, column ``col0``) goes into the warpgroup's staging
         buffer and one bulk reduction (``cp.reduce.async.bulk.tensor .add``) adds it into DQ,
         rows past Tq clipped by the descriptor's bounds. The warpgroup does not wait for the add:
         the wait at its next step (before it rewrites the buffer) finds it done unless the
@@ -168,9 +168,15 @@ if HAS_GLUON:
         issued 16 global atomics, which at T = 16384 held the step for 4 ms of 13 (LOG v1.15)."""
         buf = dq_smem.index(WG)
         tma.store_wait(pendings=0)
-        buf.reshape([BLOCK_M, HEAD_DIM // 2]).store(dq)
+        buf.reshape([dq.shape[0], dq.shape[1]]).store(dq)
         fence_async_shared()
-        tma_reduce_add(desc_dq, [i_b, i_h, start_m, WG * (HEAD_DIM // 2)], buf)
+        tma_reduce_add(desc_dq, [i_b, i_h, row0, col0], buf)
+
+    @gluon.jit
+    def _release_slot(q_empty, do_empty, slot):
+        """Both warpgroups must be done with a Q/dO slot before the loader refills it (count 2)."""
+        mbarrier.arrive(q_empty.index(slot), count=1)
+        mbarrier.arrive(do_empty.index(slot), count=1)
 
     @gluon.constexpr_function
     def _acc_layout(HEAD_DIM):
@@ -208,15 +214,13 @@ if HAS_GLUON:
             dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
         else:
             dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
-        # Both warpgroups must be done with a slot before the loader refills it (count 2).
-        mbarrier.arrive(q_empty.index(slot), count=1)
-        mbarrier.arrive(do_empty.index(slot), count=1)
+        _release_slot(q_empty, do_empty, slot)
         if ADD_DQ:
             if not DQ_EARLY:
                 dq_tok = _issue_dq(ds_smem, ds_bar, k_smem, t, WG, BLOCK_M, BLOCK_N, HEAD_DIM)
                 dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
             if DQ_TMA:
-                _reduce_dq(dq, dq_smem, DQ, i_b, i_hkv * GROUP + t // n_m, start_m, WG, BLOCK_M, HEAD_DIM)
+                _reduce_dq(dq, dq_smem, DQ, i_b, i_hkv * GROUP + t // n_m, start_m, WG * (HEAD_DIM // 2), WG)
             else:
                 _atomic_dq(dq, DQ, i_b, i_hkv * GROUP + t // n_m, H, T_q, start_m, WG, BLOCK_M, HEAD_DIM)
         return dk, dv

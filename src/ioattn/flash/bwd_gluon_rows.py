@@ -46,14 +46,14 @@ from .fwd_gluon import HAS_GLUON
 if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_wait)
 
-    from .bwd_gluon import _acc_layout, _dkdv_loader, _dq_desc, _dq_layout, _reduce_dq, _row_stats
+    from .bwd_gluon import (_acc_layout, _dkdv_loader, _dq_desc, _dq_layout, _reduce_dq, _release_slot,
+                             _row_stats)
     from .bwd_gluon_program import (_alloc_tiles, _dq_barriers, _invalidate_dq_barriers, _load_kv, _program_keys,
                                     _store_dkdv)
     from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc, _invalidate_ring, _ring_barriers
-    from .gluon_reduce import tma_reduce_add
 
 
 if HAS_GLUON:
@@ -167,31 +167,15 @@ if HAS_GLUON:
             return dk, dv, dv
 
     @gluon.jit
-    def _release_slot(q_empty, do_empty, slot):
-        """Both warpgroups must be done with a Q/dO slot before the loader refills it (count 2)."""
-        mbarrier.arrive(q_empty.index(slot), count=1)
-        mbarrier.arrive(do_empty.index(slot), count=1)
-
-    @gluon.jit
     def _reduce_share(dq, dq_smem, DQ, i_b, i_h, start_m, WG: gl.constexpr, DQ_ROWS: gl.constexpr,
                       BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """This warpgroup's dQ share of the step starting at query row ``start_m`` into DQ."""
+        """This warpgroup's dQ share of the step starting at query row ``start_m`` into DQ: half
+        its rows with ``DQ_ROWS`` (rows past Tq, the whole half included, dropped by DQ's
+        bounds), else half its columns."""
         if DQ_ROWS:
-            _reduce_dq_rows(dq, dq_smem, DQ, i_b, i_h, start_m + WG * (BLOCK_M // 2), WG, BLOCK_M // 2, HEAD_DIM)
+            _reduce_dq(dq, dq_smem, DQ, i_b, i_h, start_m + WG * (BLOCK_M // 2), 0, WG)
         else:
-            _reduce_dq(dq, dq_smem, DQ, i_b, i_h, start_m, WG, BLOCK_M, HEAD_DIM)
-
-    @gluon.jit
-    def _reduce_dq_rows(dq, dq_smem, desc_dq, i_b, i_h, row0, WG: gl.constexpr, ROWS: gl.constexpr,
-                        HEAD_DIM: gl.constexpr):
-        """bwd_gluon.py's ``_reduce_dq`` for a [ROWS, HEAD_DIM] share starting at query row
-        ``row0``: staged in this warpgroup's buffer, added by one bulk reduction (rows past Tq,
-        the whole share included, dropped by the descriptor's bounds)."""
-        buf = dq_smem.index(WG)
-        tma.store_wait(pendings=0)
-        buf.reshape([ROWS, HEAD_DIM]).store(dq)
-        fence_async_shared()
-        tma_reduce_add(desc_dq, [i_b, i_h, row0, 0], buf)
+            _reduce_dq(dq, dq_smem, DQ, i_b, i_h, start_m, WG * (HEAD_DIM // 2), WG)
 
     @gluon.jit
     def _rows_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
