@@ -12,6 +12,10 @@ reports host µs per unit of work; then ioattn's D = 128 causal T = 1024 paper p
 ``--breakdown``: host µs per call of each step of ioattn's backward (timers around the
 functions it calls, no profiler), on both threads, at the paper grid's D = 128 causal T = 1024
 (two-pass backward) and T = 2048 (one-pass): which steps grow on the worker thread.
+``--handover``: where an empty backward's time goes, as medians of perf_counter stamps: from
+``autograd.grad``'s call to the backward's first line, the backward itself, and from its return
+to ``autograd.grad`` returning; then the per-unit rows for ways of allocating CUDA memory (which
+of them pay the worker thread's extra cost, and whether size matters).
 """
 import argparse
 import cProfile
@@ -97,6 +101,58 @@ def breakdown(point, calls: int = 100) -> None:
         print(f"  {name:44s} worker {w:7.1f} µs  calling thread {c:7.1f} µs", flush=True)
 
 
+class _Stamped(torch.autograd.Function):
+    """Identity whose backward records when it starts and ends (``stamps``)."""
+    stamps = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        t = time.perf_counter()
+        _Stamped.stamps.append((t, time.perf_counter()))
+        return g
+
+
+def handover(calls: int = 400) -> None:
+    """Median µs of the three legs of an empty backward's call (module docstring), both threads."""
+    x = torch.randn(16, device="cuda", requires_grad=True)
+    ones = torch.ones_like(x)
+    for threads in (True, False):
+        legs = []
+        with torch.autograd.set_multithreading_enabled(threads):
+            for i in range(calls + 20):
+                _Stamped.stamps.clear()
+                t0 = time.perf_counter()
+                torch.autograd.grad(_Stamped.apply(x), (x,), ones)
+                t3 = time.perf_counter()
+                t1, t2 = _Stamped.stamps[0]
+                if i >= 20:
+                    legs.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+        med = [sorted(leg[j] for leg in legs)[len(legs) // 2] * 1e6 for j in range(4)]
+        print(f"{'worker' if threads else 'calling'} thread: call to backward {med[0]:6.1f} µs, backward "
+              f"{med[1]:5.1f}, return to caller {med[2]:6.1f}, whole {med[3]:6.1f}", flush=True)
+
+
+def alloc_work(g16):
+    """Ways of allocating CUDA memory a backward might use, keyed by name."""
+    big = (16, 1024, 16, 128)
+    return {
+        "torch.empty(16, device=g.device)": lambda g: torch.empty(16, device=g.device),
+        "torch.empty(16, device='cuda')": lambda g: torch.empty(16, device="cuda"),
+        "torch.empty_like(g)": lambda g: torch.empty_like(g),
+        "g.new_empty(16)": lambda g: g.new_empty(16),
+        "torch.zeros(16, device=g.device)": lambda g: torch.zeros(16, device=g.device),
+        "aten.empty.memory_format": lambda g: torch.ops.aten.empty.memory_format([16], dtype=g.dtype,
+                                                                                 device=g.device),
+        "torch.empty(64 MB bf16)": lambda g: torch.empty(big, dtype=torch.bfloat16, device=g.device),
+        "g.clone()": lambda g: g.clone(),
+        "torch.add(g16, 1.0)": lambda g: torch.add(g16, 1.0),
+    }
+
+
 def both_ways(fn, calls: int = 200) -> tuple[float, float]:
     """(worker thread, calling thread) host µs per call of ``fn`` (host_cost.py's medians)."""
     worker = per_call_us(fn, calls)[0]
@@ -109,6 +165,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", action="store_true", help="cProfile ioattn's backward on its thread")
     p.add_argument("--breakdown", action="store_true", help="time each step of ioattn's backward on both threads")
+    p.add_argument("--handover", action="store_true", help="the legs of an empty backward; ways of allocating")
     args = p.parse_args(argv)
     if args.breakdown:
         for T in (1024, 2048):
@@ -119,7 +176,9 @@ def main(argv=None):
             breakdown(lambda: torch.autograd.grad(flash_attn_func(q, k, v, causal=True), (q, k, v), dout))
         return
     t16 = torch.empty(16, device="cuda")
-    work = {
+    if args.handover:
+        handover()
+    work = alloc_work(t16) if args.handover else {
         "pure Python (20-step loop)": lambda g: _python_loop(),
         "tensor.stride()": lambda g: g.stride(),
         "tensor.data_ptr()": lambda g: g.data_ptr(),
@@ -136,7 +195,7 @@ def main(argv=None):
     def busy():
         return torch.autograd.grad(_Busy.apply(x), (x,), ones)
 
-    _Busy.work, _Busy.n = work["pure Python (20-step loop)"], 0
+    _Busy.work, _Busy.n = None, 0
     base_w, base_c = both_ways(busy)
     print(f"{'empty backward, whole call':32s} worker {base_w:7.1f} µs  calling thread {base_c:7.1f} µs", flush=True)
     n = 50
@@ -146,6 +205,8 @@ def main(argv=None):
         print(f"{name:32s} worker {(w - base_w) / n:7.2f} µs  calling thread {(c - base_c) / n:7.2f} µs each",
               flush=True)
 
+    if args.handover:
+        return
     q, k, v = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     dout = torch.randn_like(q)
