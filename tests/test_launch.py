@@ -319,6 +319,8 @@ def test_cached_launches_match_triton_path(monkeypatch):
     launch_mod._PLANS.clear()
     first = calls()
     assert launch_mod._PLANS, "the first calls leave plans"
+    # The Gluon and TMA kernels' plans launch through their C launcher with kept tensor maps.
+    assert any(direct is not None for _, direct in launch_mod._PLANS.values()), "no direct launches"
     runs.clear()
     # Another seed, the same plan: the seeds drawn after manual_seed(0) and (1) are 15 and 11
     # mod 16 (a multiple of 16 would be another specialization, in Triton too).
@@ -331,3 +333,70 @@ def test_cached_launches_match_triton_path(monkeypatch):
     assert runs, "IOATTN_FAST_LAUNCH=0 launches through Triton"
     for a, b, c in zip(first, cached, triton_path):
         assert torch.equal(a, b) and torch.equal(b, c)
+
+
+class _Desc:
+    """A host descriptor as make_tensordesc_arg reads it."""
+
+    def __init__(self, base, shape, strides, padding="zero"):
+        self.base, self.shape, self.strides, self.padding = base, shape, strides, padding
+
+
+def _fake_compiled(signature, metas, recorder, scratch=0):
+    """A compiled kernel whose launcher is Triton's own descriptor wrapper (triton 3.6) around
+    ``recorder`` instead of the C launcher."""
+    from types import SimpleNamespace
+    from triton.backends.nvidia.driver import wrap_handle_tensordesc
+    run = SimpleNamespace(launch=wrap_handle_tensordesc(recorder, signature, metas), global_scratch_size=scratch,
+                          profile_scratch_size=0, launch_cooperative_grid=False, launch_pdl=True)
+    return SimpleNamespace(run=run, function=1234, packed_metadata=(4, 1))
+
+
+def test_direct_launch_expands_descriptors_as_triton(monkeypatch):
+    # The direct launch's argument list against the one Triton's wrapper builds from the same
+    # values (make_tensordesc_arg stubbed: the real one needs the CUDA driver), and the tensor
+    # maps kept by value: the same descriptor values are encoded once, another address, shape or
+    # metadata again.
+    encoded = []
+
+    def encode(desc, meta):
+        encoded.append(desc)
+        return [("map", desc.base.data_ptr(), tuple(desc.shape), meta["swizzle"]), *desc.shape, *desc.strides]
+
+    import triton.backends.nvidia.driver as driver
+    monkeypatch.setattr(driver, "make_tensordesc_arg", encode)
+    monkeypatch.setattr(launch_mod, "make_tensordesc_arg", encode)
+    monkeypatch.setattr(launch_mod, "_TENSOR_MAPS", {})
+    signature = {"X": "*bf16", "dq": "tensordesc<bf16[64, 64]>", "n": "i32", "dk": "tensordesc<bf16[64, 128]>",
+                 "BLOCK": "constexpr"}
+    metas = [dict(swizzle=128, elem_size=2, elem_type=10, block_size=[64, 64], fp4_padded=False),
+             dict(swizzle=64, elem_size=2, elem_type=10, block_size=[64, 128], fp4_padded=False)]
+    calls = []
+    compiled = _fake_compiled(signature, metas, lambda *a: calls.append(a))
+    direct = launch_mod._direct(compiled)
+    assert direct is not None and direct[1] == (1, 3)
+    x, a, b = torch.empty(8), torch.empty(64 * 64), torch.empty(64 * 128)
+    for base in (a, a, b):
+        values = (x, _Desc(base, [64, 64], [64, 1]), 7, _Desc(b, [64, 128], [128, 1]), 16)
+        ours = launch_mod._direct_args(direct, compiled, (3, 2, 1), 99, values)
+        compiled.run.launch(3, 2, 1, 99, 1234, False, True, None, None, (4, 1), None, None, None, *values)
+        assert ours == list(calls.pop())
+    # Triton's path encoded both descriptors in each of the 3 rounds; ours three maps in all:
+    # a and b under the first descriptor's metadata, b under the second's (found again after).
+    assert len(encoded) == 6 + 3
+
+
+def test_direct_launch_only_for_a_known_launcher():
+    from types import SimpleNamespace
+    signature = {"X": "*bf16", "d": "tensordesc<bf16[64, 64]>"}
+    meta = dict(swizzle=128, elem_size=2, elem_type=10, block_size=[64, 64], fp4_padded=False)
+    assert launch_mod._direct(_fake_compiled(signature, [meta], lambda *a: None)) is not None
+    # Descriptors without metadata pass the tensor itself: not kept.
+    assert launch_mod._direct(_fake_compiled(signature, None, lambda *a: None)) is None
+    # Scratch buffers are allocated per launch by Triton's launcher.
+    assert launch_mod._direct(_fake_compiled(signature, [meta], lambda *a: None, scratch=64)) is None
+    # No descriptors: Triton's launcher is the C function itself.
+    assert launch_mod._direct(_fake_compiled({"X": "*bf16"}, None, lambda *a: None)) is None
+    # Another launcher shape.
+    run = SimpleNamespace(launch=lambda *a: None, global_scratch_size=0, profile_scratch_size=0)
+    assert launch_mod._direct(SimpleNamespace(run=run)) is None

@@ -20,6 +20,14 @@ compiled kernel's launcher with the argument list Triton would build. Calls this
 (another argument type, Triton's launch hooks installed, the interpreter) take Triton's path.
 tests/test_launch.py checks against Triton's own binder that equal keys mean equal
 specializations, for the argument lists of every kernel launched through here.
+
+Tensor descriptors: Triton's launcher turns each host descriptor into a CUDA tensor map on every
+launch (a Python wrapper around the C launcher, and the driver's encoding call), 4-6 of them for
+the Hopper kernels. The map depends only on the base address, shape, strides, padding and the
+compiled kernel's descriptor metadata, and training steps reuse the same addresses (PyTorch's
+caching allocator), so maps are kept by those values (:func:`_tensor_map`) and a cached launch
+calls the C launcher itself with the expanded arguments, as Triton's wrapper would. A launcher
+of another shape than triton 3.6's (checked once per compiled kernel) takes Triton's path.
 """
 import operator
 
@@ -29,9 +37,14 @@ from triton.runtime.jit import JITFunction
 
 from . import _env
 
+try:
+    from triton.backends.nvidia.driver import make_tensordesc_arg
+except ImportError:  # another triton layout: descriptors go through Triton's launcher
+    make_tensordesc_arg = None
+
 _I32, _I64 = 2**31, 2**63
 
-# key -> compiled kernel. Bounded for safety; keys do not grow with shapes (see above).
+# key -> (compiled kernel, what _direct says about it). Bounded for safety; keys do not grow with shapes (see above).
 _PLANS: dict = {}
 _MAX_PLANS = 4096
 # id(kernel) -> (kernel, parameter names, constexpr flags in that order, names of the constexpr
@@ -176,19 +189,91 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     device = torch.cuda.current_device()
     key = _key(kernel, device, args, kwargs)
     try:
-        compiled = _PLANS.get(key) if key is not None else None
+        plan = _PLANS.get(key) if key is not None else None
     except TypeError:  # an unhashable constexpr or option: no key
-        key = compiled = None
-    if compiled is None:
+        key = plan = None
+    if plan is None:
         compiled = kernel[grid](*args, **kwargs)
         if key is not None and compiled is not None and not hasattr(compiled, "result"):
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
             compiled._init_handles()
-            _PLANS[key] = compiled
+            _PLANS[key] = compiled, _direct(compiled)
         return
+    compiled, direct = plan
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     stream = torch._C._cuda_getCurrentRawStream(device)
-    compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                 *args, *_tail(kernel, len(args), kwargs))
+    if direct is None:
+        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *_tail(kernel, len(args), kwargs))
+        return
+    direct[0](*_direct_args(direct, compiled, (grid[0], g1, g2), stream, (*args, *_tail(kernel, len(args), kwargs))))
+
+
+# (number of the descriptor's metadata, base address, shape, strides, padding) -> the descriptor's expanded
+# launcher arguments (its tensor map first): everything make_tensordesc_arg reads, by value.
+_TENSOR_MAPS: dict = {}
+_MAX_TENSOR_MAPS = 4096
+
+
+# Each distinct descriptor metadata seen (as a hashable value) -> a small int that stands for it
+# in _TENSOR_MAPS' keys (an int hashes faster than the nested tuple). Never cleared: kernels have
+# a handful of distinct ones.
+_META_IDS: dict = {}
+
+
+def _meta_id(meta) -> int:
+    """The number of a descriptor's compiled metadata (a dict of scalars and lists)."""
+    value = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(meta.items()))
+    return _META_IDS.setdefault(value, len(_META_IDS))
+
+
+def _direct(compiled):
+    """What a cached launch of ``compiled`` needs to call its C launcher directly, kept in its
+    plan: (C launch function, positions of the descriptor arguments, their metadata and its
+    number (_META_IDS), cooperative-grid flag, PDL flag); or None: no descriptor arguments (Triton's launcher adds nothing then), a launcher not shaped
+    as triton 3.6's (a wrapper closing over ``launcher``, ``tensordesc_indices`` and
+    ``tensordesc_meta``), descriptors without metadata (their arguments hold the tensor itself)
+    or scratch buffers to allocate per launch."""
+    run = getattr(compiled, "run", None)
+    wrapper = getattr(run, "launch", None)
+    closure = getattr(wrapper, "__closure__", None)
+    if make_tensordesc_arg is None or not closure:
+        return None
+    cells = dict(zip(wrapper.__code__.co_freevars, (c.cell_contents for c in closure)))
+    c_launch, indices, metas = (cells.get(n) for n in ("launcher", "tensordesc_indices", "tensordesc_meta"))
+    if (not callable(c_launch) or not indices or metas is None or len(metas) != len(indices)
+            or any(m is None for m in metas) or getattr(run, "global_scratch_size", 1)
+            or getattr(run, "profile_scratch_size", 1)):
+        return None
+    return (c_launch, tuple(sorted(indices)), tuple(metas), tuple(map(_meta_id, metas)),
+            run.launch_cooperative_grid, run.launch_pdl)
+
+
+def _direct_args(direct, compiled, grid, stream, values) -> list:
+    """The C launcher's arguments, as Triton's wrapper passes them: grid, stream, function, the
+    launch flags, no scratch buffers (_direct checked), the packed metadata, no launch hooks, then
+    the kernel's arguments ``values`` (all of them, in signature order) with each descriptor
+    expanded."""
+    _, positions, metas, meta_ids, coop, pdl = direct
+    final = [*grid, stream, compiled.function, coop, pdl, None, None, compiled.packed_metadata, None, None, None]
+    prev = 0
+    for j, pos in enumerate(positions):
+        final += values[prev:pos]
+        final += _tensor_map(values[pos], metas[j], meta_ids[j])
+        prev = pos + 1
+    final += values[prev:]
+    return final
+
+
+def _tensor_map(desc, meta, meta_id: int) -> tuple:
+    """Descriptor ``desc``'s launcher arguments (Triton's make_tensordesc_arg with ``meta``), kept
+    by what they depend on (see _TENSOR_MAPS)."""
+    key = (meta_id, desc.base.data_ptr(), *desc.shape, *desc.strides, desc.padding)
+    found = _TENSOR_MAPS.get(key)
+    if found is None:
+        if len(_TENSOR_MAPS) >= _MAX_TENSOR_MAPS:
+            _TENSOR_MAPS.clear()
+        found = _TENSOR_MAPS[key] = tuple(make_tensordesc_arg(desc, meta))
+    return found
