@@ -98,6 +98,12 @@ def test_num_splits_heuristic():
     assert get_num_splits(64, 8 * 1024, 64, 132, resident=3) == 8
     assert get_num_splits(64, 128 * 1024, 64, 132, resident=3) == 8
     assert get_num_splits(132 * 2, 100_000, 64, 132, resident=3) == 1
+    # A full grid of a long contiguous cache at Tq = 1 splits in 4 (B = 64 x 128k, 512
+    # programs), each split keeping 32k keys; shorter caches and other calls do not.
+    assert get_num_splits(512, 128 * 1024, 64, 132, split_full_grid=True) == 4
+    assert get_num_splits(512, 128 * 1024 - 1, 64, 132, split_full_grid=True) == 1
+    assert get_num_splits(512, 32 * 1024, 64, 132, split_full_grid=True) == 1
+    assert get_num_splits(512, 128 * 1024, 64, 132) == 1
 
 
 def test_resident_only_where_measured():

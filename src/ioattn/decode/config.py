@@ -135,18 +135,33 @@ def resident_per_sm(config: DecodeConfig, head_dim: int, dtype: torch.dtype) -> 
     return 0
 
 
-def get_num_splits(programs: int, max_seqlen_k: int, BLOCK_N: int, num_sms: int, resident: int = 0) -> int:
+# A grid that fills the GPU unsplit still ends in a partial wave: B = 64 x 128k keys is 512
+# programs of the full-grid tiles, one per SM, 3.9 waves over 132 SMs. Split into this many, each
+# split keeping at least FULL_GRID_SPLIT_MIN_KEYS keys (the full-grid tiles' long loops), the same
+# work is 15.5 waves. sweep_decode.py --splits at 10ae03f, three rounds in one process (graph
+# replays, L2 flushed; benchmarks/results/2026-12-04_nvidia-h200_sweep-decode-b64-10ae03f.json):
+# 7464 / 7461 / 7465 us with 4 splits against 7538 / 7537 / 7543 unsplit and 7532 / 7539 / 7523
+# with 2; cuDNN 7494 / 7513 / 7496. Contiguous caches at Tq = 1 only: a split paged cache takes
+# the page prefetch, 0.74x on full grids (paged_split_config), and chunked prefill was not timed.
+FULL_GRID_SPLITS = 4
+FULL_GRID_SPLIT_MIN_KEYS = 32768
+
+
+def get_num_splits(programs: int, max_seqlen_k: int, BLOCK_N: int, num_sms: int, resident: int = 0, *,
+                   split_full_grid: bool = False) -> int:
     """How many splits of the key range to use (flash-decoding) when the caller passes 0.
 
     ``programs`` is the number of programs without splitting (B · Hkv · query tiles). With
-    ``programs >= num_sms`` the grid fills the GPU already and splitting only adds the combine;
-    otherwise split so that ``programs · splits <= WAVES · num_sms``, as long as every split keeps
+    ``programs >= num_sms`` the grid fills the GPU already: one split, or with
+    ``split_full_grid`` (a contiguous cache at Tq = 1) FULL_GRID_SPLITS where each keeps
+    FULL_GRID_SPLIT_MIN_KEYS keys; otherwise split so that ``programs · splits <= WAVES · num_sms``, as long as every split keeps
     ``MIN_BLOCKS_PER_SPLIT`` key blocks. ``resident``: programs an SM holds at once
     (:func:`resident_per_sm`; 0 unknown); where known, splits of ONE_WAVE_MIN_KEYS keys or more
     (and fewer than LONG_SPLIT_MIN_KEYS) are made so that the programs fill those slots once.
     """
     if programs >= num_sms:
-        return 1
+        long = split_full_grid and max_seqlen_k >= FULL_GRID_SPLITS * FULL_GRID_SPLIT_MIN_KEYS
+        return FULL_GRID_SPLITS if long else 1
     # Rounded down: one program past a whole number of waves leaves a tail wave of a few programs
     # (B = 8 x 32k keys: 9 splits of 64 programs ran 0.76x cuDNN, 8 splits 1.0x; bench decode).
     by_waves = max(1, WAVES * num_sms // programs)

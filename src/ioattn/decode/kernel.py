@@ -200,7 +200,8 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
     sms = sm_count(q.device.index or 0) if q.is_cuda else 4
     if num_splits == 0:
         num_splits = get_num_splits(B * H_kv * m_tiles, max_seqlen_k, config.BLOCK_N, sms,
-                                    resident_per_sm(config, D, q.dtype) if q.is_cuda else 0)
+                                    resident_per_sm(config, D, q.dtype) if q.is_cuda else 0,
+                                    split_full_grid=not paged and T_q == 1)
     num_splits = max(1, min(num_splits, cdiv(max(max_seqlen_k, 1), config.BLOCK_N)))
     paged_split = paged and num_splits > 1 and max_seqlen_k >= PAGED_PREFETCH_MIN_KEYS
     full_grid = not paged and (
