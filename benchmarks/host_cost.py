@@ -232,15 +232,39 @@ def steps(B, T, H, D, causal):
     return rows
 
 
+def direct_ab(shape, calls: int, rounds: int = 3) -> None:
+    """Host µs of a few rows with launch.py's direct descriptor launches on and off (off:
+    every plan calls Triton's launcher, which encodes the descriptors again), alternated."""
+    from ioattn import launch as launch_mod
+    original = launch_mod._direct
+    rows = steps(*shape)
+    names = ["fwd: Gluon launcher", "bwd: flash_bwd_tma", "fwd+bwd: autograd.grad"]
+    try:
+        for r in range(rounds):
+            for on in (True, False):
+                launch_mod._direct = original if on else (lambda compiled: None)
+                launch_mod._PLANS.clear()
+                cells = "  ".join(f"{n} {per_call_us(rows[n], calls)[0]:6.1f}" for n in names)
+                print(f"round {r} direct {'on ' if on else 'off'}: {cells}", flush=True)
+    finally:
+        launch_mod._direct = original
+        launch_mod._PLANS.clear()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--D", type=int, default=128)
     p.add_argument("--T", type=int, default=512)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--calls", type=int, default=100)
+    p.add_argument("--direct-ab", action="store_true",
+                   help="only: a few rows with direct descriptor launches on and off, alternated")
     args = p.parse_args(argv)
     H = 2048 // args.D
     paper = (16384 // args.T, args.T, H, args.D, args.causal)
+    if args.direct_ab:
+        direct_ab(paper, args.calls)
+        return
     tiny = (1, 128, 2, args.D, args.causal)
     table = {}
     for name, shape, fast in (("tiny", tiny, "1"), ("paper", paper, "1"), ("tiny/triton", tiny, "0"),
