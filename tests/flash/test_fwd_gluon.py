@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ioattn.flash import fwd_gluon, fwd_pingpong, gluon_exp2
+from ioattn.flash import fwd_gluon, fwd_persistent, fwd_pingpong, gluon_exp2
 from ioattn.flash.config import TmaFwdConfig
 from ioattn.testing import make_qkv
 
@@ -149,6 +149,34 @@ def test_fwd_gluon_gpu_strided(kernel):
     cfg = KERNELS[kernel]
     check_fwd(2, 1000, 1200, 8, 2, 64, True, None, torch.bfloat16, layout="bhtd", fwd=gluon_fwd, config=cfg)
     check_fwd(2, 1000, 1000, 8, 8, 128, False, None, torch.bfloat16, layout="bhtd", fwd=gluon_fwd, config=cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["persistent", "persistent-free"])
+@pytest.mark.parametrize("pairs", [1, 3, 5])
+def test_fwd_persistent_causal_groups(kernel, pairs, monkeypatch):
+    # Causal tiles longest first within groups of (batch, head) pairs sized by the L2 budget:
+    # a budget of `pairs` pairs' K and V at D = 128, so that the 2 x 7 pairs make groups of 1,
+    # 3 (the last of 2) and 5 (the last of 4); at D = 64 twice as many pairs fit (2, 6 and 10,
+    # the last groups of 2 and 4). Every tile must still be computed once.
+    T = 900
+    monkeypatch.setattr(fwd_persistent, "L2_GROUP_BYTES", pairs * 2 * T * 128 * 2)
+    assert fwd_persistent.bh_group(T, 128, 2, 1, 14) == pairs
+    assert fwd_persistent.bh_group(T, 64, 2, 1, 14) == 2 * pairs
+    for D, dtype in ((128, torch.bfloat16), (64, torch.float16)):
+        check_fwd(2, T, T, 7, 7, D, True, None, dtype, fwd=gluon_fwd, config=KERNELS[kernel])
+    # GQA: pairs of one KV head share its bytes (groups of 4 pairs at a budget of 1 pair's).
+    check_fwd(1, T, T, 8, 2, 128, True, None, torch.bfloat16, fwd=gluon_fwd, config=KERNELS[kernel])
+
+
+def test_persistent_causal_group_sizes():
+    # K and V of one (batch, head) pair at T = 1024, D = 128, bf16: 512 KB, 32 of them in the
+    # 16 MB budget; GQA pairs share their KV head's bytes; never more than there are pairs, at
+    # least one.
+    assert fwd_persistent.bh_group(1024, 128, 2, 1, 256) == 32
+    assert fwd_persistent.bh_group(1024, 128, 2, 4, 256) == 128
+    assert fwd_persistent.bh_group(1024, 128, 2, 1, 20) == 20
+    assert fwd_persistent.bh_group(10**7, 128, 2, 1, 256) == 1
 
 
 # Three warpgroups of 64 rows sharing each K/V tile (D = 64 only), with and without turns.

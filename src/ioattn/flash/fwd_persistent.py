@@ -16,8 +16,10 @@ where it won.
 
 Tiles: ``2 * BLOCK_M`` query rows of one (batch, head), numbered so that programs running side by
 side share a head's K and V in L2 (full attention: the row tiles of a head in order) or, causal,
-longest first (all heads' last row tiles, then the ones before, ...); program p takes tiles p,
-p + P, p + 2P, ... (P = min(tiles, SMs)).
+longest first within groups of ``BH_GROUP`` (batch, head) pairs (the group's last row tiles, then
+the ones before, ...; then the next group): the programs at work at any time read the K and V of
+about one group, sized by :func:`bh_group` to fit L2 (FlashAttention-3's causal scheduler does the
+same). Program p takes tiles p, p + P, p + 2P, ... (P = min(tiles, SMs)).
 
 Barriers beside fwd_pingpong.py's (whose ring and turns run on across tiles, counted by the
 partitions): per warpgroup a Q slot with a ready barrier (the loader's TMA) and an empty one (the
@@ -46,13 +48,19 @@ if HAS_GLUON:
 if HAS_GLUON:
 
     @gluon.jit
-    def _tile(tile, n_m, BH, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr):
+    def _tile(tile, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
         """(i_b, i_h, i_hkv, i_bh, first row, key blocks, first masked block) of ``tile``, in the
         order of the module docstring; every partition computes them alike."""
         if HAS_RIGHT:
-            i_m = n_m - 1 - tile // BH
-            i_bh = tile % BH
+            # Group g holds pairs [g * BH_GROUP, + size) (the last group may be smaller), its
+            # tiles numbered from g * BH_GROUP * n_m, longest first.
+            per_group = BH_GROUP * n_m
+            g = tile // per_group
+            r = tile - g * per_group
+            size = gl.minimum(BH_GROUP, BH - g * BH_GROUP)
+            i_m = n_m - 1 - r // size
+            i_bh = g * BH_GROUP + r % size
         else:
             i_m = tile % n_m
             i_bh = tile // n_m
@@ -69,7 +77,7 @@ if HAS_GLUON:
 
     @gluon.jit
     def _persistent_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                           k_empty, v_empty, n_tiles, n_m, BH, H, GROUP, T_q, T_k, diag_hi,
+                           k_empty, v_empty, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k, diag_hi,
                            HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            NUM_STAGES: gl.constexpr):
         """Loader warp: per tile, both Q slots once their warpgroups released them, then the
@@ -77,8 +85,8 @@ if HAS_GLUON:
         c = 0
         it = 0
         for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            i_b, i_h, i_hkv, i_bh, tile_m, n_blocks, mask_from = _tile(tile, n_m, BH, H, GROUP, T_q, T_k, diag_hi,
-                                                                       HAS_RIGHT, BLOCK_M, BLOCK_N)
+            i_b, i_h, i_hkv, i_bh, tile_m, n_blocks, mask_from = _tile(tile, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k,
+                                                                       diag_hi, HAS_RIGHT, BLOCK_M, BLOCK_N)
             for w in gl.static_range(2):
                 # Empty barriers start as if a phase had completed: the first tile waits for nothing.
                 mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
@@ -92,8 +100,8 @@ if HAS_GLUON:
 
     @gluon.jit
     def _persistent_consumer(q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                             turn, desc_o, LSE, n_tiles, n_m, BH, H, GROUP, T_q, T_k, diag_hi, qk_scale,
-                             WG: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
+                             turn, desc_o, LSE, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k, diag_hi,
+                             qk_scale, WG: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                              NUM_STAGES: gl.constexpr):
         """Warpgroup ``WG``: per tile, rows ``[tile_m + WG * BLOCK_M, + BLOCK_M)`` through
@@ -107,8 +115,8 @@ if HAS_GLUON:
         t = 0
         it = 0
         for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            i_b, i_h, i_hkv, i_bh, tile_m, n_blocks, mask_from = _tile(tile, n_m, BH, H, GROUP, T_q, T_k, diag_hi,
-                                                                       HAS_RIGHT, BLOCK_M, BLOCK_N)
+            i_b, i_h, i_hkv, i_bh, tile_m, n_blocks, mask_from = _tile(tile, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k,
+                                                                       diag_hi, HAS_RIGHT, BLOCK_M, BLOCK_N)
             start_m = tile_m + WG * BLOCK_M
             acc, m_i, l_i = _ws_consumer(q_slot, k_smem, v_smem, q_ready.index(WG), k_ready, v_ready, k_empty,
                                          v_empty, turn, n_blocks, mask_from, start_m, T_k, diag_hi, qk_scale,
@@ -123,7 +131,8 @@ if HAS_GLUON:
             it += 1
 
     @gluon.jit
-    def _fwd_persistent_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, BH, diag_hi, qk_scale,
+    def _fwd_persistent_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, BH, BH_GROUP, diag_hi,
+                               qk_scale,
                                HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program per SM over tiles of 2 * BLOCK_M query rows (module docstring); two compute
@@ -151,13 +160,14 @@ if HAS_GLUON:
 
         gl.warp_specialize([
             (_persistent_consumer, (q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                                    v_empty, turn, desc_o, LSE, n_tiles, n_m, BH, H, GROUP, T_q, T_k, diag_hi,
-                                    qk_scale, 0, HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                                    v_empty, turn, desc_o, LSE, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k,
+                                    diag_hi, qk_scale, 0, HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_persistent_consumer, (q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                                    v_empty, turn, desc_o, LSE, n_tiles, n_m, BH, H, GROUP, T_q, T_k, diag_hi,
-                                    qk_scale, 1, HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                                    v_empty, turn, desc_o, LSE, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k,
+                                    diag_hi, qk_scale, 1, HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_persistent_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                                  k_empty, v_empty, n_tiles, n_m, BH, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M,
+                                  k_empty, v_empty, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT,
+                                  BLOCK_M,
                                   BLOCK_N, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
 
@@ -166,6 +176,20 @@ if HAS_GLUON:
             mbarrier.invalidate(q_empty.index(w))
             mbarrier.invalidate(turn.index(w))
         _invalidate_ring(k_ready, v_ready, k_empty, v_empty, NUM_STAGES)
+
+
+# Causal tiles go longest first within groups of (batch, head) pairs whose K and V take at most
+# this many bytes together: a share of the H200's 60 MB of L2 that leaves room for Q, O and the
+# other groups' tails. Taken longest first over all pairs at once (the order before), the 132
+# programs at work read 132 heads' K and V, 67 MB at T = 1024 and D = 128.
+L2_GROUP_BYTES = 16 * 2**20
+
+
+def bh_group(T_k: int, D: int, itemsize: int, group: int, BH: int) -> int:
+    """(Batch, head) pairs per causal group (module docstring): K and V of ``T_k`` keys at head
+    dim ``D`` per KV head, shared by ``group`` query heads."""
+    per_pair = max(1, 2 * T_k * D * itemsize // group)
+    return max(1, min(BH, L2_GROUP_BYTES // per_pair))
 
 
 def persistent_programs(q, n_tiles: int) -> int:
