@@ -310,15 +310,18 @@ def test_gluon_config_table():
             assert get_gluon_fwd_config(128, dtype, True, T) == pp
         for T in (0, SHORT_SEQLEN + 1, short, 4097, 131072):
             assert get_gluon_fwd_config(128, dtype, True, T) == dataclasses.replace(pp, turns=False)
-    # D = 64: three warpgroups with P cast early, full attention from 2048 keys, causal from 8192.
+    # D = 64: three warpgroups with P cast early, full attention from 2048 keys, causal from 8192;
+    # causal from 2048 to 8191 keys the persistent kernel.
     wg3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, warpgroups=3,
                        p_early=True)
     for T in (0, 2048, 4096, 131072):
         assert get_gluon_fwd_config(64, torch.bfloat16, False, T) == wg3
     for T in (0, 8192, 131072):
         assert get_gluon_fwd_config(64, torch.float16, True, T) == wg3
+    for T in (2048, 4096, 8191):
+        assert get_gluon_fwd_config(64, torch.bfloat16, True, T) == dataclasses.replace(pp, persistent=True)
     assert get_gluon_fwd_config(64, torch.bfloat16, False, 2047) is None
-    assert get_gluon_fwd_config(64, torch.bfloat16, True, 4096) is None
+    assert get_gluon_fwd_config(64, torch.bfloat16, True, 2047) is None
     assert get_gluon_fwd_config(256, torch.bfloat16, True, 1024) is None
     assert get_gluon_fwd_config(128, torch.float32, True, 1024) is None
 
@@ -328,12 +331,17 @@ def test_gluon_fwd_table_d64(monkeypatch):
     from ioattn.flash import config
 
     pp = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=False)
-    monkeypatch.setattr(config, "GLUON_FWD_64", {True: (8192, pp)})
+    monkeypatch.setattr(config, "GLUON_FWD_64", {True: ((8192, pp),)})
     assert config.get_gluon_fwd_config(64, torch.bfloat16, True, 8192) == pp
     assert config.get_gluon_fwd_config(64, torch.float16, True, 0) == pp
     assert config.get_gluon_fwd_config(64, torch.bfloat16, True, 4096) is None
     assert config.get_gluon_fwd_config(64, torch.bfloat16, False, 16384) is None
     assert config.get_gluon_fwd_config(64, torch.float32, True, 16384) is None
+    # Ranges: each entry from its length up to the next one's.
+    wg3 = dataclasses.replace(pp, BLOCK_M=192, warpgroups=3)
+    monkeypatch.setattr(config, "GLUON_FWD_64", {True: ((2048, pp), (8192, wg3))})
+    assert [config.get_gluon_fwd_config(64, torch.bfloat16, True, T) for T in (1024, 2048, 8191, 8192, 0)] == [
+        None, pp, pp, wg3, wg3]
 
 
 def test_dispatch_picks_gluon_where_the_table_says(monkeypatch):

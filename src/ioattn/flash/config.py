@@ -199,8 +199,9 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
 GLUON_PERSISTENT_MAX_SEQLEN = 2048
 
 
-# D = 64, by causal: (shortest sequence, config) where a Gluon forward beat the Triton TMA kernel;
-# elsewhere, and without an entry, D = 64 runs the Triton one. The two-warpgroup ping-pong kernel
+# D = 64, by causal: (shortest sequence, config) pairs, shortest first, where a Gluon forward beat
+# the Triton TMA kernel: each from its length up to the next pair's; below the first, and without
+# an entry, D = 64 runs the Triton one. The two-warpgroup ping-pong kernel
 # (128 x 128 tiles) was level with it at most: within 2% at T >= 4096 and behind at 1024 at
 # cff3764 and 674fce4 (results/2026-12-03_nvidia-h200_sweep-fwd-{exp2-emu,64-long}.json), ahead by
 # 1.5-6% at 8192 / 16384 in the runs since (946cad4, eb6884b). The three-warpgroup form at 192 x
@@ -215,9 +216,17 @@ GLUON_PERSISTENT_MAX_SEQLEN = 2048
 # (0b0fcac, results/2026-12-04_nvidia-h200_paper-v1.22-0b0fcac.json) ran 0.372 ms against the
 # Triton kernel's 0.342 in the grid before (8652d0e), 0.88x cuDNN against 0.96x (192-row
 # programs compute 1152 rows for 1024 there).
+# Causal below 8192 keys: the persistent two-warpgroup kernel (fwd_persistent.py) once its causal
+# tiles went longest first within L2-sized groups of heads (b179b10; results/
+# 2026-12-04_nvidia-h200_sweep-fwd-64-causal-persistent-b179b10.json), TFLOP/s at T = 1024 /
+# 2048 / 4096 with turns (without): 301 (301) / 372 (374) / 393 (391), against the Triton
+# kernel's long-sequence config 292 / 352 / 366 and the ping-pong kernel without turns 243 / 328 /
+# 383. At 1024 the Triton kernel's short config runs (0.224 ms in the grids, against 0.228 here):
+# from 2048.
 _WG3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, warpgroups=3,
                     p_early=True)
-GLUON_FWD_64: dict = {False: (2048, _WG3), True: (8192, _WG3)}
+_PERSISTENT_64 = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, persistent=True)
+GLUON_FWD_64: dict = {False: ((2048, _WG3),), True: ((2048, _PERSISTENT_64), (8192, _WG3))}
 
 
 def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int) -> TmaFwdConfig | None:
@@ -226,10 +235,11 @@ def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen
     if dtype not in (torch.float16, torch.bfloat16):
         return None
     if head_dim == 64:
-        entry = GLUON_FWD_64.get(bool(causal))
-        if entry is None or 0 < seqlen < entry[0]:
-            return None
-        return entry[1]
+        chosen = None
+        for shortest, config in GLUON_FWD_64.get(bool(causal), ()):
+            if seqlen == 0 or seqlen >= shortest:
+                chosen = config
+        return chosen
     if head_dim != 128:
         return None
     persistent = not causal and 0 < seqlen <= GLUON_PERSISTENT_MAX_SEQLEN
