@@ -280,6 +280,17 @@ def test_fwd_gluon_gpu_sweep_configs(D, causal):
                   config=TmaFwdConfig(*c))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fwd_gluon_gpu_table_configs(D, causal):
+    # Every config the table picks on the paper grid's lengths, at an odd GQA shape.
+    from ioattn.flash.config import get_gluon_fwd_config
+    configs = {get_gluon_fwd_config(D, torch.bfloat16, causal, T) for T in (1024, 2048, 4096, 8192, 16384)}
+    for config in configs - {None}:
+        check_fwd(1, 1000, 1100, 4, 2, D, causal, None, torch.bfloat16, fwd=gluon_fwd, config=config)
+
+
 @pytest.mark.parametrize("layout", ["bthd", "bhtd"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_gluon_desc_matches_checked_constructor(layout, dtype):
@@ -311,7 +322,8 @@ def test_gluon_config_table():
         for T in (0, SHORT_SEQLEN + 1, short, 4097, 131072):
             assert get_gluon_fwd_config(128, dtype, True, T) == dataclasses.replace(pp, turns=False)
     # D = 64: three warpgroups with P cast early, full attention from 2048 keys, causal from 8192;
-    # causal from 2048 to 8191 keys the persistent kernel.
+    # the persistent kernel for full attention from 1024 to 2047 keys (without turns) and causal
+    # from 2048 to 8191.
     wg3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, warpgroups=3,
                        p_early=True)
     for T in (0, 2048, 4096, 131072):
@@ -320,7 +332,10 @@ def test_gluon_config_table():
         assert get_gluon_fwd_config(64, torch.float16, True, T) == wg3
     for T in (2048, 4096, 8191):
         assert get_gluon_fwd_config(64, torch.bfloat16, True, T) == dataclasses.replace(pp, persistent=True)
-    assert get_gluon_fwd_config(64, torch.bfloat16, False, 2047) is None
+    for T in (1024, 2047):
+        assert get_gluon_fwd_config(64, torch.bfloat16, False, T) == dataclasses.replace(pp, persistent=True,
+                                                                                          turns=False)
+    assert get_gluon_fwd_config(64, torch.bfloat16, False, 1023) is None
     assert get_gluon_fwd_config(64, torch.bfloat16, True, 2047) is None
     assert get_gluon_fwd_config(256, torch.bfloat16, True, 1024) is None
     assert get_gluon_fwd_config(128, torch.float32, True, 1024) is None

@@ -225,8 +225,12 @@ GLUON_PERSISTENT_MAX_SEQLEN = 2048
 # from 2048.
 _WG3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, warpgroups=3,
                     p_early=True)
+# Full attention at 1024 keys: the persistent kernel without turns (results/
+# 2026-12-04_nvidia-h200_sweep-fwd-64-full-persistent-b204c04.json, one sweep): 412 TFLOP/s, with
+# turns 401, the Triton kernel 398, three warpgroups 372.
 _PERSISTENT_64 = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, persistent=True)
-GLUON_FWD_64: dict = {False: ((2048, _WG3),), True: ((2048, _PERSISTENT_64), (8192, _WG3))}
+GLUON_FWD_64: dict = {False: ((1024, dataclasses.replace(_PERSISTENT_64, turns=False)), (2048, _WG3)),
+                      True: ((2048, _PERSISTENT_64), (8192, _WG3))}
 
 
 def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int) -> TmaFwdConfig | None:
