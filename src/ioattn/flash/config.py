@@ -426,10 +426,14 @@ FUSED_BWD_MIN_SEQLEN = {False: 2048, True: 16384}  # by causal
 # full 2.962 / 11.133 against 2.724 / 10.238, causal 1.613 / 5.586 against 1.531 / 5.447 (cause
 # not found; 284fb75's form, which released the Q/dO slot after dQ, lost as much), so the D = 128
 # entries do not.
+# D = 128 causal from 1024 again (be56897): the paper grid's forward + backward there no longer
+# waited on the host in the grids since (0.770 / 0.777 ms against a forward of 0.183 and a
+# two-pass backward of ~0.59), so the one-pass backward's lead at 1024 (0.566 against 0.598 ms at
+# 821ac90) should show.
 # Entries: (shortest sequence, config).
 GLUON_FUSED_BWD: dict = {
     (128, False): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
-    (128, True): (2048, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
+    (128, True): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
     (64, False): (2048, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True,
                                        s_ahead=True)),
     (64, True): (2048, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True,
