@@ -44,7 +44,8 @@ except ImportError:  # another triton layout: descriptors go through Triton's la
 
 _I32, _I64 = 2**31, 2**63
 
-# key -> (compiled kernel, what _direct says about it). Bounded for safety; keys do not grow with shapes (see above).
+# key -> (compiled kernel, what _direct says about it). Bounded for safety; keys do not grow with
+# shapes (see above).
 _PLANS: dict = {}
 _MAX_PLANS = 4096
 # id(kernel) -> (kernel, parameter names, constexpr flags in that order, names of the constexpr
@@ -208,11 +209,12 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
                      *args, *_tail(kernel, len(args), kwargs))
         return
-    direct[0](*_direct_args(direct, compiled, (grid[0], g1, g2), stream, (*args, *_tail(kernel, len(args), kwargs))))
+    values = (*args, *_tail(kernel, len(args), kwargs))
+    direct[0](*_direct_args(direct, compiled, (grid[0], g1, g2), stream, values))
 
 
-# (number of the descriptor's metadata, base address, shape, strides, padding) -> the descriptor's expanded
-# launcher arguments (its tensor map first): everything make_tensordesc_arg reads, by value.
+# (number of the descriptor's metadata, base address, shape, strides, padding) -> the descriptor's
+# expanded launcher arguments (its tensor map first): everything make_tensordesc_arg reads.
 _TENSOR_MAPS: dict = {}
 _MAX_TENSOR_MAPS = 4096
 
@@ -232,10 +234,11 @@ def _meta_id(meta) -> int:
 def _direct(compiled):
     """What a cached launch of ``compiled`` needs to call its C launcher directly, kept in its
     plan: (C launch function, positions of the descriptor arguments, their metadata and its
-    number (_META_IDS), cooperative-grid flag, PDL flag); or None: no descriptor arguments (Triton's launcher adds nothing then), a launcher not shaped
-    as triton 3.6's (a wrapper closing over ``launcher``, ``tensordesc_indices`` and
-    ``tensordesc_meta``), descriptors without metadata (their arguments hold the tensor itself)
-    or scratch buffers to allocate per launch."""
+    number (_META_IDS), cooperative-grid flag, PDL flag). None where there are no descriptor
+    arguments (Triton's launcher adds nothing then), the launcher is not shaped as triton 3.6's (a
+    wrapper closing over ``launcher``, ``tensordesc_indices`` and ``tensordesc_meta``), a
+    descriptor has no metadata (its arguments hold the tensor itself) or scratch buffers are
+    allocated per launch."""
     run = getattr(compiled, "run", None)
     wrapper = getattr(run, "launch", None)
     closure = getattr(wrapper, "__closure__", None)

@@ -154,10 +154,11 @@ def get_num_splits(programs: int, max_seqlen_k: int, BLOCK_N: int, num_sms: int,
     ``programs`` is the number of programs without splitting (B · Hkv · query tiles). With
     ``programs >= num_sms`` the grid fills the GPU already: one split, or with
     ``split_full_grid`` (a contiguous cache at Tq = 1) FULL_GRID_SPLITS where each keeps
-    FULL_GRID_SPLIT_MIN_KEYS keys; otherwise split so that ``programs · splits <= WAVES · num_sms``, as long as every split keeps
-    ``MIN_BLOCKS_PER_SPLIT`` key blocks. ``resident``: programs an SM holds at once
-    (:func:`resident_per_sm`; 0 unknown); where known, splits of ONE_WAVE_MIN_KEYS keys or more
-    (and fewer than LONG_SPLIT_MIN_KEYS) are made so that the programs fill those slots once.
+    FULL_GRID_SPLIT_MIN_KEYS keys; otherwise split so that ``programs · splits <= WAVES ·
+    num_sms``, as long as every split keeps ``MIN_BLOCKS_PER_SPLIT`` key blocks. ``resident``:
+    programs an SM holds at once (:func:`resident_per_sm`; 0 unknown); where known, splits of
+    ONE_WAVE_MIN_KEYS keys or more (and fewer than LONG_SPLIT_MIN_KEYS) are made so that the
+    programs fill those slots once.
     """
     if programs >= num_sms:
         long = split_full_grid and max_seqlen_k >= FULL_GRID_SPLITS * FULL_GRID_SPLIT_MIN_KEYS

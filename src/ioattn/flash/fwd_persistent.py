@@ -132,8 +132,7 @@ if HAS_GLUON:
 
     @gluon.jit
     def _fwd_persistent_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, BH, BH_GROUP, diag_hi,
-                               qk_scale,
-                               HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
+                               qk_scale, HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program per SM over tiles of 2 * BLOCK_M query rows (module docstring); two compute
         warpgroups of BLOCK_M rows (launched with num_warps=4: the default partition is
@@ -167,8 +166,7 @@ if HAS_GLUON:
                                     diag_hi, qk_scale, 1, HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_persistent_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
                                   k_empty, v_empty, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT,
-                                  BLOCK_M,
-                                  BLOCK_N, NUM_STAGES)),
+                                  BLOCK_M, BLOCK_N, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
 
         for w in gl.static_range(2):
