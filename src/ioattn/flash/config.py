@@ -426,10 +426,11 @@ FUSED_BWD_MIN_SEQLEN = {False: 2048, True: 16384}  # by causal
 # full 2.962 / 11.133 against 2.724 / 10.238, causal 1.613 / 5.586 against 1.531 / 5.447 (cause
 # not found; 284fb75's form, which released the Q/dO slot after dQ, lost as much), so the D = 128
 # entries do not.
-# D = 128 causal from 1024 again (be56897): the paper grid's forward + backward there no longer
-# waited on the host in the grids since (0.770 / 0.777 ms against a forward of 0.183 and a
-# two-pass backward of ~0.59), so the one-pass backward's lead at 1024 (0.566 against 0.598 ms at
-# 821ac90) should show.
+# D = 128 causal from 1024 again (fc5c2d7): the paper grid's forward + backward there no longer
+# waited on the host in the grids of ad2d928-be56897 (0.770-0.777 ms against a forward of 0.183
+# and a two-pass backward of ~0.59), so the one-pass backward's lead at 1024 (0.566 against
+# 0.598 ms at 821ac90) could show; the grid at fc5c2d7 ran the point at 0.738 ms (0.96x cuDNN,
+# results/2026-12-04_nvidia-h200_paper-v1.24-fc5c2d7.json).
 # Entries: (shortest sequence, config).
 GLUON_FUSED_BWD: dict = {
     (128, False): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
