@@ -205,12 +205,11 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     stream = torch._C._cuda_getCurrentRawStream(device)
-    if direct is None:
-        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *args, *_tail(kernel, len(args), kwargs))
-        return
     values = (*args, *_tail(kernel, len(args), kwargs))
-    direct[0](*_direct_args(direct, compiled, (grid[0], g1, g2), stream, values))
+    if direct is None:
+        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *values)
+    else:
+        direct[0](*_direct_args(direct, compiled, (grid[0], g1, g2), stream, values))
 
 
 # (number of the descriptor's metadata, base address, shape, strides, padding) -> the descriptor's
