@@ -74,7 +74,8 @@ CANDIDATES = {
 # / 444 / 447 / 456 and causal (3 stages) 220 / 318 / 372 / 408 / 427 against 241 / 325 / 392 /
 # 413 / 449 (without turns): level at most, not in a table; one entry stays. An eleventh field
 # True casts P to 16 bits right after each softmax (p_early): then three warpgroups fit 128-key
-# blocks in their 160 registers without spills.
+# blocks in their 160 registers without spills. A twelfth field True runs a last key block that a
+# warpgroup's rows see only the first half of at half width (half_last: causal diagonals).
 GLUON_CANDIDATES = {
     64: [(64, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3, True), (64, 128, 4, 2, True), (64, 64, 4, 4, True),
          (128, 128, 4, 2, False, True), (128, 128, 4, 3, False, True), (128, 128, 4, 4, False, True),
@@ -82,13 +83,18 @@ GLUON_CANDIDATES = {
          (128, 128, 4, 3, False, True, False, True), (128, 128, 4, 2, False, True, True, False, 8),
          (192, 64, 4, 2, False, True, True, False, 0, 3),
          (192, 128, 4, 2, False, True, True, False, 0, 3, True), (192, 128, 4, 3, False, True, True, False, 0, 3, True),
-         (128, 128, 4, 2, False, True, True, False, 0, 2, True)],
+         (128, 128, 4, 2, False, True, True, False, 0, 2, True),
+         (128, 128, 4, 2, False, True, True, True, 0, 2, False, True),
+         (192, 128, 4, 2, False, True, True, False, 0, 3, True, True)],
     128: [(64, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, True), (64, 64, 4, 2, True), (128, 64, 8, 3, True),
           (128, 128, 4, 2, False, True), (128, 128, 4, 2, False, True, False), (128, 64, 4, 3, False, True),
           (128, 64, 4, 4, False, True), (128, 128, 4, 2, False, True, True, True),
           (128, 128, 4, 2, False, True, False, True), (128, 128, 4, 2, False, True, True, False, 8),
           (128, 128, 4, 2, False, True, True, False, 0, 2, True),
-          (128, 128, 4, 2, False, True, False, False, 0, 2, True)],
+          (128, 128, 4, 2, False, True, False, False, 0, 2, True),
+          (128, 128, 4, 2, False, True, True, False, 0, 2, False, True),
+          (128, 128, 4, 2, False, True, False, False, 0, 2, False, True),
+          (128, 128, 4, 2, False, True, True, True, 0, 2, False, True)],
 }
 
 
@@ -110,7 +116,7 @@ def short(cfg: TmaFwdConfig) -> str:
             + (" ws" if cfg.warp_specialize else "") + (" pp" if cfg.pingpong else "")
             + ("" if cfg.turns else " free") + (" persistent" if cfg.persistent else "")
             + (f" emu{cfg.exp2_emu}" if cfg.exp2_emu else "") + (" wg3" if cfg.warpgroups == 3 else "")
-            + (" early" if cfg.p_early else ""))
+            + (" early" if cfg.p_early else "") + (" half" if cfg.half_last else ""))
 
 
 def disagreement(got, want) -> str:
@@ -210,7 +216,7 @@ def main(argv=None):
     p.add_argument("--configs", nargs="*", default=None, metavar="M,N,WARPS,STAGES",
                    help="time these (beside the default) instead of the candidate list; with --gluon "
                         "Gluon configs, flags as 0/1 "
-                        "(M,N,4,STAGES,0,1,TURNS,PERSISTENT[,EXP2_EMU[,WARPGROUPS[,P_EARLY]]])")
+                        "(M,N,4,STAGES,0,1,TURNS,PERSISTENT[,EXP2_EMU[,WARPGROUPS[,P_EARLY[,HALF_LAST]]]])")
     p.add_argument("--gluon", action="store_true",
                    help="time the Gluon kernel's candidates (GLUON_CANDIDATES) beside the TMA default")
     p.add_argument("--smoke", action="store_true", help="no GPU: check the candidates in the interpreter")
@@ -223,7 +229,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     for D in args.D:
         for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
-            default = get_tma_fwd_config(D, torch.bfloat16, causal, interpret=False)
+            # The Triton TMA kernel's config for each length (the table has a short-sequence branch).
+            default = get_tma_fwd_config(D, torch.bfloat16, causal, interpret=False, seqlen=args.T[0])
             if args.configs is not None:
                 # Given as ints, flags too (0/1): the Gluon ones with --gluon.
                 ints = [list(map(int, c.split(","))) for c in args.configs]
@@ -237,6 +244,7 @@ def main(argv=None):
             times = sweep_case(sweep, D, causal, args.T[0], configs)
             best = sorted(times, key=times.get)[:args.top]
             for T in args.T[1:]:
+                default = get_tma_fwd_config(D, torch.bfloat16, causal, interpret=False, seqlen=T)
                 sweep_case(sweep, D, causal, T, [default] + [c for c in best if c != default])
     print(f"sweep took {time.perf_counter() - t0:.0f} s", flush=True)
     if args.out:

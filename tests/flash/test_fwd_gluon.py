@@ -132,6 +132,16 @@ KERNELS = {
     "pingpong-early": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, p_early=True),
     "free-early-emu4": TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True, turns=False,
                                     p_early=True, exp2_emu=4),
+    # A last key block that a warpgroup's rows see only half of, run at half width: causal
+    # diagonals, and full attention when Tk ends in the first half of a block.
+    "pingpong-half": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True,
+                                  half_last=True),
+    "free-half": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=False,
+                              half_last=True),
+    "persistent-half": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True,
+                                    persistent=True, half_last=True),
+    "pingpong-early-half": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True,
+                                        p_early=True, half_last=True),
 }
 
 
@@ -186,6 +196,9 @@ KERNELS_WG3 = {
                              warpgroups=3),
     "pingpong-wg3-early": TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True,
                                        warpgroups=3, p_early=True),
+    # 192-row tiles against 128-key blocks: a warpgroup may see half of the last block, or none.
+    "pingpong-wg3-early-half": TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True,
+                                            warpgroups=3, p_early=True, half_last=True),
 }
 
 
@@ -201,6 +214,34 @@ def test_fwd_gluon_gpu_three_warpgroups(case, dtype, kernel):
     check_fwd(*case, DTYPES[dtype], fwd=gluon_fwd, config=KERNELS_WG3[kernel])
     check_fwd(2, 1000, 1200, 8, 2, 64, True, None, torch.bfloat16, layout="bhtd", fwd=gluon_fwd,
               config=KERNELS_WG3[kernel])
+
+
+def test_half_last_config_checked():
+    # The half-width last step is for 128-key blocks (64 keys), the width the GPU tests run.
+    cfg = TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True, half_last=True)
+    q, k, v = make_qkv(1, 64, 64, 2, 2, 64, dtype=torch.bfloat16, device="cpu")
+    with pytest.raises(ValueError, match="half_last"):
+        fwd_pingpong.flash_fwd_pingpong(q, k, v, 0.1, True, 0, config=cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["pingpong-half", "persistent-half"])
+@pytest.mark.parametrize("T_q, T_k", [(256, 256), (300, 200), (200, 300), (1000, 1064), (129, 1)])
+def test_fwd_gluon_gpu_half_last_equals_full_step(kernel, T_q, T_k):
+    # The half-width step skips only keys that every row of its warpgroup has masked, so it
+    # matches the full-width kernel up to summation order: the output within one bf16 rounding,
+    # lse within 1e-5, on causal diagonals of both alignments and a Tk ending in the first half
+    # of a block (and on full attention, where these lengths make Tk end there too).
+    config = KERNELS[kernel]
+    q, k, v = make_qkv(2, T_q, T_k, 4, 2, 128, dtype=torch.bfloat16, device=DEVICE)
+    for causal in (True, False):
+        out, lse = fwd_pingpong.flash_fwd_pingpong(q, k, v, 0.088, causal, 0, config=config)
+        ref, ref_lse = fwd_pingpong.flash_fwd_pingpong(q, k, v, 0.088, causal, 0,
+                                                      config=dataclasses.replace(config, half_last=False))
+        assert (out.float() - ref.float()).abs().max().item() <= 2.0**-7 * ref.float().abs().max().item()
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+        finite = torch.isfinite(ref_lse)
+        assert (lse[finite] - ref_lse[finite]).abs().max().item() <= 1e-5
 
 
 def test_three_warpgroups_config_checked():

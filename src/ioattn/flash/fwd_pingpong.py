@@ -64,7 +64,8 @@ if HAS_GLUON:
                      n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale,
                      WG: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_M: gl.constexpr,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                     EXP2_EMU: gl.constexpr, NUM_WG: gl.constexpr, P_EARLY: gl.constexpr):
+                     EXP2_EMU: gl.constexpr, NUM_WG: gl.constexpr, P_EARLY: gl.constexpr,
+                     HALF_LAST: gl.constexpr):
         """One compute warpgroup: rows ``[tile_m + WG * BLOCK_M, + BLOCK_M)``, fwd_gluon.py's
         overlapped loop with its wgmma issues inside turns, then its own epilogue (lse, and O
         through its Q slot and one TMA store: a worker partition returns nothing)."""
@@ -76,18 +77,19 @@ if HAS_GLUON:
         acc, m_i, l_i = _ws_consumer(q_slot, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                                      n_blocks, mask_from, start_m, T_k, diag_hi, qk_scale, HAS_RIGHT, BLOCK_M,
                                      BLOCK_N, HEAD_DIM, NUM_STAGES, 4, WG, PINGPONG, EXP2_EMU=EXP2_EMU,
-                                     NUM_WG=NUM_WG, P_EARLY=P_EARLY)
+                                     NUM_WG=NUM_WG, P_EARLY=P_EARLY, HALF_LAST=HALF_LAST)
         _epilogue(acc, m_i, l_i, q_slot, desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M, HEAD_DIM, row_o)
 
     @gluon.jit
     def _fwd_pingpong_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
                              HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                             EXP2_EMU: gl.constexpr = 0, NUM_WG: gl.constexpr = 2, P_EARLY: gl.constexpr = False):
+                             EXP2_EMU: gl.constexpr = 0, NUM_WG: gl.constexpr = 2, P_EARLY: gl.constexpr = False,
+                             HALF_LAST: gl.constexpr = False):
         """One program: NUM_WG * BLOCK_M query rows of one (batch, head), NUM_WG (2 or 3) compute
         warpgroups of BLOCK_M rows (launched with num_warps=4: the default partition is
         warpgroup 0) taking turns round robin; ``EXP2_EMU``: gluon_exp2.py's ``_exp2``;
-        ``P_EARLY``: fwd_gluon.py's ``_ws_consumer``'s."""
+        ``P_EARLY``, ``HALF_LAST``: fwd_gluon.py's ``_ws_consumer``'s."""
         dtype: gl.constexpr = desc_q.dtype
         i_m, i_bh = gl.program_id(0), gl.program_id(1)
         if HAS_RIGHT:
@@ -124,15 +126,15 @@ if HAS_GLUON:
                 (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
                                 n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 0,
                                 HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG,
-                                P_EARLY)),
+                                P_EARLY, HALF_LAST)),
                 (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
                                 n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 1,
                                 HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG,
-                                P_EARLY)),
+                                P_EARLY, HALF_LAST)),
                 (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
                                 n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 2,
                                 HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG,
-                                P_EARLY)),
+                                P_EARLY, HALF_LAST)),
                 (_ws_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b,
                               i_hkv, BLOCK_N, NUM_STAGES)),
             ], [4, 4, 1], [COMPUTE_REGS_3, COMPUTE_REGS_3, LOADER_REGS])
@@ -141,11 +143,11 @@ if HAS_GLUON:
                 (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
                                 n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 0,
                                 HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG,
-                                P_EARLY)),
+                                P_EARLY, HALF_LAST)),
                 (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, desc_o, LSE,
                                 n_blocks, mask_from, tile_m, T_q, T_k, i_b, i_h, i_bh, diag_hi, qk_scale, 1,
                                 HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, EXP2_EMU, NUM_WG,
-                                P_EARLY)),
+                                P_EARLY, HALF_LAST)),
                 (_ws_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b,
                               i_hkv, BLOCK_N, NUM_STAGES)),
             ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
@@ -162,7 +164,8 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
     ``pingpong`` set, ``BLOCK_M`` the program's rows (``warpgroups`` of 64, 2 or 3),
     ``num_warps`` 4 (per warpgroup); ``turns=False`` runs the warpgroups without turns;
     ``persistent`` runs fwd_persistent.py's form (one program per SM over the tiles; two
-    warpgroups); ``exp2_emu`` n computes one exponential in n with FMAs (gluon_exp2.py's ``_exp2``)."""
+    warpgroups); ``exp2_emu`` n computes one exponential in n with FMAs (gluon_exp2.py's ``_exp2``);
+    ``half_last`` runs a last key block that a warpgroup's rows see only half of at half width."""
     wgs = config.warpgroups
     if (wgs not in (2, 3) or config.BLOCK_M != 64 * wgs or config.num_warps != 4 or config.BLOCK_N not in (64, 128)
             or (wgs == 3 and (config.persistent or q.shape[-1] > 64))):
@@ -170,6 +173,9 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
         # their registers at D = 64 only (COMPUTE_REGS_3), and the persistent form has two.
         raise ValueError(f"config: the ping-pong kernel takes warpgroups = 2 or 3 (3: D <= 64, not persistent), "
                          f"BLOCK_M = 64 * warpgroups, num_warps = 4 and BLOCK_N in (64, 128), got {config}")
+    if config.half_last and config.BLOCK_N != 128:
+        # Half of a 128-key block: 64 keys, the width the tests and the sweeps ran.
+        raise ValueError(f"config: half_last needs BLOCK_N = 128, got {config}")
     if config.exp2_emu not in (0, 2, 4, 8) or (config.exp2_emu and config.persistent):
         # One element of each group of n a thread holds (n divides a thread's 32 or 64 scores).
         raise ValueError(f"config: exp2_emu must be 0, 2, 4 or 8, and 0 in the persistent kernel, got {config}")
@@ -186,11 +192,13 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
         group = (fwd_persistent.bh_group(T_k, D, q.element_size(), H // H_kv, B * H) if band["HAS_RIGHT"]
                  else B * H)
         kernel, grid, extra, extra_kw = (fwd_persistent._fwd_persistent_kernel,
-                                         (fwd_persistent.persistent_programs(q, tiles * B * H),), (B * H, group), {})
+                                         (fwd_persistent.persistent_programs(q, tiles * B * H),), (B * H, group),
+                                         {"HALF_LAST": config.half_last})
     else:
         kernel, grid, extra, extra_kw = _fwd_pingpong_kernel, (tiles, B * H), (), {"EXP2_EMU": config.exp2_emu,
                                                                                      "NUM_WG": wgs,
-                                                                                     "P_EARLY": config.p_early}
+                                                                                     "P_EARLY": config.p_early,
+                                                                                     "HALF_LAST": config.half_last}
     with device_guard(q):
         launch(
             kernel, grid,
