@@ -357,28 +357,27 @@ def test_gluon_config_table():
             assert get_gluon_fwd_config(128, dtype, False, T) == dataclasses.replace(pp, persistent=True)
         for T in (0, short + 1, 4097, 131072):
             assert get_gluon_fwd_config(128, dtype, False, T) == pp
-        # Causal with the turns at short sequences only, always with the half-width diagonal step.
+        # Causal with the turns at short sequences only, and without them the half-width diagonal step.
         for T in (1, SHORT_SEQLEN):
-            assert get_gluon_fwd_config(128, dtype, True, T) == dataclasses.replace(pp, half_last=True)
+            assert get_gluon_fwd_config(128, dtype, True, T) == pp
         for T in (0, SHORT_SEQLEN + 1, short, 4097, 131072):
             assert get_gluon_fwd_config(128, dtype, True, T) == dataclasses.replace(pp, turns=False, half_last=True)
     # D = 64: three warpgroups with P cast early, full attention from 2048 keys, causal from 8192;
     # the persistent kernel for full attention from 1024 to 2047 keys (without turns) and causal
-    # from 1024 to 8191; causal with the half-width diagonal step.
+    # from 2048 to 8191.
     wg3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, warpgroups=3,
                        p_early=True)
     for T in (0, 2048, 4096, 131072):
         assert get_gluon_fwd_config(64, torch.bfloat16, False, T) == wg3
     for T in (0, 8192, 131072):
-        assert get_gluon_fwd_config(64, torch.float16, True, T) == dataclasses.replace(wg3, half_last=True)
-    for T in (1024, 2048, 4096, 8191):
-        assert get_gluon_fwd_config(64, torch.bfloat16, True, T) == dataclasses.replace(pp, persistent=True,
-                                                                                         half_last=True)
+        assert get_gluon_fwd_config(64, torch.float16, True, T) == wg3
+    for T in (2048, 4096, 8191):
+        assert get_gluon_fwd_config(64, torch.bfloat16, True, T) == dataclasses.replace(pp, persistent=True)
     for T in (1024, 2047):
         assert get_gluon_fwd_config(64, torch.bfloat16, False, T) == dataclasses.replace(pp, persistent=True,
                                                                                           turns=False)
     assert get_gluon_fwd_config(64, torch.bfloat16, False, 1023) is None
-    assert get_gluon_fwd_config(64, torch.bfloat16, True, 1023) is None
+    assert get_gluon_fwd_config(64, torch.bfloat16, True, 2047) is None
     assert get_gluon_fwd_config(256, torch.bfloat16, True, 1024) is None
     assert get_gluon_fwd_config(128, torch.float32, True, 1024) is None
 

@@ -234,8 +234,7 @@ _WG3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpon
 # turns 401, the Triton kernel 398, three warpgroups 372.
 _PERSISTENT_64 = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, persistent=True)
 GLUON_FWD_64: dict = {False: ((1024, dataclasses.replace(_PERSISTENT_64, turns=False)), (2048, _WG3)),
-                      True: ((1024, dataclasses.replace(_PERSISTENT_64, half_last=True)),
-                             (8192, dataclasses.replace(_WG3, half_last=True)))}
+                      True: ((2048, _PERSISTENT_64), (8192, _WG3))}
 
 
 def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int) -> TmaFwdConfig | None:
@@ -254,7 +253,7 @@ def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen
     persistent = not causal and 0 < seqlen <= GLUON_PERSISTENT_MAX_SEQLEN
     turns = not causal or 0 < seqlen <= SHORT_SEQLEN
     return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=turns,
-                        persistent=persistent, half_last=bool(causal))
+                        persistent=persistent, half_last=bool(causal) and not turns)
 
 
 @dataclass(frozen=True)
