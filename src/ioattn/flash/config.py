@@ -189,6 +189,12 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
 # kernel at T >= 4096 and 5% behind at T = 1024 (372 against 353 full), and fwd_gluon.py's
 # kernels won nowhere by more than noise (v1.10): D = 64 keeps the Triton kernel (but see
 # GLUON_FWD_64 below).
+# half_last (32ec60b, results/2026-12-04_nvidia-h200_sweep-fwd-128-causal-half-32ec60b.json), ms at
+# T = 1024 / 2048 / 4096, causal: with turns 0.182 / 0.291 / 0.520, + half 0.183 / 0.290 / 0.513;
+# without turns 0.182 / 0.294 / 0.521, + half 0.181 / 0.290 / 0.473 (the last not seen in that
+# call's grid, 0.513). A program ends with its lower warpgroup, whose diagonal block is whole, so
+# the half step rarely shortens one (benchmarks/LOG.md v1.25): kept where causal runs without turns.
+# At D = 64 it made the persistent kernel 4-5% slower: not in GLUON_FWD_64.
 
 
 # The persistent form of the ping-pong kernel (fwd_persistent.py) against it, same tiles, TFLOP/s
