@@ -33,7 +33,7 @@ def compile_report(D, cfg: TmaFwdConfig, causal):
         # Warpgroups of 64 rows; registers set by the kernel's warp_specialize.
         fn = fwd_persistent._fwd_persistent_kernel if cfg.persistent else fwd_pingpong._fwd_pingpong_kernel
         M, extra = 64, {}
-        values.update(PINGPONG=fwd_pingpong.pingpong_arg(cfg), BLOCK_M=M, HALF_LAST=cfg.half_last)
+        values.update(PINGPONG=cfg.turns, BLOCK_M=M, HALF_LAST=cfg.half_last)
         if not cfg.persistent:
             values.update(EXP2_EMU=cfg.exp2_emu, NUM_WG=cfg.warpgroups, P_EARLY=cfg.p_early)
     elif cfg.warp_specialize:
@@ -136,7 +136,6 @@ def main():
             kind += " wg3" if cfg.warpgroups == 3 else ""
             kind += " early" if cfg.p_early else ""
             kind += " half" if cfg.half_last else ""
-            kind += f" turns{cfg.turn_steps}" if cfg.turn_steps else ""
             for causal in (False, True):
                 name = f"D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}{kind} causal={causal}"
                 report[name] = compile_report(D, cfg, causal)

@@ -142,10 +142,6 @@ KERNELS = {
                                     persistent=True, half_last=True),
     "pingpong-early-half": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True,
                                         p_early=True, half_last=True),
-    # Turns in each program's first steps only, then free-running warpgroups.
-    "stagger2": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turn_steps=2),
-    "stagger3-half": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turn_steps=3,
-                                  half_last=True),
 }
 
 
@@ -203,8 +199,6 @@ KERNELS_WG3 = {
     # 192-row tiles against 128-key blocks: a warpgroup may see half of the last block, or none.
     "pingpong-wg3-early-half": TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True,
                                             warpgroups=3, p_early=True, half_last=True),
-    "stagger3-wg3-early": TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True,
-                                       warpgroups=3, p_early=True, turn_steps=3),
 }
 
 
@@ -248,18 +242,6 @@ def test_fwd_gluon_gpu_half_last_equals_full_step(kernel, T_q, T_k):
         assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
         finite = torch.isfinite(ref_lse)
         assert (lse[finite] - ref_lse[finite]).abs().max().item() <= 1e-5
-
-
-def test_turn_steps_config_checked():
-    # turn_steps needs the turns, and not the persistent kernel (whose turn count runs over tiles).
-    base = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True)
-    q, k, v = make_qkv(1, 64, 64, 2, 2, 64, dtype=torch.bfloat16, device="cpu")
-    for bad in (dict(turn_steps=-1), dict(turn_steps=2, turns=False), dict(turn_steps=2, persistent=True)):
-        with pytest.raises(ValueError, match="turn_steps"):
-            fwd_pingpong.flash_fwd_pingpong(q, k, v, 0.1, True, 0, config=dataclasses.replace(base, **bad))
-    assert fwd_pingpong.pingpong_arg(dataclasses.replace(base, turn_steps=3)) == 3
-    assert fwd_pingpong.pingpong_arg(dataclasses.replace(base, turns=False)) == 0
-    assert fwd_pingpong.pingpong_arg(base) == fwd_gluon.TURNS_ALWAYS.value
 
 
 def test_three_warpgroups_config_checked():

@@ -109,9 +109,7 @@ class TmaFwdConfig:
     kernel cast each block's P to 16 bits right after its softmax (fwd_gluon.py's ``P_EARLY``);
     ``half_last`` has the ping-pong kernels run a last key block that a warpgroup's rows see only
     the first half of (causal: the upper rows of a diagonal tile) as a 64-key step
-    (fwd_gluon.py's ``HALF_LAST``; BLOCK_N = 128); ``turn_steps`` = n > 0 (with ``turns``, not
-    persistent) has only each program's first n steps take turns, the warpgroups running free
-    after them, staggered by where the turns left them."""
+    (fwd_gluon.py's ``HALF_LAST``; BLOCK_N = 128)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -125,7 +123,6 @@ class TmaFwdConfig:
     warpgroups: int = 2
     p_early: bool = False
     half_last: bool = False
-    turn_steps: int = 0
 
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few

@@ -53,8 +53,6 @@ if HAS_GLUON:
     # 128 x 240 + 128 x 24 fits the SM's 64K registers with one program per SM.
     COMPUTE_REGS = gl.constexpr(240)
     LOADER_REGS = gl.constexpr(24)
-    # The ping-pong kernels' PINGPONG value for turns at every step (_take_turn).
-    TURNS_ALWAYS = gl.constexpr(1 << 30)
 
 
 if HAS_GLUON:
@@ -154,24 +152,16 @@ if HAS_GLUON:
     @gluon.jit
     def _take_turn(turn, step, WG: gl.constexpr, PINGPONG: gl.constexpr):
         """Wait until warpgroup ``WG`` may issue the wgmmas of its ``step`` (fwd_pingpong.py's
-        turns; nothing without them). ``PINGPONG``: how many of a program's steps take turns:
-        0 none, TURNS_ALWAYS every one, n the first n (after which the warpgroups run free,
-        staggered by where the turns left them)."""
-        if PINGPONG >= TURNS_ALWAYS:
+        turns; nothing without them)."""
+        if PINGPONG:
             mbarrier.wait(turn.index(WG), step & 1)
-        elif PINGPONG > 0:
-            if step < PINGPONG:
-                mbarrier.wait(turn.index(WG), step & 1)
 
     @gluon.jit
-    def _pass_turn(turn, step, WG: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr = 2):
+    def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr = 2):
         """Hand the tensor cores to the next of ``NUM_WG`` warpgroups (round robin), once this
-        one's wgmmas of ``step`` are issued (while its steps take turns, see :func:`_take_turn`)."""
-        if PINGPONG >= TURNS_ALWAYS:
+        one's wgmmas are issued."""
+        if PINGPONG:
             mbarrier.arrive(turn.index((WG + 1) % NUM_WG), count=1)
-        elif PINGPONG > 0:
-            if step < PINGPONG:
-                mbarrier.arrive(turn.index((WG + 1) % NUM_WG), count=1)
 
     @gluon.jit
     def _fwd_gluon_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
@@ -323,7 +313,7 @@ if HAS_GLUON:
         mbarrier.wait(v_ready.index(prev), phase=((c - 1) // NUM_STAGES) & 1)
         p_op = _p_operand(p, q.dtype, HEAD_DIM, NUM_WARPS, P_EARLY)
         o_tok = warpgroup_mma(p_op, v_prev, acc, is_async=True)
-        _pass_turn(turn, t, WG, PINGPONG, NUM_WG)
+        _pass_turn(turn, WG, PINGPONG, NUM_WG)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(slot), count=1)
         p, m_i, alpha, l_i = _softmax_step(s, m_i, l_i, start_n, mask_from, o_m, T_k, diag_hi, qk_scale, HAS_RIGHT,
@@ -346,7 +336,7 @@ if HAS_GLUON:
         mbarrier.wait(v_ready.index(last), phase=(c // NUM_STAGES) & 1)
         p_op = _p_operand(p, v_tile.dtype, HEAD_DIM, NUM_WARPS, P_EARLY)
         o_tok = warpgroup_mma(p_op, v_tile, acc, is_async=True)
-        _pass_turn(turn, t, WG, PINGPONG, NUM_WG)
+        _pass_turn(turn, WG, PINGPONG, NUM_WG)
         acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
         if RELEASE_LAST:
             # A persistent program's loader refills the last V slot for its next tile.
@@ -394,7 +384,7 @@ if HAS_GLUON:
             mbarrier.wait(k_ready.index(slot), phase=(c0 // NUM_STAGES) & 1)
             s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
-            _pass_turn(turn, t0, WG, PINGPONG, NUM_WG)
+            _pass_turn(turn, WG, PINGPONG, NUM_WG)
             s = warpgroup_mma_wait(0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(slot), count=1)
             p, m_i, alpha, l_i = _softmax_step(s, m_i, l_i, 0, mask_from, o_m, T_k, diag_hi, qk_scale,

@@ -21,7 +21,7 @@ The turn: warpgroup w's step s (one step issues block s's QKᵀ and block s-1's 
 ``turn[0]`` once, so warpgroup 0 starts; warpgroup 0's step s then waits for phase s of
 ``turn[0]`` (warpgroup 1's step s - 1) and warpgroup 1's step s for phase s of ``turn[1]``
 (warpgroup 0's step s). Both run the same number of steps (the program's key range), so no
-barrier is more than one phase ahead of its waiter. ``PINGPONG=0`` drops the turns (both
+barrier is more than one phase ahead of its waiter. ``PINGPONG=False`` drops the turns (both
 warpgroups free-running on shared tiles), for the sweep to show what the schedule alone moves.
 
 Three warpgroups (``NUM_WG = 3``, 192 rows; D = 64): the turn passes round robin, warpgroup w to
@@ -165,8 +165,7 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
     ``num_warps`` 4 (per warpgroup); ``turns=False`` runs the warpgroups without turns;
     ``persistent`` runs fwd_persistent.py's form (one program per SM over the tiles; two
     warpgroups); ``exp2_emu`` n computes one exponential in n with FMAs (gluon_exp2.py's ``_exp2``);
-    ``half_last`` runs a last key block that a warpgroup's rows see only half of at half width;
-    ``turn_steps`` n > 0 takes turns in each program's first n steps only."""
+    ``half_last`` runs a last key block that a warpgroup's rows see only half of at half width."""
     wgs = config.warpgroups
     if (wgs not in (2, 3) or config.BLOCK_M != 64 * wgs or config.num_warps != 4 or config.BLOCK_N not in (64, 128)
             or (wgs == 3 and (config.persistent or q.shape[-1] > 64))):
@@ -174,11 +173,6 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
         # their registers at D = 64 only (COMPUTE_REGS_3), and the persistent form has two.
         raise ValueError(f"config: the ping-pong kernel takes warpgroups = 2 or 3 (3: D <= 64, not persistent), "
                          f"BLOCK_M = 64 * warpgroups, num_warps = 4 and BLOCK_N in (64, 128), got {config}")
-    if config.turn_steps < 0 or (config.turn_steps and (not config.turns or config.persistent)):
-        # A persistent program counts its turns over all its tiles: only its first tile would
-        # be staggered.
-        raise ValueError(f"config: turn_steps must be >= 0, and 0 without turns or in the persistent kernel, "
-                         f"got {config}")
     if config.half_last and config.BLOCK_N != 128:
         # Half of a 128-key block: 64 keys, the width the tests and the sweeps ran.
         raise ValueError(f"config: half_last needs BLOCK_N = 128, got {config}")
@@ -210,18 +204,10 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
             kernel, grid,
             _desc(q, M), _desc(k, N), _desc(v, N), _desc(out, M), lse, T_q, T_k, H, H // H_kv, *extra,
             band["diag_hi"], softmax_scale * LOG2E, HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"],
-            PINGPONG=pingpong_arg(config), BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.num_stages,
+            PINGPONG=config.turns, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.num_stages,
             **extra_kw, num_warps=4,
         )
     return out, lse
-
-
-def pingpong_arg(config) -> int:
-    """The kernels' PINGPONG for ``config``: how many of a program's steps take turns (0 none,
-    fwd_gluon.py's TURNS_ALWAYS every one, ``turn_steps`` the first that many)."""
-    if not config.turns:
-        return 0
-    return config.turn_steps or fwd_gluon.TURNS_ALWAYS.value
 
 
 def gluon_launcher(config):
