@@ -142,6 +142,11 @@ KERNELS = {
                                     persistent=True, half_last=True),
     "pingpong-early-half": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True,
                                         p_early=True, half_last=True),
+    # The persistent kernel going on to its next tile while the last one's O is stored.
+    "persistent-defer": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True,
+                                     persistent=True, defer_store=True),
+    "persistent-free-defer": TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True,
+                                          turns=False, persistent=True, defer_store=True),
 }
 
 
@@ -162,7 +167,7 @@ def test_fwd_gluon_gpu_strided(kernel):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["persistent", "persistent-free"])
+@pytest.mark.parametrize("kernel", ["persistent", "persistent-free", "persistent-defer"])
 @pytest.mark.parametrize("pairs", [1, 3, 5])
 def test_fwd_persistent_causal_groups(kernel, pairs, monkeypatch):
     # Causal tiles longest first within groups of (batch, head) pairs sized by the L2 budget:
@@ -242,6 +247,14 @@ def test_fwd_gluon_gpu_half_last_equals_full_step(kernel, T_q, T_k):
         assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
         finite = torch.isfinite(ref_lse)
         assert (lse[finite] - ref_lse[finite]).abs().max().item() <= 1e-5
+
+
+def test_defer_store_config_checked():
+    # Only the persistent kernel has a next tile to go on to.
+    cfg = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, defer_store=True)
+    q, k, v = make_qkv(1, 64, 64, 2, 2, 64, dtype=torch.bfloat16, device="cpu")
+    with pytest.raises(ValueError, match="defer_store"):
+        fwd_pingpong.flash_fwd_pingpong(q, k, v, 0.1, True, 0, config=cfg)
 
 
 def test_three_warpgroups_config_checked():

@@ -109,7 +109,9 @@ class TmaFwdConfig:
     kernel cast each block's P to 16 bits right after its softmax (fwd_gluon.py's ``P_EARLY``);
     ``half_last`` has the ping-pong kernels run a last key block that a warpgroup's rows see only
     the first half of (causal: the upper rows of a diagonal tile) as a 64-key step
-    (fwd_gluon.py's ``HALF_LAST``; BLOCK_N = 128)."""
+    (fwd_gluon.py's ``HALF_LAST``; BLOCK_N = 128); ``defer_store`` has the persistent kernel go
+    on to its next tile once a tile's O store is issued, waiting for it only before the next
+    epilogue writes that buffer (fwd_gluon.py's ``_epilogue``)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -123,6 +125,7 @@ class TmaFwdConfig:
     warpgroups: int = 2
     p_early: bool = False
     half_last: bool = False
+    defer_store: bool = False
 
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few
