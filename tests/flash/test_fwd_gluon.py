@@ -365,14 +365,17 @@ def test_gluon_config_table():
 
     pp = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True)
     for dtype in (torch.bfloat16, torch.float16):
-        # Full attention in the persistent form up to the threshold; causal never.
+        # Full attention in the persistent form (its O stores deferred) up to the threshold; causal
+        # at short sequences.
         for T in (1, 1024, short):
-            assert get_gluon_fwd_config(128, dtype, False, T) == dataclasses.replace(pp, persistent=True)
+            assert get_gluon_fwd_config(128, dtype, False, T) == dataclasses.replace(pp, persistent=True,
+                                                                                     defer_store=True)
         for T in (0, short + 1, 4097, 131072):
             assert get_gluon_fwd_config(128, dtype, False, T) == pp
         # Causal with the turns at short sequences only, and without them the half-width diagonal step.
         for T in (1, SHORT_SEQLEN):
-            assert get_gluon_fwd_config(128, dtype, True, T) == pp
+            assert get_gluon_fwd_config(128, dtype, True, T) == dataclasses.replace(pp, persistent=True,
+                                                                                    defer_store=True)
         for T in (0, SHORT_SEQLEN + 1, short, 4097, 131072):
             assert get_gluon_fwd_config(128, dtype, True, T) == dataclasses.replace(pp, turns=False, half_last=True)
     # D = 64: three warpgroups with P cast early, full attention from 2048 keys, causal from 8192;
@@ -385,10 +388,11 @@ def test_gluon_config_table():
     for T in (0, 8192, 131072):
         assert get_gluon_fwd_config(64, torch.float16, True, T) == wg3
     for T in (2048, 4096, 8191):
-        assert get_gluon_fwd_config(64, torch.bfloat16, True, T) == dataclasses.replace(pp, persistent=True)
+        assert get_gluon_fwd_config(64, torch.bfloat16, True, T) == dataclasses.replace(pp, persistent=True,
+                                                                                         defer_store=True)
     for T in (1024, 2047):
         assert get_gluon_fwd_config(64, torch.bfloat16, False, T) == dataclasses.replace(pp, persistent=True,
-                                                                                          turns=False)
+                                                                                          turns=False, defer_store=True)
     assert get_gluon_fwd_config(64, torch.bfloat16, False, 1023) is None
     assert get_gluon_fwd_config(64, torch.bfloat16, True, 2047) is None
     assert get_gluon_fwd_config(256, torch.bfloat16, True, 1024) is None

@@ -241,7 +241,8 @@ _WG3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpon
 # Full attention at 1024 keys: the persistent kernel without turns (results/
 # 2026-12-04_nvidia-h200_sweep-fwd-64-full-persistent-b204c04.json, one sweep): 412 TFLOP/s, with
 # turns 401, the Triton kernel 398, three warpgroups 372.
-_PERSISTENT_64 = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, persistent=True)
+_PERSISTENT_64 = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, persistent=True,
+                              defer_store=True)
 GLUON_FWD_64: dict = {False: ((1024, dataclasses.replace(_PERSISTENT_64, turns=False)), (2048, _WG3)),
                       True: ((2048, _PERSISTENT_64), (8192, _WG3))}
 
@@ -259,10 +260,10 @@ def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen
         return chosen
     if head_dim != 128:
         return None
-    persistent = not causal and 0 < seqlen <= GLUON_PERSISTENT_MAX_SEQLEN
     turns = not causal or 0 < seqlen <= SHORT_SEQLEN
+    persistent = (not causal and 0 < seqlen <= GLUON_PERSISTENT_MAX_SEQLEN) or (causal and turns)
     return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=turns,
-                        persistent=persistent, half_last=bool(causal) and not turns)
+                        persistent=persistent, half_last=bool(causal) and not turns, defer_store=persistent)
 
 
 @dataclass(frozen=True)
