@@ -75,9 +75,7 @@ CANDIDATES = {
 # 413 / 449 (without turns): level at most, not in a table; one entry stays. An eleventh field
 # True casts P to 16 bits right after each softmax (p_early): then three warpgroups fit 128-key
 # blocks in their 160 registers without spills. A twelfth field True runs a last key block that a
-# warpgroup's rows see only the first half of at half width (half_last: causal diagonals); a
-# thirteenth True has the persistent kernel go on to its next tile while the last one's O is
-# stored (defer_store).
+# warpgroup's rows see only the first half of at half width (half_last: causal diagonals).
 GLUON_CANDIDATES = {
     64: [(64, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3, True), (64, 128, 4, 2, True), (64, 64, 4, 4, True),
          (128, 128, 4, 2, False, True), (128, 128, 4, 3, False, True), (128, 128, 4, 4, False, True),
@@ -87,8 +85,7 @@ GLUON_CANDIDATES = {
          (192, 128, 4, 2, False, True, True, False, 0, 3, True), (192, 128, 4, 3, False, True, True, False, 0, 3, True),
          (128, 128, 4, 2, False, True, True, False, 0, 2, True),
          (128, 128, 4, 2, False, True, True, True, 0, 2, False, True),
-         (192, 128, 4, 2, False, True, True, False, 0, 3, True, True),
-         (128, 128, 4, 2, False, True, True, True, 0, 2, False, False, True)],
+         (192, 128, 4, 2, False, True, True, False, 0, 3, True, True)],
     128: [(64, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, True), (64, 64, 4, 2, True), (128, 64, 8, 3, True),
           (128, 128, 4, 2, False, True), (128, 128, 4, 2, False, True, False), (128, 64, 4, 3, False, True),
           (128, 64, 4, 4, False, True), (128, 128, 4, 2, False, True, True, True),
@@ -97,8 +94,7 @@ GLUON_CANDIDATES = {
           (128, 128, 4, 2, False, True, False, False, 0, 2, True),
           (128, 128, 4, 2, False, True, True, False, 0, 2, False, True),
           (128, 128, 4, 2, False, True, False, False, 0, 2, False, True),
-          (128, 128, 4, 2, False, True, True, True, 0, 2, False, True),
-          (128, 128, 4, 2, False, True, True, True, 0, 2, False, False, True)],
+          (128, 128, 4, 2, False, True, True, True, 0, 2, False, True)],
 }
 
 
@@ -120,8 +116,7 @@ def short(cfg: TmaFwdConfig) -> str:
             + (" ws" if cfg.warp_specialize else "") + (" pp" if cfg.pingpong else "")
             + ("" if cfg.turns else " free") + (" persistent" if cfg.persistent else "")
             + (f" emu{cfg.exp2_emu}" if cfg.exp2_emu else "") + (" wg3" if cfg.warpgroups == 3 else "")
-            + (" early" if cfg.p_early else "") + (" half" if cfg.half_last else "")
-            + (" defer" if cfg.defer_store else ""))
+            + (" early" if cfg.p_early else "") + (" half" if cfg.half_last else ""))
 
 
 def disagreement(got, want) -> str:
@@ -221,8 +216,7 @@ def main(argv=None):
     p.add_argument("--configs", nargs="*", default=None, metavar="M,N,WARPS,STAGES",
                    help="time these (beside the default) instead of the candidate list; with --gluon "
                         "Gluon configs, flags as 0/1 "
-                        "(M,N,4,STAGES,0,1,TURNS,PERSISTENT[,EXP2_EMU[,WARPGROUPS[,P_EARLY[,HALF_LAST"
-                        "[,DEFER_STORE]]]]])")
+                        "(M,N,4,STAGES,0,1,TURNS,PERSISTENT[,EXP2_EMU[,WARPGROUPS[,P_EARLY[,HALF_LAST]]]])")
     p.add_argument("--gluon", action="store_true",
                    help="time the Gluon kernel's candidates (GLUON_CANDIDATES) beside the TMA default")
     p.add_argument("--smoke", action="store_true", help="no GPU: check the candidates in the interpreter")

@@ -36,8 +36,6 @@ def compile_report(D, cfg: TmaFwdConfig, causal):
         values.update(PINGPONG=cfg.turns, BLOCK_M=M, HALF_LAST=cfg.half_last)
         if not cfg.persistent:
             values.update(EXP2_EMU=cfg.exp2_emu, NUM_WG=cfg.warpgroups, P_EARLY=cfg.p_early)
-        else:
-            values.update(DEFER_STORE=cfg.defer_store)
     elif cfg.warp_specialize:
         fn, extra = fwd_gluon._fwd_gluon_ws_kernel, dict(maxnreg=fwd_gluon.ws_maxnreg(cfg))
         values.update(BLOCK_M=M, num_warps=warps)
@@ -138,7 +136,6 @@ def main():
             kind += " wg3" if cfg.warpgroups == 3 else ""
             kind += " early" if cfg.p_early else ""
             kind += " half" if cfg.half_last else ""
-            kind += " defer" if cfg.defer_store else ""
             for causal in (False, True):
                 name = f"D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}{kind} causal={causal}"
                 report[name] = compile_report(D, cfg, causal)

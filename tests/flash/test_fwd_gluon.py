@@ -142,11 +142,6 @@ KERNELS = {
                                     persistent=True, half_last=True),
     "pingpong-early-half": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True,
                                         p_early=True, half_last=True),
-    # The persistent kernel going on to its next tile while the last one's O is stored.
-    "persistent-defer": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True,
-                                     persistent=True, defer_store=True),
-    "persistent-free-defer": TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True,
-                                          turns=False, persistent=True, defer_store=True),
 }
 
 
@@ -167,7 +162,7 @@ def test_fwd_gluon_gpu_strided(kernel):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["persistent", "persistent-free", "persistent-defer"])
+@pytest.mark.parametrize("kernel", ["persistent", "persistent-free"])
 @pytest.mark.parametrize("pairs", [1, 3, 5])
 def test_fwd_persistent_causal_groups(kernel, pairs, monkeypatch):
     # Causal tiles longest first within groups of (batch, head) pairs sized by the L2 budget:
@@ -247,14 +242,6 @@ def test_fwd_gluon_gpu_half_last_equals_full_step(kernel, T_q, T_k):
         assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
         finite = torch.isfinite(ref_lse)
         assert (lse[finite] - ref_lse[finite]).abs().max().item() <= 1e-5
-
-
-def test_defer_store_config_checked():
-    # Only the persistent kernel has a next tile to go on to.
-    cfg = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, defer_store=True)
-    q, k, v = make_qkv(1, 64, 64, 2, 2, 64, dtype=torch.bfloat16, device="cpu")
-    with pytest.raises(ValueError, match="defer_store"):
-        fwd_pingpong.flash_fwd_pingpong(q, k, v, 0.1, True, 0, config=cfg)
 
 
 def test_three_warpgroups_config_checked():
@@ -365,17 +352,14 @@ def test_gluon_config_table():
 
     pp = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True)
     for dtype in (torch.bfloat16, torch.float16):
-        # Full attention in the persistent form (its O stores deferred) up to the threshold; causal
-        # at short sequences.
+        # Full attention in the persistent form up to the threshold; causal never.
         for T in (1, 1024, short):
-            assert get_gluon_fwd_config(128, dtype, False, T) == dataclasses.replace(pp, persistent=True,
-                                                                                     defer_store=True)
+            assert get_gluon_fwd_config(128, dtype, False, T) == dataclasses.replace(pp, persistent=True)
         for T in (0, short + 1, 4097, 131072):
             assert get_gluon_fwd_config(128, dtype, False, T) == pp
         # Causal with the turns at short sequences only, and without them the half-width diagonal step.
         for T in (1, SHORT_SEQLEN):
-            assert get_gluon_fwd_config(128, dtype, True, T) == dataclasses.replace(pp, persistent=True,
-                                                                                    defer_store=True)
+            assert get_gluon_fwd_config(128, dtype, True, T) == pp
         for T in (0, SHORT_SEQLEN + 1, short, 4097, 131072):
             assert get_gluon_fwd_config(128, dtype, True, T) == dataclasses.replace(pp, turns=False, half_last=True)
     # D = 64: three warpgroups with P cast early, full attention from 2048 keys, causal from 8192;
@@ -388,11 +372,10 @@ def test_gluon_config_table():
     for T in (0, 8192, 131072):
         assert get_gluon_fwd_config(64, torch.float16, True, T) == wg3
     for T in (2048, 4096, 8191):
-        assert get_gluon_fwd_config(64, torch.bfloat16, True, T) == dataclasses.replace(pp, persistent=True,
-                                                                                         defer_store=True)
+        assert get_gluon_fwd_config(64, torch.bfloat16, True, T) == dataclasses.replace(pp, persistent=True)
     for T in (1024, 2047):
         assert get_gluon_fwd_config(64, torch.bfloat16, False, T) == dataclasses.replace(pp, persistent=True,
-                                                                                          turns=False, defer_store=True)
+                                                                                          turns=False)
     assert get_gluon_fwd_config(64, torch.bfloat16, False, 1023) is None
     assert get_gluon_fwd_config(64, torch.bfloat16, True, 2047) is None
     assert get_gluon_fwd_config(256, torch.bfloat16, True, 1024) is None

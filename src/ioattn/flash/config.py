@@ -109,9 +109,7 @@ class TmaFwdConfig:
     kernel cast each block's P to 16 bits right after its softmax (fwd_gluon.py's ``P_EARLY``);
     ``half_last`` has the ping-pong kernels run a last key block that a warpgroup's rows see only
     the first half of (causal: the upper rows of a diagonal tile) as a 64-key step
-    (fwd_gluon.py's ``HALF_LAST``; BLOCK_N = 128); ``defer_store`` has the persistent kernel go
-    on to its next tile once a tile's O store is issued, waiting for it only before the next
-    epilogue writes that buffer (fwd_gluon.py's ``_epilogue``)."""
+    (fwd_gluon.py's ``HALF_LAST``; BLOCK_N = 128)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -125,7 +123,6 @@ class TmaFwdConfig:
     warpgroups: int = 2
     p_early: bool = False
     half_last: bool = False
-    defer_store: bool = False
 
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few
@@ -241,8 +238,7 @@ _WG3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpon
 # Full attention at 1024 keys: the persistent kernel without turns (results/
 # 2026-12-04_nvidia-h200_sweep-fwd-64-full-persistent-b204c04.json, one sweep): 412 TFLOP/s, with
 # turns 401, the Triton kernel 398, three warpgroups 372.
-_PERSISTENT_64 = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, persistent=True,
-                              defer_store=True)
+_PERSISTENT_64 = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, persistent=True)
 GLUON_FWD_64: dict = {False: ((1024, dataclasses.replace(_PERSISTENT_64, turns=False)), (2048, _WG3)),
                       True: ((2048, _PERSISTENT_64), (8192, _WG3))}
 
@@ -260,10 +256,10 @@ def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen
         return chosen
     if head_dim != 128:
         return None
+    persistent = not causal and 0 < seqlen <= GLUON_PERSISTENT_MAX_SEQLEN
     turns = not causal or 0 < seqlen <= SHORT_SEQLEN
-    persistent = (not causal and 0 < seqlen <= GLUON_PERSISTENT_MAX_SEQLEN) or (causal and turns)
     return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=turns,
-                        persistent=persistent, half_last=bool(causal) and not turns, defer_store=persistent)
+                        persistent=persistent, half_last=bool(causal) and not turns)
 
 
 @dataclass(frozen=True)

@@ -133,13 +133,10 @@ if HAS_GLUON:
 
     @gluon.jit
     def _epilogue(acc, m_i, l_i, o_smem, desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, row_o: gl.constexpr, DEFER_STORE: gl.constexpr = False):
+                  HEAD_DIM: gl.constexpr, row_o: gl.constexpr):
         """Rows ``[start_m, + BLOCK_M)`` from the loop's accumulator, max and sum (log2 domain):
         lse stored directly, O through ``o_smem`` (a Q slot no longer read) and one TMA store,
-        clipped at Tq. Rows that saw no key have l = 0 (and acc = 0): output 0 and lse -inf, not NaN.
-        ``DEFER_STORE``: return once the store is issued, and wait instead for this warpgroup's
-        previous store out of ``o_smem`` before writing it (a persistent program's next tile
-        starts while its O is on the way; the caller waits for the last one)."""
+        clipped at Tq. Rows that saw no key have l = 0 (and acc = 0): output 0 and lse -inf, not NaN."""
         l_o = gl.convert_layout(l_i, row_o)
         empty_row = l_o == 0.0
         l_safe = gl.where(empty_row, 1.0, l_o)
@@ -147,13 +144,10 @@ if HAS_GLUON:
         lse = gl.where(empty_row, float("-inf"), (m_o + gl.log2(l_safe)) * 0.6931471805599453)
         o_mo = start_m + gl.arange(0, BLOCK_M, layout=row_o)
         gl.store(LSE + i_bh.to(gl.int64) * T_q + o_mo, lse, mask=o_mo < T_q)
-        if DEFER_STORE:
-            tma.store_wait(pendings=0)
         o_smem.reshape([BLOCK_M, HEAD_DIM]).store((acc / l_safe[:, None]).to(o_smem.dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(desc_o, [i_b, i_h, start_m, 0], o_smem)
-        if not DEFER_STORE:
-            tma.store_wait(pendings=0)
+        tma.store_wait(pendings=0)
 
     @gluon.jit
     def _take_turn(turn, step, WG: gl.constexpr, PINGPONG: gl.constexpr):

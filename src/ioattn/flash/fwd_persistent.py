@@ -103,7 +103,7 @@ if HAS_GLUON:
                              turn, desc_o, LSE, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k, diag_hi,
                              qk_scale, WG: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                             NUM_STAGES: gl.constexpr, HALF_LAST: gl.constexpr, DEFER_STORE: gl.constexpr):
+                             NUM_STAGES: gl.constexpr, HALF_LAST: gl.constexpr):
         """Warpgroup ``WG``: per tile, rows ``[tile_m + WG * BLOCK_M, + BLOCK_M)`` through
         fwd_gluon.py's loop (its barriers' phases carried from tile to tile), Q's slot released as
         soon as the loop is done, then the epilogue through this warpgroup's O buffer."""
@@ -125,23 +125,19 @@ if HAS_GLUON:
             # Every wgmma that read Q has completed (the loop ends waiting for all of them).
             mbarrier.arrive(q_empty.index(WG), count=1)
             _epilogue(acc, m_i, l_i, o_smem.index(WG), desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M, HEAD_DIM,
-                      row_o, DEFER_STORE)
+                      row_o)
             c += n_blocks
             t += turns_taken(n_blocks)
             it += 1
-        if DEFER_STORE:
-            # The last tile's O leaves shared memory before the program ends.
-            tma.store_wait(pendings=0)
 
     @gluon.jit
     def _fwd_persistent_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, BH, BH_GROUP, diag_hi,
                                qk_scale, HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                               HALF_LAST: gl.constexpr = False, DEFER_STORE: gl.constexpr = False):
+                               HALF_LAST: gl.constexpr = False):
         """One program per SM over tiles of 2 * BLOCK_M query rows (module docstring); two compute
         warpgroups of BLOCK_M rows (launched with num_warps=4: the default partition is
-        warpgroup 0) and a loader warp; ``HALF_LAST``: fwd_gluon.py's ``_ws_consumer``'s;
-        ``DEFER_STORE``: fwd_gluon.py's ``_epilogue``'s."""
+        warpgroup 0) and a loader warp; ``HALF_LAST``: fwd_gluon.py's ``_ws_consumer``'s."""
         dtype: gl.constexpr = desc_q.dtype
         n_m = gl.cdiv(T_q, 2 * BLOCK_M)
         n_tiles = n_m * BH
@@ -166,11 +162,11 @@ if HAS_GLUON:
             (_persistent_consumer, (q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                                     v_empty, turn, desc_o, LSE, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k,
                                     diag_hi, qk_scale, 0, HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
-                                    HALF_LAST, DEFER_STORE)),
+                                    HALF_LAST)),
             (_persistent_consumer, (q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                                     v_empty, turn, desc_o, LSE, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k,
                                     diag_hi, qk_scale, 1, HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
-                                    HALF_LAST, DEFER_STORE)),
+                                    HALF_LAST)),
             (_persistent_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
                                   k_empty, v_empty, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT,
                                   BLOCK_M, BLOCK_N, NUM_STAGES)),

@@ -165,8 +165,7 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
     ``num_warps`` 4 (per warpgroup); ``turns=False`` runs the warpgroups without turns;
     ``persistent`` runs fwd_persistent.py's form (one program per SM over the tiles; two
     warpgroups); ``exp2_emu`` n computes one exponential in n with FMAs (gluon_exp2.py's ``_exp2``);
-    ``half_last`` runs a last key block that a warpgroup's rows see only half of at half width;
-    ``defer_store`` (persistent) starts a tile before the last one's O has left shared memory."""
+    ``half_last`` runs a last key block that a warpgroup's rows see only half of at half width."""
     wgs = config.warpgroups
     if (wgs not in (2, 3) or config.BLOCK_M != 64 * wgs or config.num_warps != 4 or config.BLOCK_N not in (64, 128)
             or (wgs == 3 and (config.persistent or q.shape[-1] > 64))):
@@ -174,9 +173,6 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
         # their registers at D = 64 only (COMPUTE_REGS_3), and the persistent form has two.
         raise ValueError(f"config: the ping-pong kernel takes warpgroups = 2 or 3 (3: D <= 64, not persistent), "
                          f"BLOCK_M = 64 * warpgroups, num_warps = 4 and BLOCK_N in (64, 128), got {config}")
-    if config.defer_store and not config.persistent:
-        # Only a persistent program has a next tile to start while its O is stored.
-        raise ValueError(f"config: defer_store needs persistent, got {config}")
     if config.half_last and config.BLOCK_N != 128:
         # Half of a 128-key block: 64 keys, the width the tests and the sweeps ran.
         raise ValueError(f"config: half_last needs BLOCK_N = 128, got {config}")
@@ -197,7 +193,7 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
                  else B * H)
         kernel, grid, extra, extra_kw = (fwd_persistent._fwd_persistent_kernel,
                                          (fwd_persistent.persistent_programs(q, tiles * B * H),), (B * H, group),
-                                         {"HALF_LAST": config.half_last, "DEFER_STORE": config.defer_store})
+                                         {"HALF_LAST": config.half_last})
     else:
         kernel, grid, extra, extra_kw = _fwd_pingpong_kernel, (tiles, B * H), (), {"EXP2_EMU": config.exp2_emu,
                                                                                      "NUM_WG": wgs,
