@@ -370,7 +370,6 @@ if HAS_GLUON:
                                                            instr_shape=[16, HEAD_DIM, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         o_m = start_m + gl.arange(0, BLOCK_M, layout=row_s)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
         l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_s)
@@ -394,7 +393,8 @@ if HAS_GLUON:
             # HALF_LAST: when this warpgroup's rows see only the first half of the last key block
             # (causal: the upper rows of a tile on the diagonal), that block runs as a step of
             # half width: the keys it skips are masked for every row here, so the result is the
-            # same, and the diagonal costs one warpgroup half a step less.
+            # same, and the diagonal costs one warpgroup half a step less (which shortens a
+            # program little: it ends with the other warpgroup, benchmarks/LOG.md v1.25).
             half = False
             n_full = n_blocks
             if HALF_LAST:
