@@ -106,10 +106,10 @@ class TmaFwdConfig:
     the FMA pipes instead of the special-function unit (gluon_exp2.py's ``_exp2``; measured slower,
     unused by the tables); ``warpgroups`` = 3 has the ping-pong kernel hold 192 rows in three
     compute warpgroups taking turns round robin (D = 64 only); ``p_early`` has the ping-pong
-    kernel cast each block's P to 16 bits right after its softmax (fwd_gluon.py's ``P_EARLY``);
+    kernel cast each block's P to 16 bits right after its softmax (fwd_gluon_loop.py's ``P_EARLY``);
     ``half_last`` has the ping-pong kernels run a last key block that a warpgroup's rows see only
     the first half of (causal: the upper rows of a diagonal tile) as a 64-key step
-    (fwd_gluon.py's ``HALF_LAST``; BLOCK_N = 128)."""
+    (fwd_gluon_loop.py's ``HALF_LAST``; BLOCK_N = 128)."""
 
     BLOCK_M: int
     BLOCK_N: int

@@ -41,8 +41,8 @@ if HAS_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-    from .fwd_gluon import (COMPUTE_REGS, LOADER_REGS, _epilogue, _invalidate_ring, _key_blocks, _ring_barriers,
-                            _ws_consumer, _ws_loader)
+    from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _epilogue, _invalidate_ring, _key_blocks, _ring_barriers
+    from .fwd_gluon_loop import _ws_consumer, _ws_loader
 
 
 if HAS_GLUON:
@@ -81,7 +81,7 @@ if HAS_GLUON:
                            HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            NUM_STAGES: gl.constexpr):
         """Loader warp: per tile, both Q slots once their warpgroups released them, then the
-        tile's key blocks through the ring (fwd_gluon.py's loader, counting on from earlier tiles)."""
+        tile's key blocks through the ring (fwd_gluon_loop.py's loader, counting on from earlier tiles)."""
         c = 0
         it = 0
         for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
@@ -105,7 +105,7 @@ if HAS_GLUON:
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                              NUM_STAGES: gl.constexpr, HALF_LAST: gl.constexpr):
         """Warpgroup ``WG``: per tile, rows ``[tile_m + WG * BLOCK_M, + BLOCK_M)`` through
-        fwd_gluon.py's loop (its barriers' phases carried from tile to tile), Q's slot released as
+        fwd_gluon_loop.py's loop (its barriers' phases carried from tile to tile), Q's slot released as
         soon as the loop is done, then the epilogue through this warpgroup's O buffer."""
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HEAD_DIM, 16])
@@ -137,7 +137,7 @@ if HAS_GLUON:
                                HALF_LAST: gl.constexpr = False):
         """One program per SM over tiles of 2 * BLOCK_M query rows (module docstring); two compute
         warpgroups of BLOCK_M rows (launched with num_warps=4: the default partition is
-        warpgroup 0) and a loader warp; ``HALF_LAST``: fwd_gluon.py's ``_ws_consumer``'s."""
+        warpgroup 0) and a loader warp; ``HALF_LAST``: fwd_gluon_loop.py's ``_ws_consumer``'s."""
         dtype: gl.constexpr = desc_q.dtype
         n_m = gl.cdiv(T_q, 2 * BLOCK_M)
         n_tiles = n_m * BH

@@ -12,7 +12,7 @@ the tensor cores busy. Each warpgroup keeps fwd_gluon.py's intra-warpgroup overl
 turn.
 
 Partitions (``gl.warp_specialize``): warpgroup 0 is the default partition, warpgroup 1 a 4-warp
-worker, and fwd_gluon.py's loader warp streams K and V; a slot is released when both
+worker, and fwd_gluon_loop.py's loader warp streams K and V; a slot is released when both
 warpgroups have arrived at its "empty" barrier (count 2). With 4 + 4 + 1 warps (padded to three
 warpgroups) the compute warpgroups get 240 registers each and the loader 24.
 
@@ -29,7 +29,7 @@ w + 1 mod 3, by the same argument. At D = 64 a warpgroup's softmax takes about a
 matrix multiplies, so with two warpgroups it has one turn to hide in and the tensor cores wait;
 with three it has two (FlashAttention-3's layout at D = 64). The workers get 160 registers each
 (the default partition what is left), which holds 128-key blocks only with ``P_EARLY`` (P cast
-to 16 bits right after its softmax; fwd_gluon.py's ``_ws_consumer``).
+to 16 bits right after its softmax; fwd_gluon_loop.py's ``_ws_consumer``).
 
 Contract: fwd_gluon.py's (fp16/bf16, D 64/128, TMA-aligned, every feature off; 4D descriptors
 per (batch, head), rows past T read as zeros and stores past Tq dropped). GPU only; tests in
@@ -48,8 +48,8 @@ if HAS_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-    from .fwd_gluon import (COMPUTE_REGS, LOADER_REGS, _desc, _epilogue, _invalidate_ring, _key_blocks, _ring_barriers,
-                            _ws_consumer, _ws_loader)
+    from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc, _epilogue, _invalidate_ring, _key_blocks, _ring_barriers
+    from .fwd_gluon_loop import _ws_consumer, _ws_loader
 
 
 if HAS_GLUON:
@@ -89,7 +89,7 @@ if HAS_GLUON:
         """One program: NUM_WG * BLOCK_M query rows of one (batch, head), NUM_WG (2 or 3) compute
         warpgroups of BLOCK_M rows (launched with num_warps=4: the default partition is
         warpgroup 0) taking turns round robin; ``EXP2_EMU``: gluon_exp2.py's ``_exp2``;
-        ``P_EARLY``, ``HALF_LAST``: fwd_gluon.py's ``_ws_consumer``'s."""
+        ``P_EARLY``, ``HALF_LAST``: fwd_gluon_loop.py's ``_ws_consumer``'s."""
         dtype: gl.constexpr = desc_q.dtype
         i_m, i_bh = gl.program_id(0), gl.program_id(1)
         if HAS_RIGHT:

@@ -1,7 +1,7 @@
 """2^x for Gluon kernels with one element in n computed by a polynomial on the FMA and integer
-pipes instead of the special-function unit (FlashAttention-4's trick), for fwd_gluon.py's softmax
-(``EXP2_EMU``). Measured slower on the H200 at every n (benchmarks/LOG.md v1.18); no table uses
-it, and one sweep candidate per head dim keeps it compiled and tested.
+pipes instead of the special-function unit (FlashAttention-4's trick), for fwd_gluon_loop.py's
+softmax (``EXP2_EMU``). Measured slower on the H200 at every n (benchmarks/LOG.md v1.18); no
+table uses it, and one sweep candidate per head dim keeps it compiled and tested.
 """
 try:
     from triton.experimental import gluon
