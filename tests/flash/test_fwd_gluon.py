@@ -162,31 +162,31 @@ def test_fwd_gluon_gpu_strided(kernel):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["persistent", "persistent-free"])
-@pytest.mark.parametrize("pairs", [1, 3, 5])
-def test_fwd_persistent_causal_groups(kernel, pairs, monkeypatch):
-    # Causal tiles longest first within groups of (batch, head) pairs sized by the L2 budget:
-    # a budget of `pairs` pairs' K and V at D = 128, so that the 2 x 7 pairs make groups of 1,
-    # 3 (the last of 2) and 5 (the last of 4); at D = 64 twice as many pairs fit (2, 6 and 10,
-    # the last groups of 2 and 4). Every tile must still be computed once.
-    T = 900
-    monkeypatch.setattr(fwd_persistent, "L2_GROUP_BYTES", pairs * 2 * T * 128 * 2)
-    assert fwd_persistent.bh_group(T, 128, 2, 1, 14) == pairs
-    assert fwd_persistent.bh_group(T, 64, 2, 1, 14) == 2 * pairs
+@pytest.mark.parametrize("kernel", ["persistent", "persistent-free", "persistent-half"])
+@pytest.mark.parametrize("B, Tq, Tk, H, Hkv", [
+    # n_m = 8 row tiles a head (four pairs each), 1024 pairs: eight on 100 of the H200's 132
+    # programs, seven on the others.
+    (16, 1024, 1024, 16, 16),
+    # n_m = 7 (the middle tile of one head pairs with the next head's longest), 21 tiles: the
+    # last pair a single tile, fewer pairs (11) than SMs.
+    (1, 800, 800, 3, 3),
+    # 3 x 5 x 3 = 45 tiles, odd; GQA; Tq < Tk (bottom-right: every row tile sees keys) and
+    # Tq > Tk (the first row tiles see none).
+    (3, 333, 1000, 5, 1),
+    (2, 1100, 300, 6, 3),
+])
+def test_fwd_persistent_causal_pairs(kernel, B, Tq, Tk, H, Hkv):
+    # Causal tiles in pairs of equal work (fwd_persistent.py): whatever the count of tiles, odd
+    # or even, per head or in all, every tile is computed once and only once.
     for D, dtype in ((128, torch.bfloat16), (64, torch.float16)):
-        check_fwd(2, T, T, 7, 7, D, True, None, dtype, fwd=gluon_fwd, config=KERNELS[kernel])
-    # GQA: pairs of one KV head share its bytes (groups of 4 pairs at a budget of 1 pair's).
-    check_fwd(1, T, T, 8, 2, 128, True, None, torch.bfloat16, fwd=gluon_fwd, config=KERNELS[kernel])
+        check_fwd(B, Tq, Tk, H, Hkv, D, True, None, dtype, fwd=gluon_fwd, config=KERNELS[kernel])
 
 
-def test_persistent_causal_group_sizes():
-    # K and V of one (batch, head) pair at T = 1024, D = 128, bf16: 512 KB, 32 of them in the
-    # 16 MB budget; GQA pairs share their KV head's bytes; never more than there are pairs, at
-    # least one.
-    assert fwd_persistent.bh_group(1024, 128, 2, 1, 256) == 32
-    assert fwd_persistent.bh_group(1024, 128, 2, 4, 256) == 128
-    assert fwd_persistent.bh_group(1024, 128, 2, 1, 20) == 20
-    assert fwd_persistent.bh_group(10**7, 128, 2, 1, 256) == 1
+def test_persistent_programs():
+    # Off a GPU the launcher counts 4 SMs; causal launches count pairs of tiles.
+    q = torch.empty(1)
+    assert [fwd_persistent.persistent_programs(q, n, False) for n in (1, 3, 4, 9)] == [1, 3, 4, 4]
+    assert [fwd_persistent.persistent_programs(q, n, True) for n in (1, 2, 3, 7, 8, 9)] == [1, 1, 2, 4, 4, 4]
 
 
 # Three warpgroups of 64 rows sharing each K/V tile (D = 64 only), with and without turns.

@@ -14,12 +14,17 @@ tile before the other has passed one, so both finish their epilogues first. Meas
 slower causal (the fixed tile order leaves programs of unequal work); flash/config.py runs it
 where it won.
 
-Tiles: ``2 * BLOCK_M`` query rows of one (batch, head), numbered so that programs running side by
-side share a head's K and V in L2 (full attention: the row tiles of a head in order) or, causal,
-longest first within groups of ``BH_GROUP`` (batch, head) pairs (the group's last row tiles, then
-the ones before, ...; then the next group): the programs at work at any time read the K and V of
-about one group, sized by :func:`bh_group` to fit L2 (FlashAttention-3's causal scheduler does the
-same). Program p takes tiles p, p + P, p + 2P, ... (P = min(tiles, SMs)).
+Tiles: ``2 * BLOCK_M`` query rows of one (batch, head). Full attention: program p takes tiles
+p, p + P, p + 2P, ... (P = min(tiles, SMs)) of the row tiles of each head in order, so that
+programs running side by side share a head's K and V in L2. Causal tiles are of unequal length
+(row tile i of n_m sees i + 1 key blocks when Tq = Tk), so they go in pairs of equal work: each
+(batch, head) pair's row tiles ordered longest, shortest, second longest, second shortest, ...,
+and program p takes the consecutive pairs p, p + P, ... of that order (P = min(pairs, SMs)):
+every pair is n_m + 1 key blocks, and programs differ by at most one pair. Before v1.26 the
+causal tiles went longest first within L2-sized groups of heads, round robin: at D = 128 on 132
+SMs the busiest program then had 26-28% more key blocks than the mean at T = 1024 to 8192, the
+paired order 3% (benchmarks/LOG.md v1.26). Heads go in order here too: the P programs at work
+read the K and V of about 2P / n_m heads (~17 MB at D = 128, whatever T).
 
 Barriers beside fwd_pingpong.py's (whose ring and turns run on across tiles, counted by the
 partitions): per warpgroup a Q slot with a ready barrier (the loader's TMA) and an empty one (the
@@ -48,20 +53,36 @@ if HAS_GLUON:
 if HAS_GLUON:
 
     @gluon.jit
-    def _tile(tile, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-        """(i_b, i_h, i_hkv, i_bh, first row, key blocks, first masked block) of ``tile``, in the
-        order of the module docstring; every partition computes them alike."""
+    def _tiles_here(n_tiles, HAS_RIGHT: gl.constexpr):
+        """Tiles this program takes (module docstring): every P-th one, or, causal, every P-th
+        pair of consecutive ones in the paired order, the last pair a single tile when their
+        count is odd."""
+        pid, P = gl.program_id(0), gl.num_programs(0)
         if HAS_RIGHT:
-            # Group g holds pairs [g * BH_GROUP, + size) (the last group may be smaller), its
-            # tiles numbered from g * BH_GROUP * n_m, longest first.
-            per_group = BH_GROUP * n_m
-            g = tile // per_group
-            r = tile - g * per_group
-            size = gl.minimum(BH_GROUP, BH - g * BH_GROUP)
-            i_m = n_m - 1 - r // size
-            i_bh = g * BH_GROUP + r % size
+            n_pairs = (n_tiles + 1) // 2
+            mine = (n_pairs - pid + P - 1) // P
+            # The odd tile out is the last pair's, held by program (n_pairs - 1) % P.
+            single = ((n_tiles % 2) == 1) & ((n_pairs - 1) % P == pid)
+            return 2 * mine - single.to(gl.int32)
+        return (n_tiles - pid + P - 1) // P
+
+    @gluon.jit
+    def _tile(k, n_m, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr):
+        """(i_b, i_h, i_hkv, i_bh, first row, key blocks, first masked block) of this program's
+        ``k``-th tile, in the order of the module docstring; every partition computes them alike."""
+        pid, P = gl.program_id(0), gl.num_programs(0)
+        if HAS_RIGHT:
+            # Position in the paired order: pair pid + (k // 2) * P, its first or second tile;
+            # within a (batch, head) pair's n_m tiles, even positions count down from the
+            # longest row tile and odd ones up from the shortest.
+            pos = 2 * (pid + (k // 2) * P) + k % 2
+            i_bh = pos // n_m
+            r = pos - i_bh * n_m
+            odd = r % 2
+            i_m = (1 - odd) * (n_m - 1 - r // 2) + odd * (r // 2)
         else:
+            tile = pid + k * P
             i_m = tile % n_m
             i_bh = tile // n_m
         i_b, i_h = i_bh // H, i_bh % H
@@ -77,16 +98,15 @@ if HAS_GLUON:
 
     @gluon.jit
     def _persistent_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                           k_empty, v_empty, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k, diag_hi,
-                           HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                           k_empty, v_empty, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            NUM_STAGES: gl.constexpr):
         """Loader warp: per tile, both Q slots once their warpgroups released them, then the
         tile's key blocks through the ring (fwd_gluon_loop.py's loader, counting on from earlier tiles)."""
         c = 0
         it = 0
-        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            i_b, i_h, i_hkv, i_bh, tile_m, n_blocks, mask_from = _tile(tile, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k,
-                                                                       diag_hi, HAS_RIGHT, BLOCK_M, BLOCK_N)
+        for k in range(_tiles_here(n_tiles, HAS_RIGHT)):
+            i_b, i_h, i_hkv, i_bh, tile_m, n_blocks, mask_from = _tile(k, n_m, H, GROUP, T_q, T_k, diag_hi,
+                                                                       HAS_RIGHT, BLOCK_M, BLOCK_N)
             for w in gl.static_range(2):
                 # Empty barriers start as if a phase had completed: the first tile waits for nothing.
                 mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
@@ -100,8 +120,7 @@ if HAS_GLUON:
 
     @gluon.jit
     def _persistent_consumer(q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                             turn, desc_o, LSE, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k, diag_hi,
-                             qk_scale, WG: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
+                             turn, desc_o, LSE, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi, qk_scale, WG: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                              NUM_STAGES: gl.constexpr, HALF_LAST: gl.constexpr):
         """Warpgroup ``WG``: per tile, rows ``[tile_m + WG * BLOCK_M, + BLOCK_M)`` through
@@ -114,9 +133,9 @@ if HAS_GLUON:
         c = 0
         t = 0
         it = 0
-        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            i_b, i_h, i_hkv, i_bh, tile_m, n_blocks, mask_from = _tile(tile, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k,
-                                                                       diag_hi, HAS_RIGHT, BLOCK_M, BLOCK_N)
+        for k in range(_tiles_here(n_tiles, HAS_RIGHT)):
+            i_b, i_h, i_hkv, i_bh, tile_m, n_blocks, mask_from = _tile(k, n_m, H, GROUP, T_q, T_k, diag_hi,
+                                                                       HAS_RIGHT, BLOCK_M, BLOCK_N)
             start_m = tile_m + WG * BLOCK_M
             acc, m_i, l_i = _ws_consumer(q_slot, k_smem, v_smem, q_ready.index(WG), k_ready, v_ready, k_empty,
                                          v_empty, turn, n_blocks, mask_from, start_m, T_k, diag_hi, qk_scale,
@@ -131,7 +150,7 @@ if HAS_GLUON:
             it += 1
 
     @gluon.jit
-    def _fwd_persistent_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, BH, BH_GROUP, diag_hi,
+    def _fwd_persistent_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, BH, diag_hi,
                                qk_scale, HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                                HALF_LAST: gl.constexpr = False):
@@ -160,16 +179,16 @@ if HAS_GLUON:
 
         gl.warp_specialize([
             (_persistent_consumer, (q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                                    v_empty, turn, desc_o, LSE, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k,
-                                    diag_hi, qk_scale, 0, HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
+                                    v_empty, turn, desc_o, LSE, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi,
+                                    qk_scale, 0, HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
                                     HALF_LAST)),
             (_persistent_consumer, (q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                                    v_empty, turn, desc_o, LSE, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k,
-                                    diag_hi, qk_scale, 1, HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
+                                    v_empty, turn, desc_o, LSE, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi,
+                                    qk_scale, 1, HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
                                     HALF_LAST)),
             (_persistent_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                                  k_empty, v_empty, n_tiles, n_m, BH, BH_GROUP, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT,
-                                  BLOCK_M, BLOCK_N, NUM_STAGES)),
+                                  k_empty, v_empty, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M,
+                                  BLOCK_N, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
 
         for w in gl.static_range(2):
@@ -179,22 +198,9 @@ if HAS_GLUON:
         _invalidate_ring(k_ready, v_ready, k_empty, v_empty, NUM_STAGES)
 
 
-# Causal tiles go longest first within groups of (batch, head) pairs whose K and V take at most
-# this many bytes together: a share of the H200's 60 MB of L2 that leaves room for Q, O and the
-# other groups' tails. Taken longest first over all pairs at once (the order before), the 132
-# programs at work read 132 heads' K and V, 67 MB at T = 1024 and D = 128.
-L2_GROUP_BYTES = 16 * 2**20
-
-
-def bh_group(T_k: int, D: int, itemsize: int, group: int, BH: int) -> int:
-    """(Batch, head) pairs per causal group (module docstring): K and V of ``T_k`` keys at head
-    dim ``D`` per KV head, shared by ``group`` query heads."""
-    per_pair = max(1, 2 * T_k * D * itemsize // group)
-    return max(1, min(BH, L2_GROUP_BYTES // per_pair))
-
-
-def persistent_programs(q, n_tiles: int) -> int:
+def persistent_programs(q, n_tiles: int, causal: bool) -> int:
     """Programs of a persistent launch: one per SM (a program's shared memory fills one), never
-    more than there are tiles. Off a GPU (tests that record launches) 4 SMs."""
+    more than there are tiles (causal: pairs of tiles, module docstring). Off a GPU (tests that
+    record launches) 4 SMs."""
     sms = sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 4
-    return max(1, min(n_tiles, sms))
+    return max(1, min((n_tiles + 1) // 2 if causal else n_tiles, sms))

@@ -187,13 +187,10 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
     M, N = 64, config.BLOCK_N
     tiles = cdiv(T_q, wgs * M)
     if config.persistent:
-        # The persistent kernel numbers the tiles itself; it takes B * H to do so, and the
-        # (batch, head) pairs of a causal group.
-        group = (fwd_persistent.bh_group(T_k, D, q.element_size(), H // H_kv, B * H) if band["HAS_RIGHT"]
-                 else B * H)
+        # The persistent kernel numbers the tiles itself; it takes B * H to do so.
         kernel, grid, extra, extra_kw = (fwd_persistent._fwd_persistent_kernel,
-                                         (fwd_persistent.persistent_programs(q, tiles * B * H),), (B * H, group),
-                                         {"HALF_LAST": config.half_last})
+                                         (fwd_persistent.persistent_programs(q, tiles * B * H, band["HAS_RIGHT"]),),
+                                         (B * H,), {"HALF_LAST": config.half_last})
     else:
         kernel, grid, extra, extra_kw = _fwd_pingpong_kernel, (tiles, B * H), (), {"EXP2_EMU": config.exp2_emu,
                                                                                      "NUM_WG": wgs,
