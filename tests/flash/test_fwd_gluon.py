@@ -348,20 +348,23 @@ def test_gluon_desc_matches_checked_constructor(layout, dtype):
 
 
 def test_gluon_config_table():
+    from ioattn.flash.config import GLUON_PERSISTENT_CAUSAL_MAX_SEQLEN as causal_short
     from ioattn.flash.config import GLUON_PERSISTENT_MAX_SEQLEN as short, SHORT_SEQLEN, get_gluon_fwd_config
 
     pp = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True)
     for dtype in (torch.bfloat16, torch.float16):
-        # Full attention in the persistent form up to the threshold; causal never.
+        # Full attention in the persistent form up to the threshold.
         for T in (1, 1024, short):
             assert get_gluon_fwd_config(128, dtype, False, T) == dataclasses.replace(pp, persistent=True)
         for T in (0, short + 1, 4097, 131072):
             assert get_gluon_fwd_config(128, dtype, False, T) == pp
-        # Causal with the turns at short sequences only, and without them the half-width diagonal step.
-        for T in (1, SHORT_SEQLEN):
-            assert get_gluon_fwd_config(128, dtype, True, T) == pp
-        for T in (0, SHORT_SEQLEN + 1, short, 4097, 131072):
-            assert get_gluon_fwd_config(128, dtype, True, T) == dataclasses.replace(pp, turns=False, half_last=True)
+        # Causal without turns and with the half-width diagonal step, in the persistent form up
+        # to its own threshold.
+        causal = dataclasses.replace(pp, turns=False, half_last=True)
+        for T in (1, SHORT_SEQLEN, short, 4097, causal_short):
+            assert get_gluon_fwd_config(128, dtype, True, T) == dataclasses.replace(causal, persistent=True)
+        for T in (0, causal_short + 1, 131072):
+            assert get_gluon_fwd_config(128, dtype, True, T) == causal
     # D = 64: three warpgroups with P cast early, full attention from 2048 keys, causal from 8192;
     # the persistent kernel for full attention from 1024 to 2047 keys (without turns) and causal
     # from 2048 to 8191.

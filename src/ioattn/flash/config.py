@@ -184,16 +184,17 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
 # within 4%), except short causal sequences: at T = 1024 the turns led in each of three sweeps
 # (375 / 373 / 375 against 362 / 364 / 369 TFLOP/s: ..._sweep-fwd-pingpong.json,
 # ..._sweep-fwd-exp2-emu.json, ..._sweep-fwd-persistent.json), and without them the paper
-# grid's causal forward there ran 0.89-0.90x cuDNN (5f754d2, cae9016, eea3616): causal takes
-# the turns up to SHORT_SEQLEN. At D = 64 the ping-pong kernel was within 2% of the Triton
-# kernel at T >= 4096 and 5% behind at T = 1024 (372 against 353 full), and fwd_gluon.py's
-# kernels won nowhere by more than noise (v1.10): D = 64 keeps the Triton kernel (but see
-# GLUON_FWD_64 below).
+# grid's causal forward there ran 0.89-0.90x cuDNN (5f754d2, cae9016, eea3616): causal took
+# the turns up to SHORT_SEQLEN until the persistent form took those lengths over (below). At
+# D = 64 the ping-pong kernel was within 2% of the Triton kernel at T >= 4096 and 5% behind at
+# T = 1024 (372 against 353 full), and fwd_gluon.py's kernels won nowhere by more than noise
+# (v1.10): D = 64 keeps the Triton kernel (but see GLUON_FWD_64 below).
 # half_last (32ec60b, results/2026-12-04_nvidia-h200_sweep-fwd-128-causal-half-32ec60b.json), ms at
 # T = 1024 / 2048 / 4096, causal: with turns 0.182 / 0.291 / 0.520, + half 0.183 / 0.290 / 0.513;
 # without turns 0.182 / 0.294 / 0.521, + half 0.181 / 0.290 / 0.473 (the last not seen in that
 # call's grid, 0.513). A program ends with its lower warpgroup, whose diagonal block is whole, so
-# the half step rarely shortens one (benchmarks/LOG.md v1.25): kept where causal runs without turns.
+# the half step rarely shortens one (benchmarks/LOG.md v1.25): kept where causal runs without turns
+# (the persistent form included: 0.490 / 0.948 ms at T = 4096 / 8192 against 0.503 / 0.955 without).
 # At D = 64 it made the persistent kernel 4-5% slower: not in GLUON_FWD_64.
 
 
@@ -204,9 +205,17 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
 #   causal, without turns: persistent 341 / 407 / 464 / 487 / 522 against 369 / 457 / 517 / 544 / 591.
 # Each tile's start is hidden, but not the two warpgroups' epilogues (both wait for the other's
 # turn on the next tile), so the form wins only where tiles are short; causal tiles of unequal
-# length, handed to programs in a fixed order, leave some programs working after the others.
+# length, handed to programs in a fixed order, leave some programs working after the others
+# (in that order; v1.26 pairs them, below).
 # So: the persistent form for full attention up to this many keys / queries.
 GLUON_PERSISTENT_MAX_SEQLEN = 2048
+# Causal, once its tiles went in pairs of equal work (40427ae; fwd_persistent.py, benchmarks/
+# LOG.md v1.26; results/2026-12-04_nvidia-h200_ab-fwd-128-causal-pairs-40427ae.json, three rounds
+# on fresh inputs, medians in ms at T = 1024 / 2048 / 4096 / 8192 / 16384): without turns and
+# with the half step 0.170 / 0.275 / 0.490 / 0.948 / 1.853, with turns 0.174 / 0.274 / 0.499 /
+# 0.952 / 1.838, against the ping-pong kernel the table ran (turns up to 1024, then none and
+# the half step) 0.184 / 0.297 / 0.535 / 0.980 / 1.833. So causal up to this many.
+GLUON_PERSISTENT_CAUSAL_MAX_SEQLEN = 8192
 
 
 # D = 64, by causal: (shortest sequence, config) pairs, shortest first, where a Gluon forward beat
@@ -232,7 +241,11 @@ GLUON_PERSISTENT_MAX_SEQLEN = 2048
 # 2048 / 4096 with turns (without): 301 (301) / 372 (374) / 393 (391), against the Triton
 # kernel's long-sequence config 292 / 352 / 366 and the ping-pong kernel without turns 243 / 328 /
 # 383. At 1024 the Triton kernel's short config runs (0.224 ms in the grids, against 0.228 here):
-# from 2048.
+# from 2048. With the tiles in pairs (v1.26; at D = 64 both orders give the busiest program 3%
+# more key blocks than the mean), three rounds at 40427ae (results/2026-12-04_nvidia-h200_ab-fwd-
+# 64-causal-pairs-40427ae.json), medians in ms at T = 1024 / 2048 / 4096 / 8192, with turns
+# (without): 0.236 (0.234) / 0.381 (0.379) / 0.691 (0.688) / 1.296 (1.278), against the table's
+# Triton kernel 0.226 at 1024 and three warpgroups 1.245 at 8192: the entries stay.
 _WG3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, warpgroups=3,
                     p_early=True)
 # Full attention at 1024 keys: the persistent kernel without turns (results/
@@ -256,10 +269,10 @@ def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen
         return chosen
     if head_dim != 128:
         return None
-    persistent = not causal and 0 < seqlen <= GLUON_PERSISTENT_MAX_SEQLEN
-    turns = not causal or 0 < seqlen <= SHORT_SEQLEN
-    return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=turns,
-                        persistent=persistent, half_last=bool(causal) and not turns)
+    longest = GLUON_PERSISTENT_CAUSAL_MAX_SEQLEN if causal else GLUON_PERSISTENT_MAX_SEQLEN
+    # Causal without turns and with the half step, persistent or not (the numbers above).
+    return TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, turns=not causal,
+                        persistent=0 < seqlen <= longest, half_last=bool(causal))
 
 
 @dataclass(frozen=True)
