@@ -146,30 +146,26 @@ if HAS_GLUON:
         return acc
 
     @gluon.jit
-    def _first_scores(q, k_smem, k_ready, turn, s_zero, c0, t0, WG: gl.constexpr, PINGPONG: gl.constexpr,
-                      NUM_WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                      NUM_STAGES: gl.constexpr):
-        """Issue a tile's first QKᵀ (key block ring count ``c0``) in turn ``t0`` and return it
-        pending: :func:`_key_loop` waits for it. Split from the loop so that a persistent
-        program can run the tile before's epilogue while it is on the tensor cores."""
-        slot = c0 % NUM_STAGES
-        _take_turn(turn, t0, WG, PINGPONG)
-        mbarrier.wait(k_ready.index(slot), phase=(c0 // NUM_STAGES) & 1)
-        s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
-                              use_acc=False, is_async=True)
-        _pass_turn(turn, WG, PINGPONG, NUM_WG)
-        return s_tok
-
-    @gluon.jit
-    def _key_loop(s_tok, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, n_blocks, mask_from, start_m,
-                  T_k, diag_hi, qk_scale, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, WG: gl.constexpr,
-                  PINGPONG: gl.constexpr, c0, t0, RELEASE_LAST: gl.constexpr, EXP2_EMU: gl.constexpr,
-                  NUM_WG: gl.constexpr, P_EARLY: gl.constexpr, HALF_LAST: gl.constexpr):
-        """The rest of a tile with keys (``n_blocks > 0``) after :func:`_first_scores`: its
-        softmax, the loop's steps, the last P·V; returns (acc, m, l). Arguments as
-        :func:`_ws_consumer`'s."""
-        dtype: gl.constexpr = q.dtype
+    def _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, n_blocks, mask_from,
+                     start_m, T_k, diag_hi, qk_scale, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                     NUM_WARPS: gl.constexpr, WG: gl.constexpr = 0, PINGPONG: gl.constexpr = False,
+                     q_phase=0, c0=0, t0=0, RELEASE_LAST: gl.constexpr = False, EXP2_EMU: gl.constexpr = 0,
+                     NUM_WG: gl.constexpr = 2, P_EARLY: gl.constexpr = False, HALF_LAST: gl.constexpr = False):
+        """Compute partition: _fwd_gluon_kernel's loop, releasing each K slot once its QKᵀ has
+        completed and each V slot once its P·V has, instead of loading and syncing itself.
+        fwd_pingpong.py runs two or three of these (warpgroup ``WG`` of ``NUM_WG``) with
+        ``PINGPONG``: each step's wgmma issues then sit between a wait for this warpgroup's turn
+        and a hand-over to the next.
+        A persistent program (fwd_persistent.py) runs it once per tile and says where its
+        barriers' phases stand: ``q_phase`` of ``q_bar``, ``c0`` key blocks consumed before (the
+        ring's slot and phase), ``t0`` turns taken before (fwd_persistent.py's ``turns_taken``), and with
+        ``RELEASE_LAST`` gets the last key block's V slot released too (a one-tile program's
+        loader never waits for it). ``EXP2_EMU``: :func:`_exp2`'s. ``P_EARLY``: each block's P
+        is cast to the wgmma operand (16-bit) as soon as its softmax is done, so that the loop
+        carries half the registers for it and the next block's S is not issued beside P in fp32
+        (otherwise the cast sits between the S and P·V issues). ``HALF_LAST``: see the loop."""
+        dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -181,99 +177,67 @@ if HAS_GLUON:
         l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_s)
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        slot = c0 % NUM_STAGES
-        s = warpgroup_mma_wait(0, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(slot), count=1)
-        p, m_i, alpha, l_i = _softmax_step(s, m_i, l_i, 0, mask_from, o_m, T_k, diag_hi, qk_scale,
-                                           HAS_RIGHT, BLOCK_N, s_layout, EXP2_EMU)
-        if P_EARLY:
-            p = gl.convert_layout(p.to(dtype), p_layout)
-        # HALF_LAST: when this warpgroup's rows see only the first half of the last key block
-        # (causal: the upper rows of a tile on the diagonal), that block runs as a step of
-        # half width: the keys it skips are masked for every row here, so the result is the
-        # same, and the diagonal costs one warpgroup half a step less (which shortens a
-        # program little: it ends with the other warpgroup, benchmarks/LOG.md v1.25).
-        half = False
-        n_full = n_blocks
-        if HALF_LAST:
-            keys_end = T_k
-            if HAS_RIGHT:
-                keys_end = gl.minimum(start_m + BLOCK_M + diag_hi, T_k)
-            half = (n_blocks > 1) & (keys_end <= (n_blocks - 1) * BLOCK_N + BLOCK_N // 2)
-            n_full = n_blocks - half.to(gl.int32)
-        for j in range(1, n_full):
-            c = c0 + j
-            k_tile = k_smem.index(c % NUM_STAGES).reshape([BLOCK_N, HEAD_DIM])
-            v_prev = v_smem.index((c - 1) % NUM_STAGES).reshape([BLOCK_N, HEAD_DIM])
-            p, acc, m_i, l_i = _consumer_step(q, k_tile, v_prev, s_zero, p, acc, m_i, l_i, j * BLOCK_N, o_m, c,
-                                              t0 + j, turn, k_ready, v_ready, k_empty, v_empty, mask_from, T_k,
-                                              diag_hi, qk_scale, WG, PINGPONG, NUM_WG, HAS_RIGHT, BLOCK_N,
-                                              HEAD_DIM, NUM_STAGES, NUM_WARPS, EXP2_EMU, P_EARLY)
-        c = c0 + n_blocks - 1
-        last = c % NUM_STAGES
-        if half:
-            HALF_N: gl.constexpr = BLOCK_N // 2
-            s_half: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                             instr_shape=[16, HALF_N, 16])
-            row_h: gl.constexpr = gl.SliceLayout(1, s_half)
-            k_half = k_smem.index(last).reshape([BLOCK_N, HEAD_DIM]).slice(0, HALF_N)
-            v_before = v_smem.index((c - 1) % NUM_STAGES).reshape([BLOCK_N, HEAD_DIM])
-            o_mh = start_m + gl.arange(0, BLOCK_M, layout=row_h)
-            p_h, acc, m_h, l_h = _consumer_step(q, k_half, v_before,
-                                                gl.zeros([BLOCK_M, HALF_N], gl.float32, layout=s_half), p,
-                                                acc, gl.convert_layout(m_i, row_h),
-                                                gl.convert_layout(l_i, row_h), (n_blocks - 1) * BLOCK_N, o_mh,
-                                                c, t0 + n_blocks - 1, turn, k_ready, v_ready, k_empty, v_empty,
-                                                mask_from, T_k, diag_hi, qk_scale, WG, PINGPONG, NUM_WG,
-                                                HAS_RIGHT, HALF_N, HEAD_DIM, NUM_STAGES, NUM_WARPS, EXP2_EMU,
-                                                P_EARLY)
-            v_half = v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]).slice(0, HALF_N)
-            acc = _last_pv(p_h, acc, v_half, c, t0 + n_blocks, turn, v_ready, v_empty, WG, PINGPONG, NUM_WG,
-                           NUM_STAGES, NUM_WARPS, HEAD_DIM, P_EARLY, RELEASE_LAST)
-            m_i = gl.convert_layout(m_h, row_s)
-            l_i = gl.convert_layout(l_h, row_s)
-        else:
-            v_last = v_smem.index(last).reshape([BLOCK_N, HEAD_DIM])
-            acc = _last_pv(p, acc, v_last, c, t0 + n_blocks, turn, v_ready, v_empty, WG, PINGPONG, NUM_WG,
-                           NUM_STAGES, NUM_WARPS, HEAD_DIM, P_EARLY, RELEASE_LAST)
-        return acc, m_i, l_i
-
-    @gluon.jit
-    def _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, n_blocks, mask_from,
-                     start_m, T_k, diag_hi, qk_scale, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
-                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                     NUM_WARPS: gl.constexpr, WG: gl.constexpr = 0, PINGPONG: gl.constexpr = False,
-                     q_phase=0, c0=0, t0=0, RELEASE_LAST: gl.constexpr = False, EXP2_EMU: gl.constexpr = 0,
-                     NUM_WG: gl.constexpr = 2, P_EARLY: gl.constexpr = False, HALF_LAST: gl.constexpr = False):
-        """Compute partition: _fwd_gluon_kernel's loop, releasing each K slot once its QKᵀ has
-        completed and each V slot once its P·V has, instead of loading and syncing itself:
-        :func:`_first_scores` then :func:`_key_loop` (nothing for a tile without keys).
-        fwd_pingpong.py runs two or three of these (warpgroup ``WG`` of ``NUM_WG``) with
-        ``PINGPONG``: each step's wgmma issues then sit between a wait for this warpgroup's turn
-        and a hand-over to the next.
-        Counts for a program that runs several tiles: ``q_phase`` of ``q_bar``, ``c0`` key blocks
-        consumed before (the ring's slot and phase), ``t0`` turns taken before
-        (fwd_persistent.py's ``turns_taken``); ``RELEASE_LAST`` gets the last key block's V slot
-        released too (a one-tile program's loader never waits for it). ``EXP2_EMU``:
-        :func:`_exp2`'s. ``P_EARLY``: each block's P is cast to the wgmma operand (16-bit) as
-        soon as its softmax is done, so that the loop carries half the registers for it and the
-        next block's S is not issued beside P in fp32 (otherwise the cast sits between the S and
-        P·V issues). ``HALF_LAST``: see :func:`_key_loop`."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-        l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_s)
-        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
         q = q_smem.reshape([BLOCK_M, HEAD_DIM])
         mbarrier.wait(q_bar, phase=q_phase)
         if n_blocks > 0:
-            s_tok = _first_scores(q, k_smem, k_ready, turn, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout),
-                                  c0, t0, WG, PINGPONG, NUM_WG, BLOCK_N, HEAD_DIM, NUM_STAGES)
-            acc, m_i, l_i = _key_loop(s_tok, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, n_blocks,
-                                      mask_from, start_m, T_k, diag_hi, qk_scale, HAS_RIGHT, BLOCK_M, BLOCK_N,
-                                      HEAD_DIM, NUM_STAGES, NUM_WARPS, WG, PINGPONG, c0, t0, RELEASE_LAST, EXP2_EMU,
-                                      NUM_WG, P_EARLY, HALF_LAST)
+            slot = c0 % NUM_STAGES
+            _take_turn(turn, t0, WG, PINGPONG)
+            mbarrier.wait(k_ready.index(slot), phase=(c0 // NUM_STAGES) & 1)
+            s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                                  use_acc=False, is_async=True)
+            _pass_turn(turn, WG, PINGPONG, NUM_WG)
+            s = warpgroup_mma_wait(0, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(slot), count=1)
+            p, m_i, alpha, l_i = _softmax_step(s, m_i, l_i, 0, mask_from, o_m, T_k, diag_hi, qk_scale,
+                                               HAS_RIGHT, BLOCK_N, s_layout, EXP2_EMU)
+            if P_EARLY:
+                p = gl.convert_layout(p.to(dtype), p_layout)
+            # HALF_LAST: when this warpgroup's rows see only the first half of the last key block
+            # (causal: the upper rows of a tile on the diagonal), that block runs as a step of
+            # half width: the keys it skips are masked for every row here, so the result is the
+            # same, and the diagonal costs one warpgroup half a step less (which shortens a
+            # program little: it ends with the other warpgroup, benchmarks/LOG.md v1.25).
+            half = False
+            n_full = n_blocks
+            if HALF_LAST:
+                keys_end = T_k
+                if HAS_RIGHT:
+                    keys_end = gl.minimum(start_m + BLOCK_M + diag_hi, T_k)
+                half = (n_blocks > 1) & (keys_end <= (n_blocks - 1) * BLOCK_N + BLOCK_N // 2)
+                n_full = n_blocks - half.to(gl.int32)
+            for j in range(1, n_full):
+                c = c0 + j
+                k_tile = k_smem.index(c % NUM_STAGES).reshape([BLOCK_N, HEAD_DIM])
+                v_prev = v_smem.index((c - 1) % NUM_STAGES).reshape([BLOCK_N, HEAD_DIM])
+                p, acc, m_i, l_i = _consumer_step(q, k_tile, v_prev, s_zero, p, acc, m_i, l_i, j * BLOCK_N, o_m, c,
+                                                  t0 + j, turn, k_ready, v_ready, k_empty, v_empty, mask_from, T_k,
+                                                  diag_hi, qk_scale, WG, PINGPONG, NUM_WG, HAS_RIGHT, BLOCK_N,
+                                                  HEAD_DIM, NUM_STAGES, NUM_WARPS, EXP2_EMU, P_EARLY)
+            c = c0 + n_blocks - 1
+            last = c % NUM_STAGES
+            if half:
+                HALF_N: gl.constexpr = BLOCK_N // 2
+                s_half: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                                 instr_shape=[16, HALF_N, 16])
+                row_h: gl.constexpr = gl.SliceLayout(1, s_half)
+                k_half = k_smem.index(last).reshape([BLOCK_N, HEAD_DIM]).slice(0, HALF_N)
+                v_before = v_smem.index((c - 1) % NUM_STAGES).reshape([BLOCK_N, HEAD_DIM])
+                o_mh = start_m + gl.arange(0, BLOCK_M, layout=row_h)
+                p_h, acc, m_h, l_h = _consumer_step(q, k_half, v_before,
+                                                    gl.zeros([BLOCK_M, HALF_N], gl.float32, layout=s_half), p,
+                                                    acc, gl.convert_layout(m_i, row_h),
+                                                    gl.convert_layout(l_i, row_h), (n_blocks - 1) * BLOCK_N, o_mh,
+                                                    c, t0 + n_blocks - 1, turn, k_ready, v_ready, k_empty, v_empty,
+                                                    mask_from, T_k, diag_hi, qk_scale, WG, PINGPONG, NUM_WG,
+                                                    HAS_RIGHT, HALF_N, HEAD_DIM, NUM_STAGES, NUM_WARPS, EXP2_EMU,
+                                                    P_EARLY)
+                v_half = v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]).slice(0, HALF_N)
+                acc = _last_pv(p_h, acc, v_half, c, t0 + n_blocks, turn, v_ready, v_empty, WG, PINGPONG, NUM_WG,
+                               NUM_STAGES, NUM_WARPS, HEAD_DIM, P_EARLY, RELEASE_LAST)
+                m_i = gl.convert_layout(m_h, row_s)
+                l_i = gl.convert_layout(l_h, row_s)
+            else:
+                v_last = v_smem.index(last).reshape([BLOCK_N, HEAD_DIM])
+                acc = _last_pv(p, acc, v_last, c, t0 + n_blocks, turn, v_ready, v_empty, WG, PINGPONG, NUM_WG,
+                               NUM_STAGES, NUM_WARPS, HEAD_DIM, P_EARLY, RELEASE_LAST)
         return acc, m_i, l_i

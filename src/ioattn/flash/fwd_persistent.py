@@ -8,13 +8,11 @@ grid, D = 128 full) the kernel ran 521 / 578 / 606 / 618 TFLOP/s at T = 1024 / 2
 8192: fitted, about 1.3-2 key blocks' time (2-3 us) a program that is not key-loop work, a share
 that grows as programs get shorter. Here the loader warp loads the next tile's Q and K/V while
 the warpgroups still finish the current tile, so the start of every tile but the first hides
-behind other work. Measured (benchmarks/LOG.md v1.17, D = 128): +4-5% at T = 1024 / 2048 full,
-2-5% slower beyond, 8-12% slower causal (the tile order of then left programs of unequal work);
-flash/config.py runs it where it won. The epilogues did not hide then: a warpgroup finished its
-epilogue before it took its first turn on the next tile, so while both ran theirs the tensor
-cores idled. Since v1.26 each warpgroup first issues the next tile's first QKᵀ, then runs the
-epilogue of the tile before while that QKᵀ runs (its accumulator held over one iteration), then
-goes on with the next tile's loop.
+behind other work. The epilogues do not: neither warpgroup can take its first turn on the next
+tile before the other has passed one, so both finish their epilogues first. Measured
+(benchmarks/LOG.md v1.17, D = 128): +4-5% at T = 1024 / 2048 full, 2-5% slower beyond, 8-12%
+slower causal (the fixed tile order leaves programs of unequal work); flash/config.py runs it
+where it won.
 
 Tiles: ``2 * BLOCK_M`` query rows of one (batch, head). Full attention: program p takes tiles
 p, p + P, p + 2P, ... (P = min(tiles, SMs)) of the row tiles of each head in order, so that
@@ -29,11 +27,10 @@ paired order 3% (benchmarks/LOG.md v1.26). Heads go in order here too: the P pro
 read the K and V of about 2P / n_m heads (~17 MB at D = 128, whatever T).
 
 Barriers beside fwd_pingpong.py's (whose ring and turns run on across tiles, counted by the
-partitions): per warpgroup two Q slots, tile k's in slot k % 2 (so that the next tile's Q lands
-while the tile before's epilogue has not run yet), each with a ready barrier (the loader's TMA)
-and an empty one (released once the tile's O, stored through that same slot, has been read out
-by its TMA store). Shared memory at D = 128 with 128 x 128 tiles and 2 stages: Q (and O) 64 KB,
-K/V ring 128 KB.
+partitions): per warpgroup a Q slot with a ready barrier (the loader's TMA) and an empty one (the
+warpgroup is done with Q: its last QKᵀ completed), and O's own shared buffer, so that the next Q
+can land while O is still being stored. Shared memory at D = 128 with 128 x 128 tiles and 2
+stages: Q 32 KB, O 32 KB, K/V ring 128 KB.
 
 Contract: fwd_gluon.py's (fp16/bf16, D 64/128, TMA-aligned, every feature off); launched by
 fwd_pingpong.py's ``flash_fwd_pingpong`` for configs with ``persistent`` set. GPU only; tests in
@@ -50,7 +47,7 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
     from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _epilogue, _invalidate_ring, _key_blocks, _ring_barriers
-    from .fwd_gluon_loop import _first_scores, _key_loop, _ws_loader
+    from .fwd_gluon_loop import _ws_consumer, _ws_loader
 
 
 if HAS_GLUON:
@@ -101,104 +98,60 @@ if HAS_GLUON:
 
     @gluon.jit
     def _persistent_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                           k_empty, v_empty, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT: gl.constexpr,
-                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
-        """Loader warp: per tile, the Q of both warpgroups into the tile's pair of Q slots (tile k
-        the pair k % 2) once they are free, then the tile's key blocks through the ring
-        (fwd_gluon_loop.py's loader, counting on from earlier tiles)."""
+                           k_empty, v_empty, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                           NUM_STAGES: gl.constexpr):
+        """Loader warp: per tile, both Q slots once their warpgroups released them, then the
+        tile's key blocks through the ring (fwd_gluon_loop.py's loader, counting on from earlier tiles)."""
         c = 0
+        it = 0
         for k in range(_tiles_here(n_tiles, HAS_RIGHT)):
             i_b, i_h, i_hkv, i_bh, tile_m, n_blocks, mask_from = _tile(k, n_m, H, GROUP, T_q, T_k, diag_hi,
                                                                        HAS_RIGHT, BLOCK_M, BLOCK_N)
             for w in gl.static_range(2):
-                slot = (k % 2) * 2 + w
-                # Empty barriers start as if a phase had completed: each slot's first use waits
-                # for nothing.
-                mbarrier.wait(q_empty.index(slot), ((k // 2) & 1) ^ 1)
-                mbarrier.expect(q_ready.index(slot), desc_q.block_type.nbytes)
-                tma.async_copy_global_to_shared(desc_q, [i_b, i_h, tile_m + w * BLOCK_M, 0], q_ready.index(slot),
-                                                q_smem.index(slot))
+                # Empty barriers start as if a phase had completed: the first tile waits for nothing.
+                mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
+                mbarrier.expect(q_ready.index(w), desc_q.block_type.nbytes)
+                tma.async_copy_global_to_shared(desc_q, [i_b, i_h, tile_m + w * BLOCK_M, 0], q_ready.index(w),
+                                                q_smem.index(w))
             _ws_loader(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_blocks, i_b, i_hkv,
                        BLOCK_N, NUM_STAGES, c)
             c += n_blocks
+            it += 1
 
     @gluon.jit
-    def _held_epilogue(do, acc, m_i, l_i, o_slot, o_free, desc_o, LSE, i_b, i_h, i_bh, start_m, T_q,
-                       BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """If ``do``: the epilogue of the tile before (its O through its own Q slot ``o_slot``,
-        which is then released at ``o_free`` for the loader to refill)."""
-        if do:
-            o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                               instr_shape=[16, HEAD_DIM, 16])
-            _epilogue(acc, m_i, l_i, o_slot, desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M, HEAD_DIM,
-                      gl.SliceLayout(1, o_layout))
-            mbarrier.arrive(o_free, count=1)
-
-    @gluon.jit
-    def _persistent_consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                             desc_o, LSE, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi, qk_scale, WG: gl.constexpr,
-                             HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_M: gl.constexpr,
-                             BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                             HALF_LAST: gl.constexpr):
-        """Warpgroup ``WG``: per tile k, rows ``[tile_m + WG * BLOCK_M, + BLOCK_M)`` from Q slot
-        (k % 2) * 2 + WG through fwd_gluon_loop.py's loop (its barriers' phases carried from tile
-        to tile). The epilogue of tile k - 1 runs while tile k's first QKᵀ is on the tensor cores
-        (between _first_scores and _key_loop): its accumulator, max and sum are held over to the
-        next iteration, and its O goes out through its own Q slot."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
+    def _persistent_consumer(q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+                             turn, desc_o, LSE, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi, qk_scale, WG: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
+                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                             NUM_STAGES: gl.constexpr, HALF_LAST: gl.constexpr):
+        """Warpgroup ``WG``: per tile, rows ``[tile_m + WG * BLOCK_M, + BLOCK_M)`` through
+        fwd_gluon_loop.py's loop (its barriers' phases carried from tile to tile), Q's slot released as
+        soon as the loop is done, then the epilogue through this warpgroup's O buffer."""
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HEAD_DIM, 16])
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-        l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_s)
-        # The tile before's place (batch, head, pair, first row), for its held-over epilogue.
-        p_b = 0
-        p_h = 0
-        p_bh = 0
-        p_m = 0
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        q_slot = q_smem.index(WG)
         c = 0
         t = 0
-        n_here = _tiles_here(n_tiles, HAS_RIGHT)
-        for k in range(n_here):
+        it = 0
+        for k in range(_tiles_here(n_tiles, HAS_RIGHT)):
             i_b, i_h, i_hkv, i_bh, tile_m, n_blocks, mask_from = _tile(k, n_m, H, GROUP, T_q, T_k, diag_hi,
                                                                        HAS_RIGHT, BLOCK_M, BLOCK_N)
             start_m = tile_m + WG * BLOCK_M
-            slot = (k % 2) * 2 + WG
-            before = ((k + 1) % 2) * 2 + WG
-            q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
-            mbarrier.wait(q_ready.index(slot), (k // 2) & 1)
-            if n_blocks > 0:
-                s_tok = _first_scores(q, k_smem, k_ready, turn, s_zero, c, t, WG, PINGPONG, 2, BLOCK_N, HEAD_DIM,
-                                      NUM_STAGES)
-                _held_epilogue(k > 0, acc, m_i, l_i, q_smem.index(before), q_empty.index(before), desc_o, LSE, p_b,
-                               p_h, p_bh, p_m, T_q, BLOCK_M, HEAD_DIM)
-                acc, m_i, l_i = _key_loop(s_tok, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
-                                          n_blocks, mask_from, start_m, T_k, diag_hi, qk_scale, HAS_RIGHT, BLOCK_M,
-                                          BLOCK_N, HEAD_DIM, NUM_STAGES, 4, WG, PINGPONG, c, t, True, 0, 2, False,
-                                          HALF_LAST)
-            else:
-                # No visible key (bottom-right causal, Tq > Tk): O = 0 and lse = -inf.
-                _held_epilogue(k > 0, acc, m_i, l_i, q_smem.index(before), q_empty.index(before), desc_o, LSE, p_b,
-                               p_h, p_bh, p_m, T_q, BLOCK_M, HEAD_DIM)
-                acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-                m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-                l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_s)
-            p_b = i_b
-            p_h = i_h
-            p_bh = i_bh
-            p_m = start_m
+            acc, m_i, l_i = _ws_consumer(q_slot, k_smem, v_smem, q_ready.index(WG), k_ready, v_ready, k_empty,
+                                         v_empty, turn, n_blocks, mask_from, start_m, T_k, diag_hi, qk_scale,
+                                         HAS_RIGHT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, 4, WG, PINGPONG,
+                                         it & 1, c, t, True, HALF_LAST=HALF_LAST)
+            # Every wgmma that read Q has completed (the loop ends waiting for all of them).
+            mbarrier.arrive(q_empty.index(WG), count=1)
+            _epilogue(acc, m_i, l_i, o_smem.index(WG), desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M, HEAD_DIM,
+                      row_o)
             c += n_blocks
             t += turns_taken(n_blocks)
-        last = ((n_here + 1) % 2) * 2 + WG
-        _held_epilogue(n_here > 0, acc, m_i, l_i, q_smem.index(last), q_empty.index(last), desc_o, LSE, p_b, p_h,
-                       p_bh, p_m, T_q, BLOCK_M, HEAD_DIM)
+            it += 1
 
     @gluon.jit
-    def _fwd_persistent_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, BH, diag_hi, qk_scale,
-                               HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
+    def _fwd_persistent_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, BH, diag_hi,
+                               qk_scale, HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                                HALF_LAST: gl.constexpr = False):
         """One program per SM over tiles of 2 * BLOCK_M query rows (module docstring); two compute
@@ -207,17 +160,16 @@ if HAS_GLUON:
         dtype: gl.constexpr = desc_q.dtype
         n_m = gl.cdiv(T_q, 2 * BLOCK_M)
         n_tiles = n_m * BH
-        # Two pairs of Q slots (slot 2 * pair + warpgroup), each also its tile's O buffer.
-        q_smem = gl.allocate_shared_memory(dtype, [4, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
+        o_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_M, HEAD_DIM], desc_o.layout)
         k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
-        q_empty = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(4):
-            mbarrier.init(q_ready.index(i), count=1)
-            mbarrier.init(q_empty.index(i), count=1)
         for w in gl.static_range(2):
+            mbarrier.init(q_ready.index(w), count=1)
+            mbarrier.init(q_empty.index(w), count=1)
             mbarrier.init(turn.index(w), count=1)
         # K/V slots released by both warpgroups.
         k_ready, v_ready, k_empty, v_empty = _ring_barriers(NUM_STAGES, 2)
@@ -226,21 +178,22 @@ if HAS_GLUON:
         mbarrier.arrive(turn.index(0), count=1)
 
         gl.warp_specialize([
-            (_persistent_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                                    turn, desc_o, LSE, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi, qk_scale, 0,
-                                    HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, HALF_LAST)),
-            (_persistent_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                                    turn, desc_o, LSE, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi, qk_scale, 1,
-                                    HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, HALF_LAST)),
+            (_persistent_consumer, (q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                                    v_empty, turn, desc_o, LSE, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi,
+                                    qk_scale, 0, HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
+                                    HALF_LAST)),
+            (_persistent_consumer, (q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                                    v_empty, turn, desc_o, LSE, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi,
+                                    qk_scale, 1, HAS_RIGHT, PINGPONG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
+                                    HALF_LAST)),
             (_persistent_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
                                   k_empty, v_empty, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M,
                                   BLOCK_N, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
 
-        for i in gl.static_range(4):
-            mbarrier.invalidate(q_ready.index(i))
-            mbarrier.invalidate(q_empty.index(i))
         for w in gl.static_range(2):
+            mbarrier.invalidate(q_ready.index(w))
+            mbarrier.invalidate(q_empty.index(w))
             mbarrier.invalidate(turn.index(w))
         _invalidate_ring(k_ready, v_ready, k_empty, v_empty, NUM_STAGES)
 
