@@ -42,6 +42,15 @@ def test_bwd_fused_strided(device_desc):
               bwd=fused_vs_portable)
 
 
+@pytest.mark.parametrize("case", [c for c in TMA_CASES if c[3] != c[4]] + [(1, 40, 33, 6, 2, 32, True, None)],
+                         ids=case_id)
+def test_bwd_fused_gqa_expanded(case):
+    # GQA through the MHA kernel (expand_kv): K and V repeated to the query heads, dK and dV
+    # summed over each group after; MQA (one KV head) and Tq != Tk among the cases.
+    check_bwd(*case, torch.float16, config=dataclasses.replace(SMALL, dq_t=True, expand_kv=True),
+              bwd=fused_vs_portable)
+
+
 def test_preprocess_zeroes_dq_acc():
     # The one-pass backward's dQ buffer is zeroed by the preprocess launch: NaN-filled here, so a
     # missed element stays NaN; delta beside it as without the buffer. D = 40 pads to 64 columns.
@@ -128,6 +137,17 @@ def check_dkdv_repeat(config, causal=True):
         dq, dk, dv = flash_bwd_fused(dout, q, k, v, out, lse, 128**-0.5, causal, 0, config=config)
         assert torch.equal(dk, first[1]) and torch.equal(dv, first[2])
         assert (dq.float() - first[0].float()).abs().max() <= 1e-2 * first[0].float().abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in TMA_GPU_CASES if c[5] in (64, 128) and c[3] != c[4]]
+                         + [(2, 2048, 2048, 16, 2, 128, True, None), (1, 1000, 1000, 8, 1, 64, False, None)],
+                         ids=case_id)
+def test_bwd_fused_gpu_gqa_expanded(case):
+    # The Gluon row-held kernel's table config with GQA expanded to its query heads.
+    D, causal = case[5], case[6]
+    cfg = get_fused_bwd_config(D, torch.bfloat16, causal, interpret=False, seqlen=16384, gluon=True)
+    check_bwd(*case, torch.bfloat16, config=dataclasses.replace(cfg, expand_kv=True), bwd=fused_vs_portable)
 
 
 @pytest.mark.gpu

@@ -241,10 +241,13 @@ def test_fused_config_table_gluon_entries(monkeypatch):
                     assert not get_fused_bwd_config(D, dtype, causal, interpret=True, seqlen=16384, gluon=True).gluon
                 assert get_fused_bwd_config(D, torch.float32, causal, interpret=False, seqlen=16384,
                                             gluon=True) is None
-                # GQA: the Gluon entries are MHA's.
+                # GQA: the same entries over K and V repeated to the query heads.
                 gqa = get_fused_bwd_config(D, torch.bfloat16, causal, interpret=False, seqlen=16384, gluon=True,
                                            group=8)
-                assert gqa is None if D == 128 else not gqa.gluon
+                if entry is None:
+                    assert gqa is None if D == 128 else not gqa.gluon
+                else:
+                    assert gqa == dataclasses.replace(entry[1], expand_kv=True)
 
 
 def test_fused_gluon_rejects_what_it_cannot_run():

@@ -20,6 +20,8 @@ Triton's interpreter included; the copy engine's bulk reduction (``desc.atomic_a
 ``cp.reduce.async.bulk.tensor`` on sm_90) adds a whole tile per instruction but has no
 interpreter path, so only GPU tests cover it.
 """
+import dataclasses
+
 import torch
 
 from .. import _env
@@ -65,3 +67,17 @@ def flash_bwd_fused(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
     # The scale dK takes at the end in the kernel, dQ takes here, in the cast to q's dtype.
     torch.mul(dq_acc, softmax_scale, out=dq)
     return dq, dk, dv
+
+
+def _expanded(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset, config, group: int):
+    """GQA through the MHA kernel (``config.expand_kv``): K and V repeated to the query heads
+    (head h reads KV head h // group, as the kernels do), one program per query head's keys
+    instead of one that walks the whole group (bwd_gluon_rows.py's programs are per KV head:
+    with 8 query heads to a KV head that made 512 long programs at T = 8192, config.py), then dK
+    and dV summed over each group, accumulated in fp32 by torch's reduction and rounded once.
+    The copies are linear in T: K and V and their gradients at the query heads' count."""
+    k_x, v_x = (x.repeat_interleave(group, dim=2) for x in (k, v))
+    dq, dk_x, dv_x = flash_bwd_fused(dout, q, k_x, v_x, out, lse, softmax_scale, causal, diag_offset,
+                                     config=dataclasses.replace(config, expand_kv=False))
+    B, T_k, H_kv, D = k.shape
+    return dq, dk_x.view(B, T_k, H_kv, group, D).sum(3), dv_x.view(B, T_k, H_kv, group, D).sum(3)

@@ -365,7 +365,9 @@ class FusedBwdConfig:
     fields unused); with ``rows`` too, bwd_gluon_rows.py's kernel (scores held by query row,
     BLOCK_M 64 or 128, always the bulk reduction; ``dq_early`` unused; ``dq_rows`` splits each
     step's dQ between the warpgroups by rows, not columns, BLOCK_M = 128 only; ``s_ahead`` issues
-    each step's S = q·kᵀ at the end of the step before, behind its dQ)."""
+    each step's S = q·kᵀ at the end of the step before, behind its dQ). ``expand_kv``: with
+    GQA, K and V are repeated to every query head first and the kernel runs as for MHA, and dK
+    and dV are summed over each group of query heads after (bwd_fused.py)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -379,6 +381,7 @@ class FusedBwdConfig:
     rows: bool = False
     dq_rows: bool = False
     s_ahead: bool = False
+    expand_kv: bool = False
 
 
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
@@ -414,9 +417,11 @@ FUSED_BWD_MIN_SEQLEN = {False: 2048, True: 16384}  # by causal
 # D = 64: 0.83-0.98x full, 0.85-1.04x causal, behind the Triton one-pass kernel wherever that one
 # runs (full 32 x 128 tiles 1.05-1.10x from 2048 on, causal 64 x 64 tiles 1.02 / 1.06x at 8192 /
 # 16384): no D = 64 entry for bwd_gluon.py's kernel.
-# Only for MHA: with GQA 32 / 4 (causal, T = 8192, benchmarks' beyond suite) the entry made
-# forward + backward slower, 9.72 ms against 8.97 with the two-pass backward (15753bf against
-# c765adf; one program walks all 8 query heads of its KV head, 512 programs of unequal work).
+# GQA: with the kernel's own GQA (one program walks all 8 query heads of its KV head, 512
+# programs of unequal work) the entry made forward + backward slower at 32 / 4 heads (causal, T =
+# 8192, benchmarks' beyond suite), 9.72 ms against 8.97 with the two-pass backward (15753bf
+# against c765adf). So GQA runs it over K and V repeated to the query heads (expand_kv,
+# bwd_fused.py), measured in benchmarks/LOG.md v1.26.
 # bwd_gluon_rows.py's kernel (``rows``; 3d4519f's run, results/2026-12-03_nvidia-h200_sweep-bwd-
 # fused-gluon-rows.json, every causal kernel there with split_mask), same measure: D = 128 full,
 # 64-row steps, 2 slots: 1.13 / 1.17 / 1.13 / 1.22 / 1.23x (544 TFLOP/s at 16384; bwd_gluon.py's
@@ -478,9 +483,10 @@ def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, int
         return FusedBwdConfig(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, dq_t=True)
     if dtype not in (torch.float16, torch.bfloat16):
         return None
-    entry = GLUON_FUSED_BWD.get((head_dim, bool(causal))) if gluon and group == 1 else None
+    entry = GLUON_FUSED_BWD.get((head_dim, bool(causal))) if gluon else None
     if entry is not None and not 0 < seqlen < entry[0]:
-        return entry[1]
+        # GQA runs the same kernel over K and V repeated to the query heads (expand_kv).
+        return entry[1] if group == 1 else dataclasses.replace(entry[1], expand_kv=True)
     if head_dim != 64:
         return None
     if 0 < seqlen < FUSED_BWD_MIN_SEQLEN[bool(causal)]:

@@ -1,0 +1,118 @@
+"""Time named backward configs against each other in alternated rounds, on fresh inputs each round.
+
+    PYTHONPATH=src python3 benchmarks/ab_bwd.py --D 128 --causal yes --T 8192 --H 32 --Hkv 4 \
+        --configs table twopass gqa=fused:64,128,4,2:tma_reduce,gluon,rows,expand_kv --rounds 3
+
+ab_fwd.py's method for the backward alone (the forward's out and lse computed once a round):
+``table`` is what the dispatch runs for a non-deterministic backward (flash-attn's default),
+``twopass`` bwd_tma.py's two-pass backward with its table config, ``NAME=fused:M,N,WARPS,STAGES:
+FLAG,...`` bwd_fused.py's one-pass backward with a FusedBwdConfig (flags: its boolean fields).
+Shapes: B = 16384 // T tokens, --H query heads over --Hkv KV heads (default: MHA, the paper
+grid's H = 2048 // D). Each config is checked once against the two-pass backward (dq, dk, dv
+within 2 bf16 ulps of their largest value). Prints ms per round and the median; JSON with a
+machine header (--out).
+"""
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from ioattn.bench.machine import header  # noqa: E402
+from ioattn.flash.bwd_fused import flash_bwd_fused  # noqa: E402
+from ioattn.flash.bwd_tma import flash_bwd_tma  # noqa: E402
+from ioattn.flash.config import FusedBwdConfig  # noqa: E402
+from ioattn.flash.dispatch import kernels_for  # noqa: E402
+
+
+def parse(spec: str):
+    """``table``, ``twopass`` or ``NAME=fused:M,N,W,S:FLAGS`` → (name, backward(dout, q, k, v, out, lse, scale, causal))."""
+    if spec == "table":
+        bwd = kernels_for(torch.device("cuda"))[1]
+        return spec, lambda *a: bwd(*a, 0, deterministic=False)
+    if spec == "twopass":
+        return spec, lambda *a: flash_bwd_tma(*a, 0)
+    name, _, body = spec.partition("=")
+    kind, tiles, *flags = body.split(":")
+    if kind != "fused":
+        raise SystemExit(f"unknown config {spec!r}")
+    flags = [f for f in (flags[0].split(",") if flags else []) if f]
+    cfg = FusedBwdConfig(*map(int, tiles.split(",")), **{f: True for f in flags})
+    return name, lambda *a: flash_bwd_fused(*a, 0, config=cfg)
+
+
+def disagreement(got, want) -> str:
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        tol = 2.0**-7 * max(1.0, w.float().abs().max().item())
+        d = (g.float() - w.float()).abs().max().item()
+        if not d <= tol:
+            return f"{name} differs by {d:.3e} (tolerance {tol:.1e})"
+    return ""
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--D", type=int, nargs="+", default=[128])
+    p.add_argument("--T", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--H", type=int, default=0, help="query heads (0: 2048 // D)")
+    p.add_argument("--Hkv", type=int, default=0, help="KV heads (0: as many as query heads)")
+    p.add_argument("--causal", default="yes", choices=("both", "yes", "no"))
+    p.add_argument("--configs", nargs="+", default=["table"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    configs = [parse(s) for s in args.configs]
+    fwd = kernels_for(torch.device("cuda"))[0]
+    rows = []
+    for D in args.D:
+        H = args.H or 2048 // D
+        H_kv = args.Hkv or H
+        for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
+            for T in args.T:
+                B = max(1, 16384 // T)
+                times = {name: [] for name, _ in configs}
+                bad = set()
+                for r in range(args.rounds):
+                    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+                    k, v = (torch.randn(B, T, H_kv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+                    dout = torch.randn_like(q)
+                    out, lse = fwd(q, k, v, D**-0.5, causal, 0)
+                    inputs = (dout, q, k, v, out, lse, D**-0.5, causal)
+                    want = flash_bwd_tma(*inputs, 0) if r == 0 else None
+                    for name, bwd in configs:
+                        if name in bad:
+                            continue
+                        try:
+                            if want is not None:
+                                why = disagreement(bwd(*inputs), want)
+                                if why:
+                                    raise ValueError(why)
+                            ms = triton.testing.do_bench(lambda: bwd(*inputs), warmup=25, rep=100,
+                                                         return_mode="median")
+                        except Exception as e:  # reported, not fatal: the other configs still run
+                            print(f"D={D} causal={causal} T={T} {name}: {type(e).__name__}: "
+                                  f"{str(e).strip()[:160]}", flush=True)
+                            bad.add(name)
+                            continue
+                        times[name].append(ms)
+                for name, ms in times.items():
+                    if ms:
+                        med = statistics.median(ms)
+                        print(f"D={D} H={H}/{H_kv} causal={causal!s:<5} T={T:<5} {name:<10} "
+                              + " / ".join(f"{x:.3f}" for x in ms) + f"  median {med:.3f} ms", flush=True)
+                        rows.append(dict(D=D, H=H, H_kv=H_kv, causal=causal, T=T, B=B, config=name, ms=ms,
+                                         median_ms=med))
+    if args.out:
+        with open(args.out, "w") as f:
+            meta = dict(header("cuda", []), command=shlex.join(["python3", *sys.argv]), configs=args.configs)
+            json.dump(dict(meta, rows=rows), f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
