@@ -13,18 +13,15 @@ within 2 bf16 ulps of their largest value). Prints ms per round and the median; 
 machine header (--out).
 """
 import argparse
-import json
 import os
-import shlex
-import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 
-from ioattn.bench.machine import header  # noqa: E402
+from ab_fwd import alternate, write  # noqa: E402
 from ioattn.flash.bwd_fused import flash_bwd_fused  # noqa: E402
 from ioattn.flash.bwd_tma import flash_bwd_tma  # noqa: E402
 from ioattn.flash.config import FusedBwdConfig  # noqa: E402
@@ -76,42 +73,20 @@ def main(argv=None):
         for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
             for T in args.T:
                 B = max(1, 16384 // T)
-                times = {name: [] for name, _ in configs}
-                bad = set()
-                for r in range(args.rounds):
+
+                def inputs():
                     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
                     k, v = (torch.randn(B, T, H_kv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-                    dout = torch.randn_like(q)
                     out, lse = fwd(q, k, v, D**-0.5, causal, 0)
-                    inputs = (dout, q, k, v, out, lse, D**-0.5, causal)
-                    want = flash_bwd_tma(*inputs, 0) if r == 0 else None
-                    for name, bwd in configs:
-                        if name in bad:
-                            continue
-                        try:
-                            if want is not None:
-                                why = disagreement(bwd(*inputs), want)
-                                if why:
-                                    raise ValueError(why)
-                            ms = triton.testing.do_bench(lambda: bwd(*inputs), warmup=25, rep=100,
-                                                         return_mode="median")
-                        except Exception as e:  # reported, not fatal: the other configs still run
-                            print(f"D={D} causal={causal} T={T} {name}: {type(e).__name__}: "
-                                  f"{str(e).strip()[:160]}", flush=True)
-                            bad.add(name)
-                            continue
-                        times[name].append(ms)
-                for name, ms in times.items():
-                    if ms:
-                        med = statistics.median(ms)
-                        print(f"D={D} H={H}/{H_kv} causal={causal!s:<5} T={T:<5} {name:<10} "
-                              + " / ".join(f"{x:.3f}" for x in ms) + f"  median {med:.3f} ms", flush=True)
-                        rows.append(dict(D=D, H=H, H_kv=H_kv, causal=causal, T=T, B=B, config=name, ms=ms,
-                                         median_ms=med))
+                    return torch.randn_like(q), q, k, v, out, lse, D**-0.5, causal
+
+                def reference(*a):
+                    return flash_bwd_tma(*a, 0)
+
+                rows += alternate(f"D={D} H={H}/{H_kv} causal={causal!s:<5} T={T:<5}", configs, args.rounds, inputs,
+                                  reference, disagreement, dict(D=D, H=H, H_kv=H_kv, causal=causal, T=T, B=B))
     if args.out:
-        with open(args.out, "w") as f:
-            meta = dict(header("cuda", []), command=shlex.join(["python3", *sys.argv]), configs=args.configs)
-            json.dump(dict(meta, rows=rows), f, indent=1, default=str)
+        write(args.out, rows, args.configs)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from ioattn.bench.machine import header  # noqa: E402
 from ioattn.flash.config import TmaFwdConfig  # noqa: E402
 from ioattn.flash.dispatch import kernels_for  # noqa: E402
 from ioattn.flash.fwd import flash_fwd_triton  # noqa: E402
-from ioattn.flash.fwd_tma import flash_fwd_tma  # noqa: E402
 from sweep_fwd_tma import Gluon, disagreement, launcher  # noqa: E402
 
 
@@ -48,6 +47,47 @@ def parse(spec: str):
     return name, lambda q, k, v, s, causal: run(q, k, v, s, causal, 0, config=cfg)
 
 
+def alternate(label: str, configs, rounds: int, make_inputs, reference, check, meta: dict) -> list:
+    """Time every ``(name, fn)`` of ``configs`` on the inputs of each round in turn (``fn(*inputs)``;
+    ``make_inputs()`` draws new ones a round), after checking each against ``reference(*inputs)``
+    with ``check(got, want)`` (a reason, or "") in the first round; a config that fails or
+    disagrees is reported and dropped. Prints ms per round and the median after ``label``;
+    returns one row per config (``meta`` plus its times)."""
+    times = {name: [] for name, _ in configs}
+    bad = set()
+    for r in range(rounds):
+        inputs = make_inputs()
+        want = reference(*inputs) if r == 0 else None
+        for name, fn in configs:
+            if name in bad:
+                continue
+            try:
+                if want is not None:
+                    why = check(fn(*inputs), want)
+                    if why:
+                        raise ValueError(why)
+                ms = triton.testing.do_bench(lambda: fn(*inputs), warmup=25, rep=100, return_mode="median")
+            except Exception as e:  # reported, not fatal: the other configs still run
+                print(f"{label} {name}: {type(e).__name__}: {str(e).strip()[:160]}", flush=True)
+                bad.add(name)
+                continue
+            times[name].append(ms)
+    rows = []
+    for name, ms in times.items():
+        if ms:
+            med = statistics.median(ms)
+            print(f"{label} {name:<14} " + " / ".join(f"{x:.3f}" for x in ms) + f"  median {med:.3f} ms", flush=True)
+            rows.append(dict(meta, config=name, ms=ms, median_ms=med))
+    return rows
+
+
+def write(path, rows, configs):
+    """The rows as JSON with a machine header and the command line."""
+    with open(path, "w") as f:
+        meta = dict(header("cuda", []), command=shlex.join(["python3", *sys.argv]), configs=configs)
+        json.dump(dict(meta, rows=rows), f, indent=1, default=str)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--D", type=int, nargs="+", default=[128])
@@ -63,38 +103,18 @@ def main(argv=None):
         for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
             for T in args.T:
                 B, H = 16384 // T, 2048 // D
-                times = {name: [] for name, _ in configs}
-                bad = set()
-                for r in range(args.rounds):
-                    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-                    want = flash_fwd_triton(q, k, v, D**-0.5, causal, 0) if r == 0 else None
-                    for name, fwd in configs:
-                        if name in bad:
-                            continue
-                        try:
-                            if want is not None:
-                                why = disagreement(fwd(q, k, v, D**-0.5, causal), want)
-                                if why:
-                                    raise ValueError(why)
-                            ms = triton.testing.do_bench(lambda: fwd(q, k, v, D**-0.5, causal), warmup=25, rep=100,
-                                                         return_mode="median")
-                        except Exception as e:  # reported, not fatal: the other configs still run
-                            print(f"D={D} causal={causal} T={T} {name}: {type(e).__name__}: "
-                                  f"{str(e).strip()[:160]}", flush=True)
-                            bad.add(name)
-                            continue
-                        times[name].append(ms)
-                for name, ms in times.items():
-                    if ms:
-                        med = statistics.median(ms)
-                        print(f"D={D} causal={causal!s:<5} T={T:<5} {name:<14} " + " / ".join(f"{x:.3f}" for x in ms)
-                              + f"  median {med:.3f} ms", flush=True)
-                        rows.append(dict(D=D, causal=causal, T=T, config=name, ms=ms, median_ms=med))
+
+                def inputs():
+                    return (*(torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)),
+                            D**-0.5, causal)
+
+                def reference(q, k, v, scale, causal):
+                    return flash_fwd_triton(q, k, v, scale, causal, 0)
+
+                rows += alternate(f"D={D} causal={causal!s:<5} T={T:<5}", configs, args.rounds, inputs, reference,
+                                  disagreement, dict(D=D, causal=causal, T=T))
     if args.out:
-        with open(args.out, "w") as f:
-            meta = dict(header("cuda", []), command=shlex.join(["python3", *sys.argv]),
-                        configs=args.configs)
-            json.dump(dict(meta, rows=rows), f, indent=1, default=str)
+        write(args.out, rows, args.configs)
 
 
 if __name__ == "__main__":
