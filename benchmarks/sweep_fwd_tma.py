@@ -95,6 +95,8 @@ GLUON_CANDIDATES = {
           (128, 128, 4, 2, False, True, True, False, 0, 2, False, True),
           (128, 128, 4, 2, False, True, False, False, 0, 2, False, True),
           (128, 128, 4, 2, False, True, True, True, 0, 2, False, True)],
+    # D = 256: the ping-pong kernel at 64-key blocks, with turns and without (config.py's GLUON_FWD_256).
+    256: [(128, 64, 4, 2, False, True), (128, 64, 4, 2, False, True, False)]
 }
 
 

@@ -189,6 +189,32 @@ def test_persistent_programs():
     assert [fwd_persistent.persistent_programs(q, n, True) for n in (1, 2, 3, 7, 8, 9)] == [1, 1, 2, 4, 4, 4]
 
 
+# D = 256: the ping-pong kernel at 64-key blocks, with and without turns (config.py's GLUON_FWD_256).
+KERNELS_256 = {"pingpong-256": TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, pingpong=True),
+               "free-256": TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, pingpong=True,
+                                        turns=False)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", list(KERNELS_256))
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("case", [(1, 1, 1, 2, 2, 256, True, None), (2, 333, 333, 4, 4, 256, False, None),
+                                  (2, 777, 900, 8, 2, 256, True, None), (1, 1000, 1100, 4, 1, 256, True, -300),
+                                  (1, 1100, 300, 4, 2, 256, True, None), (3, 2000, 2000, 8, 8, 256, False, None)],
+                         ids=case_id)
+def test_fwd_gluon_gpu_256(case, dtype, kernel):
+    check_fwd(*case, DTYPES[dtype], fwd=gluon_fwd, config=KERNELS_256[kernel])
+
+
+def test_pingpong_256_config_checked():
+    # D = 256 fits 64-key blocks only, and not the persistent form's O buffers.
+    q = torch.empty(1, 128, 2, 256, dtype=torch.bfloat16)
+    for bad in (dict(BLOCK_N=128), dict(persistent=True)):
+        cfg = dataclasses.replace(KERNELS_256["pingpong-256"], **bad)
+        with pytest.raises(ValueError, match="64 and not persistent at D = 256"):
+            fwd_pingpong.flash_fwd_pingpong(q, q, q, 0.1, False, 0, config=cfg)
+
+
 # Three warpgroups of 64 rows sharing each K/V tile (D = 64 only), with and without turns.
 KERNELS_WG3 = {
     "pingpong-wg3": TmaFwdConfig(BLOCK_M=192, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True, warpgroups=3),
@@ -381,7 +407,11 @@ def test_gluon_config_table():
                                                                                           turns=False)
     assert get_gluon_fwd_config(64, torch.bfloat16, False, 1023) is None
     assert get_gluon_fwd_config(64, torch.bfloat16, True, 2047) is None
-    assert get_gluon_fwd_config(256, torch.bfloat16, True, 1024) is None
+    for T in (0, 1024, 131072):
+        for causal in (False, True):
+            assert get_gluon_fwd_config(256, torch.bfloat16, causal, T) == TmaFwdConfig(
+                BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, pingpong=True, turns=not causal)
+    assert get_gluon_fwd_config(256, torch.float32, True, 1024) is None
     assert get_gluon_fwd_config(128, torch.float32, True, 1024) is None
 
 
@@ -427,10 +457,12 @@ def test_dispatch_picks_gluon_where_the_table_says(monkeypatch):
     monkeypatch.setenv("IOATTN_GLUON", "0")
     ioattn.flash_attn_func(q, k, v, causal=True)
     monkeypatch.delenv("IOATTN_GLUON")
-    # Not at D = 64, not with a feature on.
+    # Not at D = 64 this short, not with a feature on; at D = 256 the ping-pong kernel.
     ioattn.flash_attn_func(*make_qkv(1, 33, 40, 2, 1, 64, device=DEVICE), causal=True)
     ioattn.flash_attn_func(q, k, v, causal=True, softcap=5.0)
     assert len(calls) == 1
+    ioattn.flash_attn_func(*make_qkv(1, 33, 40, 2, 1, 256, device=DEVICE))
+    assert len(calls) == 2 and calls[1][:2] == (256, False) and calls[1][2].BLOCK_N == 64
 
 
 @pytest.mark.gpu

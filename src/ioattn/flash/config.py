@@ -256,6 +256,15 @@ GLUON_FWD_64: dict = {False: ((1024, dataclasses.replace(_PERSISTENT_64, turns=F
                       True: ((2048, _PERSISTENT_64), (8192, _WG3))}
 
 
+# D = 256: the ping-pong kernel with 64-key blocks (its O takes 128 registers a thread, so S of
+# 128 keys would not fit the warpgroup's 240; ptxas: no spills, 197 KB of shared memory, too
+# much for the persistent form's O buffers). Against the Triton TMA kernel it replaces
+# (128 x 64, 8 warps): benchmarks/LOG.md v1.26 (not yet measured at this commit).
+GLUON_FWD_256: dict = {False: TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, pingpong=True),
+                       True: TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, pingpong=True,
+                                          turns=False)}
+
+
 def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int) -> TmaFwdConfig | None:
     """The Gluon forward's config where it beats the Triton TMA kernel (see above), else None.
     ``seqlen``: the longer of Tq and Tk (0: unknown, treated as long)."""
@@ -267,6 +276,8 @@ def get_gluon_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, seqlen
             if seqlen == 0 or seqlen >= shortest:
                 chosen = config
         return chosen
+    if head_dim == 256:
+        return GLUON_FWD_256[bool(causal)]
     if head_dim != 128:
         return None
     longest = GLUON_PERSISTENT_CAUSAL_MAX_SEQLEN if causal else GLUON_PERSISTENT_MAX_SEQLEN

@@ -31,9 +31,9 @@ with three it has two (FlashAttention-3's layout at D = 64). The workers get 160
 (the default partition what is left), which holds 128-key blocks only with ``P_EARLY`` (P cast
 to 16 bits right after its softmax; fwd_gluon_loop.py's ``_ws_consumer``).
 
-Contract: fwd_gluon.py's (fp16/bf16, D 64/128, TMA-aligned, every feature off; 4D descriptors
-per (batch, head), rows past T read as zeros and stores past Tq dropped). GPU only; tests in
-tests/flash/test_fwd_gluon.py.
+Contract: fwd_gluon.py's (fp16/bf16, D 64/128, and here 256 too with 64-key blocks; TMA-aligned,
+every feature off; 4D descriptors per (batch, head), rows past T read as zeros and stores past Tq
+dropped). GPU only; tests in tests/flash/test_fwd_gluon.py.
 """
 import torch
 
@@ -168,11 +168,15 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
     ``half_last`` runs a last key block that a warpgroup's rows see only half of at half width."""
     wgs = config.warpgroups
     if (wgs not in (2, 3) or config.BLOCK_M != 64 * wgs or config.num_warps != 4 or config.BLOCK_N not in (64, 128)
-            or (wgs == 3 and (config.persistent or q.shape[-1] > 64))):
+            or (wgs == 3 and (config.persistent or q.shape[-1] > 64))
+            or (q.shape[-1] > 128 and (config.persistent or config.BLOCK_N > 64))):
         # Warpgroups of 4 warps and 64 rows (a wgmma's M dimension per warpgroup); three fit
-        # their registers at D = 64 only (COMPUTE_REGS_3), and the persistent form has two.
+        # their registers at D = 64 only (COMPUTE_REGS_3), and the persistent form has two. At
+        # D = 256 O takes 128 registers a thread: 64-key blocks only, and no room in shared
+        # memory for the persistent form's O buffers.
         raise ValueError(f"config: the ping-pong kernel takes warpgroups = 2 or 3 (3: D <= 64, not persistent), "
-                         f"BLOCK_M = 64 * warpgroups, num_warps = 4 and BLOCK_N in (64, 128), got {config}")
+                         f"BLOCK_M = 64 * warpgroups, num_warps = 4 and BLOCK_N in (64, 128) (64 and not "
+                         f"persistent at D = 256), got {config}")
     if config.half_last and config.BLOCK_N != 128:
         # Half of a 128-key block: 64 keys, the width the tests and the sweeps ran.
         raise ValueError(f"config: half_last needs BLOCK_N = 128, got {config}")
