@@ -258,8 +258,12 @@ GLUON_FWD_64: dict = {False: ((1024, dataclasses.replace(_PERSISTENT_64, turns=F
 
 # D = 256: the ping-pong kernel with 64-key blocks (its O takes 128 registers a thread, so S of
 # 128 keys would not fit the warpgroup's 240; ptxas: no spills, 197 KB of shared memory, too
-# much for the persistent form's O buffers). Against the Triton TMA kernel it replaces
-# (128 x 64, 8 warps): benchmarks/LOG.md v1.26 (not yet measured at this commit).
+# much for the persistent form's O buffers). Against the Triton TMA kernel it replaces (128 x 64,
+# 8 warps), three rounds at a4f93b4 (results/2026-12-04_nvidia-h200_ab-fwd-256-a4f93b4.json; B = 16384
+# // T, H = 8), medians in ms at T = 2048 / 8192: full, with turns 0.443 / 1.657, without 0.437 /
+# 1.636, Triton 0.581 / 2.144; causal, with turns 0.266 / 0.910, without 0.270 / 0.915, Triton
+# 0.352 / 1.143. Turns or not within the rounds' spread (up to 3%): the entries keep D = 128's
+# choice of before v1.26 (turns for full attention).
 GLUON_FWD_256: dict = {False: TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, pingpong=True),
                        True: TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, pingpong=True,
                                           turns=False)}
