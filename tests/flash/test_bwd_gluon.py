@@ -248,6 +248,10 @@ def test_fused_config_table_gluon_entries(monkeypatch):
                     assert gqa is None if D == 128 else not gqa.gluon
                 else:
                     assert gqa == dataclasses.replace(entry[1], expand_kv=True)
+                    # Not below GQA_EXPAND_MIN_SEQLEN.
+                    short = get_fused_bwd_config(D, torch.bfloat16, causal, interpret=False, gluon=True, group=8,
+                                                 seqlen=max(entry[0], config.GQA_EXPAND_MIN_SEQLEN) - 1)
+                    assert short is None or not short.gluon
 
 
 def test_fused_gluon_rejects_what_it_cannot_run():
@@ -309,9 +313,9 @@ def test_bwd_fused_gluon_gpu_dkdv_deterministic(causal, rows, fused_calls):
 
 @pytest.mark.gpu
 def test_flash_attn_func_takes_the_gluon_one_pass_where_the_table_says(monkeypatch, fused_calls):
-    # flash_attn_func's default backward (deterministic=False) at a length a table entry covers;
-    # deterministic=True keeps the two-pass one, and so does GQA (the entries are MHA's). All pass
-    # the accuracy rule.
+    # flash_attn_func's default backward (deterministic=False) at a length a table entry covers,
+    # GQA's too (over K and V repeated to the query heads); deterministic=True keeps the two-pass
+    # one. All pass the accuracy rule.
     from ioattn import flash_attn_func
     from ioattn.flash import config
     from ioattn.flash.reference import attention_ref
@@ -319,7 +323,7 @@ def test_flash_attn_func_takes_the_gluon_one_pass_where_the_table_says(monkeypat
 
     monkeypatch.setattr(config, "GLUON_FUSED_BWD",
                         {(128, True): (2048, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True))})
-    for h_kv, calls in ((4, [1, 1]), (2, [1, 1])):
+    for h_kv, calls in ((4, [1, 1]), (2, [2, 2])):
         q, k, v = make_qkv(1, 4096, 4096, 4, h_kv, 128, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
         dout = torch.randn_like(q)
         ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -329,7 +333,7 @@ def test_flash_attn_func_takes_the_gluon_one_pass_where_the_table_says(monkeypat
         for deterministic, n in zip((False, True), calls):
             grads = torch.autograd.grad(flash_attn_func(q, k, v, causal=True, deterministic=deterministic),
                                         (q, k, v), dout)
-            # MHA's first call takes it; neither the deterministic call nor GQA's calls add one.
+            # The first call of each (MHA, then GQA) takes it; the deterministic calls add none.
             assert len(fused_calls) == n
             for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
                 assert_close(name, g, r, b, factor=3)

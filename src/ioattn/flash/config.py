@@ -436,7 +436,11 @@ FUSED_BWD_MIN_SEQLEN = {False: 2048, True: 16384}  # by causal
 # programs of unequal work) the entry made forward + backward slower at 32 / 4 heads (causal, T =
 # 8192, benchmarks' beyond suite), 9.72 ms against 8.97 with the two-pass backward (15753bf
 # against c765adf). So GQA runs it over K and V repeated to the query heads (expand_kv,
-# bwd_fused.py), measured in benchmarks/LOG.md v1.26.
+# bwd_fused.py), from this many keys / queries: measured in benchmarks/LOG.md v1.26 (results/
+# 2026-12-04_nvidia-h200_ab-bwd-gqa-expand-2c6fb52.json), 6-19% faster than the two-pass backward at
+# T = 2048 and 8192 (32 / 4 heads, D = 64 and 128, full and causal), level at 1024 (1.224 against
+# 1.239 ms at 32 / 4, 0.712 against 0.686 at 16 / 2).
+GQA_EXPAND_MIN_SEQLEN = 2048
 # bwd_gluon_rows.py's kernel (``rows``; 3d4519f's run, results/2026-12-03_nvidia-h200_sweep-bwd-
 # fused-gluon-rows.json, every causal kernel there with split_mask), same measure: D = 128 full,
 # 64-row steps, 2 slots: 1.13 / 1.17 / 1.13 / 1.22 / 1.23x (544 TFLOP/s at 16384; bwd_gluon.py's
@@ -499,7 +503,8 @@ def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, int
     if dtype not in (torch.float16, torch.bfloat16):
         return None
     entry = GLUON_FUSED_BWD.get((head_dim, bool(causal))) if gluon else None
-    if entry is not None and not 0 < seqlen < entry[0]:
+    shortest = entry and (entry[0] if group == 1 else max(entry[0], GQA_EXPAND_MIN_SEQLEN))
+    if entry is not None and not 0 < seqlen < shortest:
         # GQA runs the same kernel over K and V repeated to the query heads (expand_kv).
         return entry[1] if group == 1 else dataclasses.replace(entry[1], expand_kv=True)
     if head_dim != 64:
