@@ -29,7 +29,8 @@ from ioattn.flash.dispatch import kernels_for  # noqa: E402
 
 
 def parse(spec: str):
-    """``table``, ``twopass`` or ``NAME=fused:M,N,W,S:FLAGS`` → (name, backward(dout, q, k, v, out, lse, scale, causal))."""
+    """``table``, ``twopass`` or ``NAME=fused:M,N,W,S:FLAGS`` → (name, backward(dout, q, k, v, out,
+    lse, scale, causal))."""
     if spec == "table":
         bwd = kernels_for(torch.device("cuda"))[1]
         return spec, lambda *a: bwd(*a, 0, deterministic=False)

@@ -98,8 +98,8 @@ if HAS_GLUON:
 
     @gluon.jit
     def _persistent_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                           k_empty, v_empty, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                           NUM_STAGES: gl.constexpr):
+                           k_empty, v_empty, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi, HAS_RIGHT: gl.constexpr,
+                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """Loader warp: per tile, both Q slots once their warpgroups released them, then the
         tile's key blocks through the ring (fwd_gluon_loop.py's loader, counting on from earlier tiles)."""
         c = 0
@@ -120,9 +120,10 @@ if HAS_GLUON:
 
     @gluon.jit
     def _persistent_consumer(q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                             turn, desc_o, LSE, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi, qk_scale, WG: gl.constexpr, HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr,
-                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                             NUM_STAGES: gl.constexpr, HALF_LAST: gl.constexpr):
+                             turn, desc_o, LSE, n_tiles, n_m, H, GROUP, T_q, T_k, diag_hi, qk_scale, WG: gl.constexpr,
+                             HAS_RIGHT: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_M: gl.constexpr,
+                             BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                             HALF_LAST: gl.constexpr):
         """Warpgroup ``WG``: per tile, rows ``[tile_m + WG * BLOCK_M, + BLOCK_M)`` through
         fwd_gluon_loop.py's loop (its barriers' phases carried from tile to tile), Q's slot released as
         soon as the loop is done, then the epilogue through this warpgroup's O buffer."""
