@@ -12,7 +12,6 @@ grid's H = 2048 // D). Each config is checked once against the two-pass backward
 within 2 bf16 ulps of their largest value). Prints ms per round and the median; JSON with a
 machine header (--out).
 """
-import argparse
 import os
 import sys
 
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from ab_fwd import alternate, write  # noqa: E402
+from ab_fwd import CAUSAL, alternate, parser, write  # noqa: E402
 from ioattn.flash.bwd_fused import flash_bwd_fused  # noqa: E402
 from ioattn.flash.bwd_tma import flash_bwd_tma  # noqa: E402
 from ioattn.flash.config import FusedBwdConfig  # noqa: E402
@@ -55,15 +54,9 @@ def disagreement(got, want) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--D", type=int, nargs="+", default=[128])
-    p.add_argument("--T", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p = parser(__doc__)
     p.add_argument("--H", type=int, default=0, help="query heads (0: 2048 // D)")
     p.add_argument("--Hkv", type=int, default=0, help="KV heads (0: as many as query heads)")
-    p.add_argument("--causal", default="yes", choices=("both", "yes", "no"))
-    p.add_argument("--configs", nargs="+", default=["table"])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out")
     args = p.parse_args(argv)
     configs = [parse(s) for s in args.configs]
     fwd = kernels_for(torch.device("cuda"))[0]
@@ -71,7 +64,7 @@ def main(argv=None):
     for D in args.D:
         H = args.H or 2048 // D
         H_kv = args.Hkv or H
-        for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
+        for causal in CAUSAL[args.causal]:
             for T in args.T:
                 B = max(1, 16384 // T)
 

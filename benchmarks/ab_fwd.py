@@ -88,19 +88,28 @@ def write(path, rows, configs):
         json.dump(dict(meta, rows=rows), f, indent=1, default=str)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+# --causal's choices as the maskings they run.
+CAUSAL = {"both": (False, True), "yes": (True,), "no": (False,)}
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments both A/B scripts take (head dims, lengths, masking, configs, rounds, --out)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--D", type=int, nargs="+", default=[128])
     p.add_argument("--T", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--causal", default="yes", choices=("both", "yes", "no"))
+    p.add_argument("--causal", default="yes", choices=tuple(CAUSAL))
     p.add_argument("--configs", nargs="+", default=["table"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser(__doc__).parse_args(argv)
     configs = [parse(s) for s in args.configs]
     rows = []
     for D in args.D:
-        for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
+        for causal in CAUSAL[args.causal]:
             for T in args.T:
                 B, H = 16384 // T, 2048 // D
 

@@ -503,10 +503,13 @@ def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, int
     if dtype not in (torch.float16, torch.bfloat16):
         return None
     entry = GLUON_FUSED_BWD.get((head_dim, bool(causal))) if gluon else None
-    shortest = entry and (entry[0] if group == 1 else max(entry[0], GQA_EXPAND_MIN_SEQLEN))
-    if entry is not None and not 0 < seqlen < shortest:
-        # GQA runs the same kernel over K and V repeated to the query heads (expand_kv).
-        return entry[1] if group == 1 else dataclasses.replace(entry[1], expand_kv=True)
+    if entry is not None:
+        shortest, chosen = entry
+        if group > 1:
+            # GQA runs the same kernel over K and V repeated to the query heads (expand_kv).
+            shortest, chosen = max(shortest, GQA_EXPAND_MIN_SEQLEN), dataclasses.replace(chosen, expand_kv=True)
+        if not 0 < seqlen < shortest:
+            return chosen
     if head_dim != 64:
         return None
     if 0 < seqlen < FUSED_BWD_MIN_SEQLEN[bool(causal)]:
