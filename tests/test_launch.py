@@ -20,14 +20,14 @@ from ioattn.decode import append as decode_append
 from ioattn.decode import combine as decode_combine
 from ioattn.decode import kernel as decode_kernel
 from ioattn.decode import rotary_kernel as decode_rotary
-from ioattn.flash import (bwd, bwd_fused, bwd_gluon, bwd_preprocess, bwd_tma, dropout, fwd, fwd_gluon, fwd_pingpong,
-                          fwd_tma, ops, varlen_launch)
+from ioattn.flash import (bwd, bwd_dq_cast, bwd_fused, bwd_gluon, bwd_preprocess, bwd_tma, dropout, fwd, fwd_gluon,
+                          fwd_pingpong, fwd_tma, ops, varlen_launch)
 from ioattn.flash.config import (FusedBwdConfig, TmaFwdConfig, get_fused_bwd_config, get_gluon_fwd_config,
                                  get_tma_bwd_config, get_tma_fwd_config)
 from ioattn.testing import make_qkv
 
-LAUNCHERS = (fwd, bwd, bwd_preprocess, dropout, varlen_launch, fwd_tma, bwd_tma, fwd_gluon, fwd_pingpong, bwd_gluon,
-             decode_kernel, decode_combine, decode_append, decode_rotary)
+LAUNCHERS = (fwd, bwd, bwd_preprocess, bwd_dq_cast, dropout, varlen_launch, fwd_tma, bwd_tma, fwd_gluon, fwd_pingpong,
+             bwd_gluon, decode_kernel, decode_combine, decode_append, decode_rotary)
 _BACKEND = make_backend(GPUTarget("cuda", 90, 32))
 _JITS, _BINDERS = {}, {}
 

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 
+from ioattn.flash.bwd_dq_cast import BLOCK, dq_cast
 from ioattn.flash.bwd_fused import flash_bwd_fused
 from ioattn.flash.bwd_preprocess import bwd_preprocess
 from ioattn.flash.config import FusedBwdConfig, get_fused_bwd_config
@@ -62,6 +63,32 @@ def test_preprocess_zeroes_dq_acc():
     want = (out.float() * dout.float()).sum(-1).transpose(1, 2)
     torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-4)
     assert torch.all(dq_acc == 0)
+
+
+@pytest.mark.parametrize("n", [1, BLOCK - 3, 2 * BLOCK + 37])
+# bf16 on the GPU only: Triton's interpreter rounds fp32 to bf16 toward zero (the GPU to nearest).
+@pytest.mark.parametrize("dtype", ["fp16", pytest.param("bf16", marks=pytest.mark.gpu), "fp32"])
+def test_dq_cast(n, dtype):
+    # The last step of the one-pass backward: bit-equal to torch's fp32 product rounded to dq's
+    # dtype, a partial last block included; dq starts NaN, so an element left unwritten fails.
+    # Values spread over the range where bf16 and fp16 round differently, with a NaN and an inf.
+    torch.manual_seed(n)
+    dq_acc = torch.randn(n, device=DEVICE) * torch.logspace(-6, 4, n, device=DEVICE)
+    dq_acc[n // 2] = float("nan")
+    if n > 2:
+        dq_acc[1] = float("inf")
+    dq = torch.full((n,), float("nan"), dtype=DTYPES[dtype], device=DEVICE)
+    dq_cast(dq_acc, dq, 0.0883883)
+    want = torch.mul(dq_acc, 0.0883883).to(DTYPES[dtype])
+    assert torch.equal(dq.isnan(), want.isnan())
+    assert torch.equal(dq.nan_to_num(), want.nan_to_num())
+
+
+def test_dq_cast_rejects_mismatched_buffers():
+    with pytest.raises(ValueError, match="dq_acc, dq"):
+        dq_cast(torch.zeros(8, 4, device=DEVICE).t(), torch.empty(4, 8, device=DEVICE), 1.0)
+    with pytest.raises(ValueError, match="dq_acc, dq"):
+        dq_cast(torch.zeros(9, device=DEVICE), torch.empty(8, device=DEVICE), 1.0)
 
 
 def test_bwd_fused_empty_rows():

@@ -11,8 +11,8 @@ not bit-reproducible (flash-attn's ``deterministic=False``); dK and dV are, and
 ``deterministic=True`` keeps the two-pass kernels.
 
 Two more launches than the kernel itself: bwd_preprocess.py writes ``delta = rowsum(dO ∘ O)`` (the
-dQ pass computed it in the two-pass backward) and zeroes the fp32 buffer, and the buffer is scaled
-and cast into dq at the end. On short sequences that host time is a large share of the
+dQ pass computed it in the two-pass backward) and zeroes the fp32 buffer, and bwd_dq_cast.py
+scales and casts the buffer into dq at the end. On short sequences that host time is a large share of the
 call, which is why config.py chooses per sequence length.
 
 How dQ is added (``FusedBwdConfig.tma_reduce``): element-wise ``tl.atomic_add`` runs everywhere,
@@ -25,8 +25,9 @@ import dataclasses
 import torch
 
 from .. import _env
+from .._utils import empty
 from . import bwd_gluon, bwd_gluon_rows
-from .bwd import backward_buffers
+from .bwd_dq_cast import dq_cast
 from .bwd_preprocess import bwd_preprocess
 from .bwd_tma import dkdv_launch, hopper_bwd_inputs
 from .config import FusedBwdConfig
@@ -58,15 +59,25 @@ def flash_bwd_fused(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
         ``(dq, dk, dv)``, contiguous, with the shapes and dtypes of q, k, v.
     """
     dout, out, lse = hopper_bwd_inputs(dout, q, out, lse)
-    # Linear in T, like everything else: one fp32 copy of dq's shape.
-    dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    delta, dq, dk, dv = backward_buffers(q, k, v)
+    dq_acc, delta = _fp32_buffers(q)
+    dq, dk, dv = (empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     with device_guard(q):
         bwd_preprocess(out, dout, delta, q.shape[-1], dq_acc=dq_acc)
         fused_pass(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, config)
-    # The scale dK takes at the end in the kernel, dQ takes here, in the cast to q's dtype.
-    torch.mul(dq_acc, softmax_scale, out=dq)
+        # The scale dK takes at the end in the kernel, dQ takes here, in the cast to q's dtype.
+        dq_cast(dq_acc, dq, softmax_scale)
     return dq, dk, dv
+
+
+def _fp32_buffers(q):
+    """``(dq_acc, delta)``: the fp32 dQ buffer (q's shape, contiguous, at the allocation's start,
+    so as aligned as TMA needs) and delta ``[B, H, Tq]`` behind it, from one allocation: on
+    autograd's device thread each CUDA allocation cost ~10 µs of host time on the H200's host
+    (benchmarks/LOG.md v1.21), and short calls wait on that host. Linear in T: one fp32 copy of
+    dq's shape. Neither leaves the backward. Preprocess writes every element of both."""
+    B, T_q, H, _ = q.shape
+    work = empty((q.numel() + B * H * T_q,), dtype=torch.float32, device=q.device)
+    return work[:q.numel()].view(q.shape), work[q.numel():].view(B, H, T_q)
 
 
 def _expanded(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset, config, group: int):
