@@ -52,6 +52,43 @@ def test_bwd_fused_gqa_expanded(case):
               bwd=fused_vs_portable)
 
 
+@pytest.mark.parametrize("expand_kv", [False, True])
+def test_bwd_fused_expand_kv_reaches_the_kernel(monkeypatch, expand_kv):
+    # expand_kv runs the kernel over K, V and their gradients at the query heads' count (6 here),
+    # without it over the KV heads (2): the kernel's own GQA. Both pass the accuracy rule.
+    from ioattn.flash import bwd_fused
+
+    heads = []
+    real = bwd_fused.fused_pass
+
+    def spy(q, k, v, dout, lse, delta, dk, dv, *rest):
+        heads.append((k.shape[2], v.shape[2], dk.shape[2], dv.shape[2]))
+        return real(q, k, v, dout, lse, delta, dk, dv, *rest)
+
+    monkeypatch.setattr(bwd_fused, "fused_pass", spy)
+    dq, dk, dv = check_bwd(1, 40, 33, 6, 2, 32, True, None, torch.float16,
+                           config=dataclasses.replace(SMALL, dq_t=True, expand_kv=expand_kv), bwd=fused_vs_portable)
+    assert heads and set(heads) == {(6,) * 4 if expand_kv else (2,) * 4}
+    assert dk.shape[2] == dv.shape[2] == 2 and dq.shape[2] == 6
+    # The expanded gradients are not kept alive by dq: its storage holds dq alone.
+    if expand_kv:
+        assert dq.untyped_storage().nbytes() == dq.numel() * dq.element_size()
+
+
+def test_bwd_fused_grads_share_one_allocation():
+    # MHA: dq, dk, dv are views [0], [1], [2] of one allocation, each contiguous and 16-byte
+    # aligned; GQA's differ in shape and get their own.
+    q, k, v = make_qkv(2, 24, 24, 2, 2, 16, dtype=torch.float16, device=DEVICE)
+    out, lse = flash_fwd_triton(q, k, v, 0.25, True, 0)
+    dq, dk, dv = flash_bwd_fused(torch.randn_like(q), q, k, v, out, lse, 0.25, True, 0, config=SMALL)
+    assert dq.untyped_storage().data_ptr() == dk.untyped_storage().data_ptr() == dv.untyped_storage().data_ptr()
+    assert all(g.is_contiguous() and g.data_ptr() % 16 == 0 and g.shape == q.shape for g in (dq, dk, dv))
+    k1, v1 = k[:, :, :1].contiguous(), v[:, :, :1].contiguous()
+    out, lse = flash_fwd_triton(q, k1, v1, 0.25, True, 0)
+    dq, dk, dv = flash_bwd_fused(torch.randn_like(q), q, k1, v1, out, lse, 0.25, True, 0, config=SMALL)
+    assert dq.untyped_storage().data_ptr() != dk.untyped_storage().data_ptr() != dv.untyped_storage().data_ptr()
+
+
 def test_preprocess_zeroes_dq_acc():
     # The one-pass backward's dQ buffer is zeroed by the preprocess launch: NaN-filled here, so a
     # missed element stays NaN; delta beside it as without the buffer. D = 40 pads to 64 columns.
