@@ -241,16 +241,23 @@ def test_fused_config_table_gluon_entries(monkeypatch):
                     assert not get_fused_bwd_config(D, dtype, causal, interpret=True, seqlen=16384, gluon=True).gluon
                 assert get_fused_bwd_config(D, torch.float32, causal, interpret=False, seqlen=16384,
                                             gluon=True) is None
-                # GQA: the same entries over K and V repeated to the query heads.
+                # GQA: the same entries, over K and V repeated to the query heads where causal
+                # from GQA_EXPAND_CAUSAL_MIN_SEQLEN, with the kernel's own GQA below that and
+                # for full attention.
                 gqa = get_fused_bwd_config(D, torch.bfloat16, causal, interpret=False, seqlen=16384, gluon=True,
                                            group=8)
                 if entry is None:
                     assert gqa is None if D == 128 else not gqa.gluon
                 else:
-                    assert gqa == dataclasses.replace(entry[1], expand_kv=True)
-                    # Not below GQA_EXPAND_MIN_SEQLEN.
+                    assert gqa == dataclasses.replace(entry[1], expand_kv=causal)
+                    first = max(entry[0], config.GQA_MIN_SEQLEN)
+                    if first < config.GQA_EXPAND_CAUSAL_MIN_SEQLEN:
+                        own = get_fused_bwd_config(D, torch.bfloat16, causal, interpret=False, gluon=True, group=8,
+                                                   seqlen=first)
+                        assert own == dataclasses.replace(entry[1], expand_kv=False)
+                    # Not below GQA_MIN_SEQLEN.
                     short = get_fused_bwd_config(D, torch.bfloat16, causal, interpret=False, gluon=True, group=8,
-                                                 seqlen=max(entry[0], config.GQA_EXPAND_MIN_SEQLEN) - 1)
+                                                 seqlen=max(entry[0], config.GQA_MIN_SEQLEN) - 1)
                     assert short is None or not short.gluon
 
 
@@ -314,8 +321,8 @@ def test_bwd_fused_gluon_gpu_dkdv_deterministic(causal, rows, fused_calls):
 @pytest.mark.gpu
 def test_flash_attn_func_takes_the_gluon_one_pass_where_the_table_says(monkeypatch, fused_calls):
     # flash_attn_func's default backward (deterministic=False) at a length a table entry covers,
-    # GQA's too (over K and V repeated to the query heads); deterministic=True keeps the two-pass
-    # one. All pass the accuracy rule.
+    # GQA's too (T = 4096, causal: the kernel's own GQA; from 8192 over K and V repeated to the
+    # query heads); deterministic=True keeps the two-pass one. All pass the accuracy rule.
     from ioattn import flash_attn_func
     from ioattn.flash import config
     from ioattn.flash.reference import attention_ref

@@ -432,15 +432,20 @@ FUSED_BWD_MIN_SEQLEN = {False: 2048, True: 16384}  # by causal
 # D = 64: 0.83-0.98x full, 0.85-1.04x causal, behind the Triton one-pass kernel wherever that one
 # runs (full 32 x 128 tiles 1.05-1.10x from 2048 on, causal 64 x 64 tiles 1.02 / 1.06x at 8192 /
 # 16384): no D = 64 entry for bwd_gluon.py's kernel.
-# GQA: with the kernel's own GQA (one program walks all 8 query heads of its KV head, 512
-# programs of unequal work) the entry made forward + backward slower at 32 / 4 heads (causal, T =
-# 8192, benchmarks' beyond suite), 9.72 ms against 8.97 with the two-pass backward (15753bf
-# against c765adf). So GQA runs it over K and V repeated to the query heads (expand_kv,
-# bwd_fused.py), from this many keys / queries: measured in benchmarks/LOG.md v1.26 (results/
-# 2026-12-04_nvidia-h200_ab-bwd-gqa-expand-2c6fb52.json), 6-19% faster than the two-pass backward at
-# T = 2048 and 8192 (32 / 4 heads, D = 64 and 128, full and causal), level at 1024 (1.224 against
-# 1.239 ms at 32 / 4, 0.712 against 0.686 at 16 / 2).
-GQA_EXPAND_MIN_SEQLEN = 2048
+# GQA (benchmarks/LOG.md v1.27): the entries run with the kernel's own GQA (a program walks every
+# query head of its KV head: 512 programs at 32 / 4 heads on the paper grid's 16k tokens) from
+# GQA_MIN_SEQLEN keys / queries, and over K and V repeated to the query heads (expand_kv,
+# bwd_fused.py: 4096 programs, plus the repeats and the per-group sums) where causal from
+# GQA_EXPAND_CAUSAL_MIN_SEQLEN. Three rounds at 84b2391 (results/2026-12-04_nvidia-h200_ab-bwd-
+# gqa-{128,64}-84b2391.json, 32 / 4 heads, ms, own GQA / expanded / two-pass): D = 128 full
+# 1.524 / 1.973 / 1.774 at T = 1024, 2.785 / 3.231 / 3.391 at 2048, 10.399 / 10.894 / 12.840
+# at 8192; causal 1.204 / 1.429 / 1.267, 1.973 / 2.090 / 2.157, 6.299 / 6.020 / 7.298; D = 64
+# full 1.710 / 1.934 / 1.956 at 2048, 6.456 / 6.490 / 7.670 at 8192; causal 1.251 / 1.302 /
+# 1.464, 4.037 / 3.690 / 5.035. (v1.26's numbers for "expanded", 2c6fb52, were the kernel's
+# own GQA: expand_kv did not reach the kernel then.) Not below 2048: at 1024 the own GQA was
+# ahead at 32 / 4 above but behind at 16 / 2 heads in v1.26 (0.712 against 0.686 ms, causal).
+GQA_MIN_SEQLEN = 2048
+GQA_EXPAND_CAUSAL_MIN_SEQLEN = 8192
 # bwd_gluon_rows.py's kernel (``rows``; 3d4519f's run, results/2026-12-03_nvidia-h200_sweep-bwd-
 # fused-gluon-rows.json, every causal kernel there with split_mask), same measure: D = 128 full,
 # 64-row steps, 2 slots: 1.13 / 1.17 / 1.13 / 1.22 / 1.23x (544 TFLOP/s at 16384; bwd_gluon.py's
@@ -506,8 +511,10 @@ def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, int
     if entry is not None:
         shortest, chosen = entry
         if group > 1:
-            # GQA runs the same kernel over K and V repeated to the query heads (expand_kv).
-            shortest, chosen = max(shortest, GQA_EXPAND_MIN_SEQLEN), dataclasses.replace(chosen, expand_kv=True)
+            # GQA: the kernel's own, or over K and V repeated to the query heads (see above).
+            shortest = max(shortest, GQA_MIN_SEQLEN)
+            if causal and (seqlen == 0 or seqlen >= GQA_EXPAND_CAUSAL_MIN_SEQLEN):
+                chosen = dataclasses.replace(chosen, expand_kv=True)
         if not 0 < seqlen < shortest:
             return chosen
     if head_dim != 64:
