@@ -4,6 +4,8 @@
   set before triton compiles any @triton.jit function, hence here, before ioattn is imported.
 - Outputs are allocated NaN-poisoned (IOATTN_POISON=1) so a tile a kernel forgot to write fails.
 - `gpu`-marked tests run only where CUDA is available; `slow` ones only with IOATTN_SLOW=1.
+- launch.py's call sites verify themselves: a launch whose site key was seen is built again and
+  compared with the kept one, so a key that misses an argument fails the test that reaches it.
 """
 import os
 
@@ -31,6 +33,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and os.environ.get("IOATTN_SLOW") != "1":
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _verify_launch_sites():
+    from ioattn import launch
+    launch.VERIFY_SITES = True
+    yield
+    launch.VERIFY_SITES = False
 
 
 @pytest.fixture(autouse=True)

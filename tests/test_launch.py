@@ -20,14 +20,14 @@ from ioattn.decode import append as decode_append
 from ioattn.decode import combine as decode_combine
 from ioattn.decode import kernel as decode_kernel
 from ioattn.decode import rotary_kernel as decode_rotary
-from ioattn.flash import (bwd, bwd_dq_cast, bwd_fused, bwd_gluon, bwd_preprocess, bwd_tma, dropout, fwd, fwd_gluon,
-                          fwd_pingpong, fwd_tma, ops, varlen_launch)
+from ioattn.flash import (bwd, bwd_dq_cast, bwd_fused, bwd_gluon, bwd_gluon_rows, bwd_preprocess, bwd_tma, dropout,
+                          fwd, fwd_gluon, fwd_pingpong, fwd_tma, ops, varlen_launch)
 from ioattn.flash.config import (FusedBwdConfig, TmaFwdConfig, get_fused_bwd_config, get_gluon_fwd_config,
                                  get_tma_bwd_config, get_tma_fwd_config)
 from ioattn.testing import make_qkv
 
 LAUNCHERS = (fwd, bwd, bwd_preprocess, bwd_dq_cast, dropout, varlen_launch, fwd_tma, bwd_tma, fwd_gluon, fwd_pingpong,
-             bwd_gluon, decode_kernel, decode_combine, decode_append, decode_rotary)
+             bwd_gluon, bwd_gluon_rows, decode_kernel, decode_combine, decode_append, decode_rotary)
 _BACKEND = make_backend(GPUTarget("cuda", 90, 32))
 _JITS, _BINDERS = {}, {}
 
@@ -71,8 +71,17 @@ def recorded(monkeypatch):
         if calls_run["run"]:
             launch_mod.launch(kernel, grid, *args, **kwargs)
 
+    def record_site(key, build):
+        # launch_site's callers: the launch that build() describes, built on every call here.
+        kernel, grid, args, kwargs = build()
+        calls.append((kernel, args, kwargs))
+        if calls_run["run"]:
+            launch_mod.launch_site(key, lambda: (kernel, grid, args, kwargs))
+
     for module in LAUNCHERS:
-        monkeypatch.setattr(module, "launch", record)
+        for name, fn in (("launch", record), ("launch_site", record_site)):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, fn)
     return calls, calls_run
 
 
@@ -185,6 +194,13 @@ def test_key_refines_triton_specialization_gpu_configs(recorded):
                                  torch.empty_like(v), 0.1, causal, 0,
                                  dataclasses.replace(get_tma_bwd_config(D, q.dtype, causal, interpret=False),
                                                      gluon1=True))
+        if fwd_gluon.HAS_GLUON:
+            # The row-held Gluon backward with its table config (launched through launch_site).
+            rows = get_fused_bwd_config(D, q.dtype, causal, interpret=False, seqlen=0, gluon=True)
+            if rows is not None and rows.rows:
+                bwd_gluon_rows.fused_gluon_rows(q, k, v, torch.randn_like(q), lse, torch.empty(1, 4, T),
+                                                torch.empty_like(k), torch.empty_like(v), torch.zeros(q.shape), 0.1,
+                                                causal, 0, rows)
         # The one-pass backward: the GPU's config where it has one, both ways of adding dQ.
         fused = get_fused_bwd_config(D, q.dtype, causal, interpret=False, seqlen=0) or FusedBwdConfig(64, 128, 8, 2)
         for tma_reduce in (False, True):
@@ -283,10 +299,14 @@ def test_constexpr_bool_and_int_differ():
 
 @pytest.mark.gpu
 def test_cached_launches_match_triton_path(monkeypatch):
-    # Each call twice through the cache (the first fills it, the second must not reach
+    # Each call three times through the cache (the first fills launch.py's plans, the second its
+    # call sites' (launch_site), the third runs from those; neither of the last two may reach
     # JITFunction.run, with new dropout seeds too), then through Triton's path: the same bits.
-    # The Gluon and TMA forwards, the TMA backward, the portable kernels (a window; dropout with
-    # ALiBi), and decoding with splits.
+    # The Gluon and TMA forwards, the TMA backward, the one-pass backward (whose dq may differ
+    # in its last bits: atomics), the portable kernels (a window; dropout with ALiBi), and
+    # decoding with splits. Call sites run as in use here, not rebuilt and compared.
+    monkeypatch.setattr(launch_mod, "VERIFY_SITES", False)
+    monkeypatch.setattr(launch_mod, "_SITES", {})
     runs = []
     run = JITFunction.run
     monkeypatch.setattr(JITFunction, "run", lambda self, *a, **kw: runs.append(self) or run(self, *a, **kw))
@@ -296,10 +316,13 @@ def test_cached_launches_match_triton_path(monkeypatch):
     seqlens = torch.tensor([999, 500], dtype=torch.int32, device="cuda")
     slopes = torch.rand(4, device="cuda")
     cos, sin = (torch.rand(1000, 32, device="cuda").to(torch.bfloat16) for _ in range(2))
+    q2, k2, v2 = make_qkv(1, 1024, 1024, 2, 2, 128, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout2 = torch.randn_like(q2)
 
     def calls():
         torch.manual_seed(0)  # the same dropout seeds in every round
-        results = []
+        out = flash_attn_func(q2, k2, v2, causal=True)  # the one-pass backward from T = 1024
+        results = [out, *torch.autograd.grad(out, (q2, k2, v2), dout2)]
         for kwargs in (dict(causal=True), dict(causal=False), dict(window_size=(64, 0)),
                        dict(dropout_p=0.1, alibi_slopes=slopes)):
             out = flash_attn_func(q, k, v, **kwargs)
@@ -327,12 +350,20 @@ def test_cached_launches_match_triton_path(monkeypatch):
     torch.manual_seed(1)
     flash_attn_func(q, k, v, dropout_p=0.1, alibi_slopes=slopes)
     cached = calls()
+    assert launch_mod._SITES, "the second calls leave call-site plans"
+    kept = dict(launch_mod._SITES)
+    from_sites = calls()
+    assert launch_mod._SITES == kept, "the third calls found every site"
     assert not runs, f"cached launches went through Triton: {runs}"
     monkeypatch.setenv("IOATTN_FAST_LAUNCH", "0")
     triton_path = calls()
     assert runs, "IOATTN_FAST_LAUNCH=0 launches through Triton"
-    for a, b, c in zip(first, cached, triton_path):
-        assert torch.equal(a, b) and torch.equal(b, c)
+    for i, rounds in enumerate(zip(first, cached, from_sites, triton_path)):
+        if i == 1:  # the one-pass backward's dq
+            for r in rounds[1:]:
+                assert (r.float() - rounds[0].float()).abs().max() <= 1e-2 * rounds[0].float().abs().max()
+        else:
+            assert all(torch.equal(rounds[0], r) for r in rounds[1:])
 
 
 class _Desc:
@@ -395,8 +426,65 @@ def test_direct_launch_only_for_a_known_launcher():
     assert launch_mod._direct(_fake_compiled(signature, None, lambda *a: None)) is None
     # Scratch buffers are allocated per launch by Triton's launcher.
     assert launch_mod._direct(_fake_compiled(signature, [meta], lambda *a: None, scratch=64)) is None
-    # No descriptors: Triton's launcher is the C function itself.
+    # No descriptors and a launcher that is not a C function (test_direct_launch_without_descriptors
+    # has the C function).
     assert launch_mod._direct(_fake_compiled({"X": "*bf16"}, None, lambda *a: None)) is None
     # Another launcher shape.
     run = SimpleNamespace(launch=lambda *a: None, global_scratch_size=0, profile_scratch_size=0)
     assert launch_mod._direct(SimpleNamespace(run=run)) is None
+
+
+def test_launch_site_keeps_the_argument_list(monkeypatch):
+    # launch_site with the GPU's parts stubbed (a plan's launcher, the stream): a key's launch is
+    # built once, kept with its tensors as addresses, and run from there; a changed launch under
+    # a seen key fails in verify mode; IOATTN_FAST_LAUNCH=0 and a None key build every time.
+    launched, builds = [], []
+
+    def c_launcher(*a):
+        launched.append(a)
+
+    def prepared(kernel, grid, args, kwargs, device):
+        return c_launcher, (grid[0], 1, 1), (1234, *args, *kwargs.values())
+
+    monkeypatch.setattr(launch_mod, "_prepared", prepared)
+    monkeypatch.setattr(launch_mod, "_fast", lambda kernel: True)
+    monkeypatch.setattr(launch_mod, "_SITES", {})
+    monkeypatch.setattr(launch_mod, "VERIFY_SITES", False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 77, raising=False)
+    x = torch.zeros(4)
+
+    def build(n=5):
+        builds.append(n)
+        return "kernel", (3,), (x, n, 0.5), {"BLOCK": 16}
+
+    for _ in range(3):
+        launch_mod.launch_site(("site", x.data_ptr()), build)
+    assert builds == [5]
+    assert launched[0][:5] == (3, 1, 1, 77, 1234) and launched[0][5] is x
+    assert launched[1] == launched[2] == (3, 1, 1, 77, 1234, x.data_ptr(), 5, 0.5, 16)
+    monkeypatch.setattr(launch_mod, "VERIFY_SITES", True)
+    launch_mod.launch_site(("site", x.data_ptr()), build)
+    assert builds == [5, 5] and len(launched) == 4
+    with pytest.raises(AssertionError, match="arguments changed"):
+        launch_mod.launch_site(("site", x.data_ptr()), lambda: build(6))
+    monkeypatch.setattr(launch_mod, "VERIFY_SITES", False)
+    monkeypatch.setenv("IOATTN_FAST_LAUNCH", "0")
+    launch_mod.launch_site(("site", x.data_ptr()), build)
+    monkeypatch.delenv("IOATTN_FAST_LAUNCH")
+    launch_mod.launch_site(None, build)
+    assert builds == [5, 5, 6, 5, 5]
+
+
+def test_direct_launch_without_descriptors():
+    # A kernel without descriptor arguments: Triton's launch is its C function (a builtin here),
+    # called directly with the arguments Triton's CudaLauncher.__call__ passes it.
+    calls = []
+    compiled = _fake_compiled({"X": "*bf16", "n": "i32"}, None, calls.append)
+    direct = launch_mod._direct(compiled)
+    assert direct is not None and direct[0] == calls.append and direct[1] == ()
+    x = torch.empty(8)
+    assert launch_mod._direct_args(direct, compiled, (3, 2, 1), 99, (x, 7)) == [
+        3, 2, 1, 99, 1234, False, True, None, None, (4, 1), None, None, None, x, 7]
+    # With a scratch buffer Triton allocates per launch: its path.
+    assert launch_mod._direct(_fake_compiled({"X": "*bf16"}, None, calls.append, scratch=64)) is None

@@ -28,8 +28,14 @@ compiled kernel's descriptor metadata, and training steps reuse the same address
 caching allocator), so maps are kept by those values (:func:`_tensor_map`) and a cached launch
 calls the C launcher itself with the expanded arguments, as Triton's wrapper would. A launcher
 of another shape than triton 3.6's (checked once per compiled kernel) takes Triton's path.
+
+Call sites: the launch key and the descriptors themselves still cost a short call's launch tens
+of µs on the H200's host. :func:`launch_site` lets a launcher that can name everything its
+arguments depend on (addresses, shapes, strides, scalars, config) keep the finished argument
+list under that name and skip building it again.
 """
 import operator
+import types
 
 import torch
 from triton import knobs
@@ -178,16 +184,31 @@ def _tail(kernel, n_args: int, kwargs) -> list:
     return [kwargs[n] if n in kwargs else defaults[n] for n in names[n_args:]]
 
 
+def _fast(kernel) -> bool:
+    """Whether calls of ``kernel`` may skip Triton's binding: a JITFunction (not the interpreter's
+    function), no launch hooks of Triton's installed (a profiler's), IOATTN_FAST_LAUNCH not 0."""
+    hooks = knobs.runtime.launch_enter_hook
+    return (isinstance(kernel, JITFunction) and not (hooks is not None and getattr(hooks, "calls", True))
+            and _env.fast_launch())
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, through the compiled kernel's launcher directly when
     this call's key was seen before (see the module docstring). ``grid``: a tuple of 1-3 ints.
     ``IOATTN_FAST_LAUNCH=0`` sends every call through Triton."""
-    hooks = knobs.runtime.launch_enter_hook
-    if (not isinstance(kernel, JITFunction) or (hooks is not None and getattr(hooks, "calls", True))
-            or not _env.fast_launch()):
+    if not _fast(kernel):
         kernel[grid](*args, **kwargs)
         return
     device = torch.cuda.current_device()
+    call = _prepared(kernel, grid, args, kwargs, device)
+    if call is not None:
+        fn, head, tail = call
+        fn(*head, torch._C._cuda_getCurrentRawStream(device), *tail)
+
+
+def _prepared(kernel, grid, args, kwargs, device: int):
+    """The call as ``(launcher, arguments before the stream, arguments after it)`` when its key has
+    a plan; else None, after launching it through Triton (and keeping a plan when it can be keyed)."""
     key = _key(kernel, device, args, kwargs)
     try:
         plan = _PLANS.get(key) if key is not None else None
@@ -200,16 +221,60 @@ def launch(kernel, grid, *args, **kwargs) -> None:
                 _PLANS.clear()
             compiled._init_handles()
             _PLANS[key] = compiled, _direct(compiled)
-        return
+        return None
     compiled, direct = plan
-    g1 = grid[1] if len(grid) > 1 else 1
-    g2 = grid[2] if len(grid) > 2 else 1
-    stream = torch._C._cuda_getCurrentRawStream(device)
+    g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
     values = (*args, *_tail(kernel, len(args), kwargs))
     if direct is None:
-        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *values)
-    else:
-        direct[0](*_direct_args(direct, compiled, (grid[0], g1, g2), stream, values))
+        return compiled.run, g, (compiled.function, compiled.packed_metadata, None, None, None, *values)
+    final = _direct_args(direct, compiled, g, None, values)
+    return direct[0], tuple(final[:3]), tuple(final[4:])
+
+
+# Call sites' plans: a key the caller builds from everything its launch's arguments depend on ->
+# (launcher, arguments before the stream, arguments after it), tensors there as their addresses.
+# Bounded like _PLANS; a key holds addresses, so a long run with ever-new buffers adds entries.
+_SITES: dict = {}
+_MAX_SITES = 4096
+# Tests set this: every call whose site key was seen builds its launch again and checks that
+# it is the one kept (a key that misses an argument fails there).
+VERIFY_SITES = False
+
+
+def launch_site(key, build) -> None:
+    """A launch whose caller names, in ``key``, everything its arguments depend on: every tensor's
+    address, shape and strides, every scalar, the config. ``build()`` returns ``(kernel, grid,
+    args, kwargs)`` and runs only for a key not seen before (or not keyable: ``key`` None), so the
+    descriptors, the launch key and the argument list are made once per key; a call whose key was
+    seen calls the compiled kernel's launcher with the kept arguments. A training loop reuses its
+    buffers' addresses (PyTorch's caching allocator), so its calls find their keys: on the H200's
+    host the three launches of a short one-pass backward took ~130 µs of ~250 through
+    :func:`launch` (benchmarks/LOG.md v1.27). Falls back to :func:`launch` wherever that takes
+    Triton's path."""
+    site = _SITES.get(key) if key is not None else None
+    if site is not None and not VERIFY_SITES and _env.fast_launch():
+        hooks = knobs.runtime.launch_enter_hook
+        if hooks is None or not getattr(hooks, "calls", True):
+            fn, head, tail = site
+            fn(*head, torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()), *tail)
+            return
+    kernel, grid, args, kwargs = build()
+    if key is None or not _fast(kernel):
+        launch(kernel, grid, *args, **kwargs)
+        return
+    device = torch.cuda.current_device()
+    call = _prepared(kernel, grid, args, kwargs, device)
+    if call is None:
+        return
+    fn, head, tail = call
+    # Addresses, not tensors: the kept arguments must not keep the call's buffers alive.
+    kept = (fn, head, tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in tail))
+    if site is not None:
+        assert site == kept, f"launch_site: key {key!r} names a launch whose arguments changed"
+    if len(_SITES) >= _MAX_SITES:
+        _SITES.clear()
+    _SITES[key] = kept
+    fn(*head, torch._C._cuda_getCurrentRawStream(device), *tail)
 
 
 # (number of the descriptor's metadata, base address, shape, strides, padding) -> the descriptor's
@@ -233,13 +298,18 @@ def _meta_id(meta) -> int:
 def _direct(compiled):
     """What a cached launch of ``compiled`` needs to call its C launcher directly, kept in its
     plan: (C launch function, positions of the descriptor arguments, their metadata and its
-    number (_META_IDS), cooperative-grid flag, PDL flag). None where there are no descriptor
-    arguments (Triton's launcher adds nothing then), the launcher is not shaped as triton 3.6's (a
-    wrapper closing over ``launcher``, ``tensordesc_indices`` and ``tensordesc_meta``), a
-    descriptor has no metadata (its arguments hold the tensor itself) or scratch buffers are
-    allocated per launch."""
+    number (_META_IDS), cooperative-grid flag, PDL flag); without descriptor arguments, Triton's
+    C launch function with no positions. None where the launcher is not shaped as triton 3.6's
+    (the C function, or a wrapper of it closing over ``launcher``, ``tensordesc_indices`` and
+    ``tensordesc_meta``), a descriptor has no metadata (its arguments hold the tensor itself) or
+    scratch buffers are allocated per launch."""
     run = getattr(compiled, "run", None)
     wrapper = getattr(run, "launch", None)
+    if (isinstance(wrapper, types.BuiltinFunctionType) and not getattr(run, "global_scratch_size", 1)
+            and not getattr(run, "profile_scratch_size", 1)):
+        # No descriptor arguments: Triton's launch is the C function itself, called here
+        # without its Python wrapper (~10 µs a launch on the H200's host).
+        return wrapper, (), (), (), run.launch_cooperative_grid, run.launch_pdl
     closure = getattr(wrapper, "__closure__", None)
     if make_tensordesc_arg is None or not closure:
         return None

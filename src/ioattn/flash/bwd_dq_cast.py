@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .._utils import cdiv
-from ..launch import launch
+from ..launch import launch_site
 
 # Elements a program converts, and its warps: 32 elements a thread, eight 16-byte loads.
 BLOCK = 4096
@@ -38,5 +38,7 @@ def dq_cast(dq_acc, dq, softmax_scale: float) -> None:
         raise ValueError("dq_acc, dq: must be contiguous with the same number of elements")
     if n == 0:
         return
-    launch(_dq_cast_kernel, (cdiv(n, BLOCK),), dq_acc, dq, float(softmax_scale), n, BLOCK=BLOCK,
-           num_warps=NUM_WARPS)
+    scale = float(softmax_scale)
+    launch_site(("dq_cast", dq_acc.data_ptr(), dq.data_ptr(), n, dq_acc.dtype, dq.dtype, scale, BLOCK, NUM_WARPS),
+                lambda: (_dq_cast_kernel, (cdiv(n, BLOCK),), (dq_acc, dq, scale, n),
+                         dict(BLOCK=BLOCK, num_warps=NUM_WARPS)))

@@ -82,22 +82,22 @@ def _one_pass(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_
 
 
 def _fp32_buffers(q):
-    """``(dq_acc, delta)``: the fp32 dQ buffer (q's shape, contiguous, at the allocation's start,
-    so as aligned as TMA needs) and delta ``[B, H, Tq]`` behind it, from one allocation: on
-    autograd's device thread each CUDA allocation cost ~10 µs of host time on the H200's host
-    (benchmarks/LOG.md v1.21), and short calls wait on that host. Linear in T: one fp32 copy of
-    dq's shape. Neither leaves the backward. Preprocess writes every element of both."""
+    """``(dq_acc, delta)``: the fp32 dQ buffer (q's shape, contiguous) and delta ``[B, H, Tq]``.
+    Linear in T: one fp32 copy of dq's shape. Neither leaves the backward; the preprocess
+    writes every element of both. (One allocation sliced in two ran slower on the H200's host:
+    a slice and view cost ~8 µs there, an allocation 5-9; benchmarks/LOG.md v1.27.)"""
     B, T_q, H, _ = q.shape
-    work = empty((q.numel() + B * H * T_q,), dtype=torch.float32, device=q.device)
-    return work[:q.numel()].view(q.shape), work[q.numel():].view(B, H, T_q)
+    return (empty(q.shape, dtype=torch.float32, device=q.device),
+            empty((B, H, T_q), dtype=torch.float32, device=q.device))
 
 
 def _grad_buffers(q, k, v, shared: bool):
     """``(dq, dk, dv)``, contiguous, with the shapes and dtypes of q, k, v. With ``shared`` and one
     shape and dtype for all three (MHA), views ``[0]``, ``[1]``, ``[2]`` of one ``[3, ...]``
-    allocation, two allocations fewer on autograd's device thread (see :func:`_fp32_buffers`),
-    as flash-attn's packed-QKV backward returns its gradients; the storage is freed once all
-    three are. Each view must start 16-byte aligned (the kernels store dK, dV by TMA)."""
+    allocation: two allocations fewer on autograd's device thread (~12 µs each there on the
+    H200's host, benchmarks/LOG.md v1.21; the unbind ~6), as flash-attn's packed-QKV backward
+    returns its gradients. The storage is freed once all three are. Each view must start 16-byte
+    aligned (the kernels store dK, dV by TMA)."""
     if (shared and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
             and q.numel() * q.element_size() % 16 == 0):
         return empty((3, *q.shape), dtype=q.dtype, device=q.device).unbind(0)

@@ -39,7 +39,7 @@ GPU; tests/flash/test_bwd_gluon.py compares it with the reference on the H200.
 import torch
 
 from .._utils import cdiv
-from ..launch import launch
+from ..launch import launch_site
 from .fwd import LOG2E, diag_band, device_guard
 from .fwd_gluon import HAS_GLUON
 
@@ -284,12 +284,17 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
     T_k, H_kv = k.shape[1], k.shape[2]
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
     M, N = config.BLOCK_M, 64  # N: keys of each of the two warpgroups
+
+    def build():
+        return (_bwd_rows_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
+                (_desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
+                 _desc(dq_acc, M // 2) if config.dq_rows else _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv,
+                 softmax_scale, softmax_scale * LOG2E, band["diag_hi"]),
+                dict(HAS_RIGHT=band["HAS_RIGHT"], DQ_ROWS=config.dq_rows, S_AHEAD=config.s_ahead, HEAD_DIM=D,
+                     BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.num_stages, num_warps=4))
+
+    key = ("bwd_rows", q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(),
+           dk.data_ptr(), dv.data_ptr(), dq_acc.data_ptr(), q.shape, k.shape, q.stride(), k.stride(), v.stride(),
+           dout.stride(), dk.stride(), dv.stride(), q.dtype, softmax_scale, causal, diag_offset, config)
     with device_guard(q):
-        launch(
-            _bwd_rows_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
-            _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
-            _desc(dq_acc, M // 2) if config.dq_rows else _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
-            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], DQ_ROWS=config.dq_rows,
-            S_AHEAD=config.s_ahead, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
-            NUM_STAGES=config.num_stages, num_warps=4,
-        )
+        launch_site(key, build)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .._utils import cdiv
-from ..launch import launch
+from ..launch import launch_site
 
 
 @triton.jit
@@ -45,10 +45,11 @@ def bwd_preprocess(out, dout, delta, HEAD_DIM: int, dq_acc=None):
     # Memory-bound: about 4096 elements of each input per program, whatever the head dim.
     BLOCK_M = max(16, 4096 // HEAD_DIM)
     grid = (cdiv(T_q, BLOCK_M), B * H)
-    launch(
+    acc = delta if dq_acc is None else dq_acc
+    key = ("bwd_preprocess", out.data_ptr(), dout.data_ptr(), delta.data_ptr(), acc.data_ptr(), dq_acc is None,
+           out.shape, out.stride(), dout.stride(), out.dtype, dout.dtype, delta.dtype, acc.dtype, HEAD_DIM)
+    launch_site(key, lambda: (
         _bwd_preprocess_kernel, grid,
-        out, dout, delta, delta if dq_acc is None else dq_acc,
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        T_q, H, D=D, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, ZERO_DQ=dq_acc is not None, num_warps=4,
-    )
+        (out, dout, delta, acc, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+         dout.stride(2), T_q, H),
+        dict(D=D, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, ZERO_DQ=dq_acc is not None, num_warps=4)))

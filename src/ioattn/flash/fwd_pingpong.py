@@ -38,7 +38,7 @@ dropped). GPU only; tests in tests/flash/test_fwd_gluon.py.
 import torch
 
 from .._utils import cdiv, empty
-from ..launch import launch
+from ..launch import launch_site
 from . import fwd_gluon, fwd_persistent
 from .fwd import LOG2E, diag_band, device_guard
 from .fwd_gluon import HAS_GLUON
@@ -200,14 +200,17 @@ def flash_fwd_pingpong(q, k, v, softmax_scale: float, causal: bool, diag_offset:
                                                                                      "NUM_WG": wgs,
                                                                                      "P_EARLY": config.p_early,
                                                                                      "HALF_LAST": config.half_last}
+    def build():
+        return (kernel, grid,
+                (_desc(q, M), _desc(k, N), _desc(v, N), _desc(out, M), lse, T_q, T_k, H, H // H_kv, *extra,
+                 band["diag_hi"], softmax_scale * LOG2E),
+                dict(HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"], PINGPONG=config.turns, BLOCK_M=M, BLOCK_N=N,
+                     NUM_STAGES=config.num_stages, **extra_kw, num_warps=4))
+
+    key = ("fwd_pingpong", q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), q.shape, k.shape,
+           q.stride(), k.stride(), v.stride(), q.dtype, softmax_scale, causal, diag_offset, config)
     with device_guard(q):
-        launch(
-            kernel, grid,
-            _desc(q, M), _desc(k, N), _desc(v, N), _desc(out, M), lse, T_q, T_k, H, H // H_kv, *extra,
-            band["diag_hi"], softmax_scale * LOG2E, HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"],
-            PINGPONG=config.turns, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.num_stages,
-            **extra_kw, num_warps=4,
-        )
+        launch_site(key, build)
     return out, lse
 
 
