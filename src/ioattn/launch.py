@@ -219,6 +219,7 @@ def _prepared(kernel, grid, args, kwargs, device: int):
         if key is not None and compiled is not None and not hasattr(compiled, "result"):
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
+                _SITES.clear()  # sites hold what plans and tensor maps made: start both afresh
             compiled._init_handles()
             _PLANS[key] = compiled, _direct(compiled)
         return None
@@ -347,5 +348,6 @@ def _tensor_map(desc, meta, meta_id: int) -> tuple:
     if found is None:
         if len(_TENSOR_MAPS) >= _MAX_TENSOR_MAPS:
             _TENSOR_MAPS.clear()
+            _SITES.clear()
         found = _TENSOR_MAPS[key] = tuple(make_tensordesc_arg(desc, meta))
     return found
