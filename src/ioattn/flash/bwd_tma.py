@@ -34,7 +34,7 @@ import triton.language as tl
 from .. import _env
 from . import bwd_gluon
 from .._utils import cdiv
-from ..launch import launch
+from ..launch import launch_site
 from .bwd import _load_lse2, _query_range, backward_buffers
 from .config import TmaBwdConfig, get_tma_bwd_config
 from .fwd import LOG2E, _key_range, device_guard, diag_band, dot_precision
@@ -288,19 +288,23 @@ def dkdv_launch(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal:
                  lse, delta, head_major_desc(dk, N), head_major_desc(dv, N), desc_dq)
     strides = [s for x in (q, k, v, dout, dk, dq_buf) for s in x.stride()[:3]]
 
-    def run():
-        launch(
-            _bwd_dkdv_tma_kernel, (cdiv(T_k, N), B * H_kv),
-            *descs, dq_buf, *strides, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
-            **_band(T_q, T_k, causal, diag_offset), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
-            DOT_PRECISION=dot_precision(q.dtype), DEVICE_DESC=device_desc, ADD_DQ=add_dq,
-            TMA_REDUCE=add_dq and tma_reduce, DQ_T=add_dq and dq_t, num_warps=num_warps, num_stages=num_stages,
-        )
+    def build():
+        return (_bwd_dkdv_tma_kernel, (cdiv(T_k, N), B * H_kv),
+                (*descs, dq_buf, *strides, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E),
+                dict(**_band(T_q, T_k, causal, diag_offset), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
+                     DOT_PRECISION=dot_precision(q.dtype), DEVICE_DESC=device_desc, ADD_DQ=add_dq,
+                     TMA_REDUCE=add_dq and tma_reduce, DQ_T=add_dq and dq_t, num_warps=num_warps,
+                     num_stages=num_stages))
 
     if device_desc:
-        _with_scratch(q.device, run)
-    else:
-        run()
+        # Scratch for the descriptors, allocated by Triton's launcher per launch: no site.
+        _with_scratch(q.device, lambda: launch_site(None, build))
+        return
+    key = ("dkdv_tma", q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(),
+           dk.data_ptr(), dv.data_ptr(), dq_buf.data_ptr(), q.shape, k.shape, q.stride(), k.stride(), v.stride(),
+           dout.stride(), dk.stride(), dq_buf.stride(), q.dtype, dq_buf.dtype, softmax_scale, causal, diag_offset, M,
+           N, num_warps, num_stages, add_dq, tma_reduce, dq_t)
+    launch_site(key, build)
 
 
 def _with_scratch(device, run):
@@ -319,14 +323,20 @@ def dq_tma(q, k, v, dout, out, lse, delta, dq, softmax_scale: float, causal: boo
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     M, N = config.BLOCK_M2, config.BLOCK_N2
-    launch(
-        _bwd_dq_tma_kernel, (cdiv(T_q, M), B * H),
-        head_major_desc(q, M), head_major_desc(k, N), head_major_desc(v, N), head_major_desc(dout, M),
-        out, lse, delta, head_major_desc(dq, M), *out.stride()[:3],
-        T_q, T_k, H, H // H_kv, softmax_scale, softmax_scale * LOG2E,
-        **_band(T_q, T_k, causal, diag_offset), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=config.warps2, num_stages=config.stages2,
-    )
+
+    def build():
+        return (_bwd_dq_tma_kernel, (cdiv(T_q, M), B * H),
+                (head_major_desc(q, M), head_major_desc(k, N), head_major_desc(v, N), head_major_desc(dout, M),
+                 out, lse, delta, head_major_desc(dq, M), *out.stride()[:3], T_q, T_k, H, H // H_kv, softmax_scale,
+                 softmax_scale * LOG2E),
+                dict(**_band(T_q, T_k, causal, diag_offset), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
+                     DOT_PRECISION=dot_precision(q.dtype), num_warps=config.warps2, num_stages=config.stages2))
+
+    key = ("dq_tma", q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), out.data_ptr(), lse.data_ptr(),
+           delta.data_ptr(), dq.data_ptr(), q.shape, k.shape, q.stride(), k.stride(), v.stride(), dout.stride(),
+           out.stride(), dq.stride(), q.dtype, out.dtype, softmax_scale, causal, diag_offset, M, N, config.warps2,
+           config.stages2)
+    launch_site(key, build)
 
 
 def hopper_bwd_inputs(dout, q, out, lse):

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .. import _env
 from .._utils import cdiv, empty
-from ..launch import launch
+from ..launch import launch_site
 from .config import TmaFwdConfig, get_tma_fwd_config
 from .fwd import LOG2E, _key_range, device_guard, diag_band, dot_precision
 from .tma import head_major_desc, hopper_inputs
@@ -143,16 +143,19 @@ def flash_fwd_tma(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
 
     out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
-    desc_q, desc_o = head_major_desc(q, config.BLOCK_M), head_major_desc(out, config.BLOCK_M)
-    desc_k, desc_v = head_major_desc(k, config.BLOCK_N), head_major_desc(v, config.BLOCK_N)
-    grid = (cdiv(T_q, config.BLOCK_M), B * H)
+
+    def build():
+        M, N = config.BLOCK_M, config.BLOCK_N
+        return (_fwd_tma_kernel, (cdiv(T_q, M), B * H),
+                (head_major_desc(q, M), head_major_desc(k, N), head_major_desc(v, N), head_major_desc(out, M), lse,
+                 T_q, T_k, H, H // H_kv, band["diag_hi"], softmax_scale * LOG2E),
+                dict(HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"], BLOCK_M=M, BLOCK_N=N,
+                     DOT_PRECISION=dot_precision(q.dtype), NUM_STAGES=config.num_stages,
+                     WARP_SPECIALIZE=config.warp_specialize, num_warps=config.num_warps,
+                     num_stages=config.num_stages))
+
+    key = ("fwd_tma", q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), q.shape, k.shape,
+           q.stride(), k.stride(), v.stride(), q.dtype, softmax_scale, causal, diag_offset, config)
     with device_guard(q):
-        launch(
-            _fwd_tma_kernel, grid,
-            desc_q, desc_k, desc_v, desc_o, lse, T_q, T_k, H, H // H_kv, band["diag_hi"],
-            softmax_scale * LOG2E, HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"], BLOCK_M=config.BLOCK_M,
-            BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype), NUM_STAGES=config.num_stages,
-            WARP_SPECIALIZE=config.warp_specialize, num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
+        launch_site(key, build)
     return out, lse
