@@ -244,11 +244,13 @@ def direct_ab(shape, calls: int, rounds: int = 3) -> None:
             for on in (True, False):
                 launch_mod._direct = original if on else (lambda compiled: None)
                 launch_mod._PLANS.clear()
+                launch_mod._SITES.clear()
                 cells = "  ".join(f"{n} {per_call_us(rows[n], calls)[0]:6.1f}" for n in names)
                 print(f"round {r} direct {'on ' if on else 'off'}: {cells}", flush=True)
     finally:
         launch_mod._direct = original
         launch_mod._PLANS.clear()
+        launch_mod._SITES.clear()
 
 
 def main(argv=None):

@@ -202,13 +202,15 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     device = torch.cuda.current_device()
     call = _prepared(kernel, grid, args, kwargs, device)
     if call is not None:
-        fn, head, tail = call
+        fn, head, tail, _ = call
         fn(*head, torch._C._cuda_getCurrentRawStream(device), *tail)
 
 
 def _prepared(kernel, grid, args, kwargs, device: int):
-    """The call as ``(launcher, arguments before the stream, arguments after it)`` when its key has
-    a plan; else None, after launching it through Triton (and keeping a plan when it can be keyed)."""
+    """The call as ``(launcher, arguments before the stream, arguments after it, whether those
+    hold only values: the C launcher's direct call)`` when its key has a plan; else None, after
+    launching it through Triton (and keeping a plan when it can be keyed). Without a direct
+    call the arguments go to Triton's launcher, descriptors (and their tensors) among them."""
     key = _key(kernel, device, args, kwargs)
     try:
         plan = _PLANS.get(key) if key is not None else None
@@ -227,9 +229,9 @@ def _prepared(kernel, grid, args, kwargs, device: int):
     g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
     values = (*args, *_tail(kernel, len(args), kwargs))
     if direct is None:
-        return compiled.run, g, (compiled.function, compiled.packed_metadata, None, None, None, *values)
+        return compiled.run, g, (compiled.function, compiled.packed_metadata, None, None, None, *values), False
     final = _direct_args(direct, compiled, g, None, values)
-    return direct[0], tuple(final[:3]), tuple(final[4:])
+    return direct[0], tuple(final[:3]), tuple(final[4:]), True
 
 
 # Call sites' plans: a key the caller builds from everything its launch's arguments depend on ->
@@ -267,14 +269,17 @@ def launch_site(key, build) -> None:
     call = _prepared(kernel, grid, args, kwargs, device)
     if call is None:
         return
-    fn, head, tail = call
-    # Addresses, not tensors: the kept arguments must not keep the call's buffers alive.
-    kept = (fn, head, tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in tail))
-    if site is not None:
-        assert site == kept, f"launch_site: key {key!r} names a launch whose arguments changed"
-    if len(_SITES) >= _MAX_SITES:
-        _SITES.clear()
-    _SITES[key] = kept
+    fn, head, tail, direct = call
+    if direct:
+        # Addresses, not tensors: the kept arguments must not keep the call's buffers alive
+        # (Triton's launcher, without a direct call, would get descriptors holding tensors:
+        # nothing is kept then).
+        kept = (fn, head, tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in tail))
+        if site is not None:
+            assert site == kept, f"launch_site: key {key!r} names a launch whose arguments changed"
+        if len(_SITES) >= _MAX_SITES:
+            _SITES.clear()
+        _SITES[key] = kept
     fn(*head, torch._C._cuda_getCurrentRawStream(device), *tail)
 
 
