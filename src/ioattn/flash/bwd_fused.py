@@ -64,15 +64,17 @@ def flash_bwd_fused(dout, q, k, v, out, lse, softmax_scale: float, causal: bool,
     group = q.shape[2] // k.shape[2]
     if config.expand_kv and group > 1:
         return _expanded(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset, config, group)
-    return _one_pass(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset, config, shared_grads=True)
+    return _one_pass(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset, config)
 
 
 def _one_pass(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_offset: int,
-              config: FusedBwdConfig, shared_grads: bool):
-    """:func:`flash_bwd_fused` on the heads as given; ``shared_grads``: see :func:`_grad_buffers`."""
+              config: FusedBwdConfig):
+    """:func:`flash_bwd_fused` on the heads as given. dq, dk and dv are allocated apart: views
+    of one allocation would save two allocations, but the custom op that returns them under
+    torch.compile (ops.flash_bwd) may not return outputs that alias each other."""
     dout, out, lse = hopper_bwd_inputs(dout, q, out, lse)
     dq_acc, delta = _fp32_buffers(q)
-    dq, dk, dv = _grad_buffers(q, k, v, shared=shared_grads)
+    dq, dk, dv = (empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     with device_guard(q):
         bwd_preprocess(out, dout, delta, q.shape[-1], dq_acc=dq_acc)
         fused_pass(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, config)
@@ -91,19 +93,6 @@ def _fp32_buffers(q):
             empty((B, H, T_q), dtype=torch.float32, device=q.device))
 
 
-def _grad_buffers(q, k, v, shared: bool):
-    """``(dq, dk, dv)``, contiguous, with the shapes and dtypes of q, k, v. With ``shared`` and one
-    shape and dtype for all three (MHA), views ``[0]``, ``[1]``, ``[2]`` of one ``[3, ...]``
-    allocation: two allocations fewer on autograd's device thread (~12 µs each there on the
-    H200's host, benchmarks/LOG.md v1.21; the unbind ~6), as flash-attn's packed-QKV backward
-    returns its gradients. The storage is freed once all three are. Each view must start 16-byte
-    aligned (the kernels store dK, dV by TMA)."""
-    if (shared and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
-            and q.numel() * q.element_size() % 16 == 0):
-        return empty((3, *q.shape), dtype=q.dtype, device=q.device).unbind(0)
-    return tuple(empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-
-
 def _expanded(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset, config, group: int):
     """GQA through the MHA kernel (``config.expand_kv``): K and V repeated to the query heads
     (head h reads KV head h // group, as the kernels do), one program per query head's keys
@@ -112,8 +101,7 @@ def _expanded(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset, confi
     and dV summed over each group, accumulated in fp32 by torch's reduction and rounded once.
     The copies are linear in T: K and V and their gradients at the query heads' count."""
     k_x, v_x = (x.repeat_interleave(group, dim=2) for x in (k, v))
-    # Separate gradient buffers: dk_x and dv_x are dropped here, dq is returned.
     dq, dk_x, dv_x = _one_pass(dout, q, k_x, v_x, out, lse, softmax_scale, causal, diag_offset,
-                               dataclasses.replace(config, expand_kv=False), shared_grads=False)
+                               dataclasses.replace(config, expand_kv=False))
     B, T_k, H_kv, D = k.shape
     return dq, dk_x.view(B, T_k, H_kv, group, D).sum(3), dv_x.view(B, T_k, H_kv, group, D).sum(3)
