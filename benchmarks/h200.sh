@@ -10,7 +10,7 @@ set -u
 OUT=${OUT:-/tmp/ioattn_out}
 mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
-TEST_S=${TEST_S:-300}
+TEST_S=${TEST_S:-420}
 CHECK_S=${CHECK_S:-120}
 BENCH_S=${BENCH_S:-200}
 COMPILE_S=${COMPILE_S:-150}
