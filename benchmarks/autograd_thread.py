@@ -57,7 +57,7 @@ class _Busy(torch.autograd.Function):
 # (module, attribute) of each timed step: looked up there at call time by ioattn's backward.
 STEPS = [(ops, "_bwd_impl"), (bwd_tma, "flash_bwd_tma"), (bwd_fused, "flash_bwd_fused"),
          (bwd_tma, "hopper_bwd_inputs"), (bwd_fused, "hopper_bwd_inputs"), (bwd_tma, "backward_buffers"),
-         (bwd_fused, "_fp32_buffers"), (bwd_tma, "dq_tma"), (bwd_tma, "dkdv_tma"),
+         (bwd_fused, "backward_buffers"), (bwd_tma, "dq_tma"), (bwd_tma, "dkdv_tma"),
          (bwd_fused, "bwd_preprocess"), (bwd_fused, "fused_pass"), (bwd_fused, "dq_cast"), (bwd_tma, "launch"),
          (bwd_preprocess, "launch"),
          (bwd_gluon_rows, "launch"), (launch_module, "_key"), (torch.cuda.device, "__enter__"),

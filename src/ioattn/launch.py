@@ -184,12 +184,17 @@ def _tail(kernel, n_args: int, kwargs) -> list:
     return [kwargs[n] if n in kwargs else defaults[n] for n in names[n_args:]]
 
 
+def _unhooked() -> bool:
+    """No launch hooks of Triton's installed (a profiler's, which must see every launch) and
+    IOATTN_FAST_LAUNCH not 0: calls may skip Triton's binding."""
+    hooks = knobs.runtime.launch_enter_hook
+    return (hooks is None or not getattr(hooks, "calls", True)) and _env.fast_launch()
+
+
 def _fast(kernel) -> bool:
     """Whether calls of ``kernel`` may skip Triton's binding: a JITFunction (not the interpreter's
-    function), no launch hooks of Triton's installed (a profiler's), IOATTN_FAST_LAUNCH not 0."""
-    hooks = knobs.runtime.launch_enter_hook
-    return (isinstance(kernel, JITFunction) and not (hooks is not None and getattr(hooks, "calls", True))
-            and _env.fast_launch())
+    function), and :func:`_unhooked`."""
+    return isinstance(kernel, JITFunction) and _unhooked()
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
@@ -255,12 +260,10 @@ def launch_site(key, build) -> None:
     :func:`launch` (benchmarks/LOG.md v1.27). Falls back to :func:`launch` wherever that takes
     Triton's path."""
     site = _SITES.get(key) if key is not None else None
-    if site is not None and not VERIFY_SITES and _env.fast_launch():
-        hooks = knobs.runtime.launch_enter_hook
-        if hooks is None or not getattr(hooks, "calls", True):
-            fn, head, tail = site
-            fn(*head, torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()), *tail)
-            return
+    if site is not None and not VERIFY_SITES and _unhooked():
+        fn, head, tail = site
+        fn(*head, torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()), *tail)
+        return
     kernel, grid, args, kwargs = build()
     if key is None or not _fast(kernel):
         launch(kernel, grid, *args, **kwargs)

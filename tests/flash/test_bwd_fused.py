@@ -82,9 +82,7 @@ def test_bwd_fused_through_the_custom_op(monkeypatch):
     from ioattn.flash import bwd_fused, ops
 
     monkeypatch.setenv("IOATTN_BACKEND", "triton")
-    fused = []
-    real = bwd_fused.flash_bwd_fused
-    monkeypatch.setattr(bwd_fused, "flash_bwd_fused", lambda *a, **kw: fused.append(1) or real(*a, **kw))
+    fused = _spy(monkeypatch, bwd_fused, "flash_bwd_fused")
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     T = 4096 if DEVICE == "cuda" else 45  # on the GPU, long enough for the table's one-pass entry
     q, k, v = make_qkv(1, T, T, 2, 2, 64, dtype=dtype, device=DEVICE)

@@ -27,6 +27,7 @@ import torch
 from .. import _env
 from .._utils import empty
 from . import bwd_gluon, bwd_gluon_rows
+from .bwd import backward_buffers
 from .bwd_dq_cast import dq_cast
 from .bwd_preprocess import bwd_preprocess
 from .bwd_tma import dkdv_launch, hopper_bwd_inputs
@@ -73,24 +74,15 @@ def _one_pass(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, diag_
     of one allocation would save two allocations, but the custom op that returns them under
     torch.compile (ops.flash_bwd) may not return outputs that alias each other."""
     dout, out, lse = hopper_bwd_inputs(dout, q, out, lse)
-    dq_acc, delta = _fp32_buffers(q)
-    dq, dk, dv = (empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    # Linear in T, like everything else: one fp32 copy of dq's shape, zeroed by the preprocess.
+    dq_acc = empty(q.shape, dtype=torch.float32, device=q.device)
+    delta, dq, dk, dv = backward_buffers(q, k, v)
     with device_guard(q):
         bwd_preprocess(out, dout, delta, q.shape[-1], dq_acc=dq_acc)
         fused_pass(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, config)
         # The scale dK takes at the end in the kernel, dQ takes here, in the cast to q's dtype.
         dq_cast(dq_acc, dq, softmax_scale)
     return dq, dk, dv
-
-
-def _fp32_buffers(q):
-    """``(dq_acc, delta)``: the fp32 dQ buffer (q's shape, contiguous) and delta ``[B, H, Tq]``.
-    Linear in T: one fp32 copy of dq's shape. Neither leaves the backward; the preprocess
-    writes every element of both. (One allocation sliced in two ran slower on the H200's host:
-    a slice and view cost ~8 µs there, an allocation 5-9; benchmarks/LOG.md v1.27.)"""
-    B, T_q, H, _ = q.shape
-    return (empty(q.shape, dtype=torch.float32, device=q.device),
-            empty((B, H, T_q), dtype=torch.float32, device=q.device))
 
 
 def _expanded(dout, q, k, v, out, lse, softmax_scale, causal, diag_offset, config, group: int):
