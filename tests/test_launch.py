@@ -506,3 +506,71 @@ def test_direct_launch_without_descriptors():
         3, 2, 1, 99, 1234, False, True, None, None, (4, 1), None, None, None, x, 7]
     # With a scratch buffer Triton allocates per launch: its path.
     assert launch_mod._direct(_fake_compiled({"X": "*bf16"}, None, calls.append, scratch=64)) is None
+
+
+def _as_launch(kernel, grid, args, kwargs):
+    """A built launch with its tensors as addresses: what launch_site keeps under a key."""
+    def value(a):
+        return ("ptr", a.data_ptr(), a.dtype) if isinstance(a, torch.Tensor) else (type(a), a)
+    return kernel, tuple(grid), tuple(map(value, args)), tuple(sorted((n, value(a)) for n, a in kwargs.items()))
+
+
+def test_decode_site_keys_name_their_launches(monkeypatch):
+    # Every decode launcher's launch_site key against the launch it builds, on the CPU: the same
+    # inputs (and, through a stand-in for the launchers' allocations, the same output buffers)
+    # called with each option changed in turn. Two calls with one key must build one launch; a
+    # key that left out an option (the window, the scale, the split count, ...) fails here.
+    monkeypatch.setenv("IOATTN_BACKEND", "triton")
+    sites, keys_seen = {}, []
+
+    def record_site(key, build):
+        kernel, grid, args, kwargs = build()
+        built = _as_launch(kernel, grid, args, kwargs)
+        assert sites.setdefault(key, built) == built, f"site key {key!r} names two launches"
+        keys_seen.append(key)
+        launch_mod.launch(kernel, grid, *args, **kwargs)
+
+    buffers = {}
+
+    def stable_empty(shape, *, dtype, device):
+        # One buffer per shape and dtype (zeroed each time): outputs keep their addresses.
+        t = buffers.setdefault((tuple(shape), dtype), torch.empty(shape, dtype=dtype, device=device))
+        return t.zero_()
+
+    for module in (decode_kernel, decode_combine, decode_append, decode_rotary):
+        monkeypatch.setattr(module, "launch_site", record_site)
+        monkeypatch.setattr(module, "empty", stable_empty)
+    B, H, Hkv, D, T = 2, 4, 2, 32, 48
+    q = torch.randn(B, 1, H, D, dtype=torch.float16)
+    q2 = torch.randn(B, 2, H, D, dtype=torch.float16)
+    k_cache, v_cache = (torch.randn(B, T, Hkv, D, dtype=torch.float16) for _ in range(2))
+    pages_k, pages_v = (c.reshape(-1, 16, Hkv, D) for c in (k_cache, v_cache))
+    table = torch.arange(B * T // 16, dtype=torch.int32).view(B, -1).flip(1).contiguous()
+    seqlens = torch.tensor([T - 4, 9], dtype=torch.int32)
+    new = torch.randn(B, 2, Hkv, D, dtype=torch.float16)
+    cos, sin = (torch.rand(T, 8, dtype=torch.float16) for _ in range(2))
+    slopes = torch.rand(H)
+    leftpad = torch.tensor([2, 1], dtype=torch.int32)
+    rows = torch.tensor([1, 0], dtype=torch.int32)
+    base = dict(cache_seqlens=seqlens - 2, num_splits=2)
+    variants = [{}, dict(num_splits=1), dict(num_splits=3), dict(causal=True), dict(window_size=(5, 0)),
+                dict(window_size=(5, 3)), dict(softcap=10.0), dict(softmax_scale=0.3), dict(alibi_slopes=slopes),
+                dict(cache_leftpad=leftpad), dict(cache_batch_idx=rows), dict(k=new, v=new),
+                dict(k=new, v=new, rotary_cos=cos, rotary_sin=sin), dict(k=new, v=new, rotary_cos=cos, rotary_sin=sin,
+                                                                      rotary_interleaved=False),
+                dict(k=new, v=new, rotary_cos=cos, rotary_sin=sin, causal=True),
+                dict(k=new[:, :1], v=new[:, :1]), dict(k=new, v=new, cache_batch_idx=rows)]
+    kc, vc = k_cache.clone(), v_cache.clone()
+    for query in (q, q2):
+        for kwargs in variants:
+            args = dict(base, **kwargs)
+            kc.copy_(k_cache), vc.copy_(v_cache)  # appends write into kc, vc: the same buffers each time
+            flash_attn_with_kvcache(query, kc, vc, **args)
+            flash_attn_with_kvcache(query, kc, vc, **args)  # the same call again: its keys again
+        for kwargs in (dict(block_table=table), dict(block_table=table, k=new, v=new),
+                       dict(block_table=table[:, 1:], cache_seqlens=torch.tensor([20, 7], dtype=torch.int32))):
+            flash_attn_with_kvcache(query, pages_k.clone(), pages_v.clone(), **dict(base, **kwargs))
+    names = {key[0] for key in keys_seen}
+    assert names == {"splitkv", "combine", "append", "rotary_q"}, names
+    # The stand-in kept the addresses, so calls did share keys where they should.
+    assert len(set(keys_seen)) < len(keys_seen)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .._utils import empty
 from ..flash.fwd import device_guard
-from ..launch import launch
+from ..launch import launch_site
 from .rotary_kernel import _rotate_heads, rotary_blocks
 
 
@@ -81,15 +81,21 @@ def append_kv_triton(k_cache, v_cache, k, v, cache_seqlens, *, batch_idx=None, b
     rot_half = 1 if cos is None else cos.shape[1]
     blocks = rotary_blocks(H_kv, D, rot_half)
     BLOCK_H, BLOCK_D = blocks["BLOCK_H"], blocks["BLOCK_D"]
+    key = ("append", k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), cache_seqlens.data_ptr(),
+           new_seqlens.data_ptr(), None if batch_idx is None else batch_idx.data_ptr(),
+           None if block_table is None else (block_table.data_ptr(), block_table.stride(0)),
+           None if cos is None else (cos.data_ptr(), sin.data_ptr(), cos.shape, cos.stride(0), bool(interleaved)),
+           k.shape, k.stride(), v.stride(), k_cache.shape, k_cache.stride(), v_cache.stride(), k.dtype, v.dtype,
+           k_cache.dtype, v_cache.dtype)
     with device_guard(k):
-        launch(
+        launch_site(key, lambda: (
             _append_kernel, (B * T_new,),
-            k, v, k_cache, v_cache, cache_seqlens, new_seqlens, batch_idx, block_table, cos, sin,
-            *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
-            block_table.stride(0) if paged else 0, 0 if cos is None else cos.stride(0), T_new, H_kv,
-            D=D, PAGE_SIZE=k_cache.shape[1] if paged else 1, IS_PAGED=paged, HAS_BATCH_IDX=batch_idx is not None,
-            ROTARY=cos is not None, ROT_HALF=rot_half, INTERLEAVED=bool(interleaved), **blocks,
-            # A row of every KV head: 1-64k elements; 4 warps up to 8k of them.
-            num_warps=4 if BLOCK_H * BLOCK_D <= 8192 else 8,
-        )
+            (k, v, k_cache, v_cache, cache_seqlens, new_seqlens, batch_idx, block_table, cos, sin,
+             *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
+             block_table.stride(0) if paged else 0, 0 if cos is None else cos.stride(0), T_new, H_kv),
+            dict(D=D, PAGE_SIZE=k_cache.shape[1] if paged else 1, IS_PAGED=paged,
+                 HAS_BATCH_IDX=batch_idx is not None, ROTARY=cos is not None, ROT_HALF=rot_half,
+                 INTERLEAVED=bool(interleaved), **blocks,
+                 # A row of every KV head: 1-64k elements; 4 warps up to 8k of them.
+                 num_warps=4 if BLOCK_H * BLOCK_D <= 8192 else 8)))
     return new_seqlens

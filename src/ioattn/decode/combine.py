@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .. import _env
 from .._utils import empty, next_pow2
-from ..launch import launch
+from ..launch import launch_site
 from ..flash.config import padded_head_dim
 from ..flash.fwd import device_guard
 
@@ -83,12 +83,13 @@ def combine_splits(out_parts, lse_parts, dtype, *, pdl: bool = False):
     S, B, T_q, H, D = out_parts.shape
     out = empty((B, T_q, H, D), dtype=dtype, device=out_parts.device)
     lse = empty((B, H, T_q), dtype=lse_parts.dtype, device=out_parts.device)
+    key = ("combine", out_parts.data_ptr(), lse_parts.data_ptr(), out.data_ptr(), lse.data_ptr(), out_parts.shape,
+           out_parts.dtype, lse_parts.dtype, dtype, pdl)
     with device_guard(out_parts):
-        launch(
+        launch_site(key, lambda: (
             _combine_kernel, (B * T_q * H,),
-            out_parts, lse_parts, out, lse, S, out_parts.stride(0), lse_parts.stride(0), T_q, H,
-            out.stride(0), out.stride(1), out.stride(2), D=D, HEAD_DIM=padded_head_dim(D),
-            SPLITS=max(2, next_pow2(S)), WAIT_PRIOR=pdl, num_warps=1 if D <= 64 else 4,
-            **({"launch_pdl": True} if pdl else {}),
-        )
+            (out_parts, lse_parts, out, lse, S, out_parts.stride(0), lse_parts.stride(0), T_q, H,
+             out.stride(0), out.stride(1), out.stride(2)),
+            dict(D=D, HEAD_DIM=padded_head_dim(D), SPLITS=max(2, next_pow2(S)), WAIT_PRIOR=pdl,
+                 num_warps=1 if D <= 64 else 4, **({"launch_pdl": True} if pdl else {}))))
     return out, lse

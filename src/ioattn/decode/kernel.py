@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .. import _env
 from .._utils import cdiv, empty, sm_count
-from ..launch import launch
+from ..launch import launch_site
 from ..flash.config import padded_head_dim
 from ..flash.fwd import _scores, device_guard, dot_precision, score_args
 from .combine import combine_splits, gdc_launch_dependents, use_pdl
@@ -234,24 +234,37 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
     mods.pop("diag_offset")
     grid = (num_splits, B * H_kv, m_tiles)
     pdl = num_splits > 1 and use_pdl(q)
+    # Everything the launch's arguments depend on (launch_site): the partials' strides follow
+    # from q's shape and num_splits, the band and score arguments from the scalars named here.
+    alibi = mods["ALIBI"]
+    key = ("splitkv", q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out_parts.data_ptr(),
+           lse_parts.data_ptr(), seqlens.data_ptr(), _ptr(leftpad), _ptr(batch_idx), _ptr(block_table),
+           None if alibi is None else (alibi.data_ptr(), alibi.dim()), q.shape, q.stride(), k_cache.shape,
+           k_cache.stride(), v_cache.stride(), None if block_table is None else block_table.stride(0),
+           q.dtype, k_cache.dtype, v_cache.dtype, num_splits, causal, window, softmax_scale, softcap, config, pdl)
     with device_guard(q):
-        launch(
+        launch_site(key, lambda: (
             _splitkv_kernel, grid,
-            q, k_cache, v_cache, out_parts, lse_parts, seqlens, leftpad, batch_idx, block_table,
-            q.stride(0), q.stride(1), q.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            *o_strides, *l_strides, block_table.stride(0) if paged else 0,
-            T_q, H_kv, group, **band, **mods,
-            D=D, HEAD_DIM=padded_head_dim(D), PAGE_SIZE=k_cache.shape[1] if paged else 1,
-            PREFETCH_PAGES=paged and config.prefetch_pages,
-            IS_PAGED=paged, HAS_LEFTPAD=leftpad is not None, HAS_BATCH_IDX=batch_idx is not None,
-            BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype),
-            LAUNCH_DEPENDENTS=pdl, num_warps=config.num_warps, num_stages=config.num_stages,
-        )
+            (q, k_cache, v_cache, out_parts, lse_parts, seqlens, leftpad, batch_idx, block_table,
+             q.stride(0), q.stride(1), q.stride(2),
+             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+             *o_strides, *l_strides, block_table.stride(0) if paged else 0,
+             T_q, H_kv, group),
+            dict(**band, **mods,
+                 D=D, HEAD_DIM=padded_head_dim(D), PAGE_SIZE=k_cache.shape[1] if paged else 1,
+                 PREFETCH_PAGES=paged and config.prefetch_pages,
+                 IS_PAGED=paged, HAS_LEFTPAD=leftpad is not None, HAS_BATCH_IDX=batch_idx is not None,
+                 BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype),
+                 LAUNCH_DEPENDENTS=pdl, num_warps=config.num_warps, num_stages=config.num_stages)))
     if num_splits == 1:
         return out, lse
     return combine_splits(out_parts, lse_parts, q.dtype, pdl=pdl)
+
+
+def _ptr(t):
+    """A launch_site key's entry for an optional tensor argument."""
+    return None if t is None else t.data_ptr()
 
 
 def _band(causal: bool, window) -> dict:

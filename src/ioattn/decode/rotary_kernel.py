@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .._utils import empty, next_pow2
 from ..flash.fwd import device_guard
-from ..launch import launch
+from ..launch import launch_site
 
 
 @triton.jit
@@ -77,11 +77,12 @@ def rotary_q_triton(q, cos, sin, cache_seqlens, *, interleaved: bool, same_posit
     if out.numel() == 0:
         return out
     rot_half = cos.shape[1]
+    key = ("rotary_q", q.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), cache_seqlens.data_ptr(),
+           q.shape, q.stride(), cos.shape, cos.stride(0), q.dtype, cos.dtype, bool(interleaved), bool(same_position))
     with device_guard(q):
-        launch(
+        launch_site(key, lambda: (
             _rotary_q_kernel, (B * T_q,),
-            q, out, cos, sin, cache_seqlens, *q.stride()[:3], *out.stride()[:3], cos.stride(0), T_q, H,
-            D=D, ROT_HALF=rot_half, INTERLEAVED=interleaved, SAME_POSITION=same_position,
-            **rotary_blocks(H, D, rot_half), num_warps=4,
-        )
+            (q, out, cos, sin, cache_seqlens, *q.stride()[:3], *out.stride()[:3], cos.stride(0), T_q, H),
+            dict(D=D, ROT_HALF=rot_half, INTERLEAVED=bool(interleaved), SAME_POSITION=bool(same_position),
+                 **rotary_blocks(H, D, rot_half), num_warps=4)))
     return out
