@@ -98,3 +98,30 @@ def test_value_checks_can_be_skipped(monkeypatch):
     ref = flash_attn_with_kvcache(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
     monkeypatch.setenv("IOATTN_CHECK_VALUES", "0")
     torch.testing.assert_close(flash_attn_with_kvcache(**kw), ref)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_int_seqlens_are_checked_on_the_host(backend, monkeypatch):
+    # cache_seqlens as an int (or None, full caches) without index tensors: the same checks and
+    # messages on the host values, no read-back of a device tensor (check_kvcache_values, which
+    # makes it, is not reached), and the same result as the tensor form.
+    from ioattn.decode import ops
+
+    monkeypatch.setenv("IOATTN_BACKEND", backend)
+    device = "cpu" if backend == "cpu" else DEVICE
+    kw = make_case(2, 1, 1, 48, 4, 2, 32, [30, 30], dtype=torch.float16, device=device, rotary_dim=16)
+    tensor_form = flash_attn_with_kvcache(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    monkeypatch.setattr(ops, "check_kvcache_values", lambda *a: pytest.fail("read the lengths back"))
+    got = flash_attn_with_kvcache(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+                                  | dict(cache_seqlens=30))
+    torch.testing.assert_close(got, tensor_form, atol=0, rtol=0)
+    before = kw["k_cache"].clone(), kw["v_cache"].clone()
+    for seqlens, words in ((48, "cache too small"), (None, "cache too small"), (-1, "cache_seqlens must be >= 0")):
+        with pytest.raises(ValueError, match=words):
+            flash_attn_with_kvcache(**kw | dict(cache_seqlens=seqlens))
+    with pytest.raises(ValueError, match="rotary tables too short"):
+        flash_attn_with_kvcache(**kw | dict(cache_seqlens=10, rotary_cos=kw["rotary_cos"][:10],
+                                            rotary_sin=kw["rotary_sin"][:10]))
+    assert torch.equal(kw["k_cache"], before[0]) and torch.equal(kw["v_cache"], before[1])
+    # Without k and v, None means full caches: nothing to append, nothing to check on the device.
+    flash_attn_with_kvcache(kw["q"], kw["k_cache"], kw["v_cache"], cache_seqlens=None)

@@ -1,5 +1,5 @@
 """Public function of the decode family: flash-attn 2.x's ``flash_attn_with_kvcache``."""
-from .checks import check_kvcache_args
+from .checks import capacity, check_call_lengths, check_kvcache_args
 from .ops import kvcache_attention
 
 __all__ = ["flash_attn_with_kvcache"]
@@ -65,7 +65,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     values included (lengths past the cache, page numbers out of range, rotary tables too
     short): those checks read the index tensors on the host (one synchronization per call,
     which IOATTN_CHECK_VALUES=0 skips, and a call captured in a CUDA graph skips too: check
-    the values in an eager call first; :class:`ioattn.KVCache` and :class:`ioattn.PagedKVCache`
+    the values in an eager call first; ``cache_seqlens`` given as an int or None, without
+    index tensors, is checked on the host as it is, without a read-back; :class:`ioattn.KVCache` and :class:`ioattn.PagedKVCache`
     run the same checks on their host copy of the lengths instead). CUDA tensors run the split-KV Triton kernel, CPU
     tensors the CPU backend (:func:`ioattn.backend_for` says which). No gradients.
     """
@@ -85,6 +86,13 @@ def _with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_s
     a = check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                            cache_batch_idx, cache_leftpad, block_table, softmax_scale, window_size,
                            softcap, alibi_slopes, num_splits)
+    if known_seqlen_k < 0 and a["host_seqlen"] is not None and cache_batch_idx is None and cache_leftpad is None \
+            and block_table is None:
+        # cache_seqlens given as an int (or None: full caches): every value to check is on the
+        # host already, so the checks run here and the op reads nothing back (no synchronization).
+        known_seqlen_k = check_call_lengths([a["host_seqlen"]] * q.shape[0], 0 if k is None else k.shape[1],
+                                            capacity(k_cache, None), rotary_cos, q.shape[1], causal,
+                                            a["window"])
     out, lse = kvcache_attention(a["q"], k_cache, v_cache, a["k"], a["v"], a["rotary_cos"],
                                  a["rotary_sin"], a["cache_seqlens"], a["cache_batch_idx"],
                                  a["cache_leftpad"], a["block_table"], a["alibi_slopes"],

@@ -16,7 +16,7 @@ import torch
 
 from .._utils import cdiv
 from .api import _with_kvcache
-from .checks import check_lengths
+from .checks import check_call_lengths
 
 # Index arguments the cache classes fill in themselves; a call that passes its own (a leftpad,
 # say) is checked by flash_attn_with_kvcache on the device values instead.
@@ -31,8 +31,7 @@ def _check_on_host(lengths, T_new: int, cap: int, q, causal: bool, kwargs) -> in
     rot = kwargs.get("rotary_cos")
     if any(kwargs.get(n) is not None for n in _CALLER_INDICES) or not (rot is None or torch.is_tensor(rot)):
         return -1
-    local = causal or tuple(kwargs.get("window_size", (-1, -1))) != (-1, -1)
-    return check_lengths(lengths, T_new, cap, 0 if rot is None else rot.shape[0], q.shape[1] if local else 1)
+    return check_call_lengths(lengths, T_new, cap, rot, q.shape[1], causal, kwargs.get("window_size", (-1, -1)))
 
 
 class KVCache:

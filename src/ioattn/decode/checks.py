@@ -57,8 +57,9 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
                        cache_batch_idx, cache_leftpad, block_table, softmax_scale, window_size,
                        softcap, alibi_slopes, num_splits):
     """Shape, dtype and device checks. Returns a dict of the normalized arguments: q with a
-    contiguous last dim, cache_seqlens as an int32 tensor ``[B]``, window as a pair of ints,
-    scale and softcap as floats."""
+    contiguous last dim, cache_seqlens as an int32 tensor ``[B]`` (and ``host_seqlen``, the int
+    it was made from, when given as an int or None), window as a pair of ints, scale and softcap
+    as floats."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
         raise ValueError(f"q must be a 4-dim tensor [B, Tq, H, D], got {got}")
@@ -102,10 +103,12 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
                              f"must be in [2, D = {D}]")
     if isinstance(cache_seqlens, bool):
         raise TypeError("cache_seqlens must be an int, an int32 tensor [B] or None, got bool")
+    host_seqlen = None
     if cache_seqlens is None or isinstance(cache_seqlens, int):
         if cache_seqlens is None:
             # flash-attn's meaning: every sequence fills its whole cache.
             cache_seqlens = capacity(k_cache, block_table)
+        host_seqlen = cache_seqlens
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=dev)
     cache_seqlens = _check_index(cache_seqlens, "cache_seqlens", (B,), dev)
     cache_batch_idx = _check_index(cache_batch_idx, "cache_batch_idx", (B,), dev)
@@ -127,7 +130,7 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
                 v=v if v is None or v.stride(-1) == 1 else v.contiguous(),
                 rotary_cos=None if rotary_cos is None else rotary_cos.contiguous(),
                 rotary_sin=None if rotary_sin is None else rotary_sin.contiguous(),
-                cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+                cache_seqlens=cache_seqlens, host_seqlen=host_seqlen, cache_batch_idx=cache_batch_idx,
                 cache_leftpad=cache_leftpad, block_table=block_table,
                 softmax_scale=check_scale(softmax_scale, D), window=check_window(window_size),
                 softcap=check_softcap(softcap), alibi_slopes=check_alibi(alibi_slopes, q))
@@ -187,6 +190,15 @@ def check_lengths(seqlens: list, T_new: int, cap: int, rotary_len: int, rotary_q
     if any(bad.values()):
         _raise(bad, seqlens, T_new, cap, rotary_len, rotary_q_tokens)
     return max((x + T_new for x in seqlens), default=0)
+
+
+def check_call_lengths(seqlens: list, T_new: int, cap: int, rotary_cos, T_q: int, causal: bool, window) -> int:
+    """:func:`check_lengths` for a call's arguments: the rotary tables' length from
+    ``rotary_cos`` (None: no rotary), and q's rotary positions from each length: T_q of them when
+    causal or windowed, else one (every query at the length, as in flash-attn)."""
+    local = bool(causal) or tuple(window) != (-1, -1)
+    return check_lengths(seqlens, T_new, cap, 0 if rotary_cos is None else rotary_cos.shape[0],
+                         T_q if local else 1)
 
 
 def _length_flags(seqlens, T_new, cap, rotary_len, rotary_q_tokens) -> dict:
