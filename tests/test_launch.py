@@ -18,6 +18,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 from ioattn import flash_attn_func, flash_attn_with_kvcache, launch as launch_mod
 from ioattn.decode import append as decode_append
 from ioattn.decode import combine as decode_combine
+from ioattn.decode import index_check as decode_index_check
 from ioattn.decode import kernel as decode_kernel
 from ioattn.decode import rotary_kernel as decode_rotary
 from ioattn.flash import (bwd, bwd_dq_cast, bwd_fused, bwd_gluon, bwd_gluon_rows, bwd_preprocess, bwd_tma, dropout,
@@ -27,7 +28,8 @@ from ioattn.flash.config import (FusedBwdConfig, TmaFwdConfig, get_fused_bwd_con
 from ioattn.testing import make_qkv
 
 LAUNCHERS = (fwd, bwd, bwd_preprocess, bwd_dq_cast, dropout, varlen_launch, fwd_tma, bwd_tma, fwd_gluon, fwd_pingpong,
-             bwd_gluon, bwd_gluon_rows, decode_kernel, decode_combine, decode_append, decode_rotary)
+             bwd_gluon, bwd_gluon_rows, decode_kernel, decode_combine, decode_append, decode_rotary,
+             decode_index_check)
 _BACKEND = make_backend(GPUTarget("cuda", 90, 32))
 _JITS, _BINDERS = {}, {}
 
@@ -232,8 +234,8 @@ def test_key_refines_triton_specialization_decode(recorded, monkeypatch):
         cos, sin = (torch.rand(T_cache, 8, dtype=torch.float16) for _ in range(2))
         flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cos, sin, cache_seqlens=seqlens - 2, causal=True,
                                 num_splits=num_splits)
-    assert {decode_kernel._splitkv_kernel, decode_append._append_kernel,
-            decode_rotary._rotary_q_kernel} <= {c[0] for c in calls}
+    assert {decode_kernel._splitkv_kernel, decode_append._append_kernel, decode_rotary._rotary_q_kernel,
+            decode_index_check._index_values_kernel} <= {c[0] for c in calls}
     assert check_key_refines_spec(calls) > 0
 
 
@@ -537,7 +539,7 @@ def test_decode_site_keys_name_their_launches(monkeypatch):
         t = buffers.setdefault((tuple(shape), dtype), torch.empty(shape, dtype=dtype, device=device))
         return t.zero_()
 
-    for module in (decode_kernel, decode_combine, decode_append, decode_rotary):
+    for module in (decode_kernel, decode_combine, decode_append, decode_rotary, decode_index_check):
         monkeypatch.setattr(module, "launch_site", record_site)
         monkeypatch.setattr(module, "empty", stable_empty)
     B, H, Hkv, D, T = 2, 4, 2, 32, 48
@@ -571,6 +573,6 @@ def test_decode_site_keys_name_their_launches(monkeypatch):
                        dict(block_table=table[:, 1:], cache_seqlens=torch.tensor([20, 7], dtype=torch.int32))):
             flash_attn_with_kvcache(query, pages_k.clone(), pages_v.clone(), **dict(base, **kwargs))
     names = {key[0] for key in keys_seen}
-    assert names == {"splitkv", "combine", "append", "rotary_q"}, names
+    assert names == {"splitkv", "combine", "append", "rotary_q", "index_values"}, names
     # The stand-in kept the addresses, so calls did share keys where they should.
     assert len(set(keys_seen)) < len(keys_seen)

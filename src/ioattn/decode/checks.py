@@ -144,26 +144,35 @@ def capacity(k_cache, block_table) -> int:
 
 
 def check_kvcache_values(k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad, block_table,
-                         rotary_len, rotary_q_tokens) -> int:
+                         rotary_len, rotary_q_tokens, *, kernel: bool = False) -> int:
     """Checks on the values of the index tensors; returns the longest key length after the
     append, ``max(cache_seqlens) + T_new``. ``rotary_len`` is the rotary tables' length (0 without
     rotary) and ``rotary_q_tokens`` how many positions from ``cache_seqlens[b]`` q uses.
 
-    The ``[B]`` index vectors come to the host in one transfer, with, for a paged cache, one flag
-    computed on the device (a block table of a long context holds many thousands of pages, too
-    many to walk on the host); the conditions are then evaluated on the host. Measured on the H200,
-    one decoding call at B = 1 × 1k: 619 µs with the previous checks (every condition a small
-    device op) against 304 µs without checks; 272 µs with these. The messages are built only when
-    a check fails.
+    The ``[B]`` index vectors come to the host in one transfer, with, for a paged cache, a count
+    of bad pages computed on the device (a block table of a long context holds many thousands of
+    pages, too many to walk on the host); the conditions are then evaluated on the host. Measured
+    on the H200, one decoding call at B = 1 × 1k: 619 µs with the previous checks (every condition
+    a small device op) against 304 µs without checks; 272 µs with these. ``kernel``: gather the
+    vectors and count the pages in one Triton launch (index_check.py) instead of torch ops (the
+    CPU backend's way). The messages are built only when a check fails.
     """
     B = cache_seqlens.shape[0]
     cap = capacity(k_cache, block_table)
     parts = [x for x in (cache_seqlens, cache_leftpad, cache_batch_idx) if x is not None]
-    if block_table is not None:
-        # Only the pages that hold keys are read; entries past them may hold anything.
-        lengths = cache_seqlens.long() + T_new
-        parts.append(_bad_pages(block_table, lengths, k_cache.shape[1], k_cache.shape[0]).any().view(1))
-    host = (torch.cat([x.long() for x in parts]) if len(parts) > 1 else parts[0]).tolist()
+    if kernel and (len(parts) > 1 or block_table is not None):
+        from .index_check import index_values
+
+        host = index_values(cache_seqlens, cache_leftpad, cache_batch_idx, block_table, T_new, k_cache.shape[1],
+                            k_cache.shape[0]).tolist()
+        if block_table is not None:
+            host = host[:-B] + [any(host[-B:])]
+    else:
+        if block_table is not None:
+            # Only the pages that hold keys are read; entries past them may hold anything.
+            lengths = cache_seqlens.long() + T_new
+            parts.append(_bad_pages(block_table, lengths, k_cache.shape[1], k_cache.shape[0]).any().view(1))
+        host = (torch.cat([x.long() for x in parts]) if len(parts) > 1 else parts[0]).tolist()
     seqlens, rest = host[:B], host[B:]
     bad = _length_flags(seqlens, T_new, cap, rotary_len, rotary_q_tokens)
     if cache_leftpad is not None:

@@ -39,6 +39,7 @@ def _kvcache_impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     T_q = q.shape[1]
     T_new = 0 if k is None else k.shape[1]
     local = causal or (window_left, window_right) != (-1, -1)
+    on_cpu = backend_for(q.device) == "cpu"
     max_seqlen_k = None
     # The checks read the indices back to the host, which a CUDA-graph capture cannot do: a
     # captured call skips them (as IOATTN_CHECK_VALUES=0 does), the eager calls before it check.
@@ -49,8 +50,8 @@ def _kvcache_impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     elif _env.check_values() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         rotary_len = 0 if rotary_cos is None else rotary_cos.shape[0]
         max_seqlen_k = check_kvcache_values(k_cache, cache_seqlens, T_new, cache_batch_idx, cache_leftpad,
-                                            block_table, rotary_len, T_q if local else 1)
-    on_cpu = backend_for(q.device) == "cpu"
+                                            block_table, rotary_len, T_q if local else 1,
+                                            kernel=not on_cpu)
     # flash-attn's rotary positions: the new keys at cache_seqlens[b] + i; the queries there too
     # when causal or local, else all of them at cache_seqlens[b]. The Triton backends rotate q in
     # one launch and k inside the append's launch; the CPU backend with torch ops.
