@@ -23,6 +23,18 @@ def test_bench_decode_writes_results(tmp_path, monkeypatch, capsys):
     assert "ioattn-paged16" in capsys.readouterr().out
 
 
+def test_int_lengths_peer_runs_the_same_attention():
+    # The CUDA suite's ioattn-intlens (the lengths as an int) against ioattn (a lengths tensor),
+    # here on CPU tensors: the same call but for how the lengths are given.
+    B, ctx, H, Hkv, D = 2, 64, 4, 2, 32
+    q = torch.randn(B, 1, H, D)
+    k, v = torch.randn(B, ctx, Hkv, D), torch.randn(B, ctx, Hkv, D)
+    seqlens = torch.full((B,), ctx, dtype=torch.int32)
+    want = decode._make_call("ioattn", q, k, v, seqlens)()
+    torch.testing.assert_close(decode._make_call("ioattn-intlens", q, k, v, seqlens)(), want, atol=0, rtol=0)
+    assert "ioattn-intlens" in decode.peers("cuda")
+
+
 def test_compiled_call_appends_and_matches_eager():
     # The custom op mutates the caches under torch.compile too, with the eager results.
     kw = make_case(2, 1, 1, 32, 4, 2, 16, [3, 20], dtype=torch.float32, device="cpu", rotary_dim=16)

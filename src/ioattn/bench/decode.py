@@ -5,7 +5,10 @@ KV bytes read per second: ``2 · B · ctx · Hkv · D · itemsize`` bytes (K and
 the least any exact method reads) over the median time. Peers, run in the same process on the
 same inputs, each checked against ioattn's contiguous result before it is timed:
 
-- ioattn on the contiguous cache and on paged copies of it (16- and 256-token pages, shuffled);
+- ioattn on the contiguous cache and on paged copies of it (16- and 256-token pages, shuffled),
+  with the lengths as a tensor (checked on the device values: one read-back a call); on CUDA
+  once more with the lengths as an int (``ioattn-intlens``: checked on the host, nothing read
+  back), what a caller that keeps its lengths on the host gets eagerly;
 - torch SDPA with the cuDNN and flash backends (CUDA) or its default and math backends (CPU),
   on ``[B, H, T, D]`` views of the cache with ``enable_gqa``;
 - FlexAttention (CUDA, compiled) and FA4 (``flash_attn.cute``, where installed);
@@ -145,7 +148,7 @@ def peers(device: str) -> list:
     ours = ["ioattn", "ioattn-paged16", "ioattn-paged256"]
     if device == "cuda":
         cudnn = ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)
-        return ours + [cudnn, ("sdpa-flash", SDPBackend.FLASH_ATTENTION), "flex", "fa4", "ioattn+graph",
+        return ours + ["ioattn-intlens", cudnn, ("sdpa-flash", SDPBackend.FLASH_ATTENTION), "flex", "fa4", "ioattn+graph",
                        "ioattn-paged16+graph", ("sdpa-cudnn+graph", SDPBackend.CUDNN_ATTENTION)]
     return ours + [("sdpa", SDPBackend.FLASH_ATTENTION), ("sdpa-math", SDPBackend.MATH)]
 
@@ -159,6 +162,9 @@ def _make_call(peer, q, k, v, seqlens):
         return _sdpa(q, k, v, peer[1])
     if peer == "ioattn":
         return _ioattn(q, k, v, seqlens)
+    if peer == "ioattn-intlens":
+        # Every cache is full: the same lengths as one int.
+        return _ioattn(q, k, v, k.shape[1])
     if peer.startswith("ioattn-paged"):
         kp, vp, table = paginate(k, v, int(peer.removeprefix("ioattn-paged")))
         return _ioattn(q, kp, vp, seqlens, table)
