@@ -483,11 +483,20 @@ GQA_EXPAND_CAUSAL_MIN_SEQLEN = 8192
 # and a two-pass backward of ~0.59), so the one-pass backward's lead at 1024 (0.566 against
 # 0.598 ms at 821ac90) could show; the grid at fc5c2d7 ran the point at 0.738 ms (0.96x cuDNN,
 # results/2026-12-04_nvidia-h200_paper-v1.24-fc5c2d7.json).
+# D = 64 full attention from 1024 (v1.28): ab_bwd.py at T = 1024, whole backward, ms, the two-pass
+# backward against the row-held kernel with dq_rows and s_ahead, three rounds at 4085ba8
+# (results/2026-12-04_nvidia-h200_ab-bwd-64-1024-full-4085ba8.json) 0.995 / 1.053 / 1.048 against
+# 1.023 / 1.017 / 1.013, six at 7326ccd (..._ab-bwd-64-1024-full-7326ccd.json) 0.969 / 1.086 / 1.075 /
+# 1.088 / 1.205 / 1.115 against 1.005 / 1.033 / 1.016 / 1.071 / 1.038 / 1.030: lower in 7 of 9
+# pairs, medians 3-5% lower, and steadier (32ec60b's sweep, ..._sweep-bwd-fused-64-short-32ec60b.json,
+# had 0.977 against 1.022 in one run). Causal keeps the two-pass backward at 1024 (0.694 against 0.722 ms at 4085ba8) and
+# the row-held kernel from 2048 (1.114 / 1.941 against 1.203 / 2.208 ms at 2048 / 4096, four
+# rounds at 7326ccd, ..._ab-bwd-64-causal-7326ccd.json).
 # Entries: (shortest sequence, config).
 GLUON_FUSED_BWD: dict = {
     (128, False): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
     (128, True): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
-    (64, False): (2048, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True,
+    (64, False): (1024, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True,
                                        s_ahead=True)),
     (64, True): (2048, FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True,
                                       s_ahead=True)),
