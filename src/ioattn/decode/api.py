@@ -66,9 +66,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     short): those checks read the index tensors on the host (one synchronization per call,
     which IOATTN_CHECK_VALUES=0 skips, and a call captured in a CUDA graph skips too: check
     the values in an eager call first; ``cache_seqlens`` given as an int or None, without
-    index tensors, is checked on the host as it is, without a read-back; :class:`ioattn.KVCache` and :class:`ioattn.PagedKVCache`
-    run the same checks on their host copy of the lengths instead). CUDA tensors run the split-KV Triton kernel, CPU
-    tensors the CPU backend (:func:`ioattn.backend_for` says which). No gradients.
+    index tensors, is checked on the host as it is, without a read-back; :class:`ioattn.KVCache`
+    and :class:`ioattn.PagedKVCache` run the same checks on their host copy of the lengths
+    instead). CUDA tensors run the split-KV Triton kernel, CPU tensors the CPU backend
+    (:func:`ioattn.backend_for` says which). No gradients.
     """
     return _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                          cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,

@@ -166,7 +166,9 @@ def check_kvcache_values(k_cache, cache_seqlens, T_new, cache_batch_idx, cache_l
         host = index_values(cache_seqlens, cache_leftpad, cache_batch_idx, block_table, T_new, k_cache.shape[1],
                             k_cache.shape[0]).tolist()
         if block_table is not None:
-            host = host[:-B] + [any(host[-B:])]
+            # The per-sequence counts of bad pages become the one flag the torch path reads.
+            n = len(host) - B
+            host = host[:n] + [any(host[n:])]
     else:
         if block_table is not None:
             # Only the pages that hold keys are read; entries past them may hold anything.
