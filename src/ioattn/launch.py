@@ -249,6 +249,11 @@ _MAX_SITES = 4096
 VERIFY_SITES = False
 
 
+def address(t):
+    """A launch_site key's entry for an optional tensor argument: its address, or None."""
+    return None if t is None else t.data_ptr()
+
+
 def launch_site(key, build) -> None:
     """A launch whose caller names, in ``key``, everything its arguments depend on: every tensor's
     address, shape and strides, every scalar, the config. ``build()`` returns ``(kernel, grid,

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .._utils import empty
 from ..flash.fwd import device_guard
-from ..launch import launch_site
+from ..launch import address, launch_site
 from .rotary_kernel import _rotate_heads, rotary_blocks
 
 
@@ -82,7 +82,7 @@ def append_kv_triton(k_cache, v_cache, k, v, cache_seqlens, *, batch_idx=None, b
     blocks = rotary_blocks(H_kv, D, rot_half)
     BLOCK_H, BLOCK_D = blocks["BLOCK_H"], blocks["BLOCK_D"]
     key = ("append", k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), cache_seqlens.data_ptr(),
-           new_seqlens.data_ptr(), None if batch_idx is None else batch_idx.data_ptr(),
+           new_seqlens.data_ptr(), address(batch_idx),
            None if block_table is None else (block_table.data_ptr(), block_table.stride(0)),
            None if cos is None else (cos.data_ptr(), sin.data_ptr(), cos.shape, cos.stride(0), bool(interleaved)),
            k.shape, k.stride(), v.stride(), k_cache.shape, k_cache.stride(), v_cache.stride(), k.dtype, v.dtype,

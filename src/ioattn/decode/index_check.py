@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .._utils import empty
 from ..flash.fwd import device_guard
-from ..launch import launch_site
+from ..launch import address, launch_site
 
 # Block-table entries a program reads at a time.
 BLOCK_P = 256
@@ -63,8 +63,7 @@ def index_values(cache_seqlens, cache_leftpad, cache_batch_idx, block_table, T_n
         return out
     paged = block_table is not None
     max_blocks = block_table.shape[1] if paged else 0
-    key = ("index_values", cache_seqlens.data_ptr(), None if cache_leftpad is None else cache_leftpad.data_ptr(),
-           None if cache_batch_idx is None else cache_batch_idx.data_ptr(),
+    key = ("index_values", cache_seqlens.data_ptr(), address(cache_leftpad), address(cache_batch_idx),
            None if block_table is None else (block_table.data_ptr(), block_table.shape, block_table.stride(0)),
            out.data_ptr(), B, T_new, page_size, num_pages)
     with device_guard(cache_seqlens):

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .. import _env
 from .._utils import cdiv, empty, sm_count
-from ..launch import launch_site
+from ..launch import address, launch_site
 from ..flash.config import padded_head_dim
 from ..flash.fwd import _scores, device_guard, dot_precision, score_args
 from .combine import combine_splits, gdc_launch_dependents, use_pdl
@@ -238,7 +238,7 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
     # from q's shape and num_splits, the band and score arguments from the scalars named here.
     alibi = mods["ALIBI"]
     key = ("splitkv", q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out_parts.data_ptr(),
-           lse_parts.data_ptr(), seqlens.data_ptr(), _ptr(leftpad), _ptr(batch_idx), _ptr(block_table),
+           lse_parts.data_ptr(), seqlens.data_ptr(), address(leftpad), address(batch_idx), address(block_table),
            None if alibi is None else (alibi.data_ptr(), alibi.dim()), q.shape, q.stride(), k_cache.shape,
            k_cache.stride(), v_cache.stride(), None if block_table is None else block_table.stride(0),
            q.dtype, k_cache.dtype, v_cache.dtype, num_splits, causal, window, softmax_scale, softcap, config, pdl)
@@ -260,11 +260,6 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
     if num_splits == 1:
         return out, lse
     return combine_splits(out_parts, lse_parts, q.dtype, pdl=pdl)
-
-
-def _ptr(t):
-    """A launch_site key's entry for an optional tensor argument."""
-    return None if t is None else t.data_ptr()
 
 
 def _band(causal: bool, window) -> dict:
