@@ -193,6 +193,21 @@ def test_fwd_tma_gpu_strided():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("case", [
+    (2, 1000, 1100, 4, 2, 64, True, None),
+    (1, 777, 777, 8, 8, 64, False, None),
+    (2, 1000, 900, 4, 1, 64, True, 0),
+    (1, 513, 2000, 4, 2, 128, True, None),
+], ids=case_id)
+def test_fwd_tma_gpu_q_in_registers(case, dtype):
+    # Q through fwd_tma._opaque into registers (the interpreter skips it, so only here): odd
+    # lengths, GQA and MQA, rows that see no key (Tq > Tk, bottom-right).
+    for M, N, warps, stages in ((64, 64, 4, 3), (128, 64, 8, 3)):
+        check_tma(*case, DTYPES[dtype], config=TmaFwdConfig(M, N, warps, stages, q_regs=True))
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("D", TMA_HEAD_DIMS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

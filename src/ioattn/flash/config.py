@@ -109,7 +109,11 @@ class TmaFwdConfig:
     kernel cast each block's P to 16 bits right after its softmax (fwd_gluon_loop.py's ``P_EARLY``);
     ``half_last`` has the ping-pong kernels run a last key block that a warpgroup's rows see only
     the first half of (causal: the upper rows of a diagonal tile) as a 64-key step
-    (fwd_gluon_loop.py's ``HALF_LAST``; BLOCK_N = 128)."""
+    (fwd_gluon_loop.py's ``HALF_LAST``; BLOCK_N = 128). ``q_regs`` (the Triton TMA kernel, 16-bit
+    inputs, compiled only) keeps Q in registers for the key loop instead of shared memory
+    (fwd_tma.py's ``Q_IN_REGISTERS``): at D = 64 with 64 x 64 tiles and 3 stages that is 49.2
+    instead of 57.4 KB of shared memory a program, four programs on an SM instead of three (an
+    SM has 228 KB, and 1 KB more a program is the driver's)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -123,6 +127,7 @@ class TmaFwdConfig:
     warpgroups: int = 2
     p_early: bool = False
     half_last: bool = False
+    q_regs: bool = False
 
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few
