@@ -230,19 +230,8 @@ def test_combine_equals_merge_partials_many(S):
 
 def test_gpu_configs_compile_without_spills():
     # The H200 configs (bf16, D = 128, every feature on and off) compile for sm_90a without spilling
-    # registers: checked without a GPU, in a child process without TRITON_INTERPRET (the
-    # interpreter has no compiler), which runs tests/decode/ptxas_check.py.
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    # registers (tests/decode/ptxas_check.py, no GPU needed).
+    from tests.compile_child import child_report
 
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root / "src") + os.pathsep + str(root)
-    done = subprocess.run([sys.executable, "-m", "tests.decode.ptxas_check"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    spills = json.loads(done.stdout.strip().splitlines()[-1])
+    spills = child_report("tests.decode.ptxas_check")
     assert len(spills) == 10 and all(v == 0 for v in spills.values()), spills

@@ -6,11 +6,6 @@ reference with the accuracy rule, on odd sizes, GQA / MQA, causal with Tq != Tk 
 alignments, rows that see no key) and strided inputs.
 """
 import dataclasses
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,14 +13,13 @@ import torch
 from ioattn.flash import fwd_gluon, fwd_persistent, fwd_pingpong, gluon_exp2
 from ioattn.flash.config import TmaFwdConfig
 from ioattn.testing import make_qkv
+from tests.compile_child import child_report
 
 from . import cases
 from .cases import DEVICE, DTYPES, case_id
 from .test_fwd import check_fwd
 
 pytestmark = pytest.mark.skipif(not fwd_gluon.HAS_GLUON, reason="this triton has no Gluon")
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _dkdv_candidates():
@@ -52,13 +46,7 @@ CONFIG = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
 
 
 def test_gluon_kernels_compile_for_sm90_without_spills():
-    # In a child process without TRITON_INTERPRET (the interpreter has no compiler).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + str(ROOT)
-    done = subprocess.run([sys.executable, "-m", "tests.flash.gluon_ptxas"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = child_report("tests.flash.gluon_ptxas", timeout=600)
     # bwd_gluon.py's kernel too, as dK/dV pass and as one-pass backward (one child process
     # compiles every Gluon kernel).
     expected = 2 * sum(len(c) for cands in (_sweep_candidates(), _dkdv_candidates(), _fused_candidates())

@@ -19,6 +19,8 @@ from ioattn.flash.fwd_tma import flash_fwd_tma, tma_supported
 from ioattn.flash.tma import TMA_HEAD_DIMS, TensorDescriptor, head_major_desc
 from ioattn.testing import make_qkv
 
+from tests.compile_child import child_report
+
 from . import cases
 from .cases import DEVICE, DTYPES, SMEM_BYTES, case_id
 from .test_fwd import check_fwd
@@ -170,6 +172,26 @@ def test_fwd_tma_gpu_configs_run(D, seqlen):
     for causal in (False, True):
         cfg = get_tma_fwd_config(D, torch.float16, causal, interpret=False, seqlen=seqlen)
         check_tma(1, 130, 150, 1, 1, D, causal, None, torch.float16, config=cfg)
+
+
+# An H200 SM: 228 KB of shared memory (1 KB of it the driver's per program), 64K registers.
+SM_SHARED, SM_REGISTERS = 233472, 65536
+
+
+def programs_per_sm(r: dict) -> int:
+    """Programs of a compiled kernel (tma_ptxas.py's report) that fit on one SM at once."""
+    regs_per_warp = -(-r["regs"] * 32 // 256) * 256  # allocated in 256-register units a warp
+    return min(SM_SHARED // (r["shared"] + 1024), SM_REGISTERS // (regs_per_warp * r["warps"]))
+
+
+def test_fwd_tma_table_configs_compile():
+    # The table's Triton TMA configs compile for sm_90a without spilling, and those that hold Q in
+    # registers fit four programs on an SM (three with Q in shared memory: 56 bytes over).
+    report = child_report("tests.flash.tma_ptxas")
+    assert len(report) == 8 and all(r["spills"] == 0 for r in report.values()), report
+    held = {name: r for name, r in report.items() if r["q_regs"]}
+    assert held, "no table config holds Q in registers"
+    assert all(programs_per_sm(r) == 4 for r in held.values()), held
 
 
 # The portable kernel's GPU cases that the TMA kernel covers, and full attention at D 128 and 256.

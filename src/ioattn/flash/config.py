@@ -157,8 +157,9 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
     # (the last from -short; "was" is the config used before the short-sequence sweep).
     if head_dim <= 64:
         if causal and short:
-            # 306 at T = 1024; 64 x 128 with 2 stages 294, with 3 (was) 267.
-            return TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+            # 306 at T = 1024; 64 x 128 with 2 stages 294, with 3 (was) 267. Q in registers: four
+            # programs an SM instead of three (see TmaFwdConfig; benchmarks/LOG.md v1.29).
+            return TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, q_regs=True)
         # full 446 / 441 / 393, causal 429 / 397 / 294; was 128 x 128 with 3 stages (full: 424 /
         # 411 / 358) and 64 x 128 with 3 stages (causal: 414 / 395 / 267).
         return TmaFwdConfig(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)
