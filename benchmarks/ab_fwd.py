@@ -9,8 +9,7 @@ of the D = 128 causal forward that went with the inputs' placement). Here every 
 inputs (paper grid shapes, bf16) and times every config on them, in order, so that a difference
 that holds in every round is the configs' and not the round's. ``table`` is what the dispatch
 runs (flash/config.py's tables); ``NAME=M,N,...`` a Gluon config in sweep_fwd_tma.py's --configs
-format, ``NAME=tma:M,N,WARPS,STAGES[,qregs]`` a Triton TMA one (``qregs``: Q held in registers,
-TmaFwdConfig.q_regs). Each is checked against the portable
+format, ``NAME=tma:M,N,WARPS,STAGES`` a Triton TMA one. Each is checked against the portable
 kernel once. Prints ms per round and the median, writes JSON with a machine header (--out).
 """
 import argparse
@@ -34,14 +33,13 @@ from sweep_fwd_tma import Gluon, disagreement, launcher  # noqa: E402
 
 
 def parse(spec: str):
-    """``table``, ``NAME=M,N,...`` (Gluon) or ``NAME=tma:M,N,W,S[,qregs]`` → (name, forward(q, k, v, scale, causal))."""
+    """``table``, ``NAME=M,N,...`` (Gluon) or ``NAME=tma:M,N,W,S`` → (name, forward(q, k, v, scale, causal))."""
     if spec == "table":
         fwd = kernels_for(torch.device("cuda"))[0]
         return spec, lambda q, k, v, s, c: fwd(q, k, v, s, c, 0)
     name, _, body = spec.partition("=")
     if body.startswith("tma:"):
-        fields = body[4:].split(",")
-        cfg = TmaFwdConfig(*map(int, fields[:4]), q_regs="qregs" in fields[4:])
+        cfg = TmaFwdConfig(*map(int, body[4:].split(",")))
     else:
         c = list(map(int, body.split(",")))
         cfg = Gluon(*c[:4], *map(bool, c[4:8]), *c[8:10], *map(bool, c[10:]))

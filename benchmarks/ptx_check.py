@@ -99,7 +99,7 @@ def _compile_tma(D, causal, cfg):
     from ioattn.flash.fwd_tma import _fwd_tma_kernel as fn
 
     values = dict(HEAD_DIM=D, HAS_RIGHT=causal, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, DOT_PRECISION="tf32",
-                  NUM_STAGES=cfg.num_stages, WARP_SPECIALIZE=cfg.warp_specialize, Q_IN_REGISTERS=cfg.q_regs)
+                  NUM_STAGES=cfg.num_stages, WARP_SPECIALIZE=cfg.warp_specialize)
     blocks = dict(desc_q=cfg.BLOCK_M, desc_o=cfg.BLOCK_M, desc_k=cfg.BLOCK_N, desc_v=cfg.BLOCK_N)
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):

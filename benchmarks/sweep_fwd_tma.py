@@ -118,8 +118,7 @@ def short(cfg: TmaFwdConfig) -> str:
             + (" ws" if cfg.warp_specialize else "") + (" pp" if cfg.pingpong else "")
             + ("" if cfg.turns else " free") + (" persistent" if cfg.persistent else "")
             + (f" emu{cfg.exp2_emu}" if cfg.exp2_emu else "") + (" wg3" if cfg.warpgroups == 3 else "")
-            + (" early" if cfg.p_early else "") + (" half" if cfg.half_last else "")
-            + (" qregs" if cfg.q_regs else ""))
+            + (" early" if cfg.p_early else "") + (" half" if cfg.half_last else ""))
 
 
 def disagreement(got, want) -> str:

@@ -174,24 +174,10 @@ def test_fwd_tma_gpu_configs_run(D, seqlen):
         check_tma(1, 130, 150, 1, 1, D, causal, None, torch.float16, config=cfg)
 
 
-# An H200 SM: 228 KB of shared memory (1 KB of it the driver's per program), 64K registers.
-SM_SHARED, SM_REGISTERS = 233472, 65536
-
-
-def programs_per_sm(r: dict) -> int:
-    """Programs of a compiled kernel (tma_ptxas.py's report) that fit on one SM at once."""
-    regs_per_warp = -(-r["regs"] * 32 // 256) * 256  # allocated in 256-register units a warp
-    return min(SM_SHARED // (r["shared"] + 1024), SM_REGISTERS // (regs_per_warp * r["warps"]))
-
-
 def test_fwd_tma_table_configs_compile():
-    # The table's Triton TMA configs compile for sm_90a without spilling, and those that hold Q in
-    # registers fit four programs on an SM (three with Q in shared memory: 56 bytes over).
+    # The table's Triton TMA configs compile for sm_90a without spilling (no GPU needed).
     report = child_report("tests.flash.tma_ptxas")
     assert len(report) == 8 and all(r["spills"] == 0 for r in report.values()), report
-    held = {name: r for name, r in report.items() if r["q_regs"]}
-    assert held, "no table config holds Q in registers"
-    assert all(programs_per_sm(r) == 4 for r in held.values()), held
 
 
 # The portable kernel's GPU cases that the TMA kernel covers, and full attention at D 128 and 256.
@@ -212,21 +198,6 @@ def test_fwd_tma_gpu(case, dtype):
 def test_fwd_tma_gpu_strided():
     check_tma(2, 1000, 1000, 8, 8, 128, True, None, torch.bfloat16, qkv=packed_qkv(2, 1000, 8, 128, torch.bfloat16))
     check_tma(2, 1000, 1200, 8, 2, 64, True, None, torch.bfloat16, layout="bhtd")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-@pytest.mark.parametrize("case", [
-    (2, 1000, 1100, 4, 2, 64, True, None),
-    (1, 777, 777, 8, 8, 64, False, None),
-    (2, 1000, 900, 4, 1, 64, True, 0),
-    (1, 513, 2000, 4, 2, 128, True, None),
-], ids=case_id)
-def test_fwd_tma_gpu_q_in_registers(case, dtype):
-    # Q through fwd_tma._opaque into registers (the interpreter skips it, so only here): odd
-    # lengths, GQA and MQA, rows that see no key (Tq > Tk, bottom-right).
-    for M, N, warps, stages in ((64, 64, 4, 3), (128, 64, 8, 3)):
-        check_tma(*case, DTYPES[dtype], config=TmaFwdConfig(M, N, warps, stages, q_regs=True))
 
 
 @pytest.mark.gpu

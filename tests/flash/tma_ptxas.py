@@ -24,7 +24,7 @@ def main():
                 info = _ptxas_info(compiled.asm["ptx"])
                 out[f"D{D} {'causal' if causal else 'full'} {'short' if seqlen else 'long'}"] = dict(
                     regs=info["regs"], spills=info["spill_stores"], shared=compiled.metadata.shared,
-                    warps=cfg.num_warps, q_regs=cfg.q_regs)
+                    warps=cfg.num_warps)
     print(json.dumps(out))
 
 

@@ -109,11 +109,7 @@ class TmaFwdConfig:
     kernel cast each block's P to 16 bits right after its softmax (fwd_gluon_loop.py's ``P_EARLY``);
     ``half_last`` has the ping-pong kernels run a last key block that a warpgroup's rows see only
     the first half of (causal: the upper rows of a diagonal tile) as a 64-key step
-    (fwd_gluon_loop.py's ``HALF_LAST``; BLOCK_N = 128). ``q_regs`` (the Triton TMA kernel, 16-bit
-    inputs, compiled only) keeps Q in registers for the key loop instead of shared memory
-    (fwd_tma.py's ``Q_IN_REGISTERS``): at D = 64 with 64 x 64 tiles and 3 stages that is 49.2
-    instead of 57.4 KB of shared memory a program, four programs on an SM instead of three (an
-    SM has 228 KB, and 1 KB more a program is the driver's)."""
+    (fwd_gluon_loop.py's ``HALF_LAST``; BLOCK_N = 128)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -127,7 +123,6 @@ class TmaFwdConfig:
     warpgroups: int = 2
     p_early: bool = False
     half_last: bool = False
-    q_regs: bool = False
 
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few
@@ -157,9 +152,8 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
     # (the last from -short; "was" is the config used before the short-sequence sweep).
     if head_dim <= 64:
         if causal and short:
-            # 306 at T = 1024; 64 x 128 with 2 stages 294, with 3 (was) 267. Q in registers: four
-            # programs an SM instead of three (see TmaFwdConfig; benchmarks/LOG.md v1.29).
-            return TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, q_regs=True)
+            # 306 at T = 1024; 64 x 128 with 2 stages 294, with 3 (was) 267.
+            return TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
         # full 446 / 441 / 393, causal 429 / 397 / 294; was 128 x 128 with 3 stages (full: 424 /
         # 411 / 358) and 64 x 128 with 3 stages (causal: 414 / 395 / 267).
         return TmaFwdConfig(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)

@@ -64,20 +64,10 @@ def _fwd_tma_loop(acc, l_i, m_i, b_q, desc_k, desc_v, i_b, i_hkv, end_n, mask_fr
 
 
 @triton.jit
-def _opaque(x):
-    """``x`` unchanged (16-bit elements, two to a register), through an instruction the compiler
-    cannot see through. Q passed through it stays in registers as the QKᵀ wgmma's A operand:
-    traced back to its load, triton would keep Q in shared memory for the whole key loop (and
-    a select or a cast on the way is folded or staged through shared memory again; TTGIR for
-    sm_90, triton 3.6). Compiled kernels only: the interpreter runs no inline PTX."""
-    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=True, pack=2)
-
-
-@triton.jit
 def _fwd_tma_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
                     HEAD_DIM: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
-                    WARP_SPECIALIZE: tl.constexpr, Q_IN_REGISTERS: tl.constexpr = False):
+                    WARP_SPECIALIZE: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     if HAS_RIGHT:
         # Causal tiles lower down see more keys: launch them first, so that the short ones fill
@@ -92,10 +82,6 @@ def _fwd_tma_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, dia
 
     # Rows past Tq load as zeros, get finite scores and are never stored.
     b_q = desc_q.load([i_b, i_h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
-    if Q_IN_REGISTERS:
-        # Q's shared-memory tile is free again once it is in registers: the K/V stages reuse it
-        # (TmaFwdConfig.q_regs says when that lets one more program fit on an SM).
-        b_q = _opaque(b_q)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -165,9 +151,7 @@ def flash_fwd_tma(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
                  T_q, T_k, H, H // H_kv, band["diag_hi"], softmax_scale * LOG2E),
                 dict(HEAD_DIM=D, HAS_RIGHT=band["HAS_RIGHT"], BLOCK_M=M, BLOCK_N=N,
                      DOT_PRECISION=dot_precision(q.dtype), NUM_STAGES=config.num_stages,
-                     WARP_SPECIALIZE=config.warp_specialize,
-                     Q_IN_REGISTERS=config.q_regs and q.element_size() == 2 and not _env.interpret(),
-                     num_warps=config.num_warps,
+                     WARP_SPECIALIZE=config.warp_specialize, num_warps=config.num_warps,
                      num_stages=config.num_stages))
 
     key = ("fwd_tma", q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), q.shape, k.shape,
