@@ -9,8 +9,7 @@ of the D = 128 causal forward that went with the inputs' placement). Here every 
 inputs (paper grid shapes, bf16) and times every config on them, in order, so that a difference
 that holds in every round is the configs' and not the round's. ``table`` is what the dispatch
 runs (flash/config.py's tables); ``NAME=M,N,...`` a Gluon config in sweep_fwd_tma.py's --configs
-format, ``NAME=tma:M,N,WARPS,STAGES`` a Triton TMA one, ``NAME=portable:M,N,WARPS,STAGES[,lpt]``
-fwd.py's pointer-load kernel (``lpt``: causal tiles longest first). Each is checked against the portable
+format, ``NAME=tma:M,N,WARPS,STAGES`` a Triton TMA one. Each is checked against the portable
 kernel once. Prints ms per round and the median, writes JSON with a machine header (--out).
 """
 import argparse
@@ -27,23 +26,18 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from ioattn.bench.machine import header  # noqa: E402
-from ioattn.flash.config import FwdConfig, TmaFwdConfig  # noqa: E402
+from ioattn.flash.config import TmaFwdConfig  # noqa: E402
 from ioattn.flash.dispatch import kernels_for  # noqa: E402
 from ioattn.flash.fwd import flash_fwd_triton  # noqa: E402
 from sweep_fwd_tma import Gluon, disagreement, launcher  # noqa: E402
 
 
 def parse(spec: str):
-    """``table``, ``NAME=M,N,...`` (Gluon), ``NAME=tma:M,N,W,S`` or ``NAME=portable:M,N,W,S[,lpt]`` →
-    (name, forward(q, k, v, scale, causal))."""
+    """``table``, ``NAME=M,N,...`` (Gluon) or ``NAME=tma:M,N,W,S`` → (name, forward(q, k, v, scale, causal))."""
     if spec == "table":
         fwd = kernels_for(torch.device("cuda"))[0]
         return spec, lambda q, k, v, s, c: fwd(q, k, v, s, c, 0)
     name, _, body = spec.partition("=")
-    if body.startswith("portable:"):
-        fields = body[9:].split(",")
-        pcfg = FwdConfig(*map(int, fields[:4]), longest_first="lpt" in fields[4:])
-        return name, lambda q, k, v, s, causal: flash_fwd_triton(q, k, v, s, causal, 0, config=pcfg)
     if body.startswith("tma:"):
         cfg = TmaFwdConfig(*map(int, body[4:].split(",")))
     else:

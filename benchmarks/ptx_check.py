@@ -36,7 +36,7 @@ def _signature(fn, D, causal, block_m, block_n, num_warps):
     constexpr_names = {fn.arg_names[p.num] for p in fn.params if p.is_constexpr}
     values = dict(D=D, HEAD_DIM=padded_head_dim(D), HAS_LEFT=False, HAS_RIGHT=causal, HAS_SOFTCAP=False,
                   HAS_ALIBI=False, IS_VARLEN=False, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION="tf32",
-                  HAS_ATTN_MASK=False, MASK_IS_BOOL=False, HAS_DROPOUT=False, LONGEST_FIRST=False)
+                  HAS_ATTN_MASK=False, MASK_IS_BOOL=False, HAS_DROPOUT=False)
     none_ptrs = {"ALIBI", "CU_SEQLENS_Q", "CU_SEQLENS_K", "ATTN_MASK"}
     fp32_args = {"qk_scale", "softcap2", "softmax_scale", "dropout_p", "dropout_scale"}
     sig, constexprs, attrs = {}, {}, {}

@@ -104,14 +104,6 @@ def test_fwd_empty_rows_are_zero():
     assert torch.all(out[:, :31] == 0) and torch.all(torch.isneginf(lse[:, :, :31]))
 
 
-@pytest.mark.parametrize("offset", [None, 0], ids=["bottom-right", "top-left"])
-def test_fwd_longest_first(offset):
-    # Causal tiles launched last row first (FwdConfig.longest_first) still write their own rows:
-    # odd lengths (a partial last tile), Tq > Tk and Tq < Tk, GQA.
-    for Tq, Tk in ((77, 50), (50, 77)):
-        check_fwd(1, Tq, Tk, 4, 2, 40, True, offset, torch.float16, config=FwdConfig(16, 32, 4, 1, longest_first=True))
-
-
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_fwd_nondefault_config(causal):
     # Tall-and-narrow tiles (BLOCK_M != BLOCK_N) exercise the split of masked and unmasked blocks.

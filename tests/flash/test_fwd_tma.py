@@ -174,24 +174,10 @@ def test_fwd_tma_gpu_configs_run(D, seqlen):
         check_tma(1, 130, 150, 1, 1, D, causal, None, torch.float16, config=cfg)
 
 
-# An H200 SM: 228 KB of shared memory (1 KB of it the driver's per program), 64K registers.
-SM_SHARED, SM_REGISTERS = 233472, 65536
-
-
-def programs_per_sm(r: dict) -> int:
-    """Programs of a compiled kernel (tma_ptxas.py's report) that fit on one SM at once."""
-    regs_per_warp = -(-r["regs"] * 32 // 256) * 256  # allocated in 256-register units a warp
-    return min(SM_SHARED // (r["shared"] + 1024), SM_REGISTERS // (regs_per_warp * r["warps"]))
-
-
 def test_fwd_tma_table_configs_compile():
-    # The Hopper table's forward configs compile for sm_90a without spilling (no GPU needed), and
-    # those that run fwd.py's kernel fit the four programs an SM they are there for (the TMA
-    # kernel's barriers make the same tiles 56 bytes too many for four).
+    # The table's Triton TMA configs compile for sm_90a without spilling (no GPU needed).
     report = child_report("tests.flash.tma_ptxas")
     assert len(report) == 8 and all(r["spills"] == 0 for r in report.values()), report
-    portable = {name: r for name, r in report.items() if r["portable"]}
-    assert portable and all(programs_per_sm(r) == 4 for r in portable.values()), portable
 
 
 # The portable kernel's GPU cases that the TMA kernel covers, and full attention at D 128 and 256.

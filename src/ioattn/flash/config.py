@@ -16,15 +16,12 @@ from .._utils import next_pow2
 
 @dataclass(frozen=True)
 class FwdConfig:
-    """Forward kernel: a program holds BLOCK_M query rows and steps over BLOCK_N keys at a time;
-    ``longest_first`` launches a causal band's query tiles last row first (fwd.py's
-    ``LONGEST_FIRST``: the tiles that see the most keys start first)."""
+    """Forward kernel: a program holds BLOCK_M query rows and steps over BLOCK_N keys at a time."""
 
     BLOCK_M: int
     BLOCK_N: int
     num_warps: int
     num_stages: int
-    longest_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,11 +109,7 @@ class TmaFwdConfig:
     kernel cast each block's P to 16 bits right after its softmax (fwd_gluon_loop.py's ``P_EARLY``);
     ``half_last`` has the ping-pong kernels run a last key block that a warpgroup's rows see only
     the first half of (causal: the upper rows of a diagonal tile) as a 64-key step
-    (fwd_gluon_loop.py's ``HALF_LAST``; BLOCK_N = 128). ``portable`` runs fwd.py's kernel with these
-    tiles instead (pointer loads pipelined by cp.async, causal tiles longest first): it has no
-    TMA barriers, so at D = 64 a 64 x 64 program with 3 stages takes 57,344 bytes of shared
-    memory, and four fit an SM (228 KB, 1 KB of it the driver's per program), where the TMA
-    kernel's 57,400 bytes fit three."""
+    (fwd_gluon_loop.py's ``HALF_LAST``; BLOCK_N = 128)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -130,7 +123,6 @@ class TmaFwdConfig:
     warpgroups: int = 2
     p_early: bool = False
     half_last: bool = False
-    portable: bool = False
 
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few
@@ -160,9 +152,8 @@ def get_tma_fwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, inter
     # (the last from -short; "was" is the config used before the short-sequence sweep).
     if head_dim <= 64:
         if causal and short:
-            # 306 at T = 1024; 64 x 128 with 2 stages 294, with 3 (was) 267. On fwd.py's kernel
-            # (portable; four programs an SM instead of three, benchmarks/LOG.md v1.29).
-            return TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, portable=True)
+            # 306 at T = 1024; 64 x 128 with 2 stages 294, with 3 (was) 267.
+            return TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
         # full 446 / 441 / 393, causal 429 / 397 / 294; was 128 x 128 with 3 stages (full: 424 /
         # 411 / 358) and 64 x 128 with 3 stages (causal: 414 / 395 / 267).
         return TmaFwdConfig(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)

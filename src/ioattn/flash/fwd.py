@@ -212,12 +212,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr, LONGEST_FIRST: tl.constexpr = False):
+                HAS_DROPOUT: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    if LONGEST_FIRST:
-        # Causal tiles lower down see more keys: launched first, the short ones fill the gaps at
-        # the end (as fwd_tma.py does); query tiles stay on the fast axis for L2 locality.
-        i_m = tl.num_programs(0) - 1 - i_m
     i_b, i_h = i_bh // H, i_bh % H
     # Query head h reads KV head h // GROUP (GQA/MQA).
     i_hkv = i_h // GROUP
@@ -465,7 +461,7 @@ def flash_fwd_triton(q, k, v, softmax_scale: float, causal: bool, diag_offset: i
             out.stride(0), out.stride(1), out.stride(2),
             T_q, T_k, H, H // H_kv, **band, **mods, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
             **mask_args(attn_mask), **dropout_args(dropout_p, seed), D=D, HEAD_DIM=padded_head_dim(D),
-            IS_VARLEN=False, LONGEST_FIRST=config.longest_first and band["HAS_RIGHT"],
+            IS_VARLEN=False,
             BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )

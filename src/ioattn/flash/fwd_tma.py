@@ -21,8 +21,8 @@ import triton.language as tl
 from .. import _env
 from .._utils import cdiv, empty
 from ..launch import launch_site
-from .config import FwdConfig, TmaFwdConfig, get_tma_fwd_config
-from .fwd import LOG2E, _key_range, device_guard, diag_band, dot_precision, flash_fwd_triton
+from .config import TmaFwdConfig, get_tma_fwd_config
+from .fwd import LOG2E, _key_range, device_guard, diag_band, dot_precision
 from .tma import head_major_desc, hopper_inputs
 
 
@@ -139,9 +139,6 @@ def flash_fwd_tma(q, k, v, softmax_scale: float, causal: bool, diag_offset: int,
     T_k, H_kv = k.shape[1], k.shape[2]
     if config is None:
         config = get_tma_fwd_config(D, q.dtype, causal, interpret=_env.interpret(), seqlen=max(T_q, T_k))
-    if config.portable:
-        tiles = FwdConfig(config.BLOCK_M, config.BLOCK_N, config.num_warps, config.num_stages, longest_first=True)
-        return flash_fwd_triton(q, k, v, softmax_scale, causal, diag_offset, config=tiles)
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
 
     out = empty((B, T_q, H, D), dtype=q.dtype, device=q.device)
