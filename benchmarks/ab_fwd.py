@@ -42,7 +42,7 @@ def parse(spec: str):
         cfg = TmaFwdConfig(*map(int, body[4:].split(",")))
     else:
         c = list(map(int, body.split(",")))
-        cfg = Gluon(*c[:4], *map(bool, c[4:8]), *c[8:10], *map(bool, c[10:]))
+        cfg = Gluon(*c[:4], *map(bool, c[4:8]), *c[8:10], *map(bool, c[10:12]), *c[12:])
     run = launcher(cfg)
     return name, lambda q, k, v, s, causal: run(q, k, v, s, causal, 0, config=cfg)
 

@@ -40,8 +40,8 @@ def compile_report(D, cfg: TmaFwdConfig, causal):
         fn, extra = fwd_gluon._fwd_gluon_ws_kernel, dict(maxnreg=fwd_gluon.ws_maxnreg(cfg))
         values.update(BLOCK_M=M, num_warps=warps)
     else:
-        fn, extra = fwd_gluon._fwd_gluon_kernel, {}
-        values.update(BLOCK_M=M, num_warps=warps)
+        fn, extra = fwd_gluon._fwd_gluon_kernel, dict(maxnreg=cfg.maxnreg) if cfg.maxnreg else {}
+        values.update(BLOCK_M=M, num_warps=warps, V_STAGES=cfg.v_stages or stages)
     x = torch.empty(1, 256, 2, D, dtype=torch.bfloat16)  # only its dtype, shape and strides matter
     descs = dict(desc_q=fwd_gluon._desc(x, M), desc_o=fwd_gluon._desc(x, M), desc_k=fwd_gluon._desc(x, N),
                  desc_v=fwd_gluon._desc(x, N))

@@ -106,6 +106,9 @@ GPU_CASES = [c for c in cases.GPU_CASES if c[5] in (64, 128)] + [
 # each also in its persistent form.
 KERNELS = {
     "plain": CONFIG,
+    "plain-64": TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    # V's ring shallower than K's, registers capped (four programs an SM at D = 64).
+    "v2-cap": TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, v_stages=2, maxnreg=128),
     "ws": TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, warp_specialize=True),
     "pingpong": TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True),
     "free": TmaFwdConfig(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pingpong=True, turns=False),

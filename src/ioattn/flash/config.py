@@ -109,7 +109,12 @@ class TmaFwdConfig:
     kernel cast each block's P to 16 bits right after its softmax (fwd_gluon_loop.py's ``P_EARLY``);
     ``half_last`` has the ping-pong kernels run a last key block that a warpgroup's rows see only
     the first half of (causal: the upper rows of a diagonal tile) as a 64-key step
-    (fwd_gluon_loop.py's ``HALF_LAST``; BLOCK_N = 128)."""
+    (fwd_gluon_loop.py's ``HALF_LAST``; BLOCK_N = 128). For fwd_gluon.py's kernel without warp
+    specialization: ``v_stages`` (0: ``num_stages``) the depth of V's ring, ``num_stages`` then
+    K's; ``maxnreg`` (0: none) a cap on registers a thread. At D = 64 with 64 x 64 tiles, K in 3
+    slots and V in 2 take 49.2 KB of shared memory a program, and a cap of 128 registers lets
+    four programs share an SM (228 KB, 1 KB more a program for the driver; 64K registers) where
+    3 and 3 slots (57.4 KB) and 132 registers fit three."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -123,6 +128,8 @@ class TmaFwdConfig:
     warpgroups: int = 2
     p_early: bool = False
     half_last: bool = False
+    v_stages: int = 0
+    maxnreg: int = 0
 
 
 # At or below this many keys / queries a sequence is "short": 128-row tiles then leave few

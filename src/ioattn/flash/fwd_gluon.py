@@ -59,17 +59,21 @@ if HAS_GLUON:
 if HAS_GLUON:
 
     @gluon.jit
+    def _issue_tile(desc, smem, bars, j, n_blocks, i_b, i_hkv, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """Start the TMA load of key block ``j`` (if it exists) of one of K or V into slot
+        ``j % STAGES`` of its ring."""
+        slot = j % STAGES
+        pred = j < n_blocks
+        mbarrier.expect(bars.index(slot), desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(desc, [i_b, i_hkv, j * BLOCK_N, 0], bars.index(slot), smem.index(slot),
+                                        pred=pred)
+
+    @gluon.jit
     def _issue_kv(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, j, n_blocks, i_b, i_hkv,
                   BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """Start the TMA loads of key block ``j`` (if it exists) into slot ``j % NUM_STAGES``."""
-        slot = j % NUM_STAGES
-        pred = j < n_blocks
-        mbarrier.expect(k_bars.index(slot), desc_k.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(desc_k, [i_b, i_hkv, j * BLOCK_N, 0], k_bars.index(slot),
-                                        k_smem.index(slot), pred=pred)
-        mbarrier.expect(v_bars.index(slot), desc_v.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(desc_v, [i_b, i_hkv, j * BLOCK_N, 0], v_bars.index(slot),
-                                        v_smem.index(slot), pred=pred)
+        _issue_tile(desc_k, k_smem, k_bars, j, n_blocks, i_b, i_hkv, BLOCK_N, NUM_STAGES)
+        _issue_tile(desc_v, v_smem, v_bars, j, n_blocks, i_b, i_hkv, BLOCK_N, NUM_STAGES)
 
     @gluon.jit
     def _ring_barriers(NUM_STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
@@ -132,7 +136,11 @@ if HAS_GLUON:
     @gluon.jit
     def _fwd_gluon_kernel(desc_q, desc_k, desc_v, desc_o, LSE, T_q, T_k, H, GROUP, diag_hi, qk_scale,
                           HEAD_DIM: gl.constexpr, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
-                          BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+                          BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
+                          V_STAGES: gl.constexpr):
+        """K streams through a ring of NUM_STAGES slots, V through one of V_STAGES: block j's V is
+        read a step after its K (by the P·V issued beside block j + 1's QKᵀ), so V's ring can be
+        shallower than K's for the same lead (TmaFwdConfig.v_stages says why it would be)."""
         dtype: gl.constexpr = desc_q.dtype
         # wgmma layouts: warps stacked along M (16 rows each), instruction N = the tile's width.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -155,20 +163,23 @@ if HAS_GLUON:
 
         q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
         k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        v_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(k_bars.index(i), count=1)
+        for i in gl.static_range(V_STAGES):
             mbarrier.init(v_bars.index(i), count=1)
         fence_async_shared()
 
         mbarrier.expect(q_bar, desc_q.block_type.nbytes)
         tma.async_copy_global_to_shared(desc_q, [i_b, i_h, start_m, 0], q_bar, q_smem)
         for i in gl.static_range(NUM_STAGES):
-            _issue_kv(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, i, n_blocks, i_b, i_hkv, BLOCK_N, NUM_STAGES)
+            _issue_tile(desc_k, k_smem, k_bars, i, n_blocks, i_b, i_hkv, BLOCK_N, NUM_STAGES)
+        for i in gl.static_range(V_STAGES):
+            _issue_tile(desc_v, v_smem, v_bars, i, n_blocks, i_b, i_hkv, BLOCK_N, V_STAGES)
 
         o_m = start_m + gl.arange(0, BLOCK_M, layout=row_s)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
@@ -188,12 +199,12 @@ if HAS_GLUON:
                                                HAS_RIGHT, BLOCK_N, s_layout)
             for j in range(1, n_blocks):
                 slot = j % NUM_STAGES
-                prev = (j - 1) % NUM_STAGES
+                prev = (j - 1) % V_STAGES
                 # Block j's scores, then block j-1's P·V, both in flight.
                 mbarrier.wait(k_bars.index(slot), phase=(j // NUM_STAGES) & 1)
                 s_tok = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
-                mbarrier.wait(v_bars.index(prev), phase=((j - 1) // NUM_STAGES) & 1)
+                mbarrier.wait(v_bars.index(prev), phase=((j - 1) // V_STAGES) & 1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 o_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
                 # The scores are ready once at most one wgmma (the P·V) is in flight.
@@ -202,13 +213,13 @@ if HAS_GLUON:
                                                    qk_scale, HAS_RIGHT, BLOCK_N, s_layout)
                 acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-                # Slot prev's K and V have been read by both warpgroups' wgmmas: refill it with
-                # block j - 1 + NUM_STAGES.
+                # Block j - 1's K and V have been read by every warp's wgmmas: refill their slots
+                # with blocks j - 1 + NUM_STAGES (K) and j - 1 + V_STAGES (V).
                 gl.thread_barrier()
-                _issue_kv(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, j - 1 + NUM_STAGES, n_blocks, i_b,
-                          i_hkv, BLOCK_N, NUM_STAGES)
-            last = (n_blocks - 1) % NUM_STAGES
-            mbarrier.wait(v_bars.index(last), phase=((n_blocks - 1) // NUM_STAGES) & 1)
+                _issue_tile(desc_k, k_smem, k_bars, j - 1 + NUM_STAGES, n_blocks, i_b, i_hkv, BLOCK_N, NUM_STAGES)
+                _issue_tile(desc_v, v_smem, v_bars, j - 1 + V_STAGES, n_blocks, i_b, i_hkv, BLOCK_N, V_STAGES)
+            last = (n_blocks - 1) % V_STAGES
+            mbarrier.wait(v_bars.index(last), phase=((n_blocks - 1) // V_STAGES) & 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             o_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
             acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
@@ -216,6 +227,7 @@ if HAS_GLUON:
         mbarrier.invalidate(q_bar)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(k_bars.index(i))
+        for i in gl.static_range(V_STAGES):
             mbarrier.invalidate(v_bars.index(i))
 
         _epilogue(acc, m_i, l_i, q_smem, desc_o, LSE, i_b, i_h, i_bh, start_m, T_q, BLOCK_M, HEAD_DIM, row_o)
@@ -309,8 +321,12 @@ def flash_fwd_gluon(q, k, v, softmax_scale: float, causal: bool, diag_offset: in
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
     M, N = config.BLOCK_M, config.BLOCK_N
     grid = (cdiv(T_q, M), B * H)
-    kernel, extra = ((_fwd_gluon_ws_kernel, dict(maxnreg=ws_maxnreg(config))) if config.warp_specialize
-                     else (_fwd_gluon_kernel, {}))
+    if config.warp_specialize:
+        kernel, extra = _fwd_gluon_ws_kernel, dict(maxnreg=ws_maxnreg(config))
+    else:
+        kernel, extra = _fwd_gluon_kernel, dict(V_STAGES=config.v_stages or config.num_stages)
+        if config.maxnreg:
+            extra["maxnreg"] = config.maxnreg
     with device_guard(q):
         launch(
             kernel, grid,
