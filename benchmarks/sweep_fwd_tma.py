@@ -85,7 +85,8 @@ GLUON_CANDIDATES = {
          (192, 128, 4, 2, False, True, True, False, 0, 3, True), (192, 128, 4, 3, False, True, True, False, 0, 3, True),
          (128, 128, 4, 2, False, True, True, False, 0, 2, True),
          (128, 128, 4, 2, False, True, True, True, 0, 2, False, True),
-         (192, 128, 4, 2, False, True, True, False, 0, 3, True, True)],
+         (192, 128, 4, 2, False, True, True, False, 0, 3, True, True),
+         (64, 64, 4, 3, False, False, True, False, 0, 2, False, False, 2, 128)],
     128: [(64, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, True), (64, 64, 4, 2, True), (128, 64, 8, 3, True),
           (128, 128, 4, 2, False, True), (128, 128, 4, 2, False, True, False), (128, 64, 4, 3, False, True),
           (128, 64, 4, 4, False, True), (128, 128, 4, 2, False, True, True, True),
@@ -118,7 +119,8 @@ def short(cfg: TmaFwdConfig) -> str:
             + (" ws" if cfg.warp_specialize else "") + (" pp" if cfg.pingpong else "")
             + ("" if cfg.turns else " free") + (" persistent" if cfg.persistent else "")
             + (f" emu{cfg.exp2_emu}" if cfg.exp2_emu else "") + (" wg3" if cfg.warpgroups == 3 else "")
-            + (" early" if cfg.p_early else "") + (" half" if cfg.half_last else ""))
+            + (" early" if cfg.p_early else "") + (" half" if cfg.half_last else "")
+            + (f" v{cfg.v_stages}" if cfg.v_stages else "") + (f" cap{cfg.maxnreg}" if cfg.maxnreg else ""))
 
 
 def disagreement(got, want) -> str:
@@ -237,7 +239,7 @@ def main(argv=None):
                 # Given as ints, flags too (0/1): the Gluon ones with --gluon.
                 ints = [list(map(int, c.split(","))) for c in args.configs]
                 kind = Gluon if args.gluon else TmaFwdConfig
-                chosen = [kind(*c[:4], *map(bool, c[4:8]), *c[8:10], *map(bool, c[10:])) for c in ints]
+                chosen = [kind(*c[:4], *map(bool, c[4:8]), *c[8:10], *map(bool, c[10:12]), *c[12:]) for c in ints]
             elif args.gluon:
                 chosen = [Gluon(*c) for c in GLUON_CANDIDATES[D]]
             else:

@@ -136,6 +136,8 @@ def main():
             kind += " wg3" if cfg.warpgroups == 3 else ""
             kind += " early" if cfg.p_early else ""
             kind += " half" if cfg.half_last else ""
+            kind += f" v{cfg.v_stages}" if cfg.v_stages else ""
+            kind += f" cap{cfg.maxnreg}" if cfg.maxnreg else ""
             for causal in (False, True):
                 name = f"D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}{kind} causal={causal}"
                 report[name] = compile_report(D, cfg, causal)

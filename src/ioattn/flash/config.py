@@ -259,8 +259,18 @@ _WG3 = TmaFwdConfig(BLOCK_M=192, BLOCK_N=128, num_warps=4, num_stages=2, pingpon
 # 2026-12-04_nvidia-h200_sweep-fwd-64-full-persistent-b204c04.json, one sweep): 412 TFLOP/s, with
 # turns 401, the Triton kernel 398, three warpgroups 372.
 _PERSISTENT_64 = TmaFwdConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, pingpong=True, persistent=True)
+# Causal below 2048 keys: fwd_gluon.py's one-warpgroup kernel, 64 x 64 tiles, K in 3 slots and V
+# in 2, registers capped at 128, so that four programs share an SM (see TmaFwdConfig; the Triton
+# kernel's 57,400 bytes of shared memory fit three). ab_fwd.py, three rounds at cf34275
+# (results/2026-12-04_nvidia-h200_ab-fwd-64-gluon-v2-causal-cf34275.json), ms at T = 1024 / 2048 /
+# 4096: 0.202 / 0.205 / 0.221 at 1024 against the Triton kernel's 0.225 / 0.227 / 0.227; the
+# same kernel with 3 and 3 slots (three programs) 0.214-0.247, V in 2 slots uncapped (three)
+# 0.212-0.228, 2 and 2 slots capped (four) 0.218-0.225; at 2048 0.374-0.396 against the
+# persistent kernel's 0.370-0.375, at 4096 0.710-0.762 against 0.679-0.701: from 2048 the
+# persistent kernel stays.
+_SHORT_CAUSAL_64 = TmaFwdConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, v_stages=2, maxnreg=128)
 GLUON_FWD_64: dict = {False: ((1024, dataclasses.replace(_PERSISTENT_64, turns=False)), (2048, _WG3)),
-                      True: ((2048, _PERSISTENT_64), (8192, _WG3))}
+                      True: ((1, _SHORT_CAUSAL_64), (2048, _PERSISTENT_64), (8192, _WG3))}
 
 
 # D = 256: the ping-pong kernel with 64-key blocks (its O takes 128 registers a thread, so S of
