@@ -23,6 +23,10 @@ class DecodeConfig:
     num_stages: int
     # Paged caches: load each tile's page numbers one tile ahead.
     prefetch_pages: bool = False
+    # A cap on registers a thread (0: none): the decoding config takes 107, which fits four
+    # programs an SM; 96 (ptxas: no spills on a contiguous cache) fits five, as many as its
+    # 38.9 KB of shared memory allows.
+    maxnreg: int = 0
 
 
 def get_decode_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret: bool,
