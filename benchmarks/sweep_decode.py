@@ -61,7 +61,7 @@ def splits_for(B, Hkv):
 
 def name(cfg, splits):
     return (f"{cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
-            f"{' prefetch' if cfg.prefetch_pages else ''}{f' cap{cfg.maxnreg}' if cfg.maxnreg else ''}"
+            f"{' prefetch' if cfg.prefetch_pages else ''}"
             f" splits={splits or 'auto'}")
 
 
@@ -100,7 +100,7 @@ def graph_ms(fn) -> float:
     return triton.testing.do_bench(graphed(lambda: fn), return_mode="median")
 
 def sweep_point(B, ctx, deadline, rows, tiles=(), pdl_ab=False, splits_list=None, paged=True, rounds=1,
-                cudnn=False, maxnreg=()):
+                cudnn=False):
     H, Hkv, D = 32, 8, 128
     q, k, v, seqlens = inputs(B, ctx, H, Hkv, D, torch.bfloat16, "cuda")
     default = get_decode_config(H // Hkv, D, torch.bfloat16, interpret=False)
@@ -139,14 +139,13 @@ def sweep_point(B, ctx, deadline, rows, tiles=(), pdl_ab=False, splits_list=None
         if ms_off and base.get("contig"):
             print(f"B={B} ctx={ctx} PDL on/off: x{ms_off / base['contig']:.3f} speed", flush=True)
             rows[-1]["pdl_speedup"] = ms_off / base["contig"]
-    if tiles or splits_list or maxnreg:
+    if tiles or splits_list:
         # --tiles: other (BLOCK_N, warps, stages) on the contiguous cache at the default splits;
         # --splits: these split counts of the default config. --rounds repeats them all (the
         # default first), interleaved, to show a run's spread; --cudnn times SDPA's cuDNN
         # backend's graph replay in each round too.
         jobs = [(replace(default, BLOCK_N=n, num_warps=w, num_stages=st), 0) for n, w, st in tiles]
         jobs += [(default, splits) for splits in splits_list or ()]
-        jobs += [(replace(default, maxnreg=n), splits) for n in maxnreg for splits in splits_list or (0,)]
         for r in range(rounds):
             if r:
                 timed("contig", default, 0, call(q, k, v, seqlens, default, 0))
@@ -155,7 +154,7 @@ def sweep_point(B, ctx, deadline, rows, tiles=(), pdl_ab=False, splits_list=None
                     timed("contig", cfg, splits, call(q, k, v, seqlens, cfg, splits))
             if cudnn:
                 timed("cudnn", default, 0, _sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION))
-        if tiles or maxnreg or not paged:
+        if tiles or not paged:
             return
     else:
         for cfg in [default] + contiguous_variants(default):
@@ -213,8 +212,6 @@ def main(argv=None):
     p.add_argument("--no-paged", action="store_true", help="skip the paged cache")
     p.add_argument("--rounds", type=int, default=1, help="with --tiles or --splits: time them this many times")
     p.add_argument("--cudnn", action="store_true", help="with --tiles or --splits: time SDPA's cuDNN graph too")
-    p.add_argument("--maxnreg", nargs="*", type=int, default=[],
-                   help="also time the default config with these register caps (at --splits, else the heuristic's)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -228,7 +225,7 @@ def main(argv=None):
         B, ctx = map(int, point.split(","))
         sweep_point(B, ctx, t0 + args.budget, rows, [tuple(map(int, t.split(","))) for t in args.tiles],
                     pdl_ab=args.pdl_ab, splits_list=args.splits, paged=not args.no_paged, rounds=args.rounds,
-                    cudnn=args.cudnn, maxnreg=args.maxnreg)
+                    cudnn=args.cudnn)
         torch.cuda.empty_cache()
         if args.out:  # after every point: a run cut short keeps what it measured
             with open(args.out, "w") as f:

@@ -23,10 +23,6 @@ class DecodeConfig:
     num_stages: int
     # Paged caches: load each tile's page numbers one tile ahead.
     prefetch_pages: bool = False
-    # A cap on registers a thread (0: none): the decoding config takes 107, which fits four
-    # programs an SM; 96 (ptxas: no spills on a contiguous cache) fits five, as many as its
-    # 38.9 KB of shared memory allows.
-    maxnreg: int = 0
 
 
 def get_decode_config(rows: int, head_dim: int, dtype: torch.dtype, *, interpret: bool,
@@ -117,12 +113,13 @@ MIN_BLOCKS_PER_SPLIT = 1
 # at B = 1 x 128k and 10.9 against 10.2 us at B = 8 x 1k).
 WAVES = 4
 MAX_SPLITS = 128
-# Long splits instead fill the GPU's resident program slots exactly once: programs of the
-# decoding config at D = 128 (64-key K and V tiles in 2 stages, 64 KB of shared memory: three
-# fit the SM's 227 KB) sit three to an SM, so 4 waves of SMs are 1.33 waves of slots, and after
-# the first wave of slots only a third of them has work. sweep_decode.py --splits at 7a94ac0 (graph replays, L2 flushed;
+# Long splits instead run about three programs an SM at once. (Chosen as the slots the decoding
+# config was thought to have: three, by 64 KB of shared memory. ptxas for sm_90a gives it 38.9 KB
+# and 107 registers, so four fit, by registers; the count stays for what it measured, below and in
+# benchmarks/LOG.md v1.29, where 49 splits again beat 66 at B = 1 x 128k, and a cap of 96
+# registers, five programs an SM, won at no split count.) sweep_decode.py --splits at 7a94ac0 (graph replays, L2 flushed;
 # logs/2026-12-03_h200_call1_7a94ac0.log), µs: B = 1 x 128k 139.6 with 66 splits (4 waves, 1986
-# keys each), 138.3 with 49 (one wave of slots), 142.0 / 146.7 with 44 / 33; B = 8 x 32k 258.0
+# keys each), 138.3 with 49 (~3 programs an SM), 142.0 / 146.7 with 44 / 33; B = 8 x 32k 258.0
 # with 8 splits, 255.9 with 6, 262.2 / 271.5 with 16 / 4. At B = 1 x 32k (497 keys a split) the
 # 4 waves stayed ahead, 48.9 against 50.3 with 49: short splits hide each other's start. So from
 # this many keys a split (under the long-split tiles' LONG_SPLIT_MIN_KEYS, where one program
@@ -132,8 +129,9 @@ RESIDENT_PER_SM = 3
 
 
 def resident_per_sm(config: DecodeConfig, head_dim: int, dtype: torch.dtype) -> int:
-    """Programs of ``config`` one SM holds at once, where measured (the decoding config at
-    D = 128, 16-bit caches), else 0 (unknown: the splits follow WAVES alone)."""
+    """Programs of ``config`` an SM runs at once for long splits, where measured (the decoding
+    config at D = 128, 16-bit caches: RESIDENT_PER_SM, a tuned count), else 0 (unknown: the
+    splits follow WAVES alone)."""
     if config == _DECODE and next_pow2(head_dim) == 128 and dtype in (torch.float16, torch.bfloat16):
         return RESIDENT_PER_SM
     return 0
@@ -160,9 +158,9 @@ def get_num_splits(programs: int, max_seqlen_k: int, BLOCK_N: int, num_sms: int,
     ``split_full_grid`` (a contiguous cache at Tq = 1) FULL_GRID_SPLITS where each keeps
     FULL_GRID_SPLIT_MIN_KEYS keys; otherwise split so that ``programs · splits <= WAVES ·
     num_sms``, as long as every split keeps ``MIN_BLOCKS_PER_SPLIT`` key blocks. ``resident``:
-    programs an SM holds at once (:func:`resident_per_sm`; 0 unknown); where known, splits of
-    ONE_WAVE_MIN_KEYS keys or more (and fewer than LONG_SPLIT_MIN_KEYS) are made so that the
-    programs fill those slots once.
+    programs an SM runs at once for long splits (:func:`resident_per_sm`; 0 unknown); where
+    known, splits of ONE_WAVE_MIN_KEYS keys or more (and fewer than LONG_SPLIT_MIN_KEYS) are made
+    so that the programs fill that many an SM once.
     """
     if programs >= num_sms:
         long = split_full_grid and max_seqlen_k >= FULL_GRID_SPLITS * FULL_GRID_SPLIT_MIN_KEYS

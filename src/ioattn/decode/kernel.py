@@ -256,8 +256,7 @@ def kvcache_fwd_triton(q, k_cache, v_cache, seqlens, softmax_scale: float, causa
                  PREFETCH_PAGES=paged and config.prefetch_pages,
                  IS_PAGED=paged, HAS_LEFTPAD=leftpad is not None, HAS_BATCH_IDX=batch_idx is not None,
                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, DOT_PRECISION=dot_precision(q.dtype),
-                 LAUNCH_DEPENDENTS=pdl, num_warps=config.num_warps, num_stages=config.num_stages,
-                 **({"maxnreg": config.maxnreg} if config.maxnreg else {}))))
+                 LAUNCH_DEPENDENTS=pdl, num_warps=config.num_warps, num_stages=config.num_stages)))
     if num_splits == 1:
         return out, lse
     return combine_splits(out_parts, lse_parts, q.dtype, pdl=pdl)
