@@ -243,6 +243,17 @@ def test_half_last_config_checked():
         fwd_pingpong.flash_fwd_pingpong(q, k, v, 0.1, True, 0, config=cfg)
 
 
+
+def test_v_stages_and_cap_config_checked():
+    # V's own ring depth and the register cap are the one-warpgroup kernel's, not the
+    # loader-warp kernel's (which sizes its registers itself); negative values are refused.
+    q, k, v = make_qkv(1, 64, 64, 2, 2, 64, dtype=torch.bfloat16, device="cpu")
+    for cfg in (TmaFwdConfig(64, 64, 4, 3, warp_specialize=True, v_stages=2),
+                TmaFwdConfig(64, 64, 4, 3, warp_specialize=True, maxnreg=128),
+                TmaFwdConfig(64, 64, 4, 3, v_stages=-1)):
+        with pytest.raises(ValueError, match="v_stages and maxnreg"):
+            fwd_gluon.flash_fwd_gluon(q, k, v, 0.1, True, 0, config=cfg)
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["pingpong-half", "persistent-half"])
 @pytest.mark.parametrize("T_q, T_k", [(256, 256), (300, 200), (200, 300), (1000, 1064), (129, 1)])

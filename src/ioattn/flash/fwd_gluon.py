@@ -7,16 +7,19 @@ a matrix multiply and the forward stalls at 0.85-0.9x cuDNN. Here each step issu
 QKᵀ and block j-1's P·V asynchronously, waits for the QKᵀ alone (``warpgroup_mma_wait(1)``),
 runs block j's softmax while P·V is still on the tensor cores, and only then waits for it and
 rescales the accumulator (FlashAttention-3's intra-warpgroup overlap). K and V tiles stream
-through a ring of NUM_STAGES shared-memory slots filled by TMA, each with its own mbarrier; a
-slot is refilled once both warpgroups are past the matrix multiplies that read it.
+through rings of shared-memory slots filled by TMA (K's NUM_STAGES deep, V's V_STAGES), each
+slot with its own mbarrier; a slot is refilled once every warp is past the matrix multiplies that
+read it.
 
 Two kernels: :func:`_fwd_gluon_kernel` refills the slots from the compute warps themselves;
 :func:`_fwd_gluon_ws_kernel` gives the loads to one loader warp (warp specialization) with a
 ready and an empty mbarrier per slot, so compute warps never wait on a barrier over the whole
-program. config.py dispatches to neither now: fwd_pingpong.py's kernel, which runs two of the
-latter's compute loops side by side, replaced them (benchmarks/LOG.md v1.14); they stay as
-what the sweeps compare it with, and their pieces are its pieces: this module's ring, key range
-and epilogue, and fwd_gluon_loop.py's warp-specialized key loop.
+program. fwd_pingpong.py's kernel, which runs two of the latter's compute loops side by side,
+replaced both in config.py's tables (benchmarks/LOG.md v1.14), except that D = 64 causal
+attention below 2048 keys runs the first again, with V's ring shallower than K's and its
+registers capped so that four programs share an SM (v1.29). Their pieces are the ping-pong
+kernel's: this module's ring, key range and epilogue, and fwd_gluon_loop.py's
+warp-specialized key loop.
 
 Layout: BLOCK_M query rows per program, 4 warps (one warpgroup) per 64 rows; the accumulators
 use the wgmma (NVMMA v3) register layout, and P goes from the scores' layout to the A-operand
@@ -67,13 +70,6 @@ if HAS_GLUON:
         mbarrier.expect(bars.index(slot), desc.block_type.nbytes, pred=pred)
         tma.async_copy_global_to_shared(desc, [i_b, i_hkv, j * BLOCK_N, 0], bars.index(slot), smem.index(slot),
                                         pred=pred)
-
-    @gluon.jit
-    def _issue_kv(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, j, n_blocks, i_b, i_hkv,
-                  BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
-        """Start the TMA loads of key block ``j`` (if it exists) into slot ``j % NUM_STAGES``."""
-        _issue_tile(desc_k, k_smem, k_bars, j, n_blocks, i_b, i_hkv, BLOCK_N, NUM_STAGES)
-        _issue_tile(desc_v, v_smem, v_bars, j, n_blocks, i_b, i_hkv, BLOCK_N, NUM_STAGES)
 
     @gluon.jit
     def _ring_barriers(NUM_STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
@@ -321,6 +317,10 @@ def flash_fwd_gluon(q, k, v, softmax_scale: float, causal: bool, diag_offset: in
     lse = empty((B, H, T_q), dtype=torch.float32, device=q.device)
     M, N = config.BLOCK_M, config.BLOCK_N
     grid = (cdiv(T_q, M), B * H)
+    if config.v_stages < 0 or config.maxnreg < 0 or (config.warp_specialize and (config.v_stages or config.maxnreg)):
+        # The loader-warp kernel sizes its registers itself (ws_maxnreg) and has one ring.
+        raise ValueError(f"config: v_stages and maxnreg (>= 0) apply to the kernel without warp_specialize, "
+                         f"got {config}")
     if config.warp_specialize:
         kernel, extra = _fwd_gluon_ws_kernel, dict(maxnreg=ws_maxnreg(config))
     else:
