@@ -13,7 +13,7 @@ import torch
 from ioattn.flash import fwd_gluon, fwd_persistent, fwd_pingpong, gluon_exp2
 from ioattn.flash.config import TmaFwdConfig
 from ioattn.testing import make_qkv
-from tests.compile_child import child_report
+from tests.compile_child import child_report, programs_per_sm
 
 from . import cases
 from .cases import DEVICE, DTYPES, case_id
@@ -82,6 +82,10 @@ def test_gluon_kernels_compile_for_sm90_without_spills():
     assert all(r["waits"].strip("0") for r in report.values()), report
     # Within Hopper's 227 KB of shared memory per block.
     assert all(r["smem"] <= 232448 for r in report.values()), report
+    # The register-capped one-warpgroup forward (the table's D = 64 short causal config) fits
+    # four programs an SM, what its cap and V's shallower ring are for (config.py).
+    capped = {name: r for name, r in report.items() if name.startswith("D64 64x64") and " v2 cap128" in name}
+    assert capped and all(programs_per_sm(r["regs"], r["smem"], 4) == 4 for r in capped.values()), capped
     # The ping-pong kernel's two compute warpgroups get 240 registers each, its loader 24; with
     # three warpgroups the two workers get 160 (the default partition the rest).
     pingpong = [(r, {"160", "24"} if " wg3" in name else {"240", "24"}) for name, r in report.items() if " pp" in name]
