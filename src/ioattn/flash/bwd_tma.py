@@ -280,15 +280,16 @@ def dkdv_launch(q, k, v, dout, lse, delta, dk, dv, softmax_scale: float, causal:
     assert dk.stride() == dv.stride()
     add_dq = dq_acc is not None
     dq_buf = dq_acc if add_dq else dk  # a stand-in the kernel never touches without ADD_DQ
-    if device_desc:
-        descs = (q, k, v, dout, lse, delta, dk, dv, dq_buf)
-    else:
-        desc_dq = head_major_desc(dq_acc, M) if add_dq and tma_reduce else dq_buf
-        descs = (head_major_desc(q, M), head_major_desc(k, N), head_major_desc(v, N), head_major_desc(dout, M),
-                 lse, delta, head_major_desc(dk, N), head_major_desc(dv, N), desc_dq)
-    strides = [s for x in (q, k, v, dout, dk, dq_buf) for s in x.stride()[:3]]
 
     def build():
+        # The descriptors here, not before: a call whose site key was seen makes none.
+        if device_desc:
+            descs = (q, k, v, dout, lse, delta, dk, dv, dq_buf)
+        else:
+            desc_dq = head_major_desc(dq_acc, M) if add_dq and tma_reduce else dq_buf
+            descs = (head_major_desc(q, M), head_major_desc(k, N), head_major_desc(v, N), head_major_desc(dout, M),
+                     lse, delta, head_major_desc(dk, N), head_major_desc(dv, N), desc_dq)
+        strides = [s for x in (q, k, v, dout, dk, dq_buf) for s in x.stride()[:3]]
         return (_bwd_dkdv_tma_kernel, (cdiv(T_k, N), B * H_kv),
                 (*descs, dq_buf, *strides, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E),
                 dict(**_band(T_q, T_k, causal, diag_offset), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
