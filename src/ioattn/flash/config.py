@@ -399,7 +399,10 @@ class FusedBwdConfig:
     step's dQ between the warpgroups by rows, not columns, BLOCK_M = 128 only; ``s_ahead`` issues
     each step's S = q·kᵀ at the end of the step before, behind its dQ). ``expand_kv``: with
     GQA, K and V are repeated to every query head first and the kernel runs as for MHA, and dK
-    and dV are summed over each group of query heads after (bwd_fused.py)."""
+    and dV are summed over each group of query heads after (bwd_fused.py). ``persistent`` (the
+    row-held kernel with 128-row steps at D = 64 only): 0 launches a program per tile of 128
+    keys; -1 one program per SM, each taking tiles in turn, and k > 0 programs of up to k tiles
+    each. A program's next tile then loads its K and V while the last one's dK and dV go out."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -414,6 +417,7 @@ class FusedBwdConfig:
     dq_rows: bool = False
     s_ahead: bool = False
     expand_kv: bool = False
+    persistent: int = 0
 
 
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
