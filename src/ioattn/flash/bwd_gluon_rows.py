@@ -60,7 +60,7 @@ if HAS_GLUON:
     from .bwd_gluon import (_acc_layout, _dkdv_loader, _dq_desc, _dq_layout, _load_steps, _reduce_dq,
                              _release_slot, _row_stats)
     from .bwd_gluon_program import (_alloc_tiles, _dq_barriers, _invalidate_dq_barriers, _load_kv, _program_keys,
-                                    _store_dkdv, _store_dkdv_staged, _tile_keys)
+                                    _query_blocks, _store_dkdv, _store_dkdv_staged, _tile_keys)
     from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc, _invalidate_ring, _ring_barriers
 
 
@@ -90,15 +90,16 @@ if HAS_GLUON:
 
     @gluon.jit
     def _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem, ds_bar,
-                   dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, o_n, o_m0, diag_hi,
+                   dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, n0, o_m0, diag_hi,
                    qk_scale, dk, dv, s_ahead, t, r0, MASKED: gl.constexpr, WG: gl.constexpr, DQ_ROWS: gl.constexpr,
                    S_AHEAD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                    NUM_STAGES: gl.constexpr):
-        """Step ``t`` of one compute warpgroup (the module's docstring), the causal mask applied iff
-        ``MASKED`` and the step's block holds the diagonal (from ``m_full_lo`` down): returns the
-        updated (dK, dV) and, with ``S_AHEAD``, the next step's S (``s_ahead`` is this step's,
-        formed during the step before; without, the third value is dV again, unused). The slot
-        ring and the dS buffers go by ring position ``r0 + t``, the rows by ``t``."""
+        """Step ``t`` of one compute warpgroup (its keys from ``n0``; the module's docstring), the
+        causal mask applied iff ``MASKED`` and the step's block holds the diagonal (from
+        ``m_full_lo`` down): returns the updated (dK, dV) and, with ``S_AHEAD``, the next step's S
+        (``s_ahead`` is this step's, formed during the step before; without, the third value is
+        dV again, unused). The slot ring and the dS buffers go by ring position ``r0 + t``, the
+        rows by ``t``."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = _s_layout(BLOCK_N)
         HALF: gl.constexpr = HEAD_DIM // 2
@@ -126,7 +127,12 @@ if HAS_GLUON:
         p = gl.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
             if start_m < m_full_lo:
-                p = gl.where(o_n[None, :] <= o_m[:, None] + diag_hi, p, 0.0)
+                # Column j (key n0 + j) against each row's last visible column: a row vector
+                # and the block's column index, not the keys' offsets held through the loop
+                # (ptxas, causal, local loads/stores a step: 16 / 20 -> 10 / 17; persistent
+                # 69 / 62 -> 24 / 23).
+                o_j = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                p = gl.where(o_j[None, :] <= (o_m + (diag_hi - n0))[:, None], p, 0.0)
         p_buf = p_smem.index(WG)
         p_buf.store(p.to(dtype))
         fence_async_shared()
@@ -191,6 +197,22 @@ if HAS_GLUON:
             _reduce_dq(dq, dq_smem, DQ, i_b, i_h, start_m, WG * (HEAD_DIM // 2), WG)
 
     @gluon.jit
+    def _next_tile(i_n, i_hkv, i_b, n_kb, H_kv, STEP_N, STEP_H, STEP_B):
+        """(key block, KV head, batch) of the tile num_programs on from this one, the grid's size
+        given in those digits (STEP_N < n_kb, STEP_H < H_kv): adds and carries, no division. With
+        a division in the loop (tile // key blocks) ptxas held the tile's indices in vector
+        registers, and the step loop spilled three times as much (64 against 16-20 local loads
+        and stores a step, causal)."""
+        i_n += STEP_N
+        carry = (i_n >= n_kb).to(gl.int32)
+        i_n -= carry * n_kb
+        i_hkv += STEP_H + carry
+        carry = (i_hkv >= H_kv).to(gl.int32)
+        i_hkv -= carry * H_kv
+        i_b += STEP_B + carry
+        return i_n, i_hkv, i_b
+
+    @gluon.jit
     def _rows_tile(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem,
                    ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo,
                    n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, r0, c, WG: gl.constexpr,
@@ -202,7 +224,7 @@ if HAS_GLUON:
         its half of each step's dQ, then the dK, dV stores (through its K and V slots, or with
         ``PERSISTENT`` through its P buffer while the loader refills K and V)."""
         s_layout: gl.constexpr = _s_layout(BLOCK_N)
-        o_n = start_n + WG * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        n0 = start_n + WG * BLOCK_N
         o_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
         k = k_smem.index(WG).reshape([BLOCK_N, HEAD_DIM])
         v = v_smem.index(WG).reshape([BLOCK_N, HEAD_DIM])
@@ -216,13 +238,13 @@ if HAS_GLUON:
             for t in range(GROUP * n_m):
                 dk, dv, s_tok = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                                            ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo,
-                                           n_m, m_full_lo, o_n, o_m0, diag_hi, qk_scale, dk, dv, s_tok, t, r0,
+                                           n_m, m_full_lo, n0, o_m0, diag_hi, qk_scale, dk, dv, s_tok, t, r0,
                                            HAS_RIGHT, WG, DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
         else:
             for t in range(GROUP * n_m):
                 dk, dv, _ = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                                        ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
-                                       m_full_lo, o_n, o_m0, diag_hi, qk_scale, dk, dv, None, t, r0, HAS_RIGHT, WG,
+                                       m_full_lo, n0, o_m0, diag_hi, qk_scale, dk, dv, None, t, r0, HAS_RIGHT, WG,
                                        DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
         # The other warpgroup's dQ reads this one's K slot until its last step: wait for it.
         # (The last bulk reduction of dQ may still be in flight: the store_wait below covers it.)
@@ -239,24 +261,27 @@ if HAS_GLUON:
     @gluon.jit
     def _rows_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                        ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H,
-                       GROUP, T_q, T_k, H_kv, N_TILES, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale,
-                       WG: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr,
+                       GROUP, T_q, T_k, H_kv, B, STEP_N, STEP_H, STEP_B, m_lo, n_m, m_full_lo, diag_hi, qk_scale,
+                       softmax_scale, WG: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr,
                        PERSISTENT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
-        """One compute warpgroup: the program's tile (its keys given), or with ``PERSISTENT``
-        tiles ``program_id, + num_programs, ...`` of ``N_TILES``, the Q/dO ring running on."""
+        """One compute warpgroup: the program's tile (its keys given), or with ``PERSISTENT`` that
+        tile and every ``num_programs``-th after it (:func:`_next_tile`), the Q/dO ring running on."""
         if PERSISTENT:
             r0 = 0
             c = 0
-            for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
-                i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _tile_keys(tile, T_q, T_k, H_kv, diag_hi, HAS_RIGHT,
-                                                                       BLOCK_M, BLOCK_N)
+            n_kb = (T_k + 2 * BLOCK_N - 1) // (2 * BLOCK_N)
+            i_n = start_n // (2 * BLOCK_N)
+            while i_b < B:
+                start_n = i_n * (2 * BLOCK_N)
+                m_lo, n_m, m_full_lo = _query_blocks(start_n, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M, 2 * BLOCK_N)
                 _rows_tile(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                            ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H,
                            GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, r0, c, WG, HAS_RIGHT,
                            DQ_ROWS, S_AHEAD, PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
                 r0 += GROUP * n_m
                 c += 1
+                i_n, i_hkv, i_b = _next_tile(i_n, i_hkv, i_b, n_kb, H_kv, STEP_N, STEP_H, STEP_B)
         else:
             _rows_tile(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem,
                        ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q,
@@ -265,7 +290,8 @@ if HAS_GLUON:
 
     @gluon.jit
     def _rows_loader(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, kv_bar, out_bar, q_smem, do_smem, q_ready,
-                     do_ready, q_empty, do_empty, i_b, i_hkv, GROUP, T_q, T_k, H_kv, N_TILES, m_lo, n_m, diag_hi,
+                     do_ready, q_empty, do_empty, i_b, i_hkv, start_n, GROUP, T_q, T_k, H_kv, B, STEP_N, STEP_H,
+                     STEP_B, m_lo, n_m, diag_hi,
                      HAS_RIGHT: gl.constexpr, PERSISTENT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                      NUM_STAGES: gl.constexpr):
         """Loader partition (one warp): the program's Q and dO tiles (bwd_gluon.py's loader), or with
@@ -274,9 +300,11 @@ if HAS_GLUON:
         if PERSISTENT:
             r0 = 0
             c = 0
-            for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
-                i_b, i_hkv, start_n, m_lo, n_m, _ = _tile_keys(tile, T_q, T_k, H_kv, diag_hi, HAS_RIGHT, BLOCK_M,
-                                                               BLOCK_N)
+            n_kb = (T_k + 2 * BLOCK_N - 1) // (2 * BLOCK_N)
+            i_n = start_n // (2 * BLOCK_N)
+            while i_b < B:
+                start_n = i_n * (2 * BLOCK_N)
+                m_lo, n_m, _ = _query_blocks(start_n, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M, 2 * BLOCK_N)
                 if c > 0:
                     mbarrier.wait(out_bar, phase=(c - 1) & 1)
                 _load_kv(desc_k, desc_v, k_smem, v_smem, kv_bar, i_b, i_hkv, start_n, BLOCK_N)
@@ -284,24 +312,31 @@ if HAS_GLUON:
                             m_lo, n_m, r0, BLOCK_M, NUM_STAGES)
                 r0 += GROUP * n_m
                 c += 1
+                i_n, i_hkv, i_b = _next_tile(i_n, i_hkv, i_b, n_kb, H_kv, STEP_N, STEP_H, STEP_B)
         else:
             _dkdv_loader(desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
                          m_lo, n_m, BLOCK_M, NUM_STAGES)
 
     @gluon.jit
     def _bwd_rows_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H, H_kv,
-                               GROUP, softmax_scale, qk_scale, diag_hi, N_TILES, HAS_RIGHT: gl.constexpr,
+                               GROUP, softmax_scale, qk_scale, diag_hi, B, STEP_N, STEP_H, STEP_B,
+                               HAS_RIGHT: gl.constexpr,
                                DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr, PERSISTENT: gl.constexpr,
                                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head), BLOCK_M query rows a step, or with
-        ``PERSISTENT`` a 1D grid whose programs take the ``N_TILES`` such tiles in turn; DQ a
+        ``PERSISTENT`` a 1D grid whose programs take such tiles in turn, the grid's size a step
+        apart (``STEP_N`` key blocks, ``STEP_H`` KV heads, ``STEP_B`` batches); DQ a
         descriptor of the fp32 dQ buffer with [1, 1, BLOCK_M, HEAD_DIM / 2] tiles. Launched with
         num_warps=4 (the default partition is warpgroup 0)."""
         dtype: gl.constexpr = desc_q.dtype
-        # A persistent program's partitions find their tiles themselves; these go unused then.
-        i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _program_keys(T_q, T_k, H_kv, diag_hi, HAS_RIGHT, BLOCK_M,
-                                                                  BLOCK_N)
+        if PERSISTENT:
+            # The first tile, numbered as the one-tile grid's programs; the partitions go on from it.
+            i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _tile_keys(gl.program_id(0), T_q, T_k, H_kv, diag_hi,
+                                                                   HAS_RIGHT, BLOCK_M, BLOCK_N)
+        else:
+            i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _program_keys(T_q, T_k, H_kv, diag_hi, HAS_RIGHT, BLOCK_M,
+                                                                      BLOCK_N)
 
         k_smem, v_smem, q_smem, do_smem, kv_bar = _alloc_tiles(desc_q, desc_k, desc_v, desc_do, BLOCK_M, BLOCK_N,
                                                                HEAD_DIM, NUM_STAGES)
@@ -324,17 +359,20 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                               ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
-                              H, GROUP, T_q, T_k, H_kv, N_TILES, m_lo, n_m, m_full_lo, diag_hi, qk_scale,
+                              H, GROUP, T_q, T_k, H_kv, B, STEP_N, STEP_H, STEP_B, m_lo, n_m, m_full_lo, diag_hi,
+                              qk_scale,
                               softmax_scale, 0, HAS_RIGHT, DQ_ROWS, S_AHEAD, PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM,
                               NUM_STAGES)),
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                               ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
-                              H, GROUP, T_q, T_k, H_kv, N_TILES, m_lo, n_m, m_full_lo, diag_hi, qk_scale,
+                              H, GROUP, T_q, T_k, H_kv, B, STEP_N, STEP_H, STEP_B, m_lo, n_m, m_full_lo, diag_hi,
+                              qk_scale,
                               softmax_scale, 1, HAS_RIGHT, DQ_ROWS, S_AHEAD, PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM,
                               NUM_STAGES)),
             (_rows_loader, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, kv_bar, out_bar, q_smem, do_smem, q_ready,
-                            do_ready, q_empty, do_empty, i_b, i_hkv, GROUP, T_q, T_k, H_kv, N_TILES, m_lo, n_m,
-                            diag_hi, HAS_RIGHT, PERSISTENT, BLOCK_M, BLOCK_N, NUM_STAGES)),
+                            do_ready, q_empty, do_empty, i_b, i_hkv, start_n, GROUP, T_q, T_k, H_kv, B, STEP_N,
+                            STEP_H, STEP_B, m_lo, n_m, diag_hi, HAS_RIGHT, PERSISTENT, BLOCK_M, BLOCK_N,
+                            NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
 
         mbarrier.invalidate(kv_bar)
@@ -369,13 +407,15 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
 
     def build():
         n_kb = cdiv(T_k, 2 * N)
-        tiles = n_kb * B * H_kv
-        grid = (n_kb, B * H_kv) if not config.persistent else (persistent_programs(q.device, tiles, n_kb,
-                                                                                   config.persistent), )
+        grid = (n_kb, B * H_kv)
+        if config.persistent:
+            grid = (persistent_programs(q.device, n_kb * B * H_kv, n_kb, config.persistent), )
+        # The grid's size in (batch, KV head, key block) digits: a persistent program's stride.
+        step_b, rest = divmod(grid[0], H_kv * n_kb)
         return (_bwd_rows_gluon_kernel, grid,
                 (_desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
                  _desc(dq_acc, M // 2) if config.dq_rows else _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv,
-                 softmax_scale, softmax_scale * LOG2E, band["diag_hi"], tiles),
+                 softmax_scale, softmax_scale * LOG2E, band["diag_hi"], B, rest % n_kb, rest // n_kb, step_b),
                 dict(HAS_RIGHT=band["HAS_RIGHT"], DQ_ROWS=config.dq_rows, S_AHEAD=config.s_ahead,
                      PERSISTENT=bool(config.persistent), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
                      NUM_STAGES=config.num_stages, num_warps=4))
