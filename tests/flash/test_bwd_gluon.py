@@ -289,6 +289,13 @@ def test_fused_gluon_rejects_what_it_cannot_run():
         with pytest.raises(ValueError, match="persistent"):
             bwd_gluon_rows.fused_gluon_rows(q64, k64, v64, q64, lse, lse, k64, v64, torch.zeros(q64.shape), 0.1, True,
                                             0, bad)
+    # dQ's share staged in the P buffer must be its size: dq_rows at D = 64.
+    with pytest.raises(ValueError, match="dq_in_p"):
+        bwd_gluon_rows.fused_gluon_rows(q, k, v, q, lse, lse, k, v, dq_acc, 0.1, True, 0,
+                                        dataclasses.replace(rows, dq_in_p=True))
+    with pytest.raises(ValueError, match="dq_in_p"):
+        bwd_gluon_rows.fused_gluon_rows(q64, k64, v64, q64, lse, lse, k64, v64, torch.zeros(q64.shape), 0.1, True, 0,
+                                        dataclasses.replace(ROWS_64, dq_rows=False, dq_in_p=True))
 
 
 def test_persistent_program_count(monkeypatch):
@@ -387,9 +394,13 @@ PERSISTENT_CASES = [c for c in GPU_CASES if c[5] == 64] + [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("persistent", [-1, 1, 3])
+@pytest.mark.parametrize("dq_in_p", [False, True], ids=["dq_buf", "dq_in_p"])
+@pytest.mark.parametrize("persistent", [0, -1, 1, 3])
 @pytest.mark.parametrize("case", PERSISTENT_CASES, ids=case_id)
-def test_bwd_rows_gluon_gpu_persistent(case, persistent, fused_calls):
-    check_bwd(*case, torch.bfloat16, config=dataclasses.replace(ROWS_64, persistent=persistent),
-              bwd=fused_vs_portable)
-    assert fused_calls and all(c.persistent == persistent for c in fused_calls)
+def test_bwd_rows_gluon_gpu_persistent(case, persistent, dq_in_p, fused_calls):
+    # Also dQ's share staged in the P buffer (dq_in_p), with and without persistent programs.
+    if not persistent and not dq_in_p:
+        pytest.skip("the table's config: test_bwd_fused_gluon_gpu")
+    cfg = dataclasses.replace(ROWS_64, persistent=persistent, dq_in_p=dq_in_p)
+    check_bwd(*case, torch.bfloat16, config=cfg, bwd=fused_vs_portable)
+    assert fused_calls and all(c == cfg for c in fused_calls)

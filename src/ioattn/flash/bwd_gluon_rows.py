@@ -54,7 +54,7 @@ from .fwd_gluon import HAS_GLUON
 if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                    warpgroup_mma_wait)
 
     from .bwd_gluon import (_acc_layout, _dkdv_loader, _dq_desc, _dq_layout, _load_steps, _reduce_dq,
@@ -92,7 +92,7 @@ if HAS_GLUON:
     def _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem, ds_bar,
                    dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, n0, o_m0, diag_hi,
                    qk_scale, dk, dv, s_ahead, t, r0, MASKED: gl.constexpr, WG: gl.constexpr, DQ_ROWS: gl.constexpr,
-                   S_AHEAD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   DQ_IN_P: gl.constexpr, S_AHEAD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                    NUM_STAGES: gl.constexpr):
         """Step ``t`` of one compute warpgroup (its keys from ``n0``; the module's docstring), the
         causal mask applied iff ``MASKED`` and the step's block holds the diagonal (from
@@ -134,6 +134,9 @@ if HAS_GLUON:
                 o_j = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
                 p = gl.where(o_j[None, :] <= (o_m + (diag_hi - n0))[:, None], p, 0.0)
         p_buf = p_smem.index(WG)
+        if DQ_IN_P:
+            # The step before staged its dQ share here: its bulk reduction must have read it.
+            tma.store_wait(pendings=0)
         p_buf.store(p.to(dtype))
         fence_async_shared()
         dv_tok = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
@@ -216,7 +219,7 @@ if HAS_GLUON:
     def _rows_tile(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem,
                    ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo,
                    n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, r0, c, WG: gl.constexpr,
-                   HAS_RIGHT: gl.constexpr, DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr,
+                   HAS_RIGHT: gl.constexpr, DQ_ROWS: gl.constexpr, DQ_IN_P: gl.constexpr, S_AHEAD: gl.constexpr,
                    PERSISTENT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                    NUM_STAGES: gl.constexpr):
         """One compute warpgroup's share of a tile (the program's ``c``-th, its steps from ring
@@ -239,13 +242,13 @@ if HAS_GLUON:
                 dk, dv, s_tok = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                                            ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo,
                                            n_m, m_full_lo, n0, o_m0, diag_hi, qk_scale, dk, dv, s_tok, t, r0,
-                                           HAS_RIGHT, WG, DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
+                                           HAS_RIGHT, WG, DQ_ROWS, DQ_IN_P, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
         else:
             for t in range(GROUP * n_m):
                 dk, dv, _ = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                                        ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
                                        m_full_lo, n0, o_m0, diag_hi, qk_scale, dk, dv, None, t, r0, HAS_RIGHT, WG,
-                                       DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
+                                       DQ_ROWS, DQ_IN_P, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
         # The other warpgroup's dQ reads this one's K slot until its last step: wait for it.
         # (The last bulk reduction of dQ may still be in flight: the store_wait below covers it.)
         # In a persistent program the loader waits for the same barrier before it refills K and V.
@@ -262,7 +265,8 @@ if HAS_GLUON:
     def _rows_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                        ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H,
                        GROUP, T_q, T_k, H_kv, B, STEP_N, STEP_H, STEP_B, m_lo, n_m, m_full_lo, diag_hi, qk_scale,
-                       softmax_scale, WG: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr,
+                       softmax_scale, WG: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ_ROWS: gl.constexpr,
+                       DQ_IN_P: gl.constexpr, S_AHEAD: gl.constexpr,
                        PERSISTENT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One compute warpgroup: the program's tile (its keys given), or with ``PERSISTENT`` that
@@ -278,15 +282,15 @@ if HAS_GLUON:
                 _rows_tile(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                            ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H,
                            GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, r0, c, WG, HAS_RIGHT,
-                           DQ_ROWS, S_AHEAD, PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
+                           DQ_ROWS, DQ_IN_P, S_AHEAD, PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
                 r0 += GROUP * n_m
                 c += 1
                 i_n, i_hkv, i_b = _next_tile(i_n, i_hkv, i_b, n_kb, H_kv, STEP_N, STEP_H, STEP_B)
         else:
             _rows_tile(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem,
                        ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q,
-                       m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 0, 0, WG, HAS_RIGHT, DQ_ROWS, S_AHEAD,
-                       PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
+                       m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 0, 0, WG, HAS_RIGHT, DQ_ROWS, DQ_IN_P,
+                       S_AHEAD, PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
 
     @gluon.jit
     def _rows_loader(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, kv_bar, out_bar, q_smem, do_smem, q_ready,
@@ -321,7 +325,8 @@ if HAS_GLUON:
     def _bwd_rows_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H, H_kv,
                                GROUP, softmax_scale, qk_scale, diag_hi, B, STEP_N, STEP_H, STEP_B,
                                HAS_RIGHT: gl.constexpr,
-                               DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr, PERSISTENT: gl.constexpr,
+                               DQ_ROWS: gl.constexpr, DQ_IN_P: gl.constexpr, S_AHEAD: gl.constexpr,
+                               PERSISTENT: gl.constexpr,
                                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head), BLOCK_M query rows a step, or with
@@ -346,7 +351,11 @@ if HAS_GLUON:
         ds_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_M, BLOCK_N], pds_layout)
         # A staging buffer per warpgroup for its share of each step's dQ (half its rows or half
         # its columns: DQ's block).
-        if DQ_ROWS:
+        if DQ_IN_P:
+            # Each warpgroup's dQ share ([BLOCK_M / 2, HEAD_DIM] fp32, with DQ_ROWS at D = 64 the
+            # size of its P tile) staged in its P buffer, which the step's dV has read by then.
+            dq_smem = p_smem._reinterpret(gl.float32, [2, 1, 1, BLOCK_M // 2, HEAD_DIM], DQ.layout)
+        elif DQ_ROWS:
             dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M // 2, HEAD_DIM], DQ.layout)
         else:
             dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, HEAD_DIM // 2], DQ.layout)
@@ -361,13 +370,13 @@ if HAS_GLUON:
                               ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
                               H, GROUP, T_q, T_k, H_kv, B, STEP_N, STEP_H, STEP_B, m_lo, n_m, m_full_lo, diag_hi,
                               qk_scale,
-                              softmax_scale, 0, HAS_RIGHT, DQ_ROWS, S_AHEAD, PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM,
+                              softmax_scale, 0, HAS_RIGHT, DQ_ROWS, DQ_IN_P, S_AHEAD, PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM,
                               NUM_STAGES)),
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                               ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
                               H, GROUP, T_q, T_k, H_kv, B, STEP_N, STEP_H, STEP_B, m_lo, n_m, m_full_lo, diag_hi,
                               qk_scale,
-                              softmax_scale, 1, HAS_RIGHT, DQ_ROWS, S_AHEAD, PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM,
+                              softmax_scale, 1, HAS_RIGHT, DQ_ROWS, DQ_IN_P, S_AHEAD, PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM,
                               NUM_STAGES)),
             (_rows_loader, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, kv_bar, out_bar, q_smem, do_smem, q_ready,
                             do_ready, q_empty, do_empty, i_b, i_hkv, start_n, GROUP, T_q, T_k, H_kv, B, STEP_N,
@@ -395,6 +404,9 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
     if config.dq_rows and config.BLOCK_M != 128:
         # A warpgroup's wgmma is at least 64 rows tall.
         raise ValueError(f"config: dq_rows needs BLOCK_M = 128, got {config.BLOCK_M}")
+    if config.dq_in_p and not (config.dq_rows and q.shape[-1] == 64):
+        # The staged share must be the size of the P tile: [64, D] fp32 against [128, 64] bf16.
+        raise ValueError(f"config: dq_in_p needs dq_rows at D = 64, got dq_rows={config.dq_rows}, D = {q.shape[-1]}")
     if dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape or not dq_acc.is_contiguous():
         raise ValueError("dq_acc: must be a contiguous fp32 tensor of q's shape")
     B, T_q, H, D = q.shape
@@ -416,7 +428,7 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
                 (_desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
                  _desc(dq_acc, M // 2) if config.dq_rows else _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv,
                  softmax_scale, softmax_scale * LOG2E, band["diag_hi"], B, rest % n_kb, rest // n_kb, step_b),
-                dict(HAS_RIGHT=band["HAS_RIGHT"], DQ_ROWS=config.dq_rows, S_AHEAD=config.s_ahead,
+                dict(HAS_RIGHT=band["HAS_RIGHT"], DQ_ROWS=config.dq_rows, DQ_IN_P=config.dq_in_p, S_AHEAD=config.s_ahead,
                      PERSISTENT=bool(config.persistent), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
                      NUM_STAGES=config.num_stages, num_warps=4))
 

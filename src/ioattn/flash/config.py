@@ -402,7 +402,9 @@ class FusedBwdConfig:
     and dV are summed over each group of query heads after (bwd_fused.py). ``persistent`` (the
     row-held kernel with 128-row steps at D = 64 only): 0 launches a program per tile of 128
     keys; -1 one program per SM, each taking tiles in turn, and k > 0 programs of up to k tiles
-    each. A program's next tile then loads its K and V while the last one's dK and dV go out."""
+    each. A program's next tile then loads its K and V while the last one's dK and dV go out.
+    ``dq_in_p`` (the row-held kernel with dq_rows at D = 64): each warpgroup's dQ share is staged
+    in its P buffer, not a buffer of its own (32 KB less shared memory a program)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -418,6 +420,7 @@ class FusedBwdConfig:
     s_ahead: bool = False
     expand_kv: bool = False
     persistent: int = 0
+    dq_in_p: bool = False
 
 
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
