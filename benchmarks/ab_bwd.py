@@ -6,8 +6,7 @@
 ab_fwd.py's method for the backward alone (the forward's out and lse computed once a round):
 ``table`` is what the dispatch runs for a non-deterministic backward (flash-attn's default),
 ``twopass`` bwd_tma.py's two-pass backward with its table config, ``NAME=fused:M,N,WARPS,STAGES:
-FLAG,...`` bwd_fused.py's one-pass backward with a FusedBwdConfig (flags: its boolean fields, or
-FIELD=INT).
+FLAG,...`` bwd_fused.py's one-pass backward with a FusedBwdConfig (flags: its boolean fields).
 Shapes: B = 16384 // T tokens, --H query heads over --Hkv KV heads (default: MHA, the paper
 grid's H = 2048 // D). Each config is checked once against the two-pass backward (dq, dk, dv
 within 2 bf16 ulps of their largest value). Prints ms per round and the median; JSON with a
@@ -41,9 +40,7 @@ def parse(spec: str):
     if kind != "fused":
         raise SystemExit(f"unknown config {spec!r}")
     flags = [f for f in (flags[0].split(",") if flags else []) if f]
-    # A flag is a boolean field's name, or FIELD=INT for an integer one (persistent=-1).
-    fields = {f.partition("=")[0]: int(f.partition("=")[2]) if "=" in f else True for f in flags}
-    cfg = FusedBwdConfig(*map(int, tiles.split(",")), **fields)
+    cfg = FusedBwdConfig(*map(int, tiles.split(",")), **{f: True for f in flags})
     return name, lambda *a: flash_bwd_fused(*a, 0, config=cfg)
 
 

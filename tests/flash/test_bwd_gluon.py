@@ -279,39 +279,6 @@ def test_fused_gluon_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="dq_rows needs BLOCK_M = 128"):
         bwd_gluon_rows.fused_gluon_rows(q, k, v, q, lse, lse, k, v, dq_acc, 0.1, True, 0,
                                         dataclasses.replace(rows, BLOCK_M=64, dq_rows=True))
-    # Persistent programs stage dK and dV in their P buffers: 128-row steps at D = 64 only.
-    with pytest.raises(ValueError, match="persistent"):
-        bwd_gluon_rows.fused_gluon_rows(q, k, v, q, lse, lse, k, v, dq_acc, 0.1, True, 0,
-                                        dataclasses.replace(rows, persistent=-1))
-    q64, k64, v64 = make_qkv(1, 64, 64, 2, 1, 64, dtype=torch.bfloat16)
-    for bad in (dataclasses.replace(ROWS_64, persistent=-2), dataclasses.replace(ROWS_64, BLOCK_M=64, dq_rows=False,
-                                                                                   persistent=2)):
-        with pytest.raises(ValueError, match="persistent"):
-            bwd_gluon_rows.fused_gluon_rows(q64, k64, v64, q64, lse, lse, k64, v64, torch.zeros(q64.shape), 0.1, True,
-                                            0, bad)
-    # dQ's share staged in the P buffer must be its size: dq_rows at D = 64.
-    with pytest.raises(ValueError, match="dq_in_p"):
-        bwd_gluon_rows.fused_gluon_rows(q, k, v, q, lse, lse, k, v, dq_acc, 0.1, True, 0,
-                                        dataclasses.replace(rows, dq_in_p=True))
-    with pytest.raises(ValueError, match="dq_in_p"):
-        bwd_gluon_rows.fused_gluon_rows(q64, k64, v64, q64, lse, lse, k64, v64, torch.zeros(q64.shape), 0.1, True, 0,
-                                        dataclasses.replace(ROWS_64, dq_rows=False, dq_in_p=True))
-
-
-def test_persistent_program_count(monkeypatch):
-    # One program per SM, fewer by the least that makes the count coprime with a head's key
-    # blocks (else causal tiles of one length pile onto the same programs); or k tiles each.
-    monkeypatch.setattr(bwd_gluon_rows, "sm_count", lambda index: 132)
-    dev = torch.device("cuda", 0)
-    assert bwd_gluon_rows.persistent_programs(dev, 4096, 16, -1) == 131
-    assert bwd_gluon_rows.persistent_programs(dev, 4096, 1, -1) == 132
-    assert bwd_gluon_rows.persistent_programs(dev, 4096, 33, -1) == 131
-    assert bwd_gluon_rows.persistent_programs(dev, 4096, 12, -1) == 131
-    assert bwd_gluon_rows.persistent_programs(dev, 4096, 35, -1) == 132
-    assert bwd_gluon_rows.persistent_programs(dev, 4096, 262, -1) == 129
-    assert bwd_gluon_rows.persistent_programs(dev, 24, 6, -1) == 24
-    assert bwd_gluon_rows.persistent_programs(dev, 4096, 16, 2) == 2048
-    assert bwd_gluon_rows.persistent_programs(dev, 25, 5, 3) == 9
 
 
 @pytest.mark.gpu
@@ -331,8 +298,6 @@ def test_bwd_fused_gluon_gpu_fp16_strided(fused_calls):
 
 # bwd_gluon_rows.py's kernel at D = 128 (64-row steps; the only size whose shared memory fits).
 ROWS_128 = FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)
-# At D = 64 with 128-row steps, the form its persistent programs take.
-ROWS_64 = FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True, s_ahead=True)
 
 
 @pytest.mark.gpu
@@ -379,28 +344,3 @@ def test_flash_attn_func_takes_the_gluon_one_pass_where_the_table_says(monkeypat
             assert len(fused_calls) == n
             for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
                 assert_close(name, g, r, b, factor=3)
-
-
-# Persistent programs (FusedBwdConfig.persistent): one per SM (131 here, coprime with the key
-# blocks), one tile each through the tile loop, three tiles each; with more tiles than programs
-# (up to four a program), GQA, causal with Tq != Tk and programs whose tiles no row sees.
-PERSISTENT_CASES = [c for c in GPU_CASES if c[5] == 64] + [
-    (4, 2000, 2000, 16, 4, 64, True, None),
-    (8, 1024, 1024, 8, 8, 64, False, None),
-    (8, 1024, 1024, 8, 8, 64, True, None),
-    (2, 3000, 700, 16, 2, 64, True, None),
-    (2, 700, 1500, 8, 8, 64, True, 0),
-]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dq_in_p", [False, True], ids=["dq_buf", "dq_in_p"])
-@pytest.mark.parametrize("persistent", [0, -1, 1, 3])
-@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=case_id)
-def test_bwd_rows_gluon_gpu_persistent(case, persistent, dq_in_p, fused_calls):
-    # Also dQ's share staged in the P buffer (dq_in_p), with and without persistent programs.
-    if not persistent and not dq_in_p:
-        pytest.skip("the table's config: test_bwd_fused_gluon_gpu")
-    cfg = dataclasses.replace(ROWS_64, persistent=persistent, dq_in_p=dq_in_p)
-    check_bwd(*case, torch.bfloat16, config=cfg, bwd=fused_vs_portable)
-    assert fused_calls and all(c == cfg for c in fused_calls)

@@ -56,22 +56,13 @@ if HAS_GLUON:
                      m_lo, n_m, BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr):
         """Loader partition (one warp): Q and dO tiles of steps ``[0, GROUP * n_m)`` (head
         ``i_hkv * GROUP + t // n_m``, rows ``m_lo + (t % n_m) * BLOCK_M``) into the slot ring."""
-        _load_steps(desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP, m_lo,
-                    n_m, 0, BLOCK_M, NUM_STAGES)
-
-    @gluon.jit
-    def _load_steps(desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP, m_lo,
-                    n_m, r0, BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr):
-        """:func:`_dkdv_loader`'s loads, step ``t`` into ring position ``r0 + t`` (a persistent
-        program's ring runs on across its tiles)."""
         for t in range(GROUP * n_m):
-            r = r0 + t
-            slot = r % NUM_STAGES
+            slot = t % NUM_STAGES
             g = t // n_m
             i_h = i_hkv * GROUP + g
             start_m = m_lo + (t - g * n_m) * BLOCK_M
             # Barriers start as if phase 1 had completed: the first pass waits for nothing.
-            phase = ((r // NUM_STAGES) & 1) ^ 1
+            phase = ((t // NUM_STAGES) & 1) ^ 1
             mbarrier.wait(q_empty.index(slot), phase)
             mbarrier.expect(q_ready.index(slot), desc_q.block_type.nbytes)
             tma.async_copy_global_to_shared(desc_q, [i_b, i_h, start_m, 0], q_ready.index(slot), q_smem.index(slot))

@@ -38,22 +38,7 @@ if HAS_GLUON:
                       BLOCK_N: gl.constexpr):
         """This program's (batch, KV head, first key) and :func:`_query_blocks` of its 2 * BLOCK_N
         keys: one query range for both warpgroups, which walk the same steps."""
-        return _keys_of(gl.program_id(0), gl.program_id(1), T_q, T_k, H_kv, diag_hi, HAS_RIGHT, BLOCK_M, BLOCK_N)
-
-    @gluon.jit
-    def _tile_keys(tile, T_q, T_k, H_kv, diag_hi, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
-                   BLOCK_N: gl.constexpr):
-        """:func:`_program_keys` of a persistent program's tile ``tile``, tiles numbered as the
-        one-tile grid's programs (key blocks fastest, then batch × KV head)."""
-        n_kb = (T_k + 2 * BLOCK_N - 1) // (2 * BLOCK_N)
-        i_bh = tile // n_kb
-        return _keys_of(tile - i_bh * n_kb, i_bh, T_q, T_k, H_kv, diag_hi, HAS_RIGHT, BLOCK_M, BLOCK_N)
-
-    @gluon.jit
-    def _keys_of(i_n, i_bh, T_q, T_k, H_kv, diag_hi, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr):
-        """(batch, KV head, first key, then :func:`_query_blocks`) of key block ``i_n`` of batch ×
-        KV head ``i_bh``."""
+        i_n, i_bh = gl.program_id(0), gl.program_id(1)
         i_b, i_hkv = i_bh // H_kv, i_bh % H_kv
         start_n = i_n * (2 * BLOCK_N)
         m_lo, n_m, m_full_lo = _query_blocks(start_n, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M, 2 * BLOCK_N)
@@ -104,24 +89,9 @@ if HAS_GLUON:
                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
         """A warpgroup's dK (scaled) and dV out through its K and V slots, which no wgmma reads
         any more."""
-        _store_tiles(dk, dv, k_smem.index(WG), v_smem.index(WG), desc_dk, desc_dv, i_b, i_hkv, start_n, softmax_scale,
-                     WG, BLOCK_N, HEAD_DIM)
-
-    @gluon.jit
-    def _store_dkdv_staged(dk, dv, stage, desc_dk, desc_dv, i_b, i_hkv, start_n, softmax_scale, WG: gl.constexpr,
-                           BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """:func:`_store_dkdv` through ``stage`` (a buffer of the warpgroup's own that holds
-        2 × BLOCK_N × HEAD_DIM elements in the descriptors' swizzle) instead of the K and V slots,
-        so that a persistent program's next K and V can load meanwhile. The store is waited for:
-        the next tile's P goes into the same buffer."""
-        tiles = stage._reinterpret(stage.dtype, [2, 1, 1, BLOCK_N, HEAD_DIM], desc_dk.layout)
-        _store_tiles(dk, dv, tiles.index(0), tiles.index(1), desc_dk, desc_dv, i_b, i_hkv, start_n, softmax_scale, WG,
-                     BLOCK_N, HEAD_DIM)
-
-    @gluon.jit
-    def _store_tiles(dk, dv, k_out, v_out, desc_dk, desc_dv, i_b, i_hkv, start_n, softmax_scale, WG: gl.constexpr,
-                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
-        dtype: gl.constexpr = k_out.dtype
+        dtype: gl.constexpr = k_smem.dtype
+        k_out = k_smem.index(WG)
+        v_out = v_smem.index(WG)
         k_out.reshape([BLOCK_N, HEAD_DIM]).store((dk * softmax_scale).to(dtype))
         v_out.reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
         fence_async_shared()

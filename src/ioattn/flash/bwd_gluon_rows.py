@@ -33,20 +33,12 @@ gives each warpgroup half the step's rows of dQ, every column, instead of half t
 step's S behind the step before's dQ, so that it runs while that dQ is added (3-5% off at D = 64,
 5-9% slower at D = 128 for a reason not found: LOG v1.23).
 
-``persistent`` (FusedBwdConfig; ``PERSISTENT``): a program takes tile after tile. A one-tile
-program ends by storing dK, dV and the next one starts by loading K, V, Q and dO, with the SM's
-tensor cores idle in between (the shared memory holds one program); the loader warp of a
-persistent one loads the next tile's K and V as soon as both warpgroups are done reading them,
-while they store dK and dV through their P buffers, and its Q/dO ring runs on without a gap.
-
 GPU only (Gluon has no interpreter): tests/flash/gluon_ptxas.py compiles it for sm_90 without a
 GPU; tests/flash/test_bwd_gluon.py compares it with the reference on the H200.
 """
-import math
-
 import torch
 
-from .._utils import cdiv, sm_count
+from .._utils import cdiv
 from ..launch import launch_site
 from .fwd import LOG2E, diag_band, device_guard
 from .fwd_gluon import HAS_GLUON
@@ -54,13 +46,13 @@ from .fwd_gluon import HAS_GLUON
 if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_wait)
 
-    from .bwd_gluon import (_acc_layout, _dkdv_loader, _dq_desc, _dq_layout, _load_steps, _reduce_dq,
-                             _release_slot, _row_stats)
+    from .bwd_gluon import (_acc_layout, _dkdv_loader, _dq_desc, _dq_layout, _reduce_dq, _release_slot,
+                             _row_stats)
     from .bwd_gluon_program import (_alloc_tiles, _dq_barriers, _invalidate_dq_barriers, _load_kv, _program_keys,
-                                    _query_blocks, _store_dkdv, _store_dkdv_staged, _tile_keys)
+                                    _store_dkdv)
     from .fwd_gluon import COMPUTE_REGS, LOADER_REGS, _desc, _invalidate_ring, _ring_barriers
 
 
@@ -72,18 +64,15 @@ if HAS_GLUON:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
 
     @gluon.jit
-    def _issue_s(k, q_smem, q_ready, t, n_steps, r0, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _issue_s(k, q_smem, q_ready, t, n_steps, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
-        """S = q·kᵀ of step ``t`` (ring position ``r0 + t``), issued once its Q slot is filled (in
-        flight: the caller waits). For ``t == n_steps``, past the last step, it is issued without
-        the wait on whatever that slot holds, and its result is dropped. In a one-tile program no
-        load writes the slot then (the loader's last one, for step n_steps - NUM_STAGES or none,
-        completed before that step ran); in a persistent one the next tile's Q may be landing
-        there, which the dropped result does not see."""
-        r = r0 + t
-        slot = r % NUM_STAGES
+        """S = q·kᵀ of step ``t``, issued once its Q slot is filled (in flight: the caller waits).
+        For ``t == n_steps``, past the last step, it is issued without the wait on whatever that
+        slot holds, and its result is dropped: no load writes the slot then (the loader's last
+        one, for step n_steps - NUM_STAGES or none, completed before that step ran)."""
+        slot = t % NUM_STAGES
         if t < n_steps:
-            mbarrier.wait(q_ready.index(slot), (r // NUM_STAGES) & 1)
+            mbarrier.wait(q_ready.index(slot), (t // NUM_STAGES) & 1)
         q_t = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=_s_layout(BLOCK_N))
         return warpgroup_mma(q_t, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -91,21 +80,19 @@ if HAS_GLUON:
     @gluon.jit
     def _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem, ds_bar,
                    dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, n0, o_m0, diag_hi,
-                   qk_scale, dk, dv, s_ahead, t, r0, MASKED: gl.constexpr, WG: gl.constexpr, DQ_ROWS: gl.constexpr,
-                   DQ_IN_P: gl.constexpr, S_AHEAD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   qk_scale, dk, dv, s_ahead, t, MASKED: gl.constexpr, WG: gl.constexpr, DQ_ROWS: gl.constexpr,
+                   S_AHEAD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                    NUM_STAGES: gl.constexpr):
         """Step ``t`` of one compute warpgroup (its keys from ``n0``; the module's docstring), the
         causal mask applied iff ``MASKED`` and the step's block holds the diagonal (from
         ``m_full_lo`` down): returns the updated (dK, dV) and, with ``S_AHEAD``, the next step's S
         (``s_ahead`` is this step's, formed during the step before; without, the third value is
-        dV again, unused). The slot ring and the dS buffers go by ring position ``r0 + t``, the
-        rows by ``t``."""
+        dV again, unused)."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = _s_layout(BLOCK_N)
         HALF: gl.constexpr = HEAD_DIM // 2
-        r = r0 + t
-        slot = r % NUM_STAGES
-        phase = (r // NUM_STAGES) & 1
+        slot = t % NUM_STAGES
+        phase = (t // NUM_STAGES) & 1
         g = t // n_m
         i_h = i_hkv * GROUP + g
         start_m = m_lo + (t - g * n_m) * BLOCK_M
@@ -129,14 +116,10 @@ if HAS_GLUON:
             if start_m < m_full_lo:
                 # Column j (key n0 + j) against each row's last visible column: a row vector
                 # and the block's column index, not the keys' offsets held through the loop
-                # (ptxas, causal, local loads/stores a step: 16 / 20 -> 10 / 17; persistent
-                # 69 / 62 -> 24 / 23).
+                # (ptxas, causal, local loads/stores a step: 16 / 20 -> 10 / 17).
                 o_j = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
                 p = gl.where(o_j[None, :] <= (o_m + (diag_hi - n0))[:, None], p, 0.0)
         p_buf = p_smem.index(WG)
-        if DQ_IN_P:
-            # The step before staged its dQ share here: its bulk reduction must have read it.
-            tma.store_wait(pendings=0)
         p_buf.store(p.to(dtype))
         fence_async_shared()
         dv_tok = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
@@ -144,7 +127,7 @@ if HAS_GLUON:
         # dS of two steps alternate, [buffer * 2 + warpgroup]: the other warpgroup may still
         # read this step's while this one writes the next (bwd_gluon.py's _issue_dq says why
         # two suffice).
-        buf = r % 2
+        buf = t % 2
         ds_buf = ds_smem.index(buf * 2 + WG)
         ds_buf.store((p * (dp - delta[:, None])).to(dtype))
         fence_async_shared()
@@ -154,7 +137,7 @@ if HAS_GLUON:
         # The slot goes back to the loader as soon as dV and dK are done with it, before dQ: the
         # later the release, the less time the loader has for the step after next.
         _release_slot(q_empty, do_empty, slot)
-        mbarrier.wait(ds_bar.index(buf), (r // 2) & 1)
+        mbarrier.wait(ds_bar.index(buf), (t // 2) & 1)
         if DQ_ROWS:
             # dQ's rows [WG * ROWS, + ROWS), every column, over all 2 * BLOCK_N keys, once both
             # dS are in: 64-column wgmmas where the column halves take 32-column ones, which
@@ -178,7 +161,7 @@ if HAS_GLUON:
             # every wgmma of the kernel. After the last step it is issued all the same (see
             # _issue_s): a branch around it spilled more (ptxas: D = 128 0 -> 19 local loads
             # and stores a step) than the one wasted wgmma a program costs.
-            s_acc = _issue_s(k, q_smem, q_ready, t + 1, GROUP * n_m, r0, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
+            s_acc = _issue_s(k, q_smem, q_ready, t + 1, GROUP * n_m, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
             dq = warpgroup_mma_wait(1, deps=(dq, ))
             _reduce_share(dq, dq_smem, DQ, i_b, i_h, start_m, WG, DQ_ROWS, BLOCK_M, HEAD_DIM)
             s_next = warpgroup_mma_wait(0, deps=(s_acc, ))
@@ -200,32 +183,14 @@ if HAS_GLUON:
             _reduce_dq(dq, dq_smem, DQ, i_b, i_h, start_m, WG * (HEAD_DIM // 2), WG)
 
     @gluon.jit
-    def _next_tile(i_n, i_hkv, i_b, n_kb, H_kv, STEP_N, STEP_H, STEP_B):
-        """(key block, KV head, batch) of the tile num_programs on from this one, the grid's size
-        given in those digits (STEP_N < n_kb, STEP_H < H_kv): adds and carries, no division. With
-        a division in the loop (tile // key blocks) ptxas held the tile's indices in vector
-        registers, and the step loop spilled three times as much (64 against 16-20 local loads
-        and stores a step, causal)."""
-        i_n += STEP_N
-        carry = (i_n >= n_kb).to(gl.int32)
-        i_n -= carry * n_kb
-        i_hkv += STEP_H + carry
-        carry = (i_hkv >= H_kv).to(gl.int32)
-        i_hkv -= carry * H_kv
-        i_b += STEP_B + carry
-        return i_n, i_hkv, i_b
-
-    @gluon.jit
-    def _rows_tile(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem,
-                   ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q, m_lo,
-                   n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, r0, c, WG: gl.constexpr,
-                   HAS_RIGHT: gl.constexpr, DQ_ROWS: gl.constexpr, DQ_IN_P: gl.constexpr, S_AHEAD: gl.constexpr,
-                   PERSISTENT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                   NUM_STAGES: gl.constexpr):
-        """One compute warpgroup's share of a tile (the program's ``c``-th, its steps from ring
-        position ``r0``): dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every step,
-        its half of each step's dQ, then the dK, dV stores (through its K and V slots, or with
-        ``PERSISTENT`` through its P buffer while the loader refills K and V)."""
+    def _rows_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
+                       ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H,
+                       GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, WG: gl.constexpr,
+                       HAS_RIGHT: gl.constexpr, DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
+        step, its half of each step's dQ, then the dK, dV stores (through its K and V slots)."""
         s_layout: gl.constexpr = _s_layout(BLOCK_N)
         n0 = start_n + WG * BLOCK_N
         o_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
@@ -233,115 +198,41 @@ if HAS_GLUON:
         v = v_smem.index(WG).reshape([BLOCK_N, HEAD_DIM])
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
-        mbarrier.wait(kv_bar, phase=c & 1)
+        mbarrier.wait(kv_bar, phase=0)
         if S_AHEAD:
             # The first step's S, waited for here (_rows_step says why).
-            s_tok = _issue_s(k, q_smem, q_ready, 0, GROUP * n_m, r0, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
+            s_tok = _issue_s(k, q_smem, q_ready, 0, GROUP * n_m, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
             s_tok = warpgroup_mma_wait(0, deps=(s_tok, ))
             for t in range(GROUP * n_m):
                 dk, dv, s_tok = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                                            ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo,
-                                           n_m, m_full_lo, n0, o_m0, diag_hi, qk_scale, dk, dv, s_tok, t, r0,
-                                           HAS_RIGHT, WG, DQ_ROWS, DQ_IN_P, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
+                                           n_m, m_full_lo, n0, o_m0, diag_hi, qk_scale, dk, dv, s_tok, t, HAS_RIGHT,
+                                           WG, DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
         else:
             for t in range(GROUP * n_m):
                 dk, dv, _ = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                                        ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
-                                       m_full_lo, n0, o_m0, diag_hi, qk_scale, dk, dv, None, t, r0, HAS_RIGHT, WG,
-                                       DQ_ROWS, DQ_IN_P, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
+                                       m_full_lo, n0, o_m0, diag_hi, qk_scale, dk, dv, None, t, HAS_RIGHT, WG,
+                                       DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
         # The other warpgroup's dQ reads this one's K slot until its last step: wait for it.
         # (The last bulk reduction of dQ may still be in flight: the store_wait below covers it.)
-        # In a persistent program the loader waits for the same barrier before it refills K and V.
         mbarrier.arrive(out_bar, count=1)
-        mbarrier.wait(out_bar, phase=c & 1)
-        if PERSISTENT:
-            _store_dkdv_staged(dk, dv, p_smem.index(WG), desc_dk, desc_dv, i_b, i_hkv, start_n, softmax_scale, WG,
-                               BLOCK_N, HEAD_DIM)
-        else:
-            _store_dkdv(dk, dv, k_smem, v_smem, desc_dk, desc_dv, i_b, i_hkv, start_n, softmax_scale, WG, BLOCK_N,
-                        HEAD_DIM)
-
-    @gluon.jit
-    def _rows_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
-                       ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H,
-                       GROUP, T_q, T_k, H_kv, B, STEP_N, STEP_H, STEP_B, m_lo, n_m, m_full_lo, diag_hi, qk_scale,
-                       softmax_scale, WG: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ_ROWS: gl.constexpr,
-                       DQ_IN_P: gl.constexpr, S_AHEAD: gl.constexpr,
-                       PERSISTENT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
-        """One compute warpgroup: the program's tile (its keys given), or with ``PERSISTENT`` that
-        tile and every ``num_programs``-th after it (:func:`_next_tile`), the Q/dO ring running on."""
-        if PERSISTENT:
-            r0 = 0
-            c = 0
-            n_kb = (T_k + 2 * BLOCK_N - 1) // (2 * BLOCK_N)
-            i_n = start_n // (2 * BLOCK_N)
-            while i_b < B:
-                start_n = i_n * (2 * BLOCK_N)
-                m_lo, n_m, m_full_lo = _query_blocks(start_n, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M, 2 * BLOCK_N)
-                _rows_tile(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
-                           ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H,
-                           GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, r0, c, WG, HAS_RIGHT,
-                           DQ_ROWS, DQ_IN_P, S_AHEAD, PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
-                r0 += GROUP * n_m
-                c += 1
-                i_n, i_hkv, i_b = _next_tile(i_n, i_hkv, i_b, n_kb, H_kv, STEP_N, STEP_H, STEP_B)
-        else:
-            _rows_tile(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem,
-                       ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H, GROUP, T_q,
-                       m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 0, 0, WG, HAS_RIGHT, DQ_ROWS, DQ_IN_P,
-                       S_AHEAD, PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
-
-    @gluon.jit
-    def _rows_loader(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, kv_bar, out_bar, q_smem, do_smem, q_ready,
-                     do_ready, q_empty, do_empty, i_b, i_hkv, start_n, GROUP, T_q, T_k, H_kv, B, STEP_N, STEP_H,
-                     STEP_B, m_lo, n_m, diag_hi,
-                     HAS_RIGHT: gl.constexpr, PERSISTENT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                     NUM_STAGES: gl.constexpr):
-        """Loader partition (one warp): the program's Q and dO tiles (bwd_gluon.py's loader), or with
-        ``PERSISTENT`` each tile's K and V (once both warpgroups are past the tile before: out_bar)
-        and then its Q and dO, the ring running on across tiles."""
-        if PERSISTENT:
-            r0 = 0
-            c = 0
-            n_kb = (T_k + 2 * BLOCK_N - 1) // (2 * BLOCK_N)
-            i_n = start_n // (2 * BLOCK_N)
-            while i_b < B:
-                start_n = i_n * (2 * BLOCK_N)
-                m_lo, n_m, _ = _query_blocks(start_n, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M, 2 * BLOCK_N)
-                if c > 0:
-                    mbarrier.wait(out_bar, phase=(c - 1) & 1)
-                _load_kv(desc_k, desc_v, k_smem, v_smem, kv_bar, i_b, i_hkv, start_n, BLOCK_N)
-                _load_steps(desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
-                            m_lo, n_m, r0, BLOCK_M, NUM_STAGES)
-                r0 += GROUP * n_m
-                c += 1
-                i_n, i_hkv, i_b = _next_tile(i_n, i_hkv, i_b, n_kb, H_kv, STEP_N, STEP_H, STEP_B)
-        else:
-            _dkdv_loader(desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
-                         m_lo, n_m, BLOCK_M, NUM_STAGES)
+        mbarrier.wait(out_bar, phase=0)
+        _store_dkdv(dk, dv, k_smem, v_smem, desc_dk, desc_dv, i_b, i_hkv, start_n, softmax_scale, WG, BLOCK_N,
+                    HEAD_DIM)
 
     @gluon.jit
     def _bwd_rows_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H, H_kv,
-                               GROUP, softmax_scale, qk_scale, diag_hi, B, STEP_N, STEP_H, STEP_B,
-                               HAS_RIGHT: gl.constexpr,
-                               DQ_ROWS: gl.constexpr, DQ_IN_P: gl.constexpr, S_AHEAD: gl.constexpr,
-                               PERSISTENT: gl.constexpr,
-                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                               NUM_STAGES: gl.constexpr):
-        """One program: 2 * BLOCK_N keys of one (batch, KV head), BLOCK_M query rows a step, or with
-        ``PERSISTENT`` a 1D grid whose programs take such tiles in turn, the grid's size a step
-        apart (``STEP_N`` key blocks, ``STEP_H`` KV heads, ``STEP_B`` batches); DQ a
+                               GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
+                               DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr, HEAD_DIM: gl.constexpr,
+                               BLOCK_M: gl.constexpr,
+                               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """One program: 2 * BLOCK_N keys of one (batch, KV head), BLOCK_M query rows a step; DQ a
         descriptor of the fp32 dQ buffer with [1, 1, BLOCK_M, HEAD_DIM / 2] tiles. Launched with
         num_warps=4 (the default partition is warpgroup 0)."""
         dtype: gl.constexpr = desc_q.dtype
-        if PERSISTENT:
-            # The first tile, numbered as the one-tile grid's programs; the partitions go on from it.
-            i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _tile_keys(gl.program_id(0), T_q, T_k, H_kv, diag_hi,
-                                                                   HAS_RIGHT, BLOCK_M, BLOCK_N)
-        else:
-            i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _program_keys(T_q, T_k, H_kv, diag_hi, HAS_RIGHT, BLOCK_M,
-                                                                      BLOCK_N)
+        i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _program_keys(T_q, T_k, H_kv, diag_hi, HAS_RIGHT, BLOCK_M,
+                                                                  BLOCK_N)
 
         k_smem, v_smem, q_smem, do_smem, kv_bar = _alloc_tiles(desc_q, desc_k, desc_v, desc_do, BLOCK_M, BLOCK_N,
                                                                HEAD_DIM, NUM_STAGES)
@@ -351,37 +242,26 @@ if HAS_GLUON:
         ds_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_M, BLOCK_N], pds_layout)
         # A staging buffer per warpgroup for its share of each step's dQ (half its rows or half
         # its columns: DQ's block).
-        if DQ_IN_P:
-            # Each warpgroup's dQ share ([BLOCK_M / 2, HEAD_DIM] fp32, with DQ_ROWS at D = 64 the
-            # size of its P tile) staged in its P buffer, which the step's dV has read by then.
-            dq_smem = p_smem._reinterpret(gl.float32, [2, 1, 1, BLOCK_M // 2, HEAD_DIM], DQ.layout)
-        elif DQ_ROWS:
+        if DQ_ROWS:
             dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M // 2, HEAD_DIM], DQ.layout)
         else:
             dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, HEAD_DIM // 2], DQ.layout)
         q_ready, do_ready, q_empty, do_empty = _ring_barriers(NUM_STAGES, 2)
         ds_bar, out_bar = _dq_barriers()
         fence_async_shared()
-        if not PERSISTENT:
-            _load_kv(desc_k, desc_v, k_smem, v_smem, kv_bar, i_b, i_hkv, start_n, BLOCK_N)
+        _load_kv(desc_k, desc_v, k_smem, v_smem, kv_bar, i_b, i_hkv, start_n, BLOCK_N)
 
         gl.warp_specialize([
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                               ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
-                              H, GROUP, T_q, T_k, H_kv, B, STEP_N, STEP_H, STEP_B, m_lo, n_m, m_full_lo, diag_hi,
-                              qk_scale,
-                              softmax_scale, 0, HAS_RIGHT, DQ_ROWS, DQ_IN_P, S_AHEAD, PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM,
-                              NUM_STAGES)),
+                              H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 0, HAS_RIGHT,
+                              DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                               ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
-                              H, GROUP, T_q, T_k, H_kv, B, STEP_N, STEP_H, STEP_B, m_lo, n_m, m_full_lo, diag_hi,
-                              qk_scale,
-                              softmax_scale, 1, HAS_RIGHT, DQ_ROWS, DQ_IN_P, S_AHEAD, PERSISTENT, BLOCK_M, BLOCK_N, HEAD_DIM,
-                              NUM_STAGES)),
-            (_rows_loader, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, kv_bar, out_bar, q_smem, do_smem, q_ready,
-                            do_ready, q_empty, do_empty, i_b, i_hkv, start_n, GROUP, T_q, T_k, H_kv, B, STEP_N,
-                            STEP_H, STEP_B, m_lo, n_m, diag_hi, HAS_RIGHT, PERSISTENT, BLOCK_M, BLOCK_N,
-                            NUM_STAGES)),
+                              H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 1, HAS_RIGHT,
+                              DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+            (_dkdv_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
+                            m_lo, n_m, BLOCK_M, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
 
         mbarrier.invalidate(kv_bar)
@@ -396,58 +276,30 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
     ``delta``; ``config`` a :class:`ioattn.flash.config.FusedBwdConfig` with ``gluon`` and
     ``rows``: 128 keys a program (two warpgroups of 64), ``BLOCK_M`` query rows a step (64 or
     128), ``num_stages`` Q/dO slots, ``dq_rows`` each warpgroup's dQ share half the step's rows
-    (BLOCK_M = 128 only) instead of half the columns, ``persistent`` as FusedBwdConfig says
-    (BLOCK_M = 2 × D: a warpgroup's P buffer then holds its dK and dV tiles)."""
+    (BLOCK_M = 128 only) instead of half the columns."""
     if config.BLOCK_N != 128 or config.BLOCK_M not in (64, 128) or config.num_warps != 4:
         raise ValueError(f"config: the row-held Gluon backward takes BLOCK_N = 128, BLOCK_M in (64, 128) and "
                          f"4 warps, got {config.BLOCK_N}, {config.BLOCK_M} and {config.num_warps}")
     if config.dq_rows and config.BLOCK_M != 128:
         # A warpgroup's wgmma is at least 64 rows tall.
         raise ValueError(f"config: dq_rows needs BLOCK_M = 128, got {config.BLOCK_M}")
-    if config.dq_in_p and not (config.dq_rows and q.shape[-1] == 64):
-        # The staged share must be the size of the P tile: [64, D] fp32 against [128, 64] bf16.
-        raise ValueError(f"config: dq_in_p needs dq_rows at D = 64, got dq_rows={config.dq_rows}, D = {q.shape[-1]}")
     if dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape or not dq_acc.is_contiguous():
         raise ValueError("dq_acc: must be a contiguous fp32 tensor of q's shape")
     B, T_q, H, D = q.shape
-    if config.persistent < -1 or (config.persistent and config.BLOCK_M != 2 * D):
-        raise ValueError(f"config: persistent must be -1, 0 or a tile count, and needs BLOCK_M = 2 x D; got "
-                         f"{config.persistent} with BLOCK_M = {config.BLOCK_M}, D = {D}")
     T_k, H_kv = k.shape[1], k.shape[2]
     band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
     M, N = config.BLOCK_M, 64  # N: keys of each of the two warpgroups
 
     def build():
-        n_kb = cdiv(T_k, 2 * N)
-        grid = (n_kb, B * H_kv)
-        if config.persistent:
-            grid = (persistent_programs(q.device, n_kb * B * H_kv, n_kb, config.persistent), )
-        # The grid's size in (batch, KV head, key block) digits: a persistent program's stride.
-        step_b, rest = divmod(grid[0], H_kv * n_kb)
-        return (_bwd_rows_gluon_kernel, grid,
+        return (_bwd_rows_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
                 (_desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
                  _desc(dq_acc, M // 2) if config.dq_rows else _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv,
-                 softmax_scale, softmax_scale * LOG2E, band["diag_hi"], B, rest % n_kb, rest // n_kb, step_b),
-                dict(HAS_RIGHT=band["HAS_RIGHT"], DQ_ROWS=config.dq_rows, DQ_IN_P=config.dq_in_p, S_AHEAD=config.s_ahead,
-                     PERSISTENT=bool(config.persistent), HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N,
-                     NUM_STAGES=config.num_stages, num_warps=4))
+                 softmax_scale, softmax_scale * LOG2E, band["diag_hi"]),
+                dict(HAS_RIGHT=band["HAS_RIGHT"], DQ_ROWS=config.dq_rows, S_AHEAD=config.s_ahead, HEAD_DIM=D,
+                     BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.num_stages, num_warps=4))
 
     key = ("bwd_rows", q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(),
            dk.data_ptr(), dv.data_ptr(), dq_acc.data_ptr(), q.shape, k.shape, q.stride(), k.stride(), v.stride(),
            dout.stride(), dk.stride(), dv.stride(), q.dtype, softmax_scale, causal, diag_offset, config)
     with device_guard(q):
         launch_site(key, build)
-
-
-def persistent_programs(device, tiles: int, key_blocks: int, persistent: int) -> int:
-    """Programs of a persistent launch: ``persistent`` tiles each (k > 0), or (-1) one per SM,
-    fewer by the least that makes the count coprime with the key blocks of a head. Program p
-    takes tiles p, p + G, ... (key blocks fastest): with G coprime, its causal tiles cycle
-    through every key block's length instead of repeating a few (132 programs over 16 blocks
-    would give each one of four residues, 40 against 28 steps at T = 2048)."""
-    if persistent > 0:
-        return cdiv(tiles, persistent)
-    g = sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    while g > 1 and math.gcd(g, key_blocks) > 1:
-        g -= 1
-    return max(1, min(g, tiles))

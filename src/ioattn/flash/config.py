@@ -399,12 +399,7 @@ class FusedBwdConfig:
     step's dQ between the warpgroups by rows, not columns, BLOCK_M = 128 only; ``s_ahead`` issues
     each step's S = q·kᵀ at the end of the step before, behind its dQ). ``expand_kv``: with
     GQA, K and V are repeated to every query head first and the kernel runs as for MHA, and dK
-    and dV are summed over each group of query heads after (bwd_fused.py). ``persistent`` (the
-    row-held kernel with 128-row steps at D = 64 only): 0 launches a program per tile of 128
-    keys; -1 one program per SM, each taking tiles in turn, and k > 0 programs of up to k tiles
-    each. A program's next tile then loads its K and V while the last one's dK and dV go out.
-    ``dq_in_p`` (the row-held kernel with dq_rows at D = 64): each warpgroup's dQ share is staged
-    in its P buffer, not a buffer of its own (32 KB less shared memory a program)."""
+    and dV are summed over each group of query heads after (bwd_fused.py)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -419,8 +414,6 @@ class FusedBwdConfig:
     dq_rows: bool = False
     s_ahead: bool = False
     expand_kv: bool = False
-    persistent: int = 0
-    dq_in_p: bool = False
 
 
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
