@@ -61,13 +61,12 @@ def compile_dkdv_report(D, M, N, stages, overlap, causal, add_dq=False, dq_early
     return ptxas(bwd_gluon._bwd_dkdv_gluon_kernel, descs, values, dict(num_warps=4, num_stages=stages))
 
 
-def compile_rows_report(D, M, stages, causal, dq_rows=False, s_ahead=False, half_diag=False):
+def compile_rows_report(D, M, stages, causal, dq_rows=False, s_ahead=False):
     """bwd_gluon_rows.py's kernel: 2 x 64 keys a program, ``M`` query rows a step."""
     x = torch.empty(1, 256, 2, D, dtype=torch.bfloat16)
     descs = {f"desc_{n}": fwd_gluon._desc(x, M if n in ("q", "do") else 64) for n in ("q", "k", "v", "do", "dk", "dv")}
     descs["DQ"] = fwd_gluon._desc(x.float(), M // 2) if dq_rows else bwd_gluon._dq_desc(x.float(), M)
-    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, DQ_ROWS=dq_rows, S_AHEAD=s_ahead, HALF_DIAG=half_diag and causal,
-                  BLOCK_M=M, BLOCK_N=64,
+    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, DQ_ROWS=dq_rows, S_AHEAD=s_ahead, BLOCK_M=M, BLOCK_N=64,
                   NUM_STAGES=stages)
     return ptxas(bwd_gluon_rows._bwd_rows_gluon_kernel, descs, values, dict(num_warps=4, num_stages=stages))
 
@@ -153,10 +152,9 @@ def main():
             for causal in (False, True):
                 if cfg.rows:
                     name = (f"rows D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} s{cfg.num_stages}"
-                            f"{' dq_rows' if cfg.dq_rows else ''}{' s_ahead' if cfg.s_ahead else ''}"
-                            f"{' half_diag' if cfg.half_diag else ''} causal={causal}")
+                            f"{' dq_rows' if cfg.dq_rows else ''}{' s_ahead' if cfg.s_ahead else ''} causal={causal}")
                     report[name] = compile_rows_report(D, cfg.BLOCK_M, cfg.num_stages, causal, cfg.dq_rows,
-                                                       cfg.s_ahead, cfg.half_diag)
+                                                       cfg.s_ahead)
                     continue
                 name = (f"fused D{D} {cfg.BLOCK_M}x{cfg.BLOCK_N} s{cfg.num_stages}{' early' if cfg.dq_early else ''}"
                         f"{' tma' if cfg.tma_reduce else ''} causal={causal}")

@@ -279,9 +279,6 @@ def test_fused_gluon_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="dq_rows needs BLOCK_M = 128"):
         bwd_gluon_rows.fused_gluon_rows(q, k, v, q, lse, lse, k, v, dq_acc, 0.1, True, 0,
                                         dataclasses.replace(rows, BLOCK_M=64, dq_rows=True))
-    with pytest.raises(ValueError, match="half_diag needs dq_rows"):
-        bwd_gluon_rows.fused_gluon_rows(q, k, v, q, lse, lse, k, v, dq_acc, 0.1, True, 0,
-                                        dataclasses.replace(rows, half_diag=True))
 
 
 @pytest.mark.gpu
@@ -347,29 +344,3 @@ def test_flash_attn_func_takes_the_gluon_one_pass_where_the_table_says(monkeypat
             assert len(fused_calls) == n
             for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
                 assert_close(name, g, r, b, factor=3)
-
-
-# The half diagonal step (FusedBwdConfig.half_diag) at D = 64: causal squares (every program's
-# first step takes it), Tq != Tk both ways (bottom-right: the diagonal crosses the step off its
-# half, so some programs do and some do not; top-left), GQA (only the first head's diagonal is
-# halved), odd lengths, a single key block, and full attention (never taken).
-HALF_DIAG_64 = FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True, s_ahead=True,
-                              half_diag=True)
-HALF_DIAG_CASES = [c for c in GPU_CASES if c[5] == 64] + [
-    (2, 1024, 1024, 8, 8, 64, True, None),
-    (4, 2000, 2000, 16, 4, 64, True, None),
-    (2, 1000, 1100, 4, 4, 64, True, None),
-    (2, 1100, 1000, 4, 4, 64, True, None),
-    (2, 700, 1500, 8, 8, 64, True, 0),
-    (1, 100, 100, 2, 2, 64, True, None),
-    (2, 1024, 1024, 8, 8, 64, False, None),
-]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("s_ahead", [False, True], ids=["s_now", "s_ahead"])
-@pytest.mark.parametrize("case", HALF_DIAG_CASES, ids=case_id)
-def test_bwd_rows_gluon_gpu_half_diag(case, s_ahead, fused_calls):
-    cfg = dataclasses.replace(HALF_DIAG_64, s_ahead=s_ahead)
-    check_bwd(*case, torch.bfloat16, config=cfg, bwd=fused_vs_portable)
-    assert fused_calls and all(c == cfg for c in fused_calls)

@@ -183,65 +183,14 @@ if HAS_GLUON:
             _reduce_dq(dq, dq_smem, DQ, i_b, i_h, start_m, WG * (HEAD_DIM // 2), WG)
 
     @gluon.jit
-    def _half_diag_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem, ds_bar,
-                        dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n0, diag_hi, qk_scale, dk, dv,
-                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """Step 0 of warpgroup 1 (with DQ_ROWS) when the step's upper half of rows sees none of its
-        keys, as on the diagonal of a causal square: S, dP, dV and dK over the lower half only
-        (64-row wgmmas), zeros for the upper half's dS (which warpgroup 0's dQ reads), and this
-        warpgroup's dQ share (the lower half) as in :func:`_rows_step`. Returns (dK, dV)."""
-        dtype: gl.constexpr = q_smem.dtype
-        ROWS: gl.constexpr = BLOCK_M // 2
-        s_layout: gl.constexpr = _s_layout(BLOCK_N)
-        i_h = i_hkv * GROUP
-        o_m = m_lo + ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
-        lse2, delta = _row_stats(LSE, DELTA, i_b, H, i_h, T_q, o_m)
-        q_lo = q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]).slice(ROWS, ROWS, dim=0)
-        do_lo = do_smem.index(0).reshape([BLOCK_M, HEAD_DIM]).slice(ROWS, ROWS, dim=0)
-        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-        mbarrier.wait(q_ready.index(0), 0)
-        s_tok = warpgroup_mma(q_lo, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(do_ready.index(0), 0)
-        dp_tok = warpgroup_mma(do_lo, v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        p = gl.exp2(s * qk_scale - lse2[:, None])
-        o_j = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        p = gl.where(o_j[None, :] <= (o_m + (diag_hi - n0))[:, None], p, 0.0)
-        p_lo = p_smem.index(1).slice(ROWS, ROWS, dim=0)
-        p_lo.store(p.to(dtype))
-        fence_async_shared()
-        dv_tok = warpgroup_mma(p_lo.permute((1, 0)), do_lo, dv, is_async=True)
-        dp = warpgroup_mma_wait(1, deps=(dp_tok, ))
-        ds_buf = ds_smem.index(1)  # buffer 0 (step 0), warpgroup 1
-        ds_buf.slice(0, ROWS, dim=0).store(gl.zeros([ROWS, BLOCK_N], dtype, layout=s_layout))
-        ds_lo = ds_buf.slice(ROWS, ROWS, dim=0)
-        ds_lo.store((p * (dp - delta[:, None])).to(dtype))
-        fence_async_shared()
-        mbarrier.arrive(ds_bar.index(0), count=1)
-        dk_tok = warpgroup_mma(ds_lo.permute((1, 0)), q_lo, dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-        _release_slot(q_empty, do_empty, 0)
-        mbarrier.wait(ds_bar.index(0), 0)
-        dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
-        for w in gl.static_range(2):
-            ds_rows = ds_smem.index(w).slice(ROWS, ROWS, dim=0)
-            k_w = k_smem.index(w).reshape([BLOCK_N, HEAD_DIM])
-            dq = warpgroup_mma(ds_rows, k_w, dq, use_acc=w > 0, is_async=True)
-        dq = warpgroup_mma_wait(0, deps=(dq, ))
-        _reduce_dq(dq, dq_smem, DQ, i_b, i_h, m_lo + ROWS, 0, 1)
-        return dk, dv
-
-    @gluon.jit
     def _rows_consumer(k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                        ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n, H,
                        GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, WG: gl.constexpr,
                        HAS_RIGHT: gl.constexpr, DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr,
-                       HALF_DIAG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
-        step, its half of each step's dQ, then the dK, dV stores (through its K and V slots).
-        With ``HALF_DIAG`` warpgroup 1 takes step 0 on half its rows where the other half sees
-        none of its keys (:func:`_half_diag_step`)."""
+        step, its half of each step's dQ, then the dK, dV stores (through its K and V slots)."""
         s_layout: gl.constexpr = _s_layout(BLOCK_N)
         n0 = start_n + WG * BLOCK_N
         o_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
@@ -250,27 +199,17 @@ if HAS_GLUON:
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=_acc_layout(HEAD_DIM))
         mbarrier.wait(kv_bar, phase=0)
-        t0 = 0
-        if HALF_DIAG:
-            if WG == 1:
-                # The step's upper half of rows sees none of these keys: rows up to m_lo + ROWS - 1
-                # see keys up to that row + diag_hi.
-                if (n_m > 0) & (m_lo + BLOCK_M // 2 - 1 + diag_hi < n0):
-                    dk, dv = _half_diag_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty,
-                                             p_smem, ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP,
-                                             T_q, m_lo, n0, diag_hi, qk_scale, dk, dv, BLOCK_M, BLOCK_N, HEAD_DIM)
-                    t0 = 1
         if S_AHEAD:
             # The first step's S, waited for here (_rows_step says why).
-            s_tok = _issue_s(k, q_smem, q_ready, t0, GROUP * n_m, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
+            s_tok = _issue_s(k, q_smem, q_ready, 0, GROUP * n_m, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
             s_tok = warpgroup_mma_wait(0, deps=(s_tok, ))
-            for t in range(t0, GROUP * n_m):
+            for t in range(GROUP * n_m):
                 dk, dv, s_tok = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                                            ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo,
                                            n_m, m_full_lo, n0, o_m0, diag_hi, qk_scale, dk, dv, s_tok, t, HAS_RIGHT,
                                            WG, DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
         else:
-            for t in range(t0, GROUP * n_m):
+            for t in range(GROUP * n_m):
                 dk, dv, _ = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                                        ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
                                        m_full_lo, n0, o_m0, diag_hi, qk_scale, dk, dv, None, t, HAS_RIGHT, WG,
@@ -285,8 +224,7 @@ if HAS_GLUON:
     @gluon.jit
     def _bwd_rows_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H, H_kv,
                                GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
-                               DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr, HALF_DIAG: gl.constexpr,
-                               HEAD_DIM: gl.constexpr,
+                               DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr, HEAD_DIM: gl.constexpr,
                                BLOCK_M: gl.constexpr,
                                BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head), BLOCK_M query rows a step; DQ a
@@ -317,11 +255,11 @@ if HAS_GLUON:
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                               ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
                               H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 0, HAS_RIGHT,
-                              DQ_ROWS, S_AHEAD, HALF_DIAG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_rows_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                               ds_smem, ds_bar, out_bar, dq_smem, desc_dk, desc_dv, DQ, LSE, DELTA, i_b, i_hkv, start_n,
                               H, GROUP, T_q, m_lo, n_m, m_full_lo, diag_hi, qk_scale, softmax_scale, 1, HAS_RIGHT,
-                              DQ_ROWS, S_AHEAD, HALF_DIAG, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
+                              DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)),
             (_dkdv_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, i_b, i_hkv, GROUP,
                             m_lo, n_m, BLOCK_M, NUM_STAGES)),
         ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
@@ -345,8 +283,6 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
     if config.dq_rows and config.BLOCK_M != 128:
         # A warpgroup's wgmma is at least 64 rows tall.
         raise ValueError(f"config: dq_rows needs BLOCK_M = 128, got {config.BLOCK_M}")
-    if config.half_diag and not config.dq_rows:
-        raise ValueError("config: half_diag needs dq_rows (the half step's dQ share is its rows)")
     if dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape or not dq_acc.is_contiguous():
         raise ValueError("dq_acc: must be a contiguous fp32 tensor of q's shape")
     B, T_q, H, D = q.shape
@@ -359,8 +295,7 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
                 (_desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
                  _desc(dq_acc, M // 2) if config.dq_rows else _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv,
                  softmax_scale, softmax_scale * LOG2E, band["diag_hi"]),
-                dict(HAS_RIGHT=band["HAS_RIGHT"], DQ_ROWS=config.dq_rows, S_AHEAD=config.s_ahead,
-                     HALF_DIAG=config.half_diag and band["HAS_RIGHT"], HEAD_DIM=D,
+                dict(HAS_RIGHT=band["HAS_RIGHT"], DQ_ROWS=config.dq_rows, S_AHEAD=config.s_ahead, HEAD_DIM=D,
                      BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.num_stages, num_warps=4))
 
     key = ("bwd_rows", q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(),

@@ -399,10 +399,7 @@ class FusedBwdConfig:
     step's dQ between the warpgroups by rows, not columns, BLOCK_M = 128 only; ``s_ahead`` issues
     each step's S = q·kᵀ at the end of the step before, behind its dQ). ``expand_kv``: with
     GQA, K and V are repeated to every query head first and the kernel runs as for MHA, and dK
-    and dV are summed over each group of query heads after (bwd_fused.py). ``half_diag`` (the
-    row-held kernel with dq_rows, causal): where the first step's upper half of rows sees none
-    of warpgroup 1's keys (a causal square's diagonal), that warpgroup takes the step on the
-    lower half only."""
+    and dV are summed over each group of query heads after (bwd_fused.py)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -417,7 +414,6 @@ class FusedBwdConfig:
     dq_rows: bool = False
     s_ahead: bool = False
     expand_kv: bool = False
-    half_diag: bool = False
 
 
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
