@@ -79,15 +79,14 @@ if HAS_GLUON:
 
     @gluon.jit
     def _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem, ds_smem, ds_bar,
-                   dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, n0, o_m0, diag_hi,
+                   dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m, m_full_lo, o_n, o_m0, diag_hi,
                    qk_scale, dk, dv, s_ahead, t, MASKED: gl.constexpr, WG: gl.constexpr, DQ_ROWS: gl.constexpr,
                    S_AHEAD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                    NUM_STAGES: gl.constexpr):
-        """Step ``t`` of one compute warpgroup (its keys from ``n0``; the module's docstring), the
-        causal mask applied iff ``MASKED`` and the step's block holds the diagonal (from
-        ``m_full_lo`` down): returns the updated (dK, dV) and, with ``S_AHEAD``, the next step's S
-        (``s_ahead`` is this step's, formed during the step before; without, the third value is
-        dV again, unused)."""
+        """Step ``t`` of one compute warpgroup (the module's docstring), the causal mask applied iff
+        ``MASKED`` and the step's block holds the diagonal (from ``m_full_lo`` down): returns the
+        updated (dK, dV) and, with ``S_AHEAD``, the next step's S (``s_ahead`` is this step's,
+        formed during the step before; without, the third value is dV again, unused)."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = _s_layout(BLOCK_N)
         HALF: gl.constexpr = HEAD_DIM // 2
@@ -114,11 +113,7 @@ if HAS_GLUON:
         p = gl.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
             if start_m < m_full_lo:
-                # Column j (key n0 + j) against each row's last visible column: a row vector
-                # and the block's column index, not the keys' offsets held through the loop
-                # (ptxas, causal, local loads/stores a step: 16 / 20 -> 10 / 17).
-                o_j = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-                p = gl.where(o_j[None, :] <= (o_m + (diag_hi - n0))[:, None], p, 0.0)
+                p = gl.where(o_n[None, :] <= o_m[:, None] + diag_hi, p, 0.0)
         p_buf = p_smem.index(WG)
         p_buf.store(p.to(dtype))
         fence_async_shared()
@@ -192,7 +187,7 @@ if HAS_GLUON:
         """One compute warpgroup: dK, dV of keys ``[start_n + WG * BLOCK_N, + BLOCK_N)`` over every
         step, its half of each step's dQ, then the dK, dV stores (through its K and V slots)."""
         s_layout: gl.constexpr = _s_layout(BLOCK_N)
-        n0 = start_n + WG * BLOCK_N
+        o_n = start_n + WG * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         o_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
         k = k_smem.index(WG).reshape([BLOCK_N, HEAD_DIM])
         v = v_smem.index(WG).reshape([BLOCK_N, HEAD_DIM])
@@ -206,13 +201,13 @@ if HAS_GLUON:
             for t in range(GROUP * n_m):
                 dk, dv, s_tok = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                                            ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo,
-                                           n_m, m_full_lo, n0, o_m0, diag_hi, qk_scale, dk, dv, s_tok, t, HAS_RIGHT,
+                                           n_m, m_full_lo, o_n, o_m0, diag_hi, qk_scale, dk, dv, s_tok, t, HAS_RIGHT,
                                            WG, DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
         else:
             for t in range(GROUP * n_m):
                 dk, dv, _ = _rows_step(k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, p_smem,
                                        ds_smem, ds_bar, dq_smem, DQ, LSE, DELTA, i_b, H, i_hkv, GROUP, T_q, m_lo, n_m,
-                                       m_full_lo, n0, o_m0, diag_hi, qk_scale, dk, dv, None, t, HAS_RIGHT, WG,
+                                       m_full_lo, o_n, o_m0, diag_hi, qk_scale, dk, dv, None, t, HAS_RIGHT, WG,
                                        DQ_ROWS, S_AHEAD, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES)
         # The other warpgroup's dQ reads this one's K slot until its last step: wait for it.
         # (The last bulk reduction of dQ may still be in flight: the store_wait below covers it.)
