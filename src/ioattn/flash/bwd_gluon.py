@@ -33,7 +33,7 @@ sm_90 without a GPU; tests/flash/test_bwd_gluon.py compares it with the referenc
 import torch
 
 from .._utils import cdiv
-from ..launch import launch
+from ..launch import launch_site
 from .fwd import LOG2E, diag_band, device_guard
 from .fwd_gluon import HAS_GLUON
 
@@ -403,20 +403,30 @@ def _dq_desc(dq_acc, rows: int):
 
 def _launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale, causal, diag_offset, M, stages, overlap,
             dq_early, dq_tma=False):
+    """Both launchers' launch, at a call site (launch.py's launch_site): a call whose buffers'
+    addresses and shapes were seen before makes no descriptors."""
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
-    band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
     N = 64  # keys of each of the two warpgroups
-    # DQ: unused without dq_acc (any pointer will do), else the buffer or its descriptor.
-    dq = dk if dq_acc is None else _dq_desc(dq_acc, M) if dq_tma else dq_acc
+
+    def build():
+        band = diag_band(T_q, T_k, causal, diag_offset, (-1, -1))
+        # DQ: unused without dq_acc (any pointer will do), else the buffer or its descriptor.
+        dq = dk if dq_acc is None else _dq_desc(dq_acc, M) if dq_tma else dq_acc
+        return (_bwd_dkdv_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
+                (_desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N), dq,
+                 T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E, band["diag_hi"]),
+                dict(HAS_RIGHT=band["HAS_RIGHT"], OVERLAP=overlap, ADD_DQ=dq_acc is not None, DQ_EARLY=dq_early,
+                     DQ_TMA=dq_tma, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=stages, num_warps=4))
+
+    # lse and delta are contiguous [B, H, Tq] (the callers' contract), dq_acc contiguous with q's
+    # shape: their addresses name them.
+    key = ("bwd_dkdv_gluon", q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(),
+           delta.data_ptr(), dk.data_ptr(), dv.data_ptr(), None if dq_acc is None else dq_acc.data_ptr(), q.shape,
+           k.shape, q.stride(), k.stride(), v.stride(), dout.stride(), dk.stride(), dv.stride(), q.dtype,
+           softmax_scale, causal, diag_offset, M, stages, overlap, dq_early, dq_tma)
     with device_guard(q):
-        launch(
-            _bwd_dkdv_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
-            _desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
-            dq, T_q, T_k, H, H_kv, H // H_kv, softmax_scale, softmax_scale * LOG2E,
-            band["diag_hi"], HAS_RIGHT=band["HAS_RIGHT"], OVERLAP=overlap, ADD_DQ=dq_acc is not None,
-            DQ_EARLY=dq_early, DQ_TMA=dq_tma, HEAD_DIM=D, BLOCK_M=M, BLOCK_N=N, NUM_STAGES=stages, num_warps=4,
-        )
+        launch_site(key, build)
 
 
 def gluon_dkdv_supported(q) -> bool:
