@@ -20,6 +20,16 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def _l2_bytes(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).L2_cache_size
+
+
+def l2_bytes(device) -> int:
+    """L2 cache bytes of a CUDA device (cached)."""
+    return _l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def empty(shape, *, dtype, device) -> torch.Tensor:
     """torch.empty, or a NaN-filled tensor when IOATTN_POISON=1 (tests), so unwritten tiles fail."""
     out = torch.empty(shape, dtype=dtype, device=device)

@@ -61,12 +61,13 @@ def compile_dkdv_report(D, M, N, stages, overlap, causal, add_dq=False, dq_early
     return ptxas(bwd_gluon._bwd_dkdv_gluon_kernel, descs, values, dict(num_warps=4, num_stages=stages))
 
 
-def compile_rows_report(D, M, stages, causal, dq_rows=False, s_ahead=False):
+def compile_rows_report(D, M, stages, causal, dq_rows=False, s_ahead=False, head_groups=False):
     """bwd_gluon_rows.py's kernel: 2 x 64 keys a program, ``M`` query rows a step."""
     x = torch.empty(1, 256, 2, D, dtype=torch.bfloat16)
     descs = {f"desc_{n}": fwd_gluon._desc(x, M if n in ("q", "do") else 64) for n in ("q", "k", "v", "do", "dk", "dv")}
     descs["DQ"] = fwd_gluon._desc(x.float(), M // 2) if dq_rows else bwd_gluon._dq_desc(x.float(), M)
-    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, DQ_ROWS=dq_rows, S_AHEAD=s_ahead, BLOCK_M=M, BLOCK_N=64,
+    values = dict(HEAD_DIM=D, HAS_RIGHT=causal, DQ_ROWS=dq_rows, S_AHEAD=s_ahead, HEAD_GROUPS=head_groups,
+                  BLOCK_M=M, BLOCK_N=64,
                   NUM_STAGES=stages)
     return ptxas(bwd_gluon_rows._bwd_rows_gluon_kernel, descs, values, dict(num_warps=4, num_stages=stages))
 

@@ -344,3 +344,43 @@ def test_flash_attn_func_takes_the_gluon_one_pass_where_the_table_says(monkeypat
             assert len(fused_calls) == n
             for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
                 assert_close(name, g, r, b, factor=3)
+
+
+# Programs started key block by key block over groups of heads (FusedBwdConfig.head_groups), in
+# the row-held kernel's D = 64 and D = 128 forms: groups of one head and of several, GQA, causal
+# with Tq != Tk both ways, full attention.
+HEAD_GROUP_CASES = [
+    (4, 1000, 1000, 8, 2, 64, True, None),
+    (2, 1100, 1000, 4, 4, 64, True, None),
+    (2, 700, 1500, 8, 8, 64, True, 0),
+    (3, 130, 50, 2, 1, 64, True, None),
+    (2, 1000, 1000, 8, 8, 64, False, None),
+    (2, 1000, 1000, 8, 2, 128, True, None),
+    (1, 1500, 700, 4, 4, 128, True, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 2, 0], ids=["one", "two", "l2"])
+@pytest.mark.parametrize("case", HEAD_GROUP_CASES, ids=case_id)
+def test_bwd_rows_gluon_gpu_head_groups(case, group, fused_calls, monkeypatch):
+    if group:
+        monkeypatch.setattr(bwd_gluon_rows, "head_group", lambda q, k: group if (q.shape[0] * k.shape[2]) % group == 0
+                            else 1)
+    base = FusedBwdConfig(128, 128, 4, 2, tma_reduce=True, gluon=True, rows=True, dq_rows=True, s_ahead=True) \
+        if case[5] == 64 else ROWS_128
+    cfg = dataclasses.replace(base, head_groups=True)
+    check_bwd(*case, torch.bfloat16, config=cfg, bwd=fused_vs_portable)
+    assert fused_calls and all(c == cfg for c in fused_calls)
+
+
+def test_head_group_fits_half_the_l2(monkeypatch):
+    # The most heads that divide B x H_kv and whose inputs and fp32 dQ fit half the L2 cache.
+    monkeypatch.setattr(bwd_gluon_rows, "l2_bytes", lambda device: 60 * 2**20)
+    for T, B, want in ((1024, 16, 32), (2048, 8, 16), (4096, 4, 8), (8192, 2, 4), (16384, 1, 2)):
+        q, k, _ = make_qkv(B, T, T, 32, 32, 64, dtype=torch.bfloat16, device="meta")
+        assert bwd_gluon_rows.head_group(q, k) == want, T
+    # GQA: a KV head carries its query heads' Q, dO and dQ. 12 heads of 6 MB: 5 fit, 4 divides.
+    q, k, _ = make_qkv(3, 8192, 8192, 16, 4, 64, dtype=torch.bfloat16, device="meta")
+    per_head = 4 * 8192 * 64 * 8 + 2 * 8192 * 64 * 2
+    assert bwd_gluon_rows.head_group(q, k) == max(g for g in range(1, 13) if 12 % g == 0 and g * per_head <= 30 * 2**20)

@@ -35,10 +35,17 @@ if HAS_GLUON:
 
     @gluon.jit
     def _program_keys(T_q, T_k, H_kv, diag_hi, HAS_RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
-                      BLOCK_N: gl.constexpr):
+                      BLOCK_N: gl.constexpr, HEAD_GROUPS: gl.constexpr = False):
         """This program's (batch, KV head, first key) and :func:`_query_blocks` of its 2 * BLOCK_N
-        keys: one query range for both warpgroups, which walk the same steps."""
-        i_n, i_bh = gl.program_id(0), gl.program_id(1)
+        keys: one query range for both warpgroups, which walk the same steps. The grid is (key
+        blocks, batch × KV heads), or with ``HEAD_GROUPS`` (heads of a group, key blocks, groups):
+        the GPU starts programs in that order, so each group's programs start by key block, the
+        longest causal ones first, and groups one after another."""
+        if HEAD_GROUPS:
+            i_n = gl.program_id(1)
+            i_bh = gl.program_id(2) * gl.num_programs(0) + gl.program_id(0)
+        else:
+            i_n, i_bh = gl.program_id(0), gl.program_id(1)
         i_b, i_hkv = i_bh // H_kv, i_bh % H_kv
         start_n = i_n * (2 * BLOCK_N)
         m_lo, n_m, m_full_lo = _query_blocks(start_n, T_q, T_k, diag_hi, HAS_RIGHT, BLOCK_M, 2 * BLOCK_N)

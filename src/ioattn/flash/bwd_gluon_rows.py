@@ -38,7 +38,7 @@ GPU; tests/flash/test_bwd_gluon.py compares it with the reference on the H200.
 """
 import torch
 
-from .._utils import cdiv
+from .._utils import cdiv, l2_bytes
 from ..launch import launch_site
 from .fwd import LOG2E, diag_band, device_guard
 from .fwd_gluon import HAS_GLUON
@@ -219,7 +219,8 @@ if HAS_GLUON:
     @gluon.jit
     def _bwd_rows_gluon_kernel(desc_q, desc_k, desc_v, desc_do, LSE, DELTA, desc_dk, desc_dv, DQ, T_q, T_k, H, H_kv,
                                GROUP, softmax_scale, qk_scale, diag_hi, HAS_RIGHT: gl.constexpr,
-                               DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr, HEAD_DIM: gl.constexpr,
+                               DQ_ROWS: gl.constexpr, S_AHEAD: gl.constexpr, HEAD_GROUPS: gl.constexpr,
+                               HEAD_DIM: gl.constexpr,
                                BLOCK_M: gl.constexpr,
                                BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         """One program: 2 * BLOCK_N keys of one (batch, KV head), BLOCK_M query rows a step; DQ a
@@ -227,7 +228,7 @@ if HAS_GLUON:
         num_warps=4 (the default partition is warpgroup 0)."""
         dtype: gl.constexpr = desc_q.dtype
         i_b, i_hkv, start_n, m_lo, n_m, m_full_lo = _program_keys(T_q, T_k, H_kv, diag_hi, HAS_RIGHT, BLOCK_M,
-                                                                  BLOCK_N)
+                                                                  BLOCK_N, HEAD_GROUPS)
 
         k_smem, v_smem, q_smem, do_smem, kv_bar = _alloc_tiles(desc_q, desc_k, desc_v, desc_do, BLOCK_M, BLOCK_N,
                                                                HEAD_DIM, NUM_STAGES)
@@ -286,11 +287,16 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
     M, N = config.BLOCK_M, 64  # N: keys of each of the two warpgroups
 
     def build():
-        return (_bwd_rows_gluon_kernel, (cdiv(T_k, 2 * N), B * H_kv),
+        grid = (cdiv(T_k, 2 * N), B * H_kv)
+        if config.head_groups:
+            g = head_group(q, k)
+            grid = (g, grid[0], B * H_kv // g)
+        return (_bwd_rows_gluon_kernel, grid,
                 (_desc(q, M), _desc(k, N), _desc(v, N), _desc(dout, M), lse, delta, _desc(dk, N), _desc(dv, N),
                  _desc(dq_acc, M // 2) if config.dq_rows else _dq_desc(dq_acc, M), T_q, T_k, H, H_kv, H // H_kv,
                  softmax_scale, softmax_scale * LOG2E, band["diag_hi"]),
-                dict(HAS_RIGHT=band["HAS_RIGHT"], DQ_ROWS=config.dq_rows, S_AHEAD=config.s_ahead, HEAD_DIM=D,
+                dict(HAS_RIGHT=band["HAS_RIGHT"], DQ_ROWS=config.dq_rows, S_AHEAD=config.s_ahead,
+                     HEAD_GROUPS=config.head_groups, HEAD_DIM=D,
                      BLOCK_M=M, BLOCK_N=N, NUM_STAGES=config.num_stages, num_warps=4))
 
     key = ("bwd_rows", q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(),
@@ -298,3 +304,19 @@ def fused_gluon_rows(q, k, v, dout, lse, delta, dk, dv, dq_acc, softmax_scale: f
            dout.stride(), dk.stride(), dv.stride(), q.dtype, softmax_scale, causal, diag_offset, config)
     with device_guard(q):
         launch_site(key, build)
+
+
+def head_group(q, k) -> int:
+    """Heads (batch × KV head) a group of :func:`_program_keys`' HEAD_GROUPS order: the most that
+    divides B × H_kv and whose Q, K, V, dO and fp32 dQ take at most half the L2 cache, so that a
+    group's programs, started together, find one another's tiles there."""
+    B, T_q, H, D = q.shape
+    T_k, H_kv = k.shape[1], k.shape[2]
+    per_head = (H // H_kv) * T_q * D * (2 * q.element_size() + 4) + 2 * T_k * D * k.element_size()
+    budget = l2_bytes(q.device) // 2
+    heads = B * H_kv
+    best = 1
+    for g in range(1, heads + 1):
+        if heads % g == 0 and g * per_head <= budget:
+            best = g
+    return best

@@ -399,7 +399,9 @@ class FusedBwdConfig:
     step's dQ between the warpgroups by rows, not columns, BLOCK_M = 128 only; ``s_ahead`` issues
     each step's S = q·kᵀ at the end of the step before, behind its dQ). ``expand_kv``: with
     GQA, K and V are repeated to every query head first and the kernel runs as for MHA, and dK
-    and dV are summed over each group of query heads after (bwd_fused.py)."""
+    and dV are summed over each group of query heads after (bwd_fused.py). ``head_groups`` (the
+    row-held kernel): programs start key block by key block over groups of heads whose inputs fit
+    half the L2 cache, so that causal programs start longest first (bwd_gluon_program.py)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -414,6 +416,7 @@ class FusedBwdConfig:
     dq_rows: bool = False
     s_ahead: bool = False
     expand_kv: bool = False
+    head_groups: bool = False
 
 
 # Where the one-pass backward (bwd_fused.py) beat the two-pass one on the H200: the whole backward
