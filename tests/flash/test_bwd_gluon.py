@@ -254,7 +254,8 @@ def test_fused_config_table_gluon_entries(monkeypatch):
                     if first < config.GQA_EXPAND_CAUSAL_MIN_SEQLEN:
                         own = get_fused_bwd_config(D, torch.bfloat16, causal, interpret=False, gluon=True, group=8,
                                                    seqlen=first)
-                        assert own == dataclasses.replace(entry[1], expand_kv=False)
+                        grouped = causal and entry[1].rows and first <= config.HEAD_GROUPS_MAX_SEQLEN
+                        assert own == dataclasses.replace(entry[1], expand_kv=False, head_groups=grouped)
                     # Not below GQA_MIN_SEQLEN.
                     short = get_fused_bwd_config(D, torch.bfloat16, causal, interpret=False, gluon=True, group=8,
                                                  seqlen=max(entry[0], config.GQA_MIN_SEQLEN) - 1)
@@ -364,6 +365,11 @@ HEAD_GROUP_CASES = [
 @pytest.mark.parametrize("group", [1, 2, 0], ids=["one", "two", "l2"])
 @pytest.mark.parametrize("case", HEAD_GROUP_CASES, ids=case_id)
 def test_bwd_rows_gluon_gpu_head_groups(case, group, fused_calls, monkeypatch):
+    # The group size is a function of the shapes and the device (so launch_site's keys need not
+    # name it); forced here, each test starts without call sites another group size made.
+    from ioattn import launch as launch_mod
+
+    monkeypatch.setattr(launch_mod, "_SITES", {})
     if group:
         monkeypatch.setattr(bwd_gluon_rows, "head_group", lambda q, k: group if (q.shape[0] * k.shape[2]) % group == 0
                             else 1)
@@ -372,6 +378,20 @@ def test_bwd_rows_gluon_gpu_head_groups(case, group, fused_calls, monkeypatch):
     cfg = dataclasses.replace(base, head_groups=True)
     check_bwd(*case, torch.bfloat16, config=cfg, bwd=fused_vs_portable)
     assert fused_calls and all(c == cfg for c in fused_calls)
+
+
+def test_head_groups_on_causal_row_held_entries():
+    # On the causal entries of the row-held kernel up to HEAD_GROUPS_MAX_SEQLEN keys; not beyond,
+    # not for full attention.
+    from ioattn.flash import config
+
+    for D in (64, 128):
+        for T in (2048, 4096, config.HEAD_GROUPS_MAX_SEQLEN, 16384):
+            causal_cfg = get_fused_bwd_config(D, torch.bfloat16, True, interpret=False, seqlen=T, gluon=True)
+            assert causal_cfg.rows and causal_cfg.head_groups == (T <= config.HEAD_GROUPS_MAX_SEQLEN)
+            full = get_fused_bwd_config(D, torch.bfloat16, False, interpret=False, seqlen=T, gluon=True)
+            assert not full.head_groups
+        assert not get_fused_bwd_config(D, torch.bfloat16, True, interpret=False, seqlen=0, gluon=True).head_groups
 
 
 def test_head_group_fits_half_the_l2(monkeypatch):

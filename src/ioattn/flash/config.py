@@ -512,6 +512,13 @@ GQA_EXPAND_CAUSAL_MIN_SEQLEN = 8192
 # had 0.977 against 1.022 in one run). Causal keeps the two-pass backward at 1024 (0.694 against 0.722 ms at 4085ba8) and
 # the row-held kernel from 2048 (1.114 / 1.941 against 1.203 / 2.208 ms at 2048 / 4096, four
 # rounds at 7326ccd, ..._ab-bwd-64-causal-7326ccd.json).
+# head_groups on the causal entries up to HEAD_GROUPS_MAX_SEQLEN (v1.30; bwd_gluon_program.py's
+# HEAD_GROUPS order, ..._ab-bwd-head-groups-4cac51b.json, three rounds, ms, without / with): D =
+# 64 1.111 / 1.087 at T = 2048, 1.890 / 1.875 at 4096, 3.424 / 3.430 at 8192, 6.581 / 6.663 at
+# 16384; D = 128 0.868 / 0.846, 1.527 / 1.501, 2.852 / 2.723 at 2048 / 4096 / 8192 (16384 not
+# timed). Nsight Compute had the D = 64 kernel's SMs idle 4% of the time at 2048 (the tail of
+# programs started head by head), 1.2% at 16384.
+HEAD_GROUPS_MAX_SEQLEN = 8192
 # Entries: (shortest sequence, config).
 GLUON_FUSED_BWD: dict = {
     (128, False): (1024, FusedBwdConfig(64, 128, 4, 2, tma_reduce=True, gluon=True, rows=True)),
@@ -545,6 +552,8 @@ def get_fused_bwd_config(head_dim: int, dtype: torch.dtype, causal: bool, *, int
             if causal and (seqlen == 0 or seqlen >= GQA_EXPAND_CAUSAL_MIN_SEQLEN):
                 chosen = dataclasses.replace(chosen, expand_kv=True)
         if not 0 < seqlen < shortest:
+            if causal and chosen.rows and 0 < seqlen <= HEAD_GROUPS_MAX_SEQLEN:
+                chosen = dataclasses.replace(chosen, head_groups=True)
             return chosen
     if head_dim != 64:
         return None
