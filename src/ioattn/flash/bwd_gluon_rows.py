@@ -36,6 +36,8 @@ step's S behind the step before's dQ, so that it runs while that dQ is added (3-
 GPU only (Gluon has no interpreter): tests/flash/gluon_ptxas.py compiles it for sm_90 without a
 GPU; tests/flash/test_bwd_gluon.py compares it with the reference on the H200.
 """
+import math
+
 import torch
 
 from .._utils import cdiv, l2_bytes
@@ -313,10 +315,7 @@ def head_group(q, k) -> int:
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     per_head = (H // H_kv) * T_q * D * (2 * q.element_size() + 4) + 2 * T_k * D * k.element_size()
-    budget = l2_bytes(q.device) // 2
+    most = max(1, l2_bytes(q.device) // 2 // per_head)
     heads = B * H_kv
-    best = 1
-    for g in range(1, heads + 1):
-        if heads % g == 0 and g * per_head <= budget:
-            best = g
-    return best
+    divisors = {d for i in range(1, math.isqrt(heads) + 1) if heads % i == 0 for d in (i, heads // i)}
+    return max(d for d in divisors if d <= most) if most > 1 else 1
