@@ -21,13 +21,9 @@ def sm_count(device_index: int) -> int:
 
 
 @functools.cache
-def _l2_bytes(device_index: int) -> int:
+def l2_bytes(device_index: int) -> int:
+    """L2 cache bytes of a CUDA device (cached, as sm_count)."""
     return torch.cuda.get_device_properties(device_index).L2_cache_size
-
-
-def l2_bytes(device) -> int:
-    """L2 cache bytes of a CUDA device (cached)."""
-    return _l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def empty(shape, *, dtype, device) -> torch.Tensor:

@@ -315,7 +315,8 @@ def head_group(q, k) -> int:
     B, T_q, H, D = q.shape
     T_k, H_kv = k.shape[1], k.shape[2]
     per_head = (H // H_kv) * T_q * D * (2 * q.element_size() + 4) + 2 * T_k * D * k.element_size()
-    most = max(1, l2_bytes(q.device) // 2 // per_head)
+    # A CUDA tensor's device always has its index.
+    most = max(1, l2_bytes(q.device.index or 0) // 2 // per_head)
     heads = B * H_kv
     divisors = {d for i in range(1, math.isqrt(heads) + 1) if heads % i == 0 for d in (i, heads // i)}
     return max(d for d in divisors if d <= most) if most > 1 else 1
